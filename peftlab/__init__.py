@@ -1,0 +1,24 @@
+"""peftlab: parameter-efficient fine-tuning of transformers as PyTorch Lightning modules.
+
+Heavy libraries (torch, lightning, transformers) load only when a name below is first used.
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "PeftModule": "peftlab.methods",
+    "FullFineTuning": "peftlab.methods",
+    "LoRA": "peftlab.methods",
+    "PeftDataModule": "peftlab.data",
+    "PeftLabError": "peftlab.errors",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'peftlab' has no attribute {name!r}")

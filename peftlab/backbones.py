@@ -1,0 +1,95 @@
+"""Loading backbones and tokenizers for a task, with errors that say what to do."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from peftlab.assets import is_packaged, resolve_model
+from peftlab.errors import PeftLabError
+
+Task = Literal["classification", "causal_lm", "seq2seq"]
+TASKS = ("classification", "causal_lm", "seq2seq")
+
+
+def _auto_class(task: str):
+    import transformers
+
+    return {
+        "classification": transformers.AutoModelForSequenceClassification,
+        "causal_lm": transformers.AutoModelForCausalLM,
+        "seq2seq": transformers.AutoModelForSeq2SeqLM,
+    }[task]
+
+
+def _load_error(what: str, name: str, err: Exception) -> PeftLabError:
+    hint = (
+        "Give a local model directory, a packaged model (packaged:all-MiniLM-L6-v2, "
+        "packaged:SmolLM2-135M-Instruct) or a Hugging Face hub name (needs internet)."
+    )
+    if not is_packaged(name) and name.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(name)):
+        return PeftLabError(f"{what} {name!r}: no such directory. {hint}")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return PeftLabError(f"could not load {what} {name!r}: {first}. {hint}")
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False, revision: str | None = None):
+    """Tokenizer of backbone ``name``, with a pad token (EOS when the model has none) and right padding."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    except Exception as err:  # noqa: BLE001 - transformers raises OSError/ValueError/EnvironmentError variously
+        raise _load_error("tokenizer of backbone", name, err) from err
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise PeftLabError(f"tokenizer of {name!r} has neither a pad nor an EOS token; add one to the tokenizer")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_backbone(
+    name: str,
+    task: str,
+    *,
+    num_labels: int | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    **kwargs,
+):
+    """The transformers model of ``name`` with the head of ``task`` (extra kwargs go to ``from_pretrained``)."""
+    if task not in TASKS:
+        raise PeftLabError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if task == "classification":
+        if not num_labels or num_labels < 2:
+            raise PeftLabError(
+                f"classification needs num_labels >= 2 (got {num_labels}); the CLI takes it from the data, "
+                "in Python pass num_labels=datamodule.num_labels"
+            )
+        kwargs["num_labels"] = num_labels
+    path = resolve_model(name)
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    except Exception as err:  # noqa: BLE001
+        raise _load_error("backbone", name, err) from err
+    auto = _auto_class(task)
+    if type(config) not in auto._model_mapping and not trust_remote_code:
+        heads = [t for t in TASKS if type(config) in _auto_class(t)._model_mapping]
+        raise PeftLabError(
+            f"backbone {name!r} (model_type {config.model_type!r}) has no {task} head; "
+            f"it supports: {', '.join(heads) or 'none of ' + ', '.join(TASKS)}. "
+            "Change data.task or pick a backbone made for this task."
+        )
+    try:
+        model = auto.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision, **kwargs)
+    except Exception as err:  # noqa: BLE001
+        raise _load_error("backbone", name, err) from err
+    if task == "classification" and model.config.pad_token_id is None:
+        # decoder-only classifiers find the last token through pad_token_id
+        tok = load_tokenizer(name, trust_remote_code=trust_remote_code, revision=revision)
+        model.config.pad_token_id = tok.pad_token_id
+    return model

@@ -1,0 +1,159 @@
+"""The ``peftlab`` command: a ``LightningCLI`` with the method chosen by ``model.class_path``.
+
+    peftlab fit --config configs/quickstart.yaml
+    peftlab fit --config configs/quickstart.yaml --model.r 16 --trainer.max_epochs 3
+    peftlab fit --config configs/quickstart.yaml --print_config > my_run.yaml
+    peftlab test --config my_run.yaml --ckpt_path runs/.../checkpoints/best.ckpt
+
+Errors in a config or in the data print one message and exit with status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+
+from peftlab.errors import PeftLabError
+
+DESCRIPTION = (
+    "peftlab: parameter-efficient fine-tuning with PyTorch Lightning. Pick a method with "
+    "--model.class_path (LoRA, FullFineTuning, ...) and data with --data.*; see configs/ for examples."
+)
+
+
+def _quiet_libraries() -> None:
+    # transformers prints a load report for every newly initialised head (expected here) and a progress
+    # bar per weight file; peftlab reports what matters (trainable/total parameters) itself.
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    # Tokenization happens once in prepare_data, so loader workers buy nothing on small CPU machines.
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*The number of training batches.*is smaller than the logging.*")
+
+
+def _make_cli_class():
+    from lightning.pytorch.cli import LightningCLI
+
+    class PeftLabCLI(LightningCLI):
+        """LightningCLI wired for peftlab: one DataModule, any PeftModule subclass, data-derived links."""
+
+        def add_arguments_to_parser(self, parser):
+            parser.add_argument("--test_after_fit", type=bool, default=True,
+                                help="after fit, run the test split with the best checkpoint and print its metrics")
+            parser.add_argument("--predictions_file", type=str | None, default=None,
+                                help="predict: where to write the jsonl predictions (default: <log_dir>/predictions.jsonl)")
+            # the model is built for the data's task; the data tokenizes with the backbone's tokenizer
+            parser.link_arguments("data.task", "model.init_args.task", apply_on="parse")
+            parser.link_arguments("model.init_args.backbone", "data.tokenizer", apply_on="parse")
+            # num_labels is read from the data, so it is never written twice
+            parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
+
+        def before_fit(self):
+            self._started = time.time()
+
+        def after_fit(self):
+            trainer, model = self.trainer, self.model
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            results = {}
+            if self.config_value("test_after_fit") and not trainer.interrupted and trainer.datamodule is not None:
+                results = trainer.test(model, datamodule=self.datamodule, ckpt_path="best" if best else None,
+                                       verbose=False)
+                results = results[0] if results else {}
+            if trainer.is_global_zero:
+                _print_summary(model, trainer, best, results, time.time() - self._started)
+
+        def after_predict(self):
+            trainer = self.trainer
+            if not trainer.is_global_zero or not trainer.predict_loop.predictions:
+                return
+            path = self.config_value("predictions_file") or os.path.join(trainer.log_dir or ".", "predictions.jsonl")
+            n = write_predictions(path, trainer.predict_loop.predictions, self.datamodule)
+            print(f"[peftlab] wrote {n} predictions to {path}")
+
+        def config_value(self, key):
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            return cfg.get(key)
+
+    return PeftLabCLI
+
+
+def write_predictions(path, batches, datamodule) -> int:
+    """Write predict_step outputs as jsonl: one object per input with the input text and the prediction."""
+    texts = datamodule.predict_texts() if datamodule is not None else None
+    names = getattr(datamodule, "label_names", None)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for batch in batches:
+            if "probs" in batch:
+                rows = [{"label": names[p] if names else int(p),
+                         "probs": {(names[i] if names else str(i)): round(float(q), 6) for i, q in enumerate(pr)}}
+                        for p, pr in zip(batch["pred"].tolist(), batch["probs"].tolist())]
+            else:
+                rows = [{"generated": t} for t in batch["text"]]
+            for row in rows:
+                if texts is not None and n < len(texts):
+                    row = {"input": texts[n], **row}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+    os.replace(tmp, path)
+    return n
+
+
+def _print_summary(model, trainer, best, results, seconds):
+    pct = 100.0 * model.trainable_count / model.total_count
+    lines = [f"method      {type(model).__name__} on {model.hparams.backbone}",
+             f"trainable   {model.trainable_count:,} / {model.total_count:,} parameters ({pct:.4f}%)"]
+    cb = trainer.checkpoint_callback
+    if cb is not None and cb.monitor and cb.best_model_score is not None:
+        lines.append(f"best        {cb.monitor} = {float(cb.best_model_score):.4f}")
+    if best:
+        lines.append(f"checkpoint  {best}")
+    for key in sorted(results):
+        lines.append(f"{key:<11} {results[key]:.4f}")
+    if trainer.log_dir:
+        lines.append(f"run dir     {trainer.log_dir}")
+    lines.append(f"time        {seconds:.0f} s")
+    print("\n[peftlab] fit summary\n  " + "\n  ".join(lines), flush=True)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``peftlab`` console script."""
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    try:
+        _quiet_libraries()
+        from peftlab.data import PeftDataModule
+        from peftlab.methods import PeftModule
+
+        cli_class = _make_cli_class()
+        # LightningCLI reads sys.argv (it warns when given both), so hand it argv that way
+        saved, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "peftlab", *argv]
+        try:
+            cli_class(
+                PeftModule,
+                PeftDataModule,
+                subclass_mode_model=True,
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={"default_env": False, "prog": "peftlab", "description": DESCRIPTION},
+                auto_configure_optimizers=False,
+            )
+        finally:
+            sys.argv = saved
+    except PeftLabError as err:
+        if debug:
+            raise
+        print(f"peftlab: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""peftlab data pipeline."""
+
+from peftlab.data.datamodule import PeftDataModule
+
+__all__ = ["PeftDataModule"]

@@ -1,0 +1,302 @@
+"""``PeftDataModule``: one data pipeline for every method (source -> task format -> tokenized batches)."""
+
+from __future__ import annotations
+
+from functools import cached_property, partial
+from typing import Literal
+
+import lightning as L
+import torch
+
+from peftlab.backbones import TASKS, Task, load_tokenizer
+from peftlab.data import formats
+from peftlab.data.sources import PACKAGED_LABELS, load_source
+from peftlab.errors import PeftLabError, did_you_mean
+
+
+class PeftDataModule(L.LightningDataModule):
+    """Loads, splits, formats and tokenizes a dataset for classification, causal LM or seq2seq training.
+
+    Args:
+        source: ``packaged:rotten_tomatoes`` / ``packaged:rotten_tomatoes_plots``, a local csv/tsv/jsonl/json/
+            parquet file, a mapping ``{train: file, validation: file, test: file}``, or a hub dataset name.
+        task: ``classification``, ``causal_lm`` or ``seq2seq``; the CLI passes it on to the model.
+        tokenizer: backbone whose tokenizer to use; the CLI links it to ``model.init_args.backbone``.
+        text_column: classification input column.
+        text_pair_column: optional second input column (sentence pairs).
+        label_column: classification label column (strings or integers).
+        labels: label names in class-index order; default: integers as they are, strings sorted
+            (packaged sources have a fixed order). Rows with other labels are an error.
+        prompt_template: causal_lm/seq2seq input, ``str.format`` over the columns, e.g. ``"Review: {text}\\nSentiment:"``.
+        response_template: causal_lm/seq2seq target, e.g. ``" {label}"``; empty for plain language modelling.
+        loss_on: causal_lm only: ``response`` masks the prompt tokens out of the loss, ``all`` trains on every token.
+        max_length: maximum tokens per input sequence (longer inputs are truncated).
+        max_target_length: seq2seq only: maximum target tokens.
+        batch_size: training batch size.
+        eval_batch_size: validation/test/predict batch size (default: ``batch_size``).
+        val_fraction: share of train split off as validation when the source has no validation split.
+        test_fraction: share of train split off as test when the source has no test split.
+        split_seed: seed of those splits (stratified by label for classification), so they are fixed.
+        max_train_samples: use only the first N (shuffled by ``split_seed``) training examples.
+        max_eval_samples: use only the first N validation and test examples.
+        num_workers: DataLoader workers; 0 is right for most runs because tokenization happens once, up front.
+        dataset_config: hub dataset configuration name (e.g. ``sst2`` for ``glue``).
+    """
+
+    def __init__(
+        self,
+        source: str | dict[str, str] = "packaged:rotten_tomatoes",
+        task: Task = "classification",
+        tokenizer: str = "packaged:all-MiniLM-L6-v2",
+        text_column: str = "text",
+        text_pair_column: str | None = None,
+        label_column: str = "label",
+        labels: list[str] | None = None,
+        prompt_template: str = "{prompt}",
+        response_template: str = "{response}",
+        loss_on: Literal["response", "all"] = "response",
+        max_length: int = 128,
+        max_target_length: int = 64,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        split_seed: int = 42,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+        num_workers: int = 0,
+        dataset_config: str | None = None,
+    ):
+        super().__init__()
+        if task not in TASKS:
+            raise PeftLabError(f"data.task {task!r} is unknown; choose one of {', '.join(TASKS)}")
+        for name, value in (("max_length", max_length), ("max_target_length", max_target_length),
+                            ("batch_size", batch_size)):
+            if value < 1:
+                raise PeftLabError(f"data.{name} must be >= 1 (got {value})")
+        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 < value < 1.0:
+                raise PeftLabError(f"data.{name} must be between 0 and 1 (got {value})")
+        if val_fraction + test_fraction >= 1.0:
+            raise PeftLabError("data.val_fraction + data.test_fraction must leave some training data (< 1)")
+        self.save_hyperparameters()
+        self.source = source
+        self.task = task
+        self.tokenizer_name = tokenizer
+        self.text_column = text_column
+        self.text_pair_column = text_pair_column
+        self.label_column = label_column
+        self._labels = labels
+        self.prompt_template = prompt_template
+        self.response_template = response_template
+        self.loss_on = loss_on
+        self.max_length = max_length
+        self.max_target_length = max_target_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.split_seed = split_seed
+        self.max_train_samples = max_train_samples
+        self.max_eval_samples = max_eval_samples
+        self.num_workers = num_workers
+        self.dataset_config = dataset_config
+        self.datasets: dict = {}
+
+    # ------------------------------------------------------------------ raw data and labels
+    @cached_property
+    def tokenizer(self):
+        return load_tokenizer(self.tokenizer_name)
+
+    @cached_property
+    def raw(self):
+        """The source as a ``DatasetDict`` with train/validation/test and (classification) integer ``labels``."""
+        ds = load_source(self.source, self.dataset_config)
+        self._check_columns(ds)
+        if self.task == "classification":
+            ds = self._encode_labels(ds)
+        return self._split(ds)
+
+    @property
+    def label_names(self) -> list[str] | None:
+        return self._label_names if self.task == "classification" else None
+
+    @property
+    def num_labels(self) -> int | None:
+        """Number of classes (classification) read from the data; the CLI passes it to the model."""
+        if self.task != "classification":
+            return None
+        self.raw  # noqa: B018 - computes the label names
+        return len(self._label_names)
+
+    def _check_columns(self, ds) -> None:
+        columns = ds["train"].column_names
+        if self.task == "classification":
+            needed = {"text_column": self.text_column, "label_column": self.label_column}
+            if self.text_pair_column:
+                needed["text_pair_column"] = self.text_pair_column
+        else:
+            needed = {}
+            for key in ("prompt_template", "response_template"):
+                for field in formats.template_fields(getattr(self, key)):
+                    needed[f"{key} field {{{field}}}"] = field
+        for key, column in needed.items():
+            if column not in columns:
+                raise PeftLabError(
+                    f"column {column!r} (data.{key}) is not in data source {self.source!r}; "
+                    f"its columns are: {', '.join(columns)}.{did_you_mean(column, columns)}"
+                )
+
+    def _encode_labels(self, ds):
+        import datasets
+
+        values = set()
+        for split in ds.values():
+            values.update(split.unique(self.label_column))
+        if None in values:
+            raise PeftLabError(f"data column {self.label_column!r} has empty labels; fill or drop those rows")
+        names = self._labels or PACKAGED_LABELS.get(self.source if isinstance(self.source, str) else "")
+        is_int = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+        if names is None:
+            if is_int:
+                if min(values) < 0:
+                    raise PeftLabError(
+                        f"label column {self.label_column!r} has negative labels {sorted(v for v in values if v < 0)}; "
+                        "labels must be 0..num_labels-1 (unlabelled test splits need their own labelled file)"
+                    )
+                names = [str(i) for i in range(max(values) + 1)]
+            else:
+                names = sorted(str(v) for v in values)
+        names = [str(n) for n in names]
+        if len(names) < 2:
+            raise PeftLabError(
+                f"classification needs at least 2 labels; column {self.label_column!r} has only {names}"
+            )
+        if is_int and self._labels is not None:
+            bad = sorted(v for v in values if not 0 <= v < len(names))
+        else:
+            bad = sorted(str(v) for v in values if str(v) not in names)
+        if bad:
+            raise PeftLabError(
+                f"labels {bad[:10]} in column {self.label_column!r} are out of range for data.labels {names}; "
+                "add them to data.labels or fix the data"
+            )
+        self._label_names = names
+        index = {n: i for i, n in enumerate(names)}
+        encode = (lambda v: [int(x) for x in v]) if is_int else (lambda v: [index[str(x)] for x in v])
+        feature = datasets.ClassLabel(names=names)
+        out = {}
+        for split, d in ds.items():
+            d = d.map(lambda b: {"labels": encode(b[self.label_column])}, batched=True, desc=f"labels ({split})")
+            out[split] = d.cast_column("labels", feature)
+        return datasets.DatasetDict(out)
+
+    def _split(self, ds):
+        """Carve missing validation/test splits out of train with ``split_seed`` (stratified by label)."""
+        import datasets
+
+        out = dict(ds)
+        stratify = "labels" if self.task == "classification" else None
+        for name, fraction in (("test", self.test_fraction), ("validation", self.val_fraction)):
+            if name in out:
+                continue
+            train = out["train"]
+            if len(train) < 3:
+                raise PeftLabError(f"data source has only {len(train)} training rows; cannot split off {name}")
+            # fraction of the *original* train size, so val/test sizes do not depend on which was missing
+            size = max(1, round(fraction * len(ds["train"])))
+            try:
+                parts = train.train_test_split(test_size=size, seed=self.split_seed, stratify_by_column=stratify)
+            except ValueError:  # a class too small to stratify: fall back to a plain seeded split
+                parts = train.train_test_split(test_size=size, seed=self.split_seed)
+            out["train"], out[name] = parts["train"], parts["test"]
+        if self.max_train_samples:
+            out["train"] = out["train"].shuffle(seed=self.split_seed).select(
+                range(min(self.max_train_samples, len(out["train"])))
+            )
+        if self.max_eval_samples:
+            for name in ("validation", "test"):
+                out[name] = out[name].select(range(min(self.max_eval_samples, len(out[name]))))
+        return datasets.DatasetDict(out)
+
+    # ------------------------------------------------------------------ tokenization
+    def _tokenize(self, split, prompt_only: bool = False):
+        ds = self.raw[split]
+        if self.task == "classification":
+            fn = partial(formats.tokenize_classification, tokenizer=self.tokenizer, text_column=self.text_column,
+                         text_pair_column=self.text_pair_column, max_length=self.max_length)
+        elif self.task == "causal_lm":
+            fn = partial(formats.tokenize_causal_lm, tokenizer=self.tokenizer, prompt_template=self.prompt_template,
+                         response_template=self.response_template, loss_on=self.loss_on,
+                         max_length=self.max_length, prompt_only=prompt_only)
+        else:
+            fn = partial(formats.tokenize_seq2seq, tokenizer=self.tokenizer, prompt_template=self.prompt_template,
+                         response_template=self.response_template, max_length=self.max_length,
+                         max_target_length=self.max_target_length)
+        try:
+            return ds.map(fn, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {split}")
+        except (KeyError, IndexError) as err:
+            raise PeftLabError(f"could not format {split} rows with the templates: {err}") from err
+
+    def prepare_data(self) -> None:
+        # datasets caches every map on disk, so running this on rank 0 first makes the other ranks' setup cheap
+        for split in ("train", "validation", "test"):
+            self._tokenize(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.datasets:
+            self.datasets = {split: self._tokenize(split) for split in ("train", "validation", "test")}
+        if stage == "predict" and "predict" not in self.datasets:
+            self.datasets["predict"] = self._tokenize("test", prompt_only=self.task == "causal_lm")
+
+    # ------------------------------------------------------------------ loaders
+    def collate(self, features, pad_left: bool = False):
+        """Pad a list of tokenized examples to the longest one (labels padded with -100)."""
+        pad_id = self.tokenizer.pad_token_id
+        width = max(len(f["input_ids"]) for f in features)
+        batch: dict[str, list] = {}
+        for key in features[0]:
+            if key == "labels" and self.task == "classification":
+                batch[key] = [f[key] for f in features]
+                continue
+            label_width = max(len(f[key]) for f in features) if key == "labels" else width
+            fill = formats.IGNORE_INDEX if key == "labels" else (pad_id if key == "input_ids" else 0)
+            rows = []
+            for f in features:
+                pad = [fill] * (label_width - len(f[key]))
+                rows.append(pad + list(f[key]) if pad_left else list(f[key]) + pad)
+            batch[key] = rows
+        return {k: torch.tensor(v) for k, v in batch.items()}
+
+    def _loader(self, split, shuffle=False, batch_size=None, pad_left=False):
+        if not self.datasets:
+            self.setup()
+        return torch.utils.data.DataLoader(
+            self.datasets[split],
+            batch_size=batch_size or self.eval_batch_size,
+            shuffle=shuffle,
+            collate_fn=partial(self.collate, pad_left=pad_left),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self):
+        return self._loader("train", shuffle=True, batch_size=self.batch_size)
+
+    def val_dataloader(self):
+        return self._loader("validation")
+
+    def test_dataloader(self):
+        return self._loader("test")
+
+    def predict_dataloader(self):
+        self.setup("predict")
+        # generation continues the prompt, so decoder-only prompts are padded on the left
+        return self._loader("predict", pad_left=self.task == "causal_lm")
+
+    def predict_texts(self) -> list[str]:
+        """The raw inputs behind ``predict_dataloader`` (in order), for writing predictions next to them."""
+        rows = self.raw["test"]
+        if self.task == "classification":
+            return [str(t) for t in rows[self.text_column]]
+        return [formats.render(self.prompt_template, r) for r in rows]

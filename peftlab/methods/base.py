@@ -1,0 +1,252 @@
+"""``PeftModule``: the LightningModule every method subclasses.
+
+The base class owns everything methods share: loading and freezing the backbone, the optimizer and
+schedule over trainable parameters only, metrics, parameter-count reporting, adapter-only checkpoints
+and prediction. A method overrides one hook, :meth:`PeftModule.attach`, which receives the frozen
+backbone and returns the module to train (usually the backbone with trainable parts added)::
+
+    class BitFit(PeftModule):
+        def attach(self, backbone):
+            for name, p in backbone.named_parameters():
+                p.requires_grad_(name.endswith("bias"))
+            return backbone
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import lightning as L
+import torch
+import torchmetrics
+from torch import nn
+
+from peftlab.backbones import TASKS, Task, load_backbone, load_tokenizer
+from peftlab.errors import PeftLabError
+
+
+class PeftModule(L.LightningModule):
+    """Base of all peftlab methods.
+
+    Args:
+        backbone: local model directory, ``packaged:all-MiniLM-L6-v2`` / ``packaged:SmolLM2-135M-Instruct``,
+            or a Hugging Face hub name (needs internet).
+        task: ``classification``, ``causal_lm`` or ``seq2seq`` (the CLI links it from ``data.task``).
+        num_labels: number of classes for classification (the CLI links it from the data).
+        learning_rate: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (not applied to biases and norm weights).
+        warmup_ratio: fraction of the total optimizer steps spent warming up linearly from 0.
+        scheduler: learning-rate schedule after warm-up: ``linear`` or ``cosine`` decay to 0, or ``constant``.
+        trust_remote_code: allow model code from the hub to run; off unless you trust the backbone's repository.
+        revision: hub revision (branch, tag or commit) of the backbone.
+        max_new_tokens: generation length for ``predict`` on causal LM / seq2seq tasks.
+    """
+
+    #: checkpoints hold only trainable parameters; the frozen backbone is rebuilt from the config
+    strict_loading = False
+
+    def __init__(
+        self,
+        backbone: str = "packaged:all-MiniLM-L6-v2",
+        task: Task = "classification",
+        num_labels: int | None = None,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.0,
+        scheduler: Literal["linear", "cosine", "constant"] = "linear",
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+        max_new_tokens: int = 32,
+    ):
+        super().__init__()
+        if task not in TASKS:
+            raise PeftLabError(f"model.task {task!r} is unknown; choose one of {', '.join(TASKS)}")
+        if learning_rate <= 0:
+            raise PeftLabError(f"model.learning_rate must be > 0 (got {learning_rate})")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise PeftLabError(f"model.warmup_ratio must be in [0, 1) (got {warmup_ratio})")
+        self.save_hyperparameters()
+        self.task = task
+        self.num_labels = num_labels
+        self.tokenizer = load_tokenizer(backbone, trust_remote_code=trust_remote_code, revision=revision)
+        model = self.load_backbone()
+        model.requires_grad_(False)
+        # from_pretrained returns eval mode; train like the HF Trainer does (dropout on), Lightning flips to
+        # eval for validation/test/predict by itself
+        self.model = self.attach(model).train()
+        self.trainable_count, self.total_count = count_parameters(self)
+        if self.trainable_count == 0:
+            raise PeftLabError(f"{type(self).__name__} left no trainable parameters; check its settings")
+        self._init_metrics()
+
+    # ------------------------------------------------------------------ the hooks a method overrides
+    def load_backbone(self) -> nn.Module:
+        """Load the backbone for ``self.task``. Override to change how it is loaded (e.g. quantized)."""
+        h = self.hparams
+        return load_backbone(h.backbone, self.task, num_labels=self.num_labels,
+                             trust_remote_code=h.trust_remote_code, revision=h.revision)
+
+    def attach(self, backbone: nn.Module) -> nn.Module:
+        """Add the method's trainable parameters to the frozen ``backbone`` and return the model to train."""
+        raise NotImplementedError(f"{type(self).__name__} must implement attach(backbone)")
+
+    # ------------------------------------------------------------------ training
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    def training_step(self, batch, batch_idx):
+        loss = self(**batch).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def _init_metrics(self):
+        def stage_metrics():
+            if self.task == "classification":
+                n = self.num_labels
+                return nn.ModuleDict({
+                    "acc": torchmetrics.Accuracy(task="multiclass", num_classes=n),
+                    "f1": torchmetrics.F1Score(task="multiclass", num_classes=n, average="macro"),
+                    "loss": torchmetrics.MeanMetric(),
+                })
+            # token-weighted mean loss, so perplexity is exp(mean NLL per target token)
+            return nn.ModuleDict({"loss": torchmetrics.MeanMetric()})
+
+        self.metrics = nn.ModuleDict({"val": stage_metrics(), "test": stage_metrics()})
+
+    def _eval_step(self, batch, stage):
+        out = self(**batch)
+        m = self.metrics[stage]
+        if self.task == "classification":
+            preds = out.logits.argmax(-1)
+            m["acc"].update(preds, batch["labels"])
+            m["f1"].update(preds, batch["labels"])
+            m["loss"].update(out.loss, weight=len(preds))
+        else:
+            m["loss"].update(out.loss, weight=(batch["labels"] != -100).sum())
+
+    def _log_epoch(self, stage):
+        m = self.metrics[stage]
+        values = {f"{stage}/{k}": metric.compute() for k, metric in m.items()}
+        if self.task != "classification":
+            values[f"{stage}/ppl"] = torch.exp(values[f"{stage}/loss"].clamp(max=50))
+        self.log_dict(values, prog_bar=stage == "val")
+        for metric in m.values():
+            metric.reset()
+
+    def on_validation_epoch_end(self):
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self):
+        self._log_epoch("test")
+
+    def predict_step(self, batch, batch_idx):
+        """Class probabilities (classification) or generated text (causal LM / seq2seq)."""
+        if self.task == "classification":
+            batch = {k: v for k, v in batch.items() if k != "labels"}
+            probs = self(**batch).logits.float().softmax(-1)
+            return {"pred": probs.argmax(-1), "probs": probs}
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        out = self.model.generate(**inputs, max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        if self.task == "causal_lm":
+            out = out[:, inputs["input_ids"].shape[1]:]
+        return {"text": self.tokenizer.batch_decode(out, skip_special_tokens=True)}
+
+    # ------------------------------------------------------------------ optimization
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.learning_rate)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.hparams.warmup_ratio * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _schedule(self.hparams.scheduler, warmup, total)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ reporting and checkpoints
+    def on_fit_start(self):
+        self.check_data(self.trainer.datamodule)
+        pct = 100.0 * self.trainable_count / self.total_count
+        self.print(f"[peftlab] {type(self).__name__} on {self.hparams.backbone}: trainable "
+                   f"{self.trainable_count:,} / {self.total_count:,} parameters ({pct:.4f}%)")
+        for logger in self.loggers:
+            logger.log_hyperparams({"params/trainable": self.trainable_count, "params/total": self.total_count,
+                                    "params/percent": pct})
+
+    def check_data(self, datamodule) -> None:
+        """Refuse a DataModule whose task or label count does not match this model."""
+        if datamodule is None:
+            return
+        task = getattr(datamodule, "task", self.task)
+        if task != self.task:
+            raise PeftLabError(f"data.task is {task!r} but the model was built for {self.task!r}; make them equal")
+        num_labels = getattr(datamodule, "num_labels", None)
+        if self.task == "classification" and num_labels is not None and num_labels != self.num_labels:
+            raise PeftLabError(
+                f"the data has {num_labels} labels but the model was built with num_labels={self.num_labels}; "
+                "build the model with num_labels=datamodule.num_labels (the CLI does this for you)"
+            )
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def on_save_checkpoint(self, checkpoint):
+        # Only trainable parameters: a LoRA checkpoint is the size of the adapter, not of the backbone.
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+        checkpoint["peftlab"] = {"method": type(self).__name__, "trainable_only": True}
+
+    def on_load_checkpoint(self, checkpoint):
+        # strict_loading is off (the backbone is not in the file), so check the adapter part ourselves.
+        expected = {n: p.shape for n, p in self.named_parameters() if p.requires_grad}
+        got = checkpoint.get("state_dict", {})
+        missing = sorted(set(expected) - set(got))
+        unexpected = sorted(set(got) - set(expected))
+        wrong = sorted(k for k in set(got) & set(expected) if tuple(got[k].shape) != tuple(expected[k]))
+        if missing or unexpected or wrong:
+            detail = "; ".join(f"{what}: {keys[:3]}{' ...' if len(keys) > 3 else ''}" for what, keys in
+                               (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
+            raise PeftLabError(
+                f"checkpoint does not match this {type(self).__name__} model ({detail}); it was written by "
+                "another method, backbone or setting. Resume with the config the checkpoint was trained with."
+            )
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights count as their unpacked number."""
+    trainable = total = 0
+    for p in module.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state") and p.quant_state is not None:  # bitsandbytes Params4bit packs 2 per byte
+            n = math.prod(p.quant_state.shape)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def _schedule(name: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if name == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if name == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+
+    return factor

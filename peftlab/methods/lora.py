@@ -1,0 +1,78 @@
+"""LoRA (Hu et al. 2021) through peft: W' = W + (alpha / r) * B A with A, B of rank r, W frozen."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+
+from peftlab.errors import PeftLabError, did_you_mean
+from peftlab.methods.base import PeftModule
+
+PEFT_TASK = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
+
+
+class LoRA(PeftModule):
+    """Low-rank adapters on the chosen linear layers (peft's ``LoraConfig``).
+
+    Args:
+        r: rank of the update matrices.
+        alpha: scaling numerator; the update is scaled by ``alpha / r``.
+        dropout: dropout on the LoRA input path.
+        target_modules: module-name suffixes to adapt (``query``, ``value``, ``q_proj``, ``v_proj``, FFN layers
+            such as ``intermediate.dense`` / ``up_proj``), or ``all-linear`` for every linear layer but the head.
+        bias: which biases to train: ``none``, ``all`` or ``lora_only``.
+        modules_to_save: modules trained in full and saved with the adapter; ``None`` lets peft pick the
+            classification head (``classifier`` / ``score``) for classification.
+        **kwargs: the :class:`PeftModule` arguments (backbone, learning rate, ...).
+    """
+
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        target_modules: list[str] | str = ["query", "value"],  # noqa: B006 - shown as the CLI default
+        bias: Literal["none", "all", "lora_only"] = "none",
+        modules_to_save: list[str] | None = None,
+        **kwargs,
+    ):
+        if r < 1:
+            raise PeftLabError(f"model.r (LoRA rank) must be >= 1 (got {r})")
+        if alpha <= 0:
+            raise PeftLabError(f"model.alpha must be > 0 (got {alpha}); the usual choice is 2 * r")
+        if not 0.0 <= dropout < 1.0:
+            raise PeftLabError(f"model.dropout must be in [0, 1) (got {dropout})")
+        self.lora_settings = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, bias=bias,
+                                  target_modules=target_modules, modules_to_save=modules_to_save)
+        super().__init__(**kwargs)
+
+    def lora_config(self, backbone: nn.Module):
+        from peft import LoraConfig
+
+        check_target_modules(backbone, self.lora_settings["target_modules"])
+        return LoraConfig(task_type=PEFT_TASK[self.task], **self.lora_settings)
+
+    def attach(self, backbone: nn.Module) -> nn.Module:
+        from peft import get_peft_model
+
+        return get_peft_model(backbone, self.lora_config(backbone))
+
+
+def check_target_modules(model: nn.Module, targets: list[str] | str) -> None:
+    """Fail with the list of adaptable layer names when a target matches no module."""
+    if targets == "all-linear":
+        return
+    if isinstance(targets, str):
+        targets = [targets]
+    if not targets:
+        raise PeftLabError("model.target_modules is empty; name at least one layer, e.g. [query, value]")
+    names = [n for n, _ in model.named_modules()]
+    linear_suffixes = sorted({n.split(".")[-1] for n, m in model.named_modules()
+                              if isinstance(m, nn.Linear) or type(m).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D")})
+    for target in targets:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            raise PeftLabError(
+                f"target module {target!r} (model.target_modules) is not in this backbone; its linear layers are: "
+                f"{', '.join(linear_suffixes)}.{did_you_mean(target, linear_suffixes)} Or use 'all-linear'."
+            )

@@ -1,0 +1,158 @@
+"""Shared fixtures: tiny models of every family built from configs, a real tokenizer, small real data."""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+VOCAB = 600
+
+
+def rotten_rows(n: int, category=("fresh", "rotten")):
+    """The first ``n`` rows of the packaged Rotten Tomatoes corpus with a category in ``category``."""
+    import bz2
+
+    from peftlab import assets
+
+    out = []
+    with bz2.open(assets.dataset_file("packaged:rotten_tomatoes"), "rt", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row["category"] in category:
+                out.append({"text": row["text"], "label": row["category"]})
+                if len(out) == n:
+                    break
+    return out
+
+
+def write_csv(path, rows, columns=None):
+    columns = columns or list(rows[0])
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A small byte-level BPE tokenizer trained on real review text, with <s>/</s>/<pad>/<unk>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([r["text"] for r in rotten_rows(1500)], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A </s> $B",
+                                                       special_tokens=[("<s>", 1), ("</s>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    path = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(path)
+    return path
+
+
+def _save(model, tokenizer_dir, path):
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, tokenizer_dir):
+    """BERT-like encoder: hidden 32, 2 layers, 2 heads (query/key/value 32x32)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
+    return _save(BertModel(cfg), tokenizer_dir, tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer_dir):
+    """Llama-like decoder: hidden 64, 2 layers, 4 query heads, 2 KV heads (q_proj 64->64, v_proj 64->32)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    return _save(LlamaForCausalLM(cfg), tokenizer_dir, tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory, tokenizer_dir):
+    """T5-like encoder-decoder: d_model 32, 2+2 layers, 2 heads of 16 (q/k/v/o 32x32)."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
+                   num_heads=2, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+    return _save(T5ForConditionalGeneration(cfg), tokenizer_dir, tmp_path_factory.mktemp("tiny_t5"))
+
+
+@pytest.fixture(scope="session")
+def sentiment_csv(tmp_path_factory):
+    """120 real labelled review snippets (fresh/rotten) as a CSV with columns text,label."""
+    return write_csv(tmp_path_factory.mktemp("data") / "reviews.csv", rotten_rows(120))
+
+
+@pytest.fixture(scope="session")
+def generation_jsonl(tmp_path_factory):
+    """120 real snippets as prompt/response pairs (review -> fresh/rotten) in JSON lines."""
+    import json
+
+    path = tmp_path_factory.mktemp("data") / "gen.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rotten_rows(120):
+            f.write(json.dumps({"prompt": f"Review: {r['text']}\nVerdict:", "response": " " + r["label"]}) + "\n")
+    return str(path)
+
+
+FAMILIES = {
+    # family: (fixture, task, data fixture, LoRA targets)
+    "bert": ("tiny_bert", "classification", "sentiment_csv", ["query", "value"]),
+    "llama": ("tiny_llama", "causal_lm", "generation_jsonl", ["q_proj", "v_proj"]),
+    "t5": ("tiny_t5", "seq2seq", "generation_jsonl", ["q", "v"]),
+}
+
+
+@pytest.fixture
+def family(request):
+    """(backbone dir, task, data file, LoRA targets) of the family named by indirect parametrization."""
+    fixture, task, data, targets = FAMILIES[request.param]
+    return request.getfixturevalue(fixture), task, request.getfixturevalue(data), targets
+
+
+def make_data(source, task, tokenizer, **kw):
+    from peftlab.data import PeftDataModule
+
+    kw.setdefault("batch_size", 8)
+    kw.setdefault("max_length", 48)
+    return PeftDataModule(source=source, task=task, tokenizer=tokenizer, **kw)
+
+
+def tiny_trainer(max_steps=5, **kw):
+    import lightning as L
+
+    kw.setdefault("logger", False)
+    kw.setdefault("enable_checkpointing", False)
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, enable_progress_bar=False,
+                     enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=2,
+                     limit_test_batches=2, **kw)

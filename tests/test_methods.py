@@ -1,0 +1,178 @@
+"""Every method x every backbone family through the same assertions (peft's TEST_CASES pattern)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FAMILIES, make_data, tiny_trainer
+from peftlab.errors import PeftLabError
+from peftlab.methods import FullFineTuning, LoRA, PeftModule
+
+
+def build(method, backbone, task, data, targets, **kw):
+    if method is LoRA:
+        kw.setdefault("target_modules", targets)
+        kw.setdefault("r", 4)
+    return method(backbone=backbone, task=task, num_labels=data.num_labels, learning_rate=1e-2, **kw)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES), indirect=True)
+@pytest.mark.parametrize("method", [LoRA, FullFineTuning], ids=["lora", "full"])
+def test_fit_every_family(family, method):
+    backbone, task, source, targets = family
+    data = make_data(source, task, backbone)
+    model = build(method, backbone, task, data, targets)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = tiny_trainer(max_steps=4)
+    trainer.fit(model, datamodule=data)
+    metrics = trainer.test(model, datamodule=data, verbose=False)[0]
+    assert torch.isfinite(torch.tensor(metrics["test/loss"]))
+    if task == "classification":
+        assert 0.0 <= metrics["test/acc"] <= 1.0
+    else:
+        assert metrics["test/ppl"] == pytest.approx(torch.exp(torch.tensor(metrics["test/loss"])).item(), rel=1e-4)
+    after = dict(model.named_parameters())
+    # frozen backbone weights are bit-identical after training ...
+    for n, p in frozen.items():
+        assert torch.equal(after[n], p), n
+    # ... and the trainable ones moved
+    assert any(not torch.equal(after[n], p) for n, p in trainable.items())
+    if method is FullFineTuning:
+        assert not frozen and model.trainable_count == model.total_count
+
+
+def test_lora_parameter_count_bert(tiny_bert, sentiment_csv):
+    data = make_data(sentiment_csv, "classification", tiny_bert)
+    model = LoRA(backbone=tiny_bert, num_labels=data.num_labels, r=4, target_modules=["query", "value"])
+    # per layer: query and value each get A (4x32) and B (32x4); 2 layers; plus the classifier head 32*2+2
+    assert model.trainable_count == 2 * 2 * (4 * 32 + 32 * 4) + (32 * 2 + 2) == 1090
+    base = FullFineTuning(backbone=tiny_bert, num_labels=data.num_labels)
+    # total = backbone + LoRA matrices + peft's trainable copy of the head (it keeps the original too),
+    # the same convention as peft's print_trainable_parameters
+    assert model.total_count == base.total_count + 2 * 2 * (4 * 32 + 32 * 4) + (32 * 2 + 2)
+
+
+def test_lora_parameter_count_llama_gqa(tiny_llama):
+    model = LoRA(backbone=tiny_llama, task="causal_lm", r=8, target_modules=["q_proj", "v_proj"])
+    # q_proj 64->64: 8*64 + 64*8; v_proj 64->32 (2 KV heads of 16): 8*64 + 32*8; 2 layers
+    assert model.trainable_count == 2 * ((8 * 64 + 64 * 8) + (8 * 64 + 32 * 8)) == 3584
+
+
+def test_lora_all_linear_and_ffn(tiny_llama):
+    ffn = LoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules=["up_proj"])
+    assert ffn.trainable_count == 2 * (2 * 64 + 128 * 2)
+    every = LoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules="all-linear")
+    # q 64->64, k 64->32, v 64->32, o 64->64, gate 64->128, up 64->128, down 128->64, per layer
+    per_layer = sum(2 * (i + o) for i, o in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)])
+    assert every.trainable_count == 2 * per_layer
+
+
+def test_lora_bias_and_modules_to_save(tiny_bert, sentiment_csv):
+    data = make_data(sentiment_csv, "classification", tiny_bert)
+    plain = LoRA(backbone=tiny_bert, num_labels=2, r=4)
+    with_bias = LoRA(backbone=tiny_bert, num_labels=2, r=4, bias="lora_only")
+    # lora_only trains the biases of the adapted layers: query and value, 32 each, 2 layers
+    assert with_bias.trainable_count - plain.trainable_count == 2 * 2 * 32
+    pooler = LoRA(backbone=tiny_bert, num_labels=2, r=4, modules_to_save=["classifier", "pooler"])
+    assert pooler.trainable_count - plain.trainable_count == 32 * 32 + 32
+    assert data.num_labels == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"r": 0}, "model.r"),
+        ({"alpha": 0}, "model.alpha"),
+        ({"dropout": 1.5}, "model.dropout"),
+        ({"target_modules": ["qeury"]}, "Did you mean 'query'"),
+        ({"target_modules": []}, "target_modules is empty"),
+        ({"learning_rate": -1.0}, "learning_rate"),
+    ],
+)
+def test_lora_bad_settings(tiny_bert, kwargs, message):
+    with pytest.raises(PeftLabError, match=message):
+        LoRA(backbone=tiny_bert, num_labels=2, **kwargs)
+
+
+def test_target_module_error_lists_layers(tiny_bert):
+    with pytest.raises(PeftLabError) as err:
+        LoRA(backbone=tiny_bert, num_labels=2, target_modules=["q_proj"])
+    assert "query" in str(err.value) and "value" in str(err.value) and "all-linear" in str(err.value)
+
+
+def test_task_backbone_mismatch(tiny_bert):
+    with pytest.raises(PeftLabError, match="no seq2seq head"):
+        LoRA(backbone=tiny_bert, task="seq2seq")
+
+
+def test_missing_backbone_directory(tmp_path):
+    with pytest.raises(PeftLabError, match="no such directory"):
+        LoRA(backbone=str(tmp_path / "nope"), num_labels=2)
+
+
+def test_attach_is_the_only_hook(tiny_bert, sentiment_csv):
+    class BitFit(PeftModule):
+        def attach(self, backbone):
+            for name, p in backbone.named_parameters():
+                p.requires_grad_(name.endswith("bias"))
+            return backbone
+
+    data = make_data(sentiment_csv, "classification", tiny_bert)
+    model = BitFit(backbone=tiny_bert, num_labels=data.num_labels)
+    biases = sum(p.numel() for n, p in model.model.named_parameters() if n.endswith("bias"))
+    assert model.trainable_count == biases
+    tiny_trainer(max_steps=2).fit(model, datamodule=data)
+
+
+def test_label_count_mismatch_is_refused(tiny_bert, sentiment_csv):
+    data = make_data(sentiment_csv, "classification", tiny_bert)
+    model = LoRA(backbone=tiny_bert, num_labels=3)
+    with pytest.raises(PeftLabError, match="2 labels but the model was built with num_labels=3"):
+        tiny_trainer(max_steps=1).fit(model, datamodule=data)
+
+
+def test_checkpoint_holds_only_trainable_and_resumes(tiny_bert, sentiment_csv, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    data = make_data(sentiment_csv, "classification", tiny_bert)
+    model = LoRA(backbone=tiny_bert, num_labels=2, r=4)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    tiny_trainer(max_steps=3, enable_checkpointing=True, callbacks=[ckpt]).fit(model, datamodule=data)
+    state = torch.load(ckpt.last_model_path, weights_only=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(state["state_dict"]) == trainable and len(trainable) == 10  # 2 layers x (q,v) x (A,B) + head w,b
+    assert state["global_step"] == 3
+
+    resumed = LoRA(backbone=tiny_bert, num_labels=2, r=4)
+    trainer = tiny_trainer(max_steps=5, enable_checkpointing=True, callbacks=[ModelCheckpoint(dirpath=tmp_path)])
+    trainer.fit(resumed, datamodule=data, ckpt_path=ckpt.last_model_path)
+    assert trainer.global_step == 5
+
+    other = LoRA(backbone=tiny_bert, num_labels=2, r=8)
+    with pytest.raises(PeftLabError, match="wrong shape"):
+        tiny_trainer(max_steps=5).fit(other, datamodule=data, ckpt_path=ckpt.last_model_path)
+
+
+def test_predict_classification_and_generation(tiny_bert, sentiment_csv, tiny_llama, generation_jsonl):
+    data = make_data(sentiment_csv, "classification", tiny_bert)
+    model = LoRA(backbone=tiny_bert, num_labels=2, r=4)
+    out = tiny_trainer().predict(model, datamodule=data)
+    assert out[0]["probs"].shape[1] == 2
+    assert torch.allclose(out[0]["probs"].sum(-1), torch.ones(len(out[0]["pred"])))
+
+    data = make_data(generation_jsonl, "causal_lm", tiny_llama, max_eval_samples=4)
+    model = LoRA(backbone=tiny_llama, task="causal_lm", r=4, target_modules=["q_proj"], max_new_tokens=3)
+    out = tiny_trainer().predict(model, datamodule=data)
+    assert sum(len(b["text"]) for b in out) == 4
+
+
+def test_schedules():
+    from peftlab.methods.base import _schedule
+
+    lin = _schedule("linear", 10, 110)
+    assert lin(0) == pytest.approx(1 / 11) and lin(10) == 1.0 and lin(60) == pytest.approx(0.5) and lin(110) == 0.0
+    cos = _schedule("cosine", 0, 100)
+    assert cos(0) == 1.0 and cos(50) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0)
+    assert _schedule("constant", 5, 100)(99) == 1.0
