@@ -148,11 +148,23 @@ def main(args: list[str] | None = None) -> None:
             )
         finally:
             sys.argv = saved
-    except PeftLabError as err:
-        if debug:
+    except Exception as err:  # noqa: BLE001 - only PeftLabError is turned into a message, the rest re-raises
+        user_error = _find_user_error(err)
+        if debug or user_error is None:
             raise
-        print(f"peftlab: error: {err}", file=sys.stderr)
+        print(f"peftlab: error: {user_error}", file=sys.stderr)
         sys.exit(2)
+
+
+def _find_user_error(err: BaseException | None) -> PeftLabError | None:
+    """The PeftLabError behind ``err``; jsonargparse wraps errors raised while instantiating classes."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, PeftLabError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":

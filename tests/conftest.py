@@ -13,6 +13,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
+# Import Lightning before any test captures output: its logging handlers keep the stream current at
+# import time, and a stream from a finished test's capsys is closed ("--- Logging error ---").
+import lightning.pytorch  # noqa: E402,F401
+
 VOCAB = 600
 
 

@@ -119,7 +119,11 @@ class PeftDataModule(L.LightningDataModule):
 
     @property
     def label_names(self) -> list[str] | None:
-        return self._label_names if self.task == "classification" else None
+        """Class names in index order (classification), read from the data or ``labels``."""
+        if self.task != "classification":
+            return None
+        self.raw  # noqa: B018 - computes the label names
+        return self._label_names
 
     @property
     def num_labels(self) -> int | None:

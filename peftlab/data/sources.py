@@ -82,8 +82,10 @@ def load_source(source: str | dict[str, str], config_name: str | None = None):
         except Exception as err:  # noqa: BLE001 - pyarrow/pandas/json raise many kinds
             msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             cause = err.__cause__ or err.__context__
-            if isinstance(err, UnicodeDecodeError) or isinstance(cause, UnicodeDecodeError) or "utf-8" in msg.lower():
-                msg = "the file is not valid UTF-8 text; re-encode it as UTF-8"
+            if "corresponds to no data" in msg:
+                msg = "the file has no rows (only a header?)"
+            elif isinstance(err, UnicodeDecodeError) or isinstance(cause, UnicodeDecodeError) or "utf-8" in msg.lower():
+                msg = "the file is not valid UTF-8 text; re-encode it as UTF-8"  # e.g. iconv -f latin1 -t utf-8
             raise PeftLabError(f"could not read data {files}: {msg}") from err
     else:
         try:

@@ -1,0 +1,183 @@
+"""The `peftlab` command: shipped configs, print_config round trip, saved config, clean errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from peftlab.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
+PEFTLAB = str(Path(sys.executable).parent / "peftlab")
+
+
+def run_main(args, capsys):
+    """Run the CLI in-process; return (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        main(args)
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def tiny_config(tmp_path, backbone, source, **model):
+    cfg = {
+        "seed_everything": 3,
+        "trainer": {
+            "max_steps": 4, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+            "num_sanity_val_steps": 0, "limit_val_batches": 2, "limit_test_batches": 2, "log_every_n_steps": 1,
+            "enable_model_summary": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                       "init_args": {"save_dir": str(tmp_path / "runs"), "name": "tiny"}},
+        },
+        "model": {"class_path": "peftlab.methods.LoRA",
+                  "init_args": {"backbone": backbone, "r": 4, "learning_rate": 0.01, **model}},
+        "data": {"source": source, "task": "classification", "batch_size": 8, "max_length": 32},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_shipped_config_loads(config, capsys):
+    code, out, err = run_main(["fit", "--config", str(ROOT / config), "--print_config"], capsys)
+    assert code == 0, err
+    printed = yaml.safe_load(out)
+    assert printed["model"]["class_path"].startswith("peftlab.methods.")
+    # linked values are written once: the tokenizer follows model.backbone, the task follows data.task
+    assert "tokenizer" not in printed["data"] and "backbone" in printed["model"]["init_args"]
+    assert "task" not in printed["model"]["init_args"] and printed["data"]["task"]
+
+
+def test_print_config_round_trip(tmp_path, capsys):
+    code, first, _ = run_main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--model.r", "16",
+                               "--print_config"], capsys)
+    assert code == 0
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(first)
+    code, second, _ = run_main(["fit", "--config", str(saved), "--print_config"], capsys)
+    assert code == 0 and second == first
+    assert yaml.safe_load(first)["model"]["init_args"]["r"] == 16
+
+
+def test_help_lists_methods_arguments(capsys):
+    code, out, _ = run_main(["fit", "--help"], capsys)
+    assert code == 0
+    for arg in ("--model CONFIG | CLASS_PATH_OR_NAME", "--data.source", "--data.prompt_template", "--test_after_fit"):
+        assert arg in out
+    code, out, _ = run_main(["fit", "--model.help", "LoRA"], capsys)
+    assert code == 0
+    for arg in ("--model.r R", "rank of the update matrices", "--model.target_modules", "--model.backbone"):
+        assert arg in out
+
+
+def _adapter(ckpt_dir):
+    last = Path(ckpt_dir) / "last.ckpt"
+    if not last.exists():
+        last = sorted(Path(ckpt_dir).glob("*.ckpt"))[-1]
+    return torch.load(last, weights_only=True)["state_dict"]
+
+
+def test_fit_saves_config_and_printed_config_reproduces_run(tmp_path, tiny_bert, sentiment_csv, capsys):
+    cfg = tiny_config(tmp_path, tiny_bert, sentiment_csv)
+    code, out, err = run_main(["fit", "--config", cfg], capsys)
+    assert code == 0, err
+    assert "test/acc" in out and "fit summary" in out
+    run1 = tmp_path / "runs/tiny/version_0"
+    saved = yaml.safe_load((run1 / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["r"] == 4 and saved["data"]["source"] == sentiment_csv
+    assert "num_labels" not in saved["model"]["init_args"]  # read from the data at start, never written twice
+    assert (run1 / "metrics.csv").exists()
+    # the saved (resolved) config, fed back, reproduces the trained adapter exactly
+    code, out, err = run_main(["fit", "--config", str(run1 / "config.yaml")], capsys)
+    assert code == 0, err
+    first, second = _adapter(run1 / "checkpoints"), _adapter(tmp_path / "runs/tiny/version_1/checkpoints")
+    assert first.keys() == second.keys() and len(first) == 10
+    for k in first:
+        assert torch.equal(first[k], second[k]), k
+
+
+def test_validate_test_predict_subcommands(tmp_path, tiny_bert, sentiment_csv, capsys):
+    cfg = tiny_config(tmp_path, tiny_bert, sentiment_csv)
+    assert run_main(["fit", "--config", cfg, "--test_after_fit", "false"], capsys)[0] == 0
+    ckpt = str(next((tmp_path / "runs/tiny/version_0/checkpoints").glob("*.ckpt")))
+    code, out, err = run_main(["validate", "--config", cfg, "--ckpt_path", ckpt], capsys)
+    assert code == 0 and "val/acc" in out, err
+    code, out, err = run_main(["test", "--config", cfg, "--ckpt_path", ckpt], capsys)
+    assert code == 0 and "test/acc" in out, err
+    pred = tmp_path / "pred.jsonl"
+    code, out, err = run_main(["predict", "--config", cfg, "--ckpt_path", ckpt, "--predictions_file", str(pred)], capsys)
+    assert code == 0, err
+    rows = [yaml.safe_load(line) for line in pred.read_text().splitlines()]
+    assert len(rows) == 12 and set(rows[0]) == {"input", "label", "probs"}
+    assert rows[0]["label"] in ("rotten", "fresh") and sum(rows[0]["probs"].values()) == pytest.approx(1, abs=1e-4)
+
+
+BAD = [
+    # (extra args, expected message fragment)
+    (["--model.init_args.rank", "8"], "rank"),
+    (["--model.init_args.target_modules", "[qkv]"], "target module 'qkv' (model.target_modules) is not in this backbone"),
+    (["--data.text_column", "review"], "column 'review' (data.text_column) is not in data source"),
+    (["--data.labels", "[good,bad]"], "out of range for data.labels"),
+    (["--model.init_args.r", "-1"], "model.r (LoRA rank) must be >= 1"),
+    (["--data.task", "seq2seq"], "no seq2seq head"),
+    (["--model.init_args.r", "eight"], "r"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD, ids=[b[0][0] for b in BAD])
+def test_bad_input_one_clear_message(tmp_path, tiny_bert, sentiment_csv, capsys, extra, message):
+    cfg = tiny_config(tmp_path, tiny_bert, sentiment_csv)
+    code, out, err = run_main(["fit", "--config", cfg, *extra], capsys)
+    assert code != 0
+    assert message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_unreadable_data_file_and_earlier_outputs_untouched(tmp_path, tiny_bert, sentiment_csv, capsys):
+    cfg = tiny_config(tmp_path, tiny_bert, sentiment_csv)
+    assert run_main(["fit", "--config", cfg], capsys)[0] == 0
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*")}
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    code, _, err = run_main(["fit", "--config", cfg, "--data.source", str(empty)], capsys)
+    assert code == 2 and "is empty" in err and err.count("\n") == 1
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*")}
+    assert after == before
+
+
+def test_debug_flag_shows_traceback(tmp_path, tiny_bert, sentiment_csv):
+    cfg = tiny_config(tmp_path, tiny_bert, sentiment_csv)
+    from peftlab.errors import PeftLabError
+
+    with pytest.raises(PeftLabError):
+        main(["fit", "--config", cfg, "--data.text_column", "review", "--debug"])
+
+
+def test_console_script_quickstart_end_to_end(tmp_path):
+    """The README's quickstart config through the real `peftlab` command, capped to a few steps."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    cmd = [PEFTLAB, "fit", "--config", "configs/quickstart.yaml", "--trainer.max_steps", "24",
+           "--trainer.val_check_interval", "12", "--trainer.limit_val_batches", "4",
+           "--trainer.limit_test_batches", "4", "--trainer.logger.init_args.save_dir", str(tmp_path),
+           "--trainer.enable_progress_bar", "false"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test/acc" in proc.stdout and "trainable   74,498 / 22,788,484" in proc.stdout
+    run = tmp_path / "quickstart/version_0"
+    assert (run / "config.yaml").exists()
+    ckpts = list((run / "checkpoints").glob("*.ckpt"))
+    assert ckpts
+    # adapter-only: LoRA + head (74,498 params) and its Adam state, not the 91 MB backbone
+    assert all(c.stat().st_size < 2_000_000 for c in ckpts)

@@ -1,0 +1,150 @@
+"""PeftDataModule: sources, splits, labels, task formats, and the errors for bad data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_data, rotten_rows, write_csv
+from peftlab.data.formats import IGNORE_INDEX
+from peftlab.errors import PeftLabError
+
+
+def test_packaged_rotten_tomatoes_split_is_fixed_and_stratified(tiny_bert):
+    a = make_data("packaged:rotten_tomatoes", "classification", tiny_bert)
+    raw = a.raw
+    # 7,403 fresh + 5,405 rotten; 10% test and 10% validation of the whole, by seed
+    assert {k: len(v) for k, v in raw.items()} == {"train": 10246, "validation": 1281, "test": 1281}
+    assert a.label_names == ["rotten", "fresh"] and a.num_labels == 2
+    for split in raw.values():
+        fresh = sum(split["labels"]) / len(split)
+        assert fresh == pytest.approx(7403 / 12808, abs=0.002)  # stratified
+    b = make_data("packaged:rotten_tomatoes", "classification", tiny_bert)
+    assert b.raw["test"]["text"][:20] == raw["test"]["text"][:20]
+    c = make_data("packaged:rotten_tomatoes", "classification", tiny_bert, split_seed=7)
+    assert c.raw["test"]["text"][:20] != raw["test"]["text"][:20]
+
+
+def test_packaged_plots_for_language_modelling(tiny_llama):
+    data = make_data("packaged:rotten_tomatoes_plots", "causal_lm", tiny_llama, prompt_template="{text}",
+                     response_template="", loss_on="all", max_length=32)
+    assert sum(len(v) for v in data.raw.values()) == 1097
+    data.setup()
+    row = data.datasets["train"][0]
+    assert row["labels"] == row["input_ids"] and len(row["input_ids"]) <= 32
+
+
+def test_label_mapping_from_strings_and_explicit_order(tmp_path, tiny_bert):
+    rows = [{"text": f"t{i}", "label": lab} for i, lab in enumerate(["b", "a", "c"] * 10)]
+    src = write_csv(tmp_path / "d.csv", rows)
+    data = make_data(src, "classification", tiny_bert)
+    assert data.label_names == ["a", "b", "c"] and data.num_labels == 3
+    data = make_data(src, "classification", tiny_bert, labels=["c", "b", "a"])
+    first = data.raw["train"]
+    assert all(data.label_names[i] == lab for i, lab in zip(first["labels"], first["label"]))
+    with pytest.raises(PeftLabError, match=r"labels \['c'\] in column 'label' are out of range"):
+        make_data(src, "classification", tiny_bert, labels=["a", "b"]).num_labels
+
+
+def test_integer_labels_and_out_of_range(tmp_path, tiny_bert):
+    src = write_csv(tmp_path / "d.csv", [{"text": f"t{i}", "label": i % 3} for i in range(30)])
+    assert make_data(src, "classification", tiny_bert).label_names == ["0", "1", "2"]
+    with pytest.raises(PeftLabError, match="out of range"):
+        make_data(src, "classification", tiny_bert, labels=["neg", "pos"]).num_labels
+    neg = write_csv(tmp_path / "n.csv", [{"text": f"t{i}", "label": i % 2 - 1} for i in range(30)])
+    with pytest.raises(PeftLabError, match="negative labels"):
+        make_data(neg, "classification", tiny_bert).num_labels
+
+
+def test_explicit_splits_and_jsonl(tmp_path, tiny_bert):
+    rows = rotten_rows(60)
+    files = {}
+    for split, part in (("train", rows[:40]), ("dev", rows[40:50]), ("test", rows[50:])):
+        path = tmp_path / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+        files[split] = str(path)
+    data = make_data(files, "classification", tiny_bert)
+    assert {k: len(v) for k, v in data.raw.items()} == {"train": 40, "validation": 10, "test": 10}
+
+
+def test_causal_lm_masks_the_prompt(generation_jsonl, tiny_llama):
+    data = make_data(generation_jsonl, "causal_lm", tiny_llama, max_length=64)
+    data.setup()
+    row = data.datasets["train"][0]
+    tok = data.tokenizer
+    n_masked = sum(1 for x in row["labels"] if x == IGNORE_INDEX)
+    response = [x for x in row["labels"] if x != IGNORE_INDEX]
+    assert row["input_ids"][n_masked:] == response
+    assert response[-1] == tok.eos_token_id
+    assert tok.decode(response[:-1]).strip() in ("fresh", "rotten")
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_ids"].shape == batch["labels"].shape
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+
+
+def test_long_prompt_keeps_the_response(tmp_path, tiny_llama):
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"prompt": "word " * 200, "response": " fresh"}) + "\n" * 1, encoding="utf-8")
+    for _ in range(9):
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"prompt": "word " * 200, "response": " fresh"}) + "\n")
+    data = make_data(str(path), "causal_lm", tiny_llama, max_length=16)
+    data.setup()
+    row = data.datasets["train"][0]
+    assert len(row["input_ids"]) == 16 and row["labels"][-1] == data.tokenizer.eos_token_id
+    assert data.tokenizer.decode([x for x in row["labels"] if x != IGNORE_INDEX][:-1]).strip() == "fresh"
+
+
+def test_seq2seq_targets(generation_jsonl, tiny_t5):
+    data = make_data(generation_jsonl, "seq2seq", tiny_t5, max_target_length=4)
+    data.setup()
+    row = data.datasets["train"][0]
+    assert 0 < len(row["labels"]) <= 4 and IGNORE_INDEX not in row["labels"]
+
+
+def test_max_samples(sentiment_csv, tiny_bert):
+    data = make_data(sentiment_csv, "classification", tiny_bert, max_train_samples=10, max_eval_samples=3)
+    assert [len(data.raw[s]) for s in ("train", "validation", "test")] == [10, 3, 3]
+
+
+@pytest.mark.parametrize(
+    "setup, kwargs, message",
+    [
+        (None, {"text_column": "txt"}, r"column 'txt' \(data.text_column\) is not in .*columns are: text, label.*Did you mean 'text'"),
+        (None, {"label_column": "sentiment"}, r"column 'sentiment' \(data.label_column\)"),
+        ("empty", {}, "is empty"),
+        ("missing", {}, "does not exist"),
+        ("header_only", {}, "has no rows"),
+        ("latin1", {}, "not valid UTF-8"),
+        ("one_label", {}, "at least 2 labels"),
+        ("bad_ext", {}, "unsupported extension '.txt'"),
+        (None, {"val_fraction": 0.0}, "val_fraction must be between 0 and 1"),
+        (None, {"batch_size": 0}, "batch_size must be >= 1"),
+    ],
+)
+def test_bad_data_messages(tmp_path, sentiment_csv, tiny_bert, setup, kwargs, message):
+    src = sentiment_csv
+    if setup == "empty":
+        src = str(tmp_path / "empty.csv")
+        open(src, "w").close()
+    elif setup == "missing":
+        src = str(tmp_path / "missing.csv")
+    elif setup == "header_only":
+        src = str(tmp_path / "h.csv")
+        open(src, "w").write("text,label\n")
+    elif setup == "latin1":
+        src = str(tmp_path / "l.csv")
+        open(src, "wb").write("text,label\n".encode() + "caf\xe9 cr\xe8me,fresh\n".encode("latin-1") * 20)
+    elif setup == "one_label":
+        src = write_csv(tmp_path / "o.csv", [{"text": "x", "label": "fresh"}] * 10)
+    elif setup == "bad_ext":
+        src = str(tmp_path / "d.txt")
+        open(src, "w").write("hello\n")
+    with pytest.raises(PeftLabError, match=message):
+        make_data(src, "classification", tiny_bert, **kwargs).num_labels
+
+
+def test_template_field_missing(generation_jsonl, tiny_llama):
+    with pytest.raises(PeftLabError, match=r"column 'question' \(data.prompt_template field \{question\}\)"):
+        make_data(generation_jsonl, "causal_lm", tiny_llama, prompt_template="Q: {question}").raw
