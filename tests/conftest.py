@@ -155,8 +155,7 @@ def make_data(source, task, tokenizer, **kw):
 def tiny_trainer(max_steps=5, **kw):
     import lightning as L
 
-    kw.setdefault("logger", False)
-    kw.setdefault("enable_checkpointing", False)
-    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, enable_progress_bar=False,
-                     enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=2,
-                     limit_test_batches=2, **kw)
+    defaults = dict(logger=False, enable_checkpointing=False, accelerator="cpu", devices=1,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                    limit_val_batches=2, limit_test_batches=2)
+    return L.Trainer(max_steps=max_steps, **{**defaults, **kw})

@@ -148,3 +148,32 @@ def test_bad_data_messages(tmp_path, sentiment_csv, tiny_bert, setup, kwargs, me
 def test_template_field_missing(generation_jsonl, tiny_llama):
     with pytest.raises(PeftLabError, match=r"column 'question' \(data.prompt_template field \{question\}\)"):
         make_data(generation_jsonl, "causal_lm", tiny_llama, prompt_template="Q: {question}").raw
+
+
+def test_parquet_source_and_tokenization_is_cached_on_disk(tmp_path, tiny_bert):
+    import datasets
+
+    rows = rotten_rows(40)
+    path = tmp_path / "d.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    data = make_data(str(path), "classification", tiny_bert)
+    data.setup()
+    train = data.datasets["train"]
+    assert len(train) + len(data.datasets["validation"]) + len(data.datasets["test"]) == 40
+    # the tokenized splits live in datasets' on-disk cache, keyed by fingerprint ...
+    assert train.cache_files
+    # ... so a second DataModule with the same settings reuses them instead of tokenizing again
+    again = make_data(str(path), "classification", tiny_bert)
+    again.setup()
+    assert again.datasets["train"].cache_files == train.cache_files
+    assert again.datasets["train"]["input_ids"] == train["input_ids"]
+
+
+def test_hub_names_fail_clearly_offline(tiny_bert):
+    # HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set for the suite: the hub path runs and must fail cleanly
+    with pytest.raises(PeftLabError, match="could not load dataset 'no-such-org/no-such-data'.*needs internet"):
+        make_data("no-such-org/no-such-data", "classification", tiny_bert).raw
+    from peftlab.methods import LoRA
+
+    with pytest.raises(PeftLabError, match="could not load tokenizer of backbone 'no-such-org/no-such-model'"):
+        LoRA(backbone="no-such-org/no-such-model", num_labels=2)

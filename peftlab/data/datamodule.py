@@ -186,12 +186,13 @@ class PeftDataModule(L.LightningDataModule):
                 "add them to data.labels or fix the data"
             )
         self._label_names = names
-        index = {n: i for i, n in enumerate(names)}
-        encode = (lambda v: [int(x) for x in v]) if is_int else (lambda v: [index[str(x)] for x in v])
+        # a module-level function + plain arguments, so datasets can fingerprint it and cache the result
+        fn = partial(_encode_labels, column=self.label_column,
+                     index=None if is_int else {n: i for i, n in enumerate(names)})
         feature = datasets.ClassLabel(names=names)
         out = {}
         for split, d in ds.items():
-            d = d.map(lambda b: {"labels": encode(b[self.label_column])}, batched=True, desc=f"labels ({split})")
+            d = d.map(fn, batched=True, desc=f"labels ({split})")
             out[split] = d.cast_column("labels", feature)
         return datasets.DatasetDict(out)
 
@@ -304,3 +305,8 @@ class PeftDataModule(L.LightningDataModule):
         if self.task == "classification":
             return [str(t) for t in rows[self.text_column]]
         return [formats.render(self.prompt_template, r) for r in rows]
+
+
+def _encode_labels(batch, column, index):
+    values = batch[column]
+    return {"labels": [int(v) for v in values] if index is None else [index[str(v)] for v in values]}

@@ -137,8 +137,18 @@ class PeftModule(L.LightningModule):
         if self.task != "classification":
             values[f"{stage}/ppl"] = torch.exp(values[f"{stage}/loss"].clamp(max=50))
         self.log_dict(values, prog_bar=stage == "val")
-        for metric in m.values():
+
+    def _reset_metrics(self, stage):
+        # Reset at the start of each epoch, inside the loop's grad mode: states made under inference_mode
+        # (e.g. by a `trainer.validate` before `fit`) cannot be updated in place under no_grad later.
+        for metric in self.metrics[stage].values():
             metric.reset()
+
+    def on_validation_epoch_start(self):
+        self._reset_metrics("val")
+
+    def on_test_epoch_start(self):
+        self._reset_metrics("test")
 
     def on_validation_epoch_end(self):
         self._log_epoch("val")
