@@ -9,6 +9,12 @@ _LAZY = {
     "PeftModule": "peftlab.methods",
     "FullFineTuning": "peftlab.methods",
     "LoRA": "peftlab.methods",
+    "QLoRA": "peftlab.methods",
+    "PromptTuning": "peftlab.methods",
+    "PTuning": "peftlab.methods",
+    "PrefixTuning": "peftlab.methods",
+    "PTuningV2": "peftlab.methods",
+    "BottleneckAdapter": "peftlab.methods",
     "PeftDataModule": "peftlab.data",
     "PeftLabError": "peftlab.errors",
 }

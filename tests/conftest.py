@@ -101,12 +101,12 @@ def tiny_llama(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory, tokenizer_dir):
-    """T5-like encoder-decoder: d_model 32, 2+2 layers, 2 heads of 16 (q/k/v/o 32x32)."""
+    """T5-like encoder-decoder: d_model 64, 2+2 layers, 2 heads of 32 (q/k/v/o 64x64), d_ff 128."""
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(0)
-    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
+    cfg = T5Config(vocab_size=VOCAB, d_model=64, d_kv=32, d_ff=128, num_layers=2, num_decoder_layers=2,
                    num_heads=2, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
     return _save(T5ForConditionalGeneration(cfg), tokenizer_dir, tmp_path_factory.mktemp("tiny_t5"))
 

@@ -34,8 +34,10 @@ class PeftModule(L.LightningModule):
             or a Hugging Face hub name (needs internet).
         task: ``classification``, ``causal_lm`` or ``seq2seq`` (the CLI links it from ``data.task``).
         num_labels: number of classes for classification (the CLI links it from the data).
-        learning_rate: peak learning rate of AdamW.
+        learning_rate: peak learning rate.
         weight_decay: AdamW weight decay (not applied to biases and norm weights).
+        optimizer: ``adamw`` (torch), or bitsandbytes' ``adamw_8bit``, ``paged_adamw_8bit``,
+            ``paged_adamw_32bit`` (8-bit states and/or paging of optimizer state, as in QLoRA).
         warmup_ratio: fraction of the total optimizer steps spent warming up linearly from 0.
         scheduler: learning-rate schedule after warm-up: ``linear`` or ``cosine`` decay to 0, or ``constant``.
         trust_remote_code: allow model code from the hub to run; off unless you trust the backbone's repository.
@@ -45,6 +47,9 @@ class PeftModule(L.LightningModule):
 
     #: checkpoints hold only trainable parameters; the frozen backbone is rebuilt from the config
     strict_loading = False
+    #: train the (newly initialised) classification head in full; peft-backed methods set this to False
+    #: because peft does it itself (``modules_to_save``)
+    train_head = True
 
     def __init__(
         self,
@@ -53,6 +58,7 @@ class PeftModule(L.LightningModule):
         num_labels: int | None = None,
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
+        optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw",
         warmup_ratio: float = 0.0,
         scheduler: Literal["linear", "cosine", "constant"] = "linear",
         trust_remote_code: bool = False,
@@ -75,6 +81,9 @@ class PeftModule(L.LightningModule):
         # from_pretrained returns eval mode; train like the HF Trainer does (dropout on), Lightning flips to
         # eval for validation/test/predict by itself
         self.model = self.attach(model).train()
+        if self.task == "classification" and self.train_head:
+            for p in classification_head(self.model).parameters():
+                p.requires_grad_(True)
         self.trainable_count, self.total_count = count_parameters(self)
         if self.trainable_count == 0:
             raise PeftLabError(f"{type(self).__name__} left no trainable parameters; check its settings")
@@ -177,7 +186,9 @@ class PeftModule(L.LightningModule):
                 (decay if p.ndim >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.learning_rate)
+        optimizer = optimizer_class(self.hparams.optimizer)(
+            [g for g in groups if g["params"]], lr=self.hparams.learning_rate
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.hparams.warmup_ratio * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -246,6 +257,30 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return trainable, total
+
+
+def optimizer_class(name: str):
+    if name == "adamw":
+        return torch.optim.AdamW
+    import bitsandbytes as bnb
+
+    return {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+            "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
+
+
+HEAD_NAMES = ("classifier", "score", "classification_head")
+
+
+def classification_head(model: nn.Module) -> nn.Module:
+    """The classification head of a ``*ForSequenceClassification`` model (``classifier``, ``score``, ...)."""
+    for name in HEAD_NAMES:
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise PeftLabError(
+        f"cannot find the classification head of {type(model).__name__} (looked for {', '.join(HEAD_NAMES)}); "
+        "set train_head = False on the method and make the head trainable in attach()"
+    )
 
 
 def _schedule(name: str, warmup: int, total: int):

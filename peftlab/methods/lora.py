@@ -7,12 +7,10 @@ from typing import Literal
 from torch import nn
 
 from peftlab.errors import PeftLabError, did_you_mean
-from peftlab.methods.base import PeftModule
-
-PEFT_TASK = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
+from peftlab.methods.peft_backed import PEFT_TASK, PeftBackedMethod
 
 
-class LoRA(PeftModule):
+class LoRA(PeftBackedMethod):
     """Low-rank adapters on the chosen linear layers (peft's ``LoraConfig``).
 
     Args:
@@ -47,16 +45,11 @@ class LoRA(PeftModule):
                                   target_modules=target_modules, modules_to_save=modules_to_save)
         super().__init__(**kwargs)
 
-    def lora_config(self, backbone: nn.Module):
+    def peft_config(self, backbone: nn.Module):
         from peft import LoraConfig
 
         check_target_modules(backbone, self.lora_settings["target_modules"])
         return LoraConfig(task_type=PEFT_TASK[self.task], **self.lora_settings)
-
-    def attach(self, backbone: nn.Module) -> nn.Module:
-        from peft import get_peft_model
-
-        return get_peft_model(backbone, self.lora_config(backbone))
 
 
 def check_target_modules(model: nn.Module, targets: list[str] | str) -> None:

@@ -1,0 +1,47 @@
+"""Prefix tuning (Li & Liang 2021) through peft: trainable K/V prefixes in every attention layer."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from peftlab.errors import PeftLabError
+from peftlab.methods.peft_backed import PEFT_TASK, PeftBackedMethod
+from peftlab.methods.prompt_tuning import check_virtual_tokens
+
+
+class PrefixTuning(PeftBackedMethod):
+    """K/V prefixes prepended in every attention layer: ``Attention(Q, [K_p; K], [V_p; V])``.
+
+    * ``prefix_projection: false`` stores the prefixes directly:
+      ``num_layers x 2 x num_virtual_tokens x num_kv_heads x head_dim`` parameters.
+    * ``prefix_projection: true`` generates them from an embedding E (``num_virtual_tokens x d``) through a
+      two-layer MLP ``d -> prefix_hidden_size -> num_layers * 2 * num_kv_heads * head_dim`` (tanh), the
+      reparameterization of the paper; after training the prefixes can be computed once and the MLP dropped.
+      peft's d is ``num_kv_heads x head_dim``, which is the hidden size except on grouped-query-attention
+      models (Llama-2-70B, SmolLM2, ...), where it is smaller.
+
+    Args:
+        num_virtual_tokens: prefix length per layer (10-100 is the usual range).
+        prefix_projection: generate the prefixes with the MLP (see above).
+        prefix_hidden_size: hidden size of that MLP.
+        **kwargs: the :class:`PeftModule` arguments.
+    """
+
+    def __init__(
+        self,
+        num_virtual_tokens: int = 20,
+        prefix_projection: bool = False,
+        prefix_hidden_size: int = 512,
+        **kwargs,
+    ):
+        check_virtual_tokens(num_virtual_tokens)
+        if prefix_hidden_size < 1:
+            raise PeftLabError(f"model.prefix_hidden_size must be >= 1 (got {prefix_hidden_size})")
+        self.prefix_settings = dict(num_virtual_tokens=num_virtual_tokens, prefix_projection=prefix_projection,
+                                    encoder_hidden_size=prefix_hidden_size)
+        super().__init__(**kwargs)
+
+    def peft_config(self, backbone: nn.Module):
+        from peft import PrefixTuningConfig
+
+        return PrefixTuningConfig(task_type=PEFT_TASK[self.task], **self.prefix_settings)

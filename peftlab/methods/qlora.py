@@ -1,0 +1,89 @@
+"""QLoRA (Dettmers et al. 2023): LoRA on a backbone quantized to 4 bits by bitsandbytes."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+from torch import nn
+
+from peftlab.backbones import load_backbone
+from peftlab.errors import PeftLabError
+from peftlab.methods.base import HEAD_NAMES
+from peftlab.methods.lora import LoRA
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """``auto``: bf16 on a GPU that supports it (the paper's choice), else fp32 (CPUs, older GPUs)."""
+    if name == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return DTYPES[name]
+
+
+class QLoRA(LoRA):
+    """LoRA adapters in full precision on a frozen 4-bit (NF4 or FP4) backbone.
+
+    The linear layers of the backbone are stored in 4 bits (bitsandbytes ``Linear4bit``); each forward
+    dequantizes blocks to ``compute_dtype``. ``prepare_model_for_kbit_training`` casts the remaining
+    small parameters (norms, embeddings) to fp32 and enables input gradients. Works on CPU (bitsandbytes
+    >= 0.45) and on CUDA GPUs unchanged. Use ``optimizer: paged_adamw_8bit`` or ``paged_adamw_32bit`` for
+    the paper's paged optimizers.
+
+    Args:
+        quant_type: ``nf4`` (4-bit NormalFloat, the paper's) or ``fp4``.
+        double_quant: also quantize the quantization constants (saves ~0.37 bit per parameter).
+        compute_dtype: dtype of the dequantized matmuls: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
+        gradient_checkpointing: recompute activations in backward to save memory.
+        optimizer: see :class:`PeftModule`; QLoRA defaults to the paper's ``paged_adamw_32bit``.
+        **kwargs: the :class:`LoRA` arguments (r, alpha, target_modules, ...) and :class:`PeftModule` ones.
+    """
+
+    def __init__(
+        self,
+        quant_type: Literal["nf4", "fp4"] = "nf4",
+        double_quant: bool = True,
+        compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+        gradient_checkpointing: bool = False,
+        optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "paged_adamw_32bit",
+        **kwargs,
+    ):
+        self.quant_settings = dict(quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
+                                   gradient_checkpointing=gradient_checkpointing)
+        super().__init__(optimizer=optimizer, **kwargs)
+
+    def quantization_config(self):
+        from transformers import BitsAndBytesConfig
+
+        s = self.quant_settings
+        extra = {}
+        if self.task == "classification":
+            # the new head is trained in full (peft copies it into modules_to_save): keep it unquantized
+            extra["llm_int8_skip_modules"] = list(HEAD_NAMES)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=s["quant_type"],
+                                  bnb_4bit_use_double_quant=s["double_quant"],
+                                  bnb_4bit_compute_dtype=compute_dtype(s["compute_dtype"]), **extra)
+
+    def load_backbone(self) -> nn.Module:
+        from peft import prepare_model_for_kbit_training
+
+        h = self.hparams
+        # bitsandbytes quantizes while loading onto the device: this rank's GPU, or the CPU
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        model = load_backbone(h.backbone, self.task, num_labels=self.num_labels,
+                              trust_remote_code=h.trust_remote_code, revision=h.revision,
+                              quantization_config=self.quantization_config(), device_map={"": device})
+        if device == "cpu":
+            # bitsandbytes' CPU kernels pack 4-bit weights in blocks of 64 input features
+            small = [n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit" and m.in_features < 64]
+            if small:
+                raise PeftLabError(
+                    f"QLoRA on CPU needs linear layers with >= 64 input features; {small[0]} has "
+                    f"{model.get_submodule(small[0]).in_features}. Use LoRA for so small a model, or a GPU."
+                )
+        return prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=self.quant_settings["gradient_checkpointing"]
+        )
