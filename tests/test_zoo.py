@@ -1,0 +1,154 @@
+"""Method-specific behaviour of the method zoo (the shared matrix lives in test_methods.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_data, tiny_trainer
+from peftlab.errors import PeftLabError
+from peftlab.methods import (BottleneckAdapter, FullFineTuning, LoRA, PrefixTuning, PromptTuning, PTuningV2,
+                             QLoRA)
+
+
+def logits(model, data):
+    data.setup()
+    batch = next(iter(data.val_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+# ---------------------------------------------------------------- prompt tuning
+def test_prompt_tuning_text_init_copies_token_embeddings(tiny_llama):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tiny_llama)("a great film")["input_ids"]  # as peft tokenizes it
+    n = 2 * len(ids) + 1  # longer than the text: peft repeats the tokens to fill N
+    model = PromptTuning(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=n, init="text",
+                         init_text="a great film")
+    expected = (ids * 3)[:n]
+    words = model.model.get_base_model().get_input_embeddings().weight[expected]
+    prompt = model.model.prompt_encoder["default"].embedding.weight
+    assert torch.equal(prompt, words)
+
+
+def test_prompt_tuning_bad_settings(tiny_llama):
+    with pytest.raises(PeftLabError, match="num_virtual_tokens must be >= 1"):
+        PromptTuning(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=0)
+    with pytest.raises(PeftLabError, match="init_text is empty"):
+        PromptTuning(backbone=tiny_llama, task="causal_lm", init="text", init_text=" ")
+
+
+# ---------------------------------------------------------------- prefix tuning / P-tuning v2
+@pytest.mark.parametrize("projection", [False, True])
+def test_ptuning_v2_paper_mode_is_prefix_tuning(tiny_llama, projection):
+    kw = dict(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=4, prefix_hidden_size=8)
+    paper = PTuningV2(input_tokens=False, prefix_projection=projection, **kw)
+    prefix = PrefixTuning(prefix_projection=projection, **kw)
+    assert paper.trainable_count == prefix.trainable_count
+
+
+def test_ptuning_v2_shares_one_embedding_for_input_and_prefixes(tiny_llama, generation_jsonl):
+    model = PTuningV2(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=4, prefix_hidden_size=8)
+    wrapper = model.model
+    assert wrapper.encoder is wrapper.peft_model.prompt_encoder["default"]
+    assert wrapper.encoder.embedding.weight.shape == (4, 64)  # N x hidden, not N x KV dim (32)
+    parts = model.trainable_parts()
+    assert parts == {"embedding E": 4 * 64, "prefix MLP": (64 * 8 + 8) + (8 * 128 + 128), "head": 0}
+    assert sum(parts.values()) == model.trainable_count
+    # E acts on the input: changing it changes the output even with the prefix MLP's output fixed
+    data = make_data(generation_jsonl, "causal_lm", tiny_llama, max_eval_samples=4)
+    before = logits(model, data)
+    with torch.no_grad():
+        wrapper.encoder.transform[-1].weight.zero_()
+        wrapper.encoder.transform[-1].bias.zero_()
+    fixed_prefix = logits(model, data)
+    with torch.no_grad():
+        wrapper.encoder.embedding.weight.add_(1.0)
+    assert not torch.allclose(fixed_prefix, logits(model, data))
+    assert not torch.allclose(before, fixed_prefix)  # and the prefixes act on attention
+
+
+def test_ptuning_v2_input_tokens_need_projection(tiny_llama):
+    with pytest.raises(PeftLabError, match="input_tokens: true needs model.prefix_projection: true"):
+        PTuningV2(backbone=tiny_llama, task="causal_lm", prefix_projection=False)
+
+
+def test_ptuning_v2_generation_matches_its_forward(tiny_llama, generation_jsonl):
+    """The hand-written greedy loop picks the argmax of the model's own forward at every step."""
+    model = PTuningV2(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=4, prefix_hidden_size=8).eval()
+    data = make_data(generation_jsonl, "causal_lm", tiny_llama)
+    ids = torch.tensor([data.tokenizer("Review: good\nVerdict:")["input_ids"]])
+    out = model.model.generate(ids, max_new_tokens=3, pad_token_id=0)
+    assert out.shape[1] <= ids.shape[1] + 3 and torch.equal(out[:, : ids.shape[1]], ids)
+    with torch.no_grad():
+        first = model.model(input_ids=ids).logits[:, -1].argmax(-1)
+    assert out[0, ids.shape[1]] == first[0]
+
+
+# ---------------------------------------------------------------- adapters
+def test_adapters_start_as_identity(tiny_bert, sentiment_csv):
+    data = make_data(sentiment_csv, "classification", tiny_bert)
+    torch.manual_seed(1)
+    plain = FullFineTuning(backbone=tiny_bert, num_labels=2)
+    torch.manual_seed(1)  # same head initialisation
+    adapted = BottleneckAdapter(backbone=tiny_bert, num_labels=2, bottleneck=4)
+    assert torch.equal(logits(plain, data), logits(adapted, data))
+
+
+def test_adapter_placement_and_targets(tiny_bert, tiny_llama):
+    per = 2 * 64 * 4 + 4 + 64
+    houlsby = BottleneckAdapter(backbone=tiny_llama, task="causal_lm", bottleneck=4)
+    pfeiffer = BottleneckAdapter(backbone=tiny_llama, task="causal_lm", bottleneck=4, placement="pfeiffer")
+    assert (houlsby.trainable_count, pfeiffer.trainable_count) == (4 * per, 2 * per)
+    names = [n for n, m in pfeiffer.model.named_modules() if type(m).__name__ == "WithAdapter"]
+    assert names == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    custom = BottleneckAdapter(backbone=tiny_llama, task="causal_lm", bottleneck=4, target_modules=["o_proj"])
+    assert custom.trainable_count == 2 * per
+    with pytest.raises(PeftLabError, match="match no module"):
+        BottleneckAdapter(backbone=tiny_bert, num_labels=2, target_modules=["nope"])
+
+
+# ---------------------------------------------------------------- QLoRA
+@pytest.mark.parametrize("quant_type, double_quant", [("nf4", True), ("fp4", False)])
+def test_qlora_quantizes_the_backbone(tiny_llama, quant_type, double_quant):
+    import bitsandbytes as bnb
+
+    model = QLoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules=["q_proj", "v_proj"],
+                  quant_type=quant_type, double_quant=double_quant, compute_dtype="float32")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7  # every linear layer of both blocks; the LM head stays unquantized
+    state = layers[0].weight.quant_state
+    assert state.quant_type == quant_type and bool(state.nested) == double_quant
+    assert layers[0].compute_dtype == torch.float32
+    lora = LoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules=["q_proj", "v_proj"])
+    # the same adapter, and the same total once 4-bit weights are counted unpacked
+    assert (model.trainable_count, model.total_count) == (lora.trainable_count, lora.total_count)
+
+
+@pytest.mark.parametrize("name, cls_name", [("paged_adamw_32bit", "PagedAdamW32bit"),
+                                            ("paged_adamw_8bit", "PagedAdamW8bit"), ("adamw_8bit", "AdamW8bit"),
+                                            ("adamw", "AdamW")])
+def test_optimizer_choice(tiny_llama, generation_jsonl, name, cls_name):
+    data = make_data(generation_jsonl, "causal_lm", tiny_llama, max_eval_samples=2)
+    model = QLoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules=["q_proj"], optimizer=name)
+    trainer = tiny_trainer(max_steps=2)
+    trainer.fit(model, datamodule=data)
+    assert type(trainer.optimizers[0]).__name__ == cls_name
+
+
+def test_qlora_refuses_layers_too_small_for_cpu_kernels(tiny_bert):
+    with pytest.raises(PeftLabError, match="needs linear layers with >= 64 input features"):
+        QLoRA(backbone=tiny_bert, num_labels=2, r=2)
+
+
+def test_qlora_classification_on_minilm():
+    """QLoRA on the real all-MiniLM-L6-v2: head kept in full precision, a few training steps."""
+    data = make_data("packaged:rotten_tomatoes", "classification", "packaged:all-MiniLM-L6-v2",
+                     max_train_samples=64, max_eval_samples=16, batch_size=16)
+    model = QLoRA(backbone="packaged:all-MiniLM-L6-v2", num_labels=2, r=8, target_modules=["query", "value"])
+    assert model.trainable_count == 6 * 2 * 8 * (384 + 384) + 384 * 2 + 2  # same as LoRA: 74,498
+    trainer = tiny_trainer(max_steps=3)
+    trainer.fit(model, datamodule=data)
+    assert 0.0 <= trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"] <= 1.0
