@@ -93,3 +93,15 @@ def load_backbone(
         tok = load_tokenizer(name, trust_remote_code=trust_remote_code, revision=revision)
         model.config.pad_token_id = tok.pad_token_id
     return model
+
+
+def is_decoder_only(name: str, *, trust_remote_code: bool = False) -> bool:
+    """True for GPT/Llama-style models (no encoder); False for BERT-style encoders and encoder-decoders."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001
+        raise _load_error("backbone", name, err) from err
+    return not getattr(config, "is_encoder_decoder", False) and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES

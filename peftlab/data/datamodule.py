@@ -8,7 +8,7 @@ from typing import Literal
 import lightning as L
 import torch
 
-from peftlab.backbones import TASKS, Task, load_tokenizer
+from peftlab.backbones import TASKS, Task, is_decoder_only, load_tokenizer
 from peftlab.data import formats
 from peftlab.data.sources import PACKAGED_LABELS, load_source
 from peftlab.errors import PeftLabError, did_you_mean
@@ -107,6 +107,12 @@ class PeftDataModule(L.LightningDataModule):
     @cached_property
     def tokenizer(self):
         return load_tokenizer(self.tokenizer_name)
+
+    @cached_property
+    def pad_left(self) -> bool:
+        """Pad on the left for decoder-only classification: with soft prompts the model sees embeddings,
+        not ids, and then takes the *last position* as the sequence's summary token."""
+        return self.task == "classification" and is_decoder_only(self.tokenizer_name)
 
     @cached_property
     def raw(self):
@@ -286,18 +292,18 @@ class PeftDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self):
-        return self._loader("train", shuffle=True, batch_size=self.batch_size)
+        return self._loader("train", shuffle=True, batch_size=self.batch_size, pad_left=self.pad_left)
 
     def val_dataloader(self):
-        return self._loader("validation")
+        return self._loader("validation", pad_left=self.pad_left)
 
     def test_dataloader(self):
-        return self._loader("test")
+        return self._loader("test", pad_left=self.pad_left)
 
     def predict_dataloader(self):
         self.setup("predict")
         # generation continues the prompt, so decoder-only prompts are padded on the left
-        return self._loader("predict", pad_left=self.task == "causal_lm")
+        return self._loader("predict", pad_left=self.task == "causal_lm" or self.pad_left)
 
     def predict_texts(self) -> list[str]:
         """The raw inputs behind ``predict_dataloader`` (in order), for writing predictions next to them."""

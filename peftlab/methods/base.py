@@ -202,6 +202,9 @@ class PeftModule(L.LightningModule):
         pct = 100.0 * self.trainable_count / self.total_count
         self.print(f"[peftlab] {type(self).__name__} on {self.hparams.backbone}: trainable "
                    f"{self.trainable_count:,} / {self.total_count:,} parameters ({pct:.4f}%)")
+        parts = self.trainable_parts()
+        if parts:
+            self.print("[peftlab]   " + ", ".join(f"{k}: {v:,}" for k, v in parts.items()))
         for logger in self.loggers:
             logger.log_hyperparams({"params/trainable": self.trainable_count, "params/total": self.total_count,
                                     "params/percent": pct})
@@ -220,9 +223,9 @@ class PeftModule(L.LightningModule):
                 "build the model with num_labels=datamodule.num_labels (the CLI does this for you)"
             )
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in names}
+    def trainable_parts(self) -> dict[str, int]:
+        """Trainable parameters per part of the method (e.g. P-tuning v2's embedding and MLP), if it has parts."""
+        return {}
 
     def on_save_checkpoint(self, checkpoint):
         # Only trainable parameters: a LoRA checkpoint is the size of the adapter, not of the backbone.

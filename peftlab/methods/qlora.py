@@ -76,6 +76,12 @@ class QLoRA(LoRA):
         model = load_backbone(h.backbone, self.task, num_labels=self.num_labels,
                               trust_remote_code=h.trust_remote_code, revision=h.revision,
                               quantization_config=self.quantization_config(), device_map={"": device})
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                # bitsandbytes repacks 4-bit weights for a bf16 CPU inference kernel on the first eval forward
+                # and never unpacks them, after which training fails ("a view of a leaf Variable ... in-place
+                # operation") -- e.g. on the first step after a validation. Keep the training layout.
+                module.support_avx512bf16_for_cpu = False
         if device == "cpu":
             # bitsandbytes' CPU kernels pack 4-bit weights in blocks of 64 input features
             small = [n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit" and m.in_features < 64]
