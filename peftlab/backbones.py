@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Literal
 
@@ -33,10 +34,32 @@ def _load_error(what: str, name: str, err: Exception) -> PeftLabError:
     return PeftLabError(f"could not load {what} {name!r}: {first}. {hint}")
 
 
+_META = {"active": False}
+
+
+@contextlib.contextmanager
+def meta_backbones():
+    """Inside this context, :func:`load_backbone` builds models from their config alone on the meta device
+    (no weights read, no memory used) and :func:`load_tokenizer` returns None. ``peftlab params`` uses it
+    to count parameters of any backbone size through the same code path as training."""
+    previous = _META["active"]
+    _META["active"] = True
+    try:
+        yield
+    finally:
+        _META["active"] = previous
+
+
+def building_on_meta() -> bool:
+    return _META["active"]
+
+
 def load_tokenizer(name: str, *, trust_remote_code: bool = False, revision: str | None = None):
     """Tokenizer of backbone ``name``, with a pad token (EOS when the model has none) and right padding."""
     from transformers import AutoTokenizer
 
+    if _META["active"]:
+        return None
     path = resolve_model(name)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
@@ -84,6 +107,16 @@ def load_backbone(
             f"it supports: {', '.join(heads) or 'none of ' + ', '.join(TASKS)}. "
             "Change data.task or pick a backbone made for this task."
         )
+    if _META["active"]:
+        import torch
+
+        kwargs.pop("quantization_config", None)  # 4-bit weights count as their unpacked parameters
+        kwargs.pop("device_map", None)
+        for key, value in kwargs.items():
+            setattr(config, key, value)
+        with torch.device("meta"):
+            model = auto.from_config(config, trust_remote_code=trust_remote_code)
+        return model
     try:
         model = auto.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision, **kwargs)
     except Exception as err:  # noqa: BLE001

@@ -24,6 +24,11 @@ DESCRIPTION = (
 )
 
 
+def _description() -> str:
+    extra = f" Other commands: {', '.join('peftlab ' + c for c in EXTRA_COMMANDS)} (each has --help)."
+    return DESCRIPTION + (extra if EXTRA_COMMANDS else "")
+
+
 def _quiet_libraries() -> None:
     # transformers prints a load report for every newly initialised head (expected here) and a progress
     # bar per weight file; peftlab reports what matters (trainable/total parameters) itself.
@@ -123,6 +128,10 @@ def _print_summary(model, trainer, best, results, seconds):
     print("\n[peftlab] fit summary\n  " + "\n  ".join(lines), flush=True)
 
 
+# Commands besides Lightning's fit/validate/test/predict: name -> "module:function(argv)"
+EXTRA_COMMANDS: dict[str, str] = {}
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``peftlab`` console script."""
     argv = list(sys.argv[1:] if args is None else args)
@@ -130,6 +139,11 @@ def main(args: list[str] | None = None) -> None:
     if debug:
         argv.remove("--debug")
     try:
+        if argv and argv[0] in EXTRA_COMMANDS:
+            import importlib
+
+            module, function = EXTRA_COMMANDS[argv[0]].split(":")
+            return getattr(importlib.import_module(module), function)(argv[1:])
         _quiet_libraries()
         from peftlab.data import PeftDataModule
         from peftlab.methods import PeftModule
@@ -143,7 +157,7 @@ def main(args: list[str] | None = None) -> None:
                 PeftDataModule,
                 subclass_mode_model=True,
                 save_config_kwargs={"overwrite": True},
-                parser_kwargs={"default_env": False, "prog": "peftlab", "description": DESCRIPTION},
+                parser_kwargs={"default_env": False, "prog": "peftlab", "description": _description()},
                 auto_configure_optimizers=False,
             )
         finally:

@@ -7,6 +7,7 @@ from typing import Literal
 from torch import nn
 
 from peftlab.assets import resolve_model
+from peftlab.backbones import building_on_meta
 from peftlab.errors import PeftLabError
 from peftlab.methods.peft_backed import PEFT_TASK, PeftBackedMethod
 
@@ -48,7 +49,7 @@ class PromptTuning(PeftBackedMethod):
 
         s = self.prompt_settings
         extra = {}
-        if s["init"] == "text":
+        if s["init"] == "text" and not building_on_meta():  # counting on meta: same shape, no tokenizer
             extra = dict(prompt_tuning_init="TEXT", prompt_tuning_init_text=s["init_text"],
                          tokenizer_name_or_path=resolve_model(self.hparams.backbone))
         return PromptTuningConfig(task_type=PEFT_TASK[self.task], num_virtual_tokens=s["num_virtual_tokens"], **extra)
