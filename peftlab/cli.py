@@ -52,6 +52,10 @@ def _make_cli_class():
                                 help="after fit, run the test split with the best checkpoint and print its metrics")
             parser.add_argument("--predictions_file", type=str | None, default=None,
                                 help="predict: where to write the jsonl predictions (default: <log_dir>/predictions.jsonl)")
+            from peftlab.callbacks import AdapterExport
+
+            # on by default: exported adapters under <run dir>/adapter/{last,best} (--adapter_export.enabled false)
+            parser.add_lightning_class_args(AdapterExport, "adapter_export")
             # the model is built for the data's task; the data tokenizes with the backbone's tokenizer
             parser.link_arguments("data.task", "model.init_args.task", apply_on="parse")
             parser.link_arguments("model.init_args.backbone", "data.tokenizer", apply_on="parse")
@@ -120,6 +124,10 @@ def _print_summary(model, trainer, best, results, seconds):
         lines.append(f"best        {cb.monitor} = {float(cb.best_model_score):.4f}")
     if best:
         lines.append(f"checkpoint  {best}")
+    adapter = next((d for d in (os.path.join(trainer.log_dir or "", "adapter", n) for n in ("best", "last"))
+                    if trainer.log_dir and os.path.isdir(d)), None)
+    if adapter:
+        lines.append(f"adapter     {adapter}")
     for key in sorted(results):
         lines.append(f"{key:<11} {results[key]:.4f}")
     if trainer.log_dir:
@@ -129,7 +137,9 @@ def _print_summary(model, trainer, best, results, seconds):
 
 
 # Commands besides Lightning's fit/validate/test/predict: name -> "module:function(argv)"
-EXTRA_COMMANDS: dict[str, str] = {}
+EXTRA_COMMANDS: dict[str, str] = {
+    "merge": "peftlab.merge:main",
+}
 
 
 def main(args: list[str] | None = None) -> None:
