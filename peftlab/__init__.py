@@ -15,6 +15,7 @@ _LAZY = {
     "PrefixTuning": "peftlab.methods",
     "PTuningV2": "peftlab.methods",
     "BottleneckAdapter": "peftlab.methods",
+    "LoRAPromptTuning": "peftlab.methods",
     "PeftDataModule": "peftlab.data",
     "PeftLabError": "peftlab.errors",
 }

@@ -177,3 +177,40 @@ def test_hub_names_fail_clearly_offline(tiny_bert):
 
     with pytest.raises(PeftLabError, match="could not load tokenizer of backbone 'no-such-org/no-such-model'"):
         LoRA(backbone="no-such-org/no-such-model", num_labels=2)
+
+
+def test_few_shot_k_per_class_is_stratified_seeded_and_leaves_eval_alone(tiny_bert):
+    full = make_data("packaged:rotten_tomatoes", "classification", tiny_bert)
+    few = make_data("packaged:rotten_tomatoes", "classification", tiny_bert, few_shot_k=8, few_shot_seed=1)
+    train = few.raw["train"]
+    assert sorted(train["labels"]) == [0] * 8 + [1] * 8
+    assert few.raw["test"]["text"] == full.raw["test"]["text"]
+    assert few.raw["validation"]["text"] == full.raw["validation"]["text"]
+    again = make_data("packaged:rotten_tomatoes", "classification", tiny_bert, few_shot_k=8, few_shot_seed=1)
+    other = make_data("packaged:rotten_tomatoes", "classification", tiny_bert, few_shot_k=8, few_shot_seed=2)
+    assert again.raw["train"]["text"] == train["text"] and other.raw["train"]["text"] != train["text"]
+    # the recorded ids point at the same rows of the source's train split
+    assert len(few.few_shot_ids) == 16
+    assert [full.raw["train"]["text"][full.raw["train"]["_row"].index(i)] for i in few.few_shot_ids[:3]] == \
+        train["text"][:3]
+
+
+def test_few_shot_n_for_generation_and_errors(generation_jsonl, sentiment_csv, tiny_llama, tiny_bert):
+    data = make_data(generation_jsonl, "causal_lm", tiny_llama, few_shot_n=5)
+    assert len(data.raw["train"]) == 5
+    with pytest.raises(PeftLabError, match=r"fewer examples of 'fresh' \(\d+\), 'rotten' \(\d+\); lower few_shot_k"):
+        make_data(sentiment_csv, "classification", tiny_bert, few_shot_k=500).raw
+    with pytest.raises(PeftLabError, match="needs task: classification"):
+        make_data(generation_jsonl, "causal_lm", tiny_llama, few_shot_k=4)
+    with pytest.raises(PeftLabError, match="not both"):
+        make_data(sentiment_csv, "classification", tiny_bert, few_shot_k=4, few_shot_n=4)
+
+
+def test_few_shot_ids_written_to_run_dir(tmp_path, tiny_bert, sentiment_csv, capsys):
+    from test_cli import run_main, tiny_config
+
+    cfg = tiny_config(tmp_path, tiny_bert, sentiment_csv)
+    code, _, err = run_main(["fit", "--config", cfg, "--data.few_shot_k", "4", "--test_after_fit", "false"], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "runs/tiny/version_0/few_shot_ids.json").read_text())
+    assert record["few_shot_k"] == 4 and len(record["ids"]) == 8 and len(set(record["ids"])) == 8

@@ -52,8 +52,9 @@ def test_ptuning_v2_paper_mode_is_prefix_tuning(tiny_llama, projection):
 def test_ptuning_v2_shares_one_embedding_for_input_and_prefixes(tiny_llama, generation_jsonl):
     model = PTuningV2(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=4, prefix_hidden_size=8)
     wrapper = model.model
-    assert wrapper.encoder is wrapper.peft_model.prompt_encoder["default"]
-    assert wrapper.encoder.embedding.weight.shape == (4, 64)  # N x hidden, not N x KV dim (32)
+    encoder = wrapper.peft_model.prompt_encoder["default"]
+    assert wrapper.prompt is encoder.embedding  # one E: the input tokens and the prefix MLP's input
+    assert encoder.embedding.weight.shape == (4, 64)  # N x hidden, not N x KV dim (32)
     parts = model.trainable_parts()
     assert parts == {"embedding E": 4 * 64, "prefix MLP": (64 * 8 + 8) + (8 * 128 + 128), "head": 0}
     assert sum(parts.values()) == model.trainable_count
@@ -61,11 +62,11 @@ def test_ptuning_v2_shares_one_embedding_for_input_and_prefixes(tiny_llama, gene
     data = make_data(generation_jsonl, "causal_lm", tiny_llama, max_eval_samples=4)
     before = logits(model, data)
     with torch.no_grad():
-        wrapper.encoder.transform[-1].weight.zero_()
-        wrapper.encoder.transform[-1].bias.zero_()
+        encoder.transform[-1].weight.zero_()
+        encoder.transform[-1].bias.zero_()
     fixed_prefix = logits(model, data)
     with torch.no_grad():
-        wrapper.encoder.embedding.weight.add_(1.0)
+        encoder.embedding.weight.add_(1.0)
     assert not torch.allclose(fixed_prefix, logits(model, data))
     assert not torch.allclose(before, fixed_prefix)  # and the prefixes act on attention
 
@@ -189,3 +190,50 @@ def test_qlora_trains_after_validation(tiny_llama, generation_jsonl):
     trainer = tiny_trainer(max_steps=4, num_sanity_val_steps=1, val_check_interval=2)
     trainer.fit(model, datamodule=data)
     assert trainer.global_step == 4
+
+
+# ---------------------------------------------------------------- LoRA + prompt tuning
+@pytest.mark.parametrize("family", ["bert", "llama", "t5"], indirect=True)
+def test_lora_plus_prompt_trains_both_parts(family):
+    from peftlab.methods import LoRAPromptTuning
+
+    backbone, task, source, targets = family
+    data = make_data(source, task, backbone, max_eval_samples=4)
+    model = LoRAPromptTuning(backbone=backbone, task=task, num_labels=data.num_labels, r=2, target_modules=targets,
+                             num_virtual_tokens=3, learning_rate=1e-2, prompt_learning_rate=5e-2)
+    lora_only = LoRA(backbone=backbone, task=task, num_labels=data.num_labels, r=2, target_modules=targets)
+    hidden = model.model.prompt.weight.shape[1]
+    assert model.trainable_count == lora_only.trainable_count + 3 * hidden
+    assert model.trainable_parts() == {"LoRA (+ head)": lora_only.trainable_count, "soft prompt": 3 * hidden}
+    prompt0 = model.model.prompt.weight.detach().clone()
+    lora_b0 = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    trainer = tiny_trainer(max_steps=3)
+    trainer.fit(model, datamodule=data)
+    # one optimizer, the prompt in its own group with its own learning rate
+    (optimizer,) = trainer.optimizers
+    assert sorted({g["initial_lr"] for g in optimizer.param_groups}) == [1e-2, 5e-2]
+    assert not torch.equal(model.model.prompt.weight, prompt0)
+    params = dict(model.named_parameters())
+    assert all(not torch.equal(params[n], v) for n, v in lora_b0.items())  # every LoRA B moved
+    out = tiny_trainer().predict(model, datamodule=data)
+    assert out
+
+
+def test_lora_plus_prompt_saved_and_restored_together(tmp_path, tiny_llama, generation_jsonl):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from peftlab.methods import LoRAPromptTuning
+
+    data = make_data(generation_jsonl, "causal_lm", tiny_llama, max_eval_samples=4)
+    kw = dict(backbone=tiny_llama, task="causal_lm", r=2, target_modules=["q_proj"], num_virtual_tokens=3)
+    model = LoRAPromptTuning(learning_rate=1e-2, **kw)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    tiny_trainer(max_steps=2, enable_checkpointing=True, callbacks=[ckpt]).fit(model, datamodule=data)
+    state = torch.load(ckpt.last_model_path, weights_only=True)["state_dict"]
+    assert any("prompt" in k for k in state) and any("lora_A" in k for k in state)
+    restored = LoRAPromptTuning(**kw)
+    restored.on_load_checkpoint({"state_dict": state})
+    restored.load_state_dict(state, strict=False)
+    for n, p in restored.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, dict(model.named_parameters())[n]), n

@@ -41,6 +41,10 @@ class PeftDataModule(L.LightningDataModule):
         max_eval_samples: use only the first N validation and test examples.
         num_workers: DataLoader workers; 0 is right for most runs because tokenization happens once, up front.
         dataset_config: hub dataset configuration name (e.g. ``sst2`` for ``glue``).
+        few_shot_k: keep only k training examples per class (classification; stratified). Validation and
+            test are untouched. The chosen rows are written to ``<run dir>/few_shot_ids.json``.
+        few_shot_n: keep only n training examples in total (any task, e.g. generation).
+        few_shot_seed: seed of the few-shot draw (independent of ``split_seed``, so the split stays fixed).
     """
 
     def __init__(
@@ -66,6 +70,9 @@ class PeftDataModule(L.LightningDataModule):
         max_eval_samples: int | None = None,
         num_workers: int = 0,
         dataset_config: str | None = None,
+        few_shot_k: int | None = None,
+        few_shot_n: int | None = None,
+        few_shot_seed: int = 0,
     ):
         super().__init__()
         if task not in TASKS:
@@ -77,6 +84,13 @@ class PeftDataModule(L.LightningDataModule):
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 < value < 1.0:
                 raise PeftLabError(f"data.{name} must be between 0 and 1 (got {value})")
+        if few_shot_k is not None and few_shot_n is not None:
+            raise PeftLabError("set data.few_shot_k (per class) or data.few_shot_n (in total), not both")
+        if few_shot_k is not None and (few_shot_k < 1 or task != "classification"):
+            raise PeftLabError("data.few_shot_k must be >= 1 and needs task: classification; "
+                               "use data.few_shot_n for other tasks")
+        if few_shot_n is not None and few_shot_n < 1:
+            raise PeftLabError(f"data.few_shot_n must be >= 1 (got {few_shot_n})")
         if val_fraction + test_fraction >= 1.0:
             raise PeftLabError("data.val_fraction + data.test_fraction must leave some training data (< 1)")
         self.save_hyperparameters()
@@ -101,6 +115,10 @@ class PeftDataModule(L.LightningDataModule):
         self.max_eval_samples = max_eval_samples
         self.num_workers = num_workers
         self.dataset_config = dataset_config
+        self.few_shot_k = few_shot_k
+        self.few_shot_n = few_shot_n
+        self.few_shot_seed = few_shot_seed
+        self.few_shot_ids: list[int] | None = None
         self.datasets: dict = {}
 
     # ------------------------------------------------------------------ raw data and labels
@@ -207,6 +225,8 @@ class PeftDataModule(L.LightningDataModule):
         import datasets
 
         out = dict(ds)
+        # remember each training row's position in the source, to report which rows a few-shot run used
+        out["train"] = out["train"].add_column("_row", list(range(len(out["train"]))))
         stratify = "labels" if self.task == "classification" else None
         for name, fraction in (("test", self.test_fraction), ("validation", self.val_fraction)):
             if name in out:
@@ -228,7 +248,38 @@ class PeftDataModule(L.LightningDataModule):
         if self.max_eval_samples:
             for name in ("validation", "test"):
                 out[name] = out[name].select(range(min(self.max_eval_samples, len(out[name]))))
+        if self.few_shot_k or self.few_shot_n:
+            out["train"] = self._few_shot(out["train"])
+        for name in ("validation", "test"):
+            if "_row" in out[name].column_names:
+                out[name] = out[name].remove_columns("_row")
         return datasets.DatasetDict(out)
+
+    def _few_shot(self, train):
+        """k per class (stratified) or n in total, drawn with ``few_shot_seed``."""
+        import random
+
+        rng = random.Random(self.few_shot_seed)
+        if self.few_shot_k:
+            by_class: dict[int, list[int]] = {}
+            for i, label in enumerate(train["labels"]):
+                by_class.setdefault(label, []).append(i)
+            short = {self._label_names[c]: len(v) for c, v in by_class.items() if len(v) < self.few_shot_k}
+            short.update({n: 0 for c, n in enumerate(self._label_names) if c not in by_class})
+            if short:
+                raise PeftLabError(
+                    f"data.few_shot_k={self.few_shot_k} but the training split has fewer examples of "
+                    f"{', '.join(f'{k!r} ({v})' for k, v in sorted(short.items()))}; lower few_shot_k"
+                )
+            chosen = sorted(i for c in sorted(by_class) for i in rng.sample(by_class[c], self.few_shot_k))
+        else:
+            if self.few_shot_n > len(train):
+                raise PeftLabError(f"data.few_shot_n={self.few_shot_n} but the training split has only "
+                                   f"{len(train)} examples; lower few_shot_n")
+            chosen = sorted(rng.sample(range(len(train)), self.few_shot_n))
+        train = train.select(chosen)
+        self.few_shot_ids = list(train["_row"])
+        return train
 
     # ------------------------------------------------------------------ tokenization
     def _tokenize(self, split, prompt_only: bool = False):
@@ -255,10 +306,29 @@ class PeftDataModule(L.LightningDataModule):
             self._tokenize(split)
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "fit" and self.few_shot_ids is None and (self.few_shot_k or self.few_shot_n):
+            self.raw  # noqa: B018 - draws the few-shot subset
+        if stage == "fit" and self.few_shot_ids is not None:
+            self._write_few_shot_ids()
         if not self.datasets:
             self.datasets = {split: self._tokenize(split) for split in ("train", "validation", "test")}
         if stage == "predict" and "predict" not in self.datasets:
             self.datasets["predict"] = self._tokenize("test", prompt_only=self.task == "causal_lm")
+
+    def _write_few_shot_ids(self) -> None:
+        import json
+        import os
+
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not trainer.is_global_zero or not trainer.log_dir:
+            return
+        os.makedirs(trainer.log_dir, exist_ok=True)
+        record = {"few_shot_k": self.few_shot_k, "few_shot_n": self.few_shot_n, "few_shot_seed": self.few_shot_seed,
+                  "split_seed": self.split_seed, "source": self.source,
+                  "note": "row positions in the source's train split (packaged: after keeping fresh/rotten)",
+                  "ids": self.few_shot_ids}
+        with open(os.path.join(trainer.log_dir, "few_shot_ids.json"), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
 
     # ------------------------------------------------------------------ loaders
     def collate(self, features, pad_left: bool = False):

@@ -4,6 +4,7 @@ from peftlab.methods.adapters import BottleneckAdapter
 from peftlab.methods.base import PeftModule
 from peftlab.methods.full import FullFineTuning
 from peftlab.methods.lora import LoRA
+from peftlab.methods.lora_prompt import LoRAPromptTuning
 from peftlab.methods.p_tuning import PTuning
 from peftlab.methods.p_tuning_v2 import PTuningV2
 from peftlab.methods.prefix_tuning import PrefixTuning
@@ -11,4 +12,4 @@ from peftlab.methods.prompt_tuning import PromptTuning
 from peftlab.methods.qlora import QLoRA
 
 __all__ = ["PeftModule", "FullFineTuning", "LoRA", "QLoRA", "PromptTuning", "PTuning", "PrefixTuning",
-           "PTuningV2", "BottleneckAdapter"]
+           "PTuningV2", "BottleneckAdapter", "LoRAPromptTuning"]

@@ -179,13 +179,19 @@ class PeftModule(L.LightningModule):
         return {"text": self.tokenizer.batch_decode(out, skip_special_tokens=True)}
 
     # ------------------------------------------------------------------ optimization
+    def optimizer_groups(self) -> list[dict]:
+        """Parameter groups for the optimizer. Override to give a part its own learning rate:
+        ``[{"params": [...]}, {"params": [...], "lr": 1e-2}]`` (groups without ``lr`` use learning_rate)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = []
+        for group in self.optimizer_groups():
+            extra = {k: v for k, v in group.items() if k != "params"}
+            params = [p for p in group["params"] if p.requires_grad]
+            groups.append({"params": [p for p in params if p.ndim >= 2], "weight_decay": self.hparams.weight_decay,
+                           **extra})
+            groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **extra})
         optimizer = optimizer_class(self.hparams.optimizer)(
             [g for g in groups if g["params"]], lr=self.hparams.learning_rate
         )

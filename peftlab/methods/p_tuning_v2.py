@@ -43,22 +43,26 @@ class SharedPromptEncoder(nn.Module):
 
 
 class InputTokensModel(nn.Module):
-    """Wraps a prefix-tuned ``PeftModel``: prepends E to the input embeddings on every forward/generate."""
+    """Wraps a ``PeftModel`` and prepends trainable prompt embeddings to the input on every forward/generate.
 
-    def __init__(self, peft_model: nn.Module, encoder: SharedPromptEncoder, task: str):
+    Used by P-tuning v2 (the prompt is E, shared with the prefix encoder) and by LoRA + prompt tuning
+    (the inner model is a LoRA ``PeftModel``).
+    """
+
+    def __init__(self, peft_model: nn.Module, prompt: nn.Embedding, task: str):
         super().__init__()
         self.peft_model = peft_model
-        self.encoder = encoder  # the same module as peft_model.prompt_encoder["default"]
+        self.prompt = prompt
         self.task = task
 
     @property
     def num_virtual_tokens(self) -> int:
-        return self.encoder.embedding.num_embeddings
+        return self.prompt.num_embeddings
 
     def _with_prompt(self, input_ids, attention_mask, labels=None, token_type_ids=None):
         embeds = self.peft_model.get_base_model().get_input_embeddings()(input_ids)
         batch, n = embeds.shape[0], self.num_virtual_tokens
-        prompt = self.encoder.embedding.weight.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        prompt = self.prompt.weight.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         out = {"inputs_embeds": torch.cat([prompt, embeds], dim=1)}
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
@@ -164,7 +168,7 @@ class PTuningV2(PeftBackedMethod):
                                       cfg.num_layers * 2 * cfg.token_dim)
         old = peft_model.prompt_encoder["default"]
         peft_model.prompt_encoder["default"] = encoder.to(old.embedding.weight.device)
-        return InputTokensModel(peft_model, encoder, self.task)
+        return InputTokensModel(peft_model, encoder.embedding, self.task)
 
     def trainable_parts(self) -> dict[str, int]:
         """Trainable parameters of each part: input/prefix embedding E, prefix MLP, classification head."""

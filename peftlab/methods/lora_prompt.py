@@ -1,0 +1,77 @@
+"""LoRA + prompt tuning trained together (the notes' "Combining methods" example).
+
+peft's mixed-adapter model (``PeftMixedModel``) accepts only LoRA-family adapters, not prompt learning,
+so the soft prompt is peftlab's own: an ``N x hidden`` embedding prepended to the inputs of a LoRA
+``PeftModel`` (the same wrapper P-tuning v2 uses). One optimizer covers both parts; the prompt may have
+its own learning rate (soft prompts usually want a larger one).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from peftlab.errors import PeftLabError
+from peftlab.methods.lora import LoRA
+from peftlab.methods.p_tuning_v2 import InputTokensModel
+from peftlab.methods.prompt_tuning import check_virtual_tokens
+
+
+class LoRAPromptTuning(LoRA):
+    """LoRA on the chosen layers plus ``num_virtual_tokens`` trainable input embeddings.
+
+    Trainable: the LoRA count + ``num_virtual_tokens x hidden`` (+ the head for classification).
+
+    Args:
+        num_virtual_tokens: soft-prompt length N.
+        prompt_init: ``vocab`` starts each prompt row from a random vocabulary embedding (the scale of real
+            inputs; Lester et al. 2021), ``text`` from the embeddings of ``prompt_init_text``.
+        prompt_init_text: the text for ``prompt_init: text``.
+        prompt_learning_rate: learning rate of the prompt (default: ``learning_rate``).
+        **kwargs: the :class:`LoRA` and :class:`PeftModule` arguments.
+    """
+
+    def __init__(
+        self,
+        num_virtual_tokens: int = 20,
+        prompt_init: Literal["vocab", "text"] = "vocab",
+        prompt_init_text: str = "Classify the sentiment of this movie review:",
+        prompt_learning_rate: float | None = None,
+        **kwargs,
+    ):
+        check_virtual_tokens(num_virtual_tokens)
+        if prompt_learning_rate is not None and prompt_learning_rate <= 0:
+            raise PeftLabError(f"model.prompt_learning_rate must be > 0 (got {prompt_learning_rate})")
+        self.prompt_settings = dict(num_virtual_tokens=num_virtual_tokens, init=prompt_init,
+                                    init_text=prompt_init_text, lr=prompt_learning_rate)
+        super().__init__(**kwargs)
+
+    def attach(self, backbone: nn.Module) -> nn.Module:
+        words = backbone.get_input_embeddings().weight
+        prompt = nn.Embedding(self.prompt_settings["num_virtual_tokens"], words.shape[1])
+        prompt.to(device=words.device, dtype=words.dtype)
+        with torch.no_grad():
+            prompt.weight.copy_(words[self._init_token_ids(words.shape[0])])
+        return InputTokensModel(super().attach(backbone), prompt, self.task)
+
+    def _init_token_ids(self, vocab_size: int) -> list[int]:
+        n, s = self.prompt_settings["num_virtual_tokens"], self.prompt_settings
+        if s["init"] == "text" and self.tokenizer is not None:
+            ids = self.tokenizer(s["init_text"], add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise PeftLabError("model.prompt_init_text tokenizes to nothing; give a text or use prompt_init: vocab")
+            return (ids * (n // len(ids) + 1))[:n]
+        generator = torch.Generator().manual_seed(0)
+        return torch.randint(0, vocab_size, (n,), generator=generator).tolist()
+
+    def optimizer_groups(self) -> list[dict]:
+        prompt = [self.model.prompt.weight]
+        rest = [p for p in self.parameters() if p.requires_grad and p is not self.model.prompt.weight]
+        lr = self.prompt_settings["lr"]
+        return [{"params": rest}, {"params": prompt, **({"lr": lr} if lr else {})}]
+
+    def trainable_parts(self) -> dict[str, int]:
+        prompt = self.model.prompt.weight.numel()
+        return {"LoRA (+ head)": self.trainable_count - prompt, "soft prompt": prompt}
