@@ -1,6 +1,7 @@
-"""peftlab callbacks: adapter export (on by default in the CLI) and LoRA merging."""
+"""peftlab callbacks: adapter export (on by default in the CLI), LoRA merging, LoRA composition."""
 
+from peftlab.callbacks.compose import ComposeLoRA
 from peftlab.callbacks.export import AdapterExport
 from peftlab.callbacks.merge import LoRAMerge
 
-__all__ = ["AdapterExport", "LoRAMerge"]
+__all__ = ["AdapterExport", "ComposeLoRA", "LoRAMerge"]
