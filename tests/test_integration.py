@@ -43,3 +43,11 @@ def test_causal_lm_config_on_smollm2(tmp_path, capsys):
     # q_proj 576->576 gets 8*576 + 576*8, v_proj 576->192 gets 8*576 + 192*8
     assert f"trainable   {30 * ((8 * 576 + 576 * 8) + (8 * 576 + 192 * 8)):,} / " in out
     assert "460,800" in out and "test/ppl" in out
+    # adapter-only checkpoints: LoRA + Adam state, a small fraction of the 540 MB fp32 backbone
+    from peftlab.assets import model_path
+
+    backbone_bytes = sum(f.stat().st_size for f in Path(model_path("packaged:SmolLM2-135M-Instruct")).glob("*.safetensors"))
+    ckpts = list(tmp_path.rglob("*.ckpt"))
+    assert ckpts and all(c.stat().st_size < 0.02 * backbone_bytes for c in ckpts)
+    exported = next(tmp_path.rglob("adapter/last/adapter_model.safetensors"))
+    assert exported.stat().st_size < 0.01 * backbone_bytes

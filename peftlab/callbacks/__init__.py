@@ -3,5 +3,6 @@
 from peftlab.callbacks.compose import ComposeLoRA
 from peftlab.callbacks.export import AdapterExport
 from peftlab.callbacks.merge import LoRAMerge
+from peftlab.callbacks.timer import EpochTimer
 
-__all__ = ["AdapterExport", "ComposeLoRA", "LoRAMerge"]
+__all__ = ["AdapterExport", "ComposeLoRA", "EpochTimer", "LoRAMerge"]

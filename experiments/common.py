@@ -1,0 +1,87 @@
+"""Shared helpers of the experiment runners: run `peftlab fit` per configuration, collect, report.
+
+Each run is a real `peftlab fit` subprocess (same CLI as users), writing to
+``runs/experiments/<study>/<run>/version_0``; results are read back from its metrics.csv and exported
+adapter metadata. Reports go to ``docs/results/<study>.md`` with a PNG plot.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEFTLAB = [sys.executable, "-m", "peftlab"]
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+            f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
+
+
+def run_fit(study: str, name: str, args: list[str], log) -> dict:
+    """Run one `peftlab fit`; return its final metrics, parameter counts and timing."""
+    save_dir = ROOT / "runs" / "experiments" / study
+    run_dir = save_dir / name / "version_0"
+    cmd = [*PEFTLAB, "fit", *args, "--trainer.logger.class_path", "lightning.pytorch.loggers.CSVLogger",
+           "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.logger.init_args.name", name,
+           "--trainer.logger.init_args.version", "version_0", "--trainer.enable_progress_bar", "false",
+           "--trainer.enable_model_summary", "false", "--trainer.callbacks+=peftlab.callbacks.EpochTimer"]
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    seconds = time.time() - start
+    if proc.returncode != 0:
+        log(f"  FAILED {name}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+        return {"name": name, "failed": (proc.stderr or "")[-2000:], "seconds": seconds}
+    result = {"name": name, "seconds": seconds, "command": "peftlab fit " + " ".join(args)}
+    result.update(read_metrics(run_dir / "metrics.csv"))
+    meta = run_dir / "adapter" / "last" / "peftlab_meta.json"
+    if meta.is_file():
+        m = json.loads(meta.read_text())
+        result.update(trainable=m["trainable"], total=m["total"], method=m["method"].rsplit(".", 1)[-1])
+    return result
+
+
+def read_metrics(path: Path) -> dict:
+    """Last value of every metric column; epoch times averaged."""
+    out: dict = {}
+    epoch_times = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if value in ("", None) or key in ("epoch", "step"):
+                    continue
+                if key == "time/train_epoch_s":
+                    epoch_times.append(float(value))
+                out[key] = float(value)
+    if epoch_times:
+        out["time/train_epoch_s"] = sum(epoch_times) / len(epoch_times)
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    import statistics
+
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def save_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+
+
+def logger(prefix: str):
+    def log(message: str) -> None:
+        print(f"[{prefix} {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    return log

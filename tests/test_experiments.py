@@ -1,0 +1,28 @@
+"""Every experiment runner in its smoke mode (a few steps), so the studies never rot.
+
+The studies' real results (docs/results/) come from their default runs; see each runner's docstring.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = [
+    ["experiments/quality_vs_params/run.py", "--smoke", "--part", "both"],
+    ["experiments/few_shot/run.py", "--smoke"],
+    ["experiments/inference_overhead/run.py", "--smoke"],
+    ["experiments/multi_lora/run.py", "--smoke"],
+]
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=[s[0].split("/")[1] for s in STUDIES])
+def test_study_smoke(study):
+    proc = subprocess.run([sys.executable, *study], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
