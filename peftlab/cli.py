@@ -139,12 +139,19 @@ def _print_summary(model, trainer, best, results, seconds):
 # Commands besides Lightning's fit/validate/test/predict: name -> "module:function(argv)"
 EXTRA_COMMANDS: dict[str, str] = {
     "merge": "peftlab.merge:main",
+    "compose": "peftlab.compose:main",
+    "params": "peftlab.analysis.params:main",
+    "estimate-memory": "peftlab.analysis.memory:main",
+    "recommend": "peftlab.analysis.recommend:main",
 }
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``peftlab`` console script."""
     argv = list(sys.argv[1:] if args is None else args)
+    # like `python -m`, make modules in the working directory importable (class_path: examples.bitfit.BitFit)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
