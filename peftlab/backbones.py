@@ -92,6 +92,10 @@ def load_backbone(
                 "in Python pass num_labels=datamodule.num_labels"
             )
         kwargs["num_labels"] = num_labels
+    import torch
+
+    dtype = kwargs.pop("dtype", "float32")
+    kwargs["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype) if isinstance(dtype, str) else dtype
     path = resolve_model(name)
     try:
         from transformers import AutoConfig
@@ -108,10 +112,9 @@ def load_backbone(
             "Change data.task or pick a backbone made for this task."
         )
     if _META["active"]:
-        import torch
-
         kwargs.pop("quantization_config", None)  # 4-bit weights count as their unpacked parameters
         kwargs.pop("device_map", None)
+        kwargs.pop("dtype", None)
         for key, value in kwargs.items():
             setattr(config, key, value)
         with torch.device("meta"):

@@ -58,7 +58,7 @@ def _dequantized_merge(module):
     from peftlab.backbones import load_backbone
 
     h = module.hparams
-    plain = load_backbone(h.backbone, module.task, num_labels=module.num_labels,
+    plain = load_backbone(h.backbone, module.task, num_labels=module.num_labels, dtype="float32",
                           trust_remote_code=h.trust_remote_code, revision=h.revision)
     peft_model = module.model
     prefix = "base_model.model."

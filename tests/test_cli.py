@@ -55,8 +55,26 @@ def test_every_shipped_config_loads(config, capsys):
     code, out, err = run_main(["fit", *base, "--config", str(ROOT / config), "--print_config"], capsys)
     assert code == 0, err
     printed = yaml.safe_load(out)
-    assert printed["model"]["class_path"] == yaml.safe_load((ROOT / config).read_text())["model"]["class_path"]
+    own = yaml.safe_load((ROOT / config).read_text())["model"]
+    assert printed["model"]["class_path"] == own["class_path"]
     assert printed["model"]["class_path"].startswith("peftlab.methods.")
+    if base:
+        # jsonargparse keeps init_args of the same name when a layered config switches class: every value
+        # the method file does not set itself must be the class default, not inherited from the base config
+        import importlib
+        import inspect
+
+        module_name, _, cls_name = own["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module_name), cls_name)
+        defaults = {}
+        for klass in reversed(cls.__mro__):
+            if "__init__" in vars(klass):
+                defaults.update({k: p.default for k, p in inspect.signature(klass.__init__).parameters.items()
+                                 if p.default is not inspect.Parameter.empty})
+        for key, value in printed["model"]["init_args"].items():
+            if key not in own.get("init_args", {}) and key in defaults:
+                assert value == defaults[key] or (isinstance(defaults[key], float) and value == float(defaults[key])), \
+                    f"{config}: {key}={value!r} inherited from the base config (default {defaults[key]!r})"
     # linked values are written once: the tokenizer follows model.backbone, the task follows data.task
     assert "tokenizer" not in printed["data"] and "backbone" in printed["model"]["init_args"]
     assert "task" not in printed["model"]["init_args"] and printed["data"]["task"]

@@ -257,3 +257,18 @@ def test_schedules():
     cos = _schedule("cosine", 0, 100)
     assert cos(0) == 1.0 and cos(50) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0)
     assert _schedule("constant", 5, 100)(99) == 1.0
+
+
+def test_backbone_dtype_is_explicit(tmp_path, tiny_llama):
+    """transformers 5 loads a checkpoint in its stored dtype by default; peftlab loads fp32 unless told."""
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny_llama).half().save_pretrained(tmp_path / "fp16")
+    import shutil
+
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{tiny_llama}/{f}", tmp_path / "fp16" / f)
+    full = FullFineTuning(backbone=str(tmp_path / "fp16"), task="causal_lm")
+    assert {p.dtype for p in full.parameters()} == {torch.float32}
+    half = LoRA(backbone=str(tmp_path / "fp16"), task="causal_lm", target_modules=["q_proj"], dtype="auto")
+    assert any(p.dtype == torch.float16 for p in half.parameters())

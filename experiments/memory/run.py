@@ -102,7 +102,8 @@ def check_table() -> str:
     rows = ["| case | batch x seq | measured: peak RSS growth | estimated total | error | estimate: weights / "
             "gradients + optimizer / activations (saved + workspace) |", "|---|---|---|---|---|---|"]
     for label, method, backbone, task, b, s, attention, ckpt in CASES:
-        case = dict(method=method, backbone=backbone, task=task, batch=b, seq=s, attention=attention, checkpointing=ckpt)
+        case = dict(method=method, backbone=backbone, task=task, batch=b, seq=s, attention=attention,
+                    checkpointing=ckpt)
         out = subprocess.run([sys.executable, __file__, "--one", json.dumps(case)], capture_output=True, text=True,
                              cwd=ROOT, check=True, env={**os.environ, **MALLOC_ENV})
         measured = json.loads(out.stdout.strip().splitlines()[-1])
@@ -115,24 +116,34 @@ def check_table() -> str:
     return "\n".join(rows)
 
 
-NOTES_TABLE = {"1b": ("~4GB", "~1GB", "4x"), "7b": ("~28GB", "~8GB", "3.5x"), "70b": ("~280GB", "~40GB", "7x")}
+# the notes' figures in bytes (GB read as 10^9 bytes) and as printed
+NOTES_TABLE = {"1b": (4e9, 1e9, 4.0, "~4GB", "~1GB", "4x"), "7b": (28e9, 8e9, 3.5, "~28GB", "~8GB", "3.5x"),
+               "70b": (280e9, 40e9, 7.0, "~280GB", "~40GB", "7x")}
+SETTINGS = dict(batch_size=1, seq_len=512, precision="bf16", optimizer="adamw", gradient_checkpointing=True,
+                attention="fused")
 
 
-def notes_table(batch: int = 1, seq: int = 512) -> str:
-    """The notes' scaling table, recomputed: full FT vs LoRA vs QLoRA, bf16, AdamW, fused attention."""
+def off(notes: float, exact: float) -> str:
+    """How far the notes' figure is from ours; WRONG beyond 25%."""
+    err = (notes - exact) / exact
+    return f"{100 * err:+.0f}%" + (" **WRONG**" if abs(err) > 0.25 else "")
+
+
+def notes_table() -> str:
+    """The notes' scaling table, recomputed for Llama shapes: full FT vs LoRA vs QLoRA (SETTINGS)."""
     from peftlab.analysis.memory import SIZES, estimate, preset_spec, size_backbone
 
-    GiB = 2**30
-    rows = ["| model | notes: full FT / LoRA / savings | full FT (bf16 mixed, AdamW) | LoRA r=8 q+v (bf16 weights) "
-            "| QLoRA r=8 q+v (NF4) | savings full / LoRA | savings full / QLoRA |", "|---|---|---|---|---|---|---|"]
-    for size, (n_full, n_lora, n_save) in NOTES_TABLE.items():
+    rows = ["| model | full FT: ours / notes (notes off by) | LoRA r=8 q+v: ours / notes (notes off by) "
+            "| QLoRA r=8 q+v (NF4) | savings full/LoRA: ours / notes | savings full/QLoRA |",
+            "|---|---|---|---|---|---|"]
+    for size, (n_full, n_lora, n_save, t_full, t_lora, t_save) in NOTES_TABLE.items():
         with size_backbone(size) as backbone:
-            got = {m: estimate(preset_spec(m, backbone, "causal_lm"), batch_size=batch, seq_len=seq, precision="bf16",
-                               gradient_checkpointing=True) for m in ("full", "lora", "qlora")}
+            got = {m: estimate(preset_spec(m, backbone, "causal_lm"), **SETTINGS) for m in ("full", "lora", "qlora")}
         full, lora, qlora = (got[m].total for m in ("full", "lora", "qlora"))
-        rows.append(f"| {size.upper()} ({SIZES[size]}, {got['full'].total_params / 1e9:.2f}B) | {n_full} / {n_lora} / "
-                    f"{n_save} | {full / GiB:.1f} GiB | {lora / GiB:.1f} GiB | {qlora / GiB:.1f} GiB | "
-                    f"{full / lora:.1f}x | {full / qlora:.1f}x |")
+        rows.append(f"| {size.upper()} ({SIZES[size]}, {got['full'].total_params / 1e9:.2f}B params) "
+                    f"| {full / 1e9:.1f} GB / {t_full} ({off(n_full, full)}) | {lora / 1e9:.1f} GB / {t_lora} "
+                    f"({off(n_lora, lora)}) | {qlora / 1e9:.1f} GB | {full / lora:.1f}x / {t_save} "
+                    f"({off(n_save, full / lora)}) | {full / qlora:.1f}x |")
     return "\n".join(rows)
 
 

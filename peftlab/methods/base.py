@@ -40,6 +40,9 @@ class PeftModule(L.LightningModule):
             ``paged_adamw_32bit`` (8-bit states and/or paging of optimizer state, as in QLoRA).
         warmup_ratio: fraction of the total optimizer steps spent warming up linearly from 0.
         scheduler: learning-rate schedule after warm-up: ``linear`` or ``cosine`` decay to 0, or ``constant``.
+        dtype: dtype the backbone's weights are loaded in: ``float32`` (default; mixed precision comes from
+            ``trainer.precision``), ``bfloat16``/``float16`` to halve the memory of a large frozen backbone, or
+            ``auto`` for the checkpoint's own dtype (transformers 5's default, which may be fp16).
         trust_remote_code: allow model code from the hub to run; off unless you trust the backbone's repository.
         revision: hub revision (branch, tag or commit) of the backbone.
         max_new_tokens: generation length for ``predict`` on causal LM / seq2seq tasks.
@@ -61,6 +64,7 @@ class PeftModule(L.LightningModule):
         optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw",
         warmup_ratio: float = 0.0,
         scheduler: Literal["linear", "cosine", "constant"] = "linear",
+        dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32",
         trust_remote_code: bool = False,
         revision: str | None = None,
         max_new_tokens: int = 32,
@@ -93,7 +97,7 @@ class PeftModule(L.LightningModule):
     def load_backbone(self) -> nn.Module:
         """Load the backbone for ``self.task``. Override to change how it is loaded (e.g. quantized)."""
         h = self.hparams
-        return load_backbone(h.backbone, self.task, num_labels=self.num_labels,
+        return load_backbone(h.backbone, self.task, num_labels=self.num_labels, dtype=h.dtype,
                              trust_remote_code=h.trust_remote_code, revision=h.revision)
 
     def attach(self, backbone: nn.Module) -> nn.Module:

@@ -73,7 +73,7 @@ class QLoRA(LoRA):
         h = self.hparams
         # bitsandbytes quantizes while loading onto the device: this rank's GPU, or the CPU
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-        model = load_backbone(h.backbone, self.task, num_labels=self.num_labels,
+        model = load_backbone(h.backbone, self.task, num_labels=self.num_labels, dtype=h.dtype,
                               trust_remote_code=h.trust_remote_code, revision=h.revision,
                               quantization_config=self.quantization_config(), device_map={"": device})
         for module in model.modules():

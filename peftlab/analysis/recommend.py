@@ -1,0 +1,373 @@
+"""``peftlab recommend``: the design notes' method choice for your constraints, as a ready config.
+
+The rules combine the notes' two decision tables (notes 003 "Choosing a Method": decision tree and
+task-specific recommendations; notes 000 "Prefix / P-Tuning vs LoRA / QLoRA": scenario table), checked
+in this order, hard constraints first:
+
+====  ==========================================  =================================  ======================
+ #    question (flag)                             answer -> method                   source
+====  ==========================================  =================================  ======================
+ 1    API-only access (--api_only)                prompt engineering (no training)   000: API-only
+ 2    weights may not be modified (--frozen_weights) P-tuning v2                     000: edge / no modif.
+ 3    latency-critical inference (--latency_critical) LoRA, merged after training    003 tree, question 1
+ 4    compute extremely limited (--compute_limited)   prompt tuning                  003 tree, question 2
+ 5    few-shot / very little data (--few_shot)    P-tuning v2                        000: few-shot
+ 6    max quality at min cost (--max_quality_min_cost) QLoRA, all linear layers     000: max quality
+ 7    task is classification (--task_type)        LoRA r=4 (or prompt tuning)        003 tree, question 3
+ 8    combine several tasks (--multi_task combine)   bottleneck adapters             003 tree, question 4
+ 9    many tasks, hot-swapped (--multi_task hot_swap) LoRA, one adapter per task    000: dozens of tasks
+ 10   per-layer control (--per_layer_control)     LoRA with explicit targets         000: per-layer tuning
+ 11   task type instruction/domain/style/code     LoRA r=8 / r=16 / r=8 / r=16 all   003 task-specific
+ 12   otherwise                                   LoRA r=8, alpha=16 on Q+V          003 tree, default
+====  ==========================================  =================================  ======================
+
+The rank and targets of every LoRA answer follow the task type (classification r=4; instruction r=8;
+domain adaptation r=16, try 32; style r=8; code r=16 on all attention and feed-forward projections).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from peftlab.errors import PeftLabError
+
+TASK_TYPES = ("classification", "instruction", "domain", "style", "code", "other")
+MULTI_TASK = ("none", "combine", "hot_swap")
+GENERATIVE = ("instruction", "domain", "style", "code")
+HEADER = "# Written by `peftlab recommend`"
+
+# task type -> (LoRA rank, target scope, why)
+LORA_BY_TASK = {
+    "classification": (4, "qv", "classification is simple: a low rank suffices and overfits less "
+                                "(notes 003: LoRA r=4)"),
+    "instruction": (8, "qv", "instruction following needs moderate capacity (notes 003: LoRA r=8-16; start at 8)"),
+    "domain": (16, "qv", "domain adaptation must learn new knowledge (notes 003: LoRA r=16-32; start at 16)"),
+    "style": (8, "qv", "style/persona steers behaviour rather than adding knowledge (notes 003: LoRA r=8)"),
+    "code": (16, "attention_ffn", "code is complex and benefits from adapting Q, K, V, O and the FFN "
+                                  "(notes 003: LoRA r=8-16 on all attention weights, maybe FFN)"),
+    "other": (8, "qv", "the notes' default starting point (LoRA r=8, alpha=16 on Q and V)"),
+}
+
+ADVICE = {
+    "LoRA": ("increase the rank to 16 or 32; add target modules (K, O, then the FFN)",
+             "decrease the rank to 4; add dropout (0.1); train fewer epochs"),
+    "PromptTuning": ("more virtual tokens (50-100); init: text from a task description; or graduate to LoRA",
+                     "fewer virtual tokens; train fewer epochs; stop early on validation loss"),
+    "PTuningV2": ("more virtual tokens (e.g. 64-128) or a larger prefix_hidden_size; or move to LoRA",
+                  "fewer virtual tokens (10); train fewer epochs; stop early on validation loss"),
+    "PrefixTuning": ("more virtual tokens; prefix_projection: true", "fewer virtual tokens; fewer epochs"),
+    "BottleneckAdapter": ("a larger bottleneck (128-256)", "a smaller bottleneck (16-32); dropout 0.1; fewer epochs"),
+}
+ADVICE["QLoRA"] = ADVICE["LoRA"]
+
+
+@dataclass
+class Answers:
+    """The notes' questions. ``None`` means not answered (asked interactively on a terminal, else ``False``)."""
+
+    api_only: bool | None = None
+    frozen_weights: bool | None = None
+    latency_critical: bool | None = None
+    compute_limited: bool | None = None
+    few_shot: bool | None = None
+    max_quality_min_cost: bool | None = None
+    task_type: str | None = None
+    num_tasks: int | None = None
+    multi_task: str | None = None
+    per_layer_control: bool | None = None
+
+
+QUESTIONS = {
+    "api_only": "Do you only have API access to the model (no weights)?",
+    "frozen_weights": "Must the deployed weights stay unmodified (edge device, frozen / shared deployment)?",
+    "latency_critical": "Is inference latency critical?",
+    "compute_limited": "Is compute extremely limited?",
+    "few_shot": "Is this few-shot learning / do you have very little data (hundreds of examples or fewer)?",
+    "max_quality_min_cost": "Do you want near full fine-tuning quality at the lowest GPU memory cost?",
+    "per_layer_control": "Do you want to choose per layer / module type what is adapted "
+                         "(e.g. only attention or only FFN)?",
+}
+
+
+@dataclass
+class Recommendation:
+    """A method with its starting hyperparameters and the reasoning."""
+
+    rule: str
+    method: str
+    class_path: str | None
+    init_args: dict[str, Any]
+    reason: str
+    alternatives: str = ""
+    targets: str | None = None  # LoRA target scope: qv / attention_ffn (resolved per backbone)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def summary(self) -> str:
+        a = self.init_args
+        if self.method in ("LoRA", "QLoRA"):
+            return f"{self.method} r={a['r']}, alpha={a['alpha']}"
+        if self.method in ("PromptTuning", "PTuningV2"):
+            return f"{self.method} with {a['num_virtual_tokens']} virtual tokens"
+        if self.method == "BottleneckAdapter":
+            return f"{self.method} (bottleneck {a['bottleneck']}, {a['placement']})"
+        return self.method
+
+
+def _lora(rule: str, task_type: str, reason: str, *, qlora: bool = False, alternatives: str = "",
+          scope: str | None = None, rank: int | None = None, notes: list[str] | None = None) -> Recommendation:
+    r, default_scope, _ = LORA_BY_TASK[task_type]
+    r = rank or r
+    args: dict[str, Any] = {"r": r, "alpha": 2 * r, "dropout": 0.05, "learning_rate": 2.0e-4, "warmup_ratio": 0.03}
+    name = "QLoRA" if qlora else "LoRA"
+    if qlora:
+        args.update(quant_type="nf4", double_quant=True, compute_dtype="auto", gradient_checkpointing=True,
+                    optimizer="paged_adamw_32bit")
+    return Recommendation(rule, name, f"peftlab.methods.{name}", args, reason, alternatives,
+                          targets=scope or default_scope, notes=notes or [])
+
+
+def recommend(a: Answers) -> Recommendation:
+    """The notes' recommendation for answers ``a`` (unanswered questions count as "no")."""
+    task = a.task_type or "other"
+    if task not in TASK_TYPES:
+        raise PeftLabError(f"--task_type {task!r} is unknown; choose one of {', '.join(TASK_TYPES)}")
+    multi = a.multi_task or ("hot_swap" if (a.num_tasks or 1) >= 10 else "none")
+    if multi not in MULTI_TASK:
+        raise PeftLabError(f"--multi_task {multi!r} is unknown; choose one of {', '.join(MULTI_TASK)}")
+    task_why = LORA_BY_TASK[task][2]
+    if a.api_only:
+        return Recommendation(
+            "api_only", "prompt engineering", None, {},
+            "with API-only access nothing can be attached to the model: no soft prompts, prefixes or adapters "
+            "(notes 000: 'Only API access -> prompt engineering'). Put instructions and a few examples in the "
+            "prompt, or use the provider's own fine-tuning service.",
+            "if you get the weights: LoRA r=8 on Q+V (run again without --api_only)")
+    if a.frozen_weights:
+        return Recommendation(
+            "frozen_weights", "PTuningV2", "peftlab.methods.PTuningV2",
+            {"num_virtual_tokens": 20, "prefix_hidden_size": 512, "input_tokens": True, "learning_rate": 1.0e-3,
+             "warmup_ratio": 0.06},
+            "the weights must stay untouched (edge / frozen deployment): P-tuning v2 only prepends virtual tokens "
+            "and per-layer K/V prefixes, the model is never modified or repacked (notes 000: 'edge / no model "
+            "modification -> Prefix / P-Tuning v2'). Precompute the prefixes after training and drop the MLP.",
+            "PrefixTuning (simpler, slightly cheaper, less flexible)")
+    if a.latency_critical:
+        return _lora("latency_critical", task,
+                     "inference latency is critical: LoRA's update folds into the weights after training (W + BA), "
+                     f"so the deployed model has zero extra latency (notes 003 decision tree, question 1); {task_why}. "
+                     "After training: peftlab merge RUN_DIR --output MERGED_DIR.",
+                     alternatives="QLoRA if GPU memory is short (merge dequantizes)")
+    if a.compute_limited:
+        return Recommendation(
+            "compute_limited", "PromptTuning", "peftlab.methods.PromptTuning",
+            {"num_virtual_tokens": 20, "init": "random", "learning_rate": 3.0e-3, "warmup_ratio": 0.06},
+            "compute is extremely limited: prompt tuning trains only N x hidden embeddings, the fewest parameters "
+            "and optimizer state of all methods (notes 003 decision tree, question 2). It needs a large model to "
+            "match fine-tuning (Lester et al. 2021: ~10B).",
+            "QLoRA if the limit is GPU memory rather than compute")
+    if a.few_shot:
+        return Recommendation(
+            "few_shot", "PTuningV2", "peftlab.methods.PTuningV2",
+            {"num_virtual_tokens": 20, "prefix_hidden_size": 512, "input_tokens": True, "learning_rate": 1.0e-3,
+             "warmup_ratio": 0.06},
+            "few-shot / very little data: a small prompt-based adapter has little room to overfit (notes 000: "
+            "'few-shot / little data -> Prefix / P-Tuning v2'); P-tuning v2 acts on the input and on every "
+            "attention layer.", "PrefixTuning (10 tokens) or LoRA r=4")
+    if a.max_quality_min_cost:
+        return _lora("max_quality_min_cost", task,
+                     "near full fine-tuning quality at the least memory: QLoRA trains LoRA on a 4-bit NF4 backbone "
+                     "(notes 000: 'maximum quality with minimum cost -> QLoRA'); the QLoRA paper needs LoRA on all "
+                     "linear layers to match 16-bit fine-tuning, hence attention + FFN targets.",
+                     qlora=True, scope="attention_ffn", rank=max(16, LORA_BY_TASK[task][0]),
+                     alternatives="LoRA in bf16 if memory allows (faster per step)")
+    if task == "classification":
+        return _lora("simple_task", task,
+                     "the task is simple (classification): LoRA r=4 on Q+V, few parameters and little risk of "
+                     "overfitting (notes 003 decision tree, question 3).",
+                     alternatives="PromptTuning with 20 tokens (cheaper; weaker on models under ~10B)")
+    if multi == "combine":
+        return Recommendation(
+            "combine_tasks", "BottleneckAdapter", "peftlab.methods.BottleneckAdapter",
+            {"bottleneck": 64, "placement": "houlsby", "target_modules": None, "dropout": 0.0,
+             "learning_rate": 1.0e-3, "warmup_ratio": 0.06},
+            "several tasks have to be combined: bottleneck adapters are separate modules that are easy to swap and "
+            "to stack/combine (notes 003 decision tree, question 4). They add a little inference latency.",
+            "one LoRA per task combined by weighted sum (notes 003: 'Multiple LoRAs')")
+    if multi == "hot_swap":
+        return _lora("hot_swap", task,
+                     "many tasks served by hot-swapping: one small LoRA adapter per task on one shared backbone, "
+                     f"loaded on demand (notes 000: 'dozens of tasks with hot-swapping -> LoRA / QLoRA'); {task_why}.",
+                     alternatives="QLoRA for 7B+ backbones on small GPUs; bottleneck adapters")
+    if a.per_layer_control:
+        return _lora("per_layer", task,
+                     "you want to choose what is adapted per layer type: LoRA takes any set of linear layers "
+                     "(target_modules lists attention and FFN projections; delete the ones you do not want) "
+                     "(notes 000: 'flexible per-layer tuning -> LoRA').", scope="attention_ffn")
+    if task in GENERATIVE:
+        return _lora(f"task_{task}", task, f"task-specific recommendation: {task_why}.",
+                     alternatives={"domain": "r=32, or bottleneck adapters; consider continued pretraining first",
+                                   "style": "PrefixTuning (10-20 tokens)",
+                                   "instruction": "r=16 if underfitting",
+                                   "code": "r=8 on attention only if memory is short"}[task])
+    return _lora("default", task, "no constraint points elsewhere: the notes' default, LoRA r=8, alpha=16 on the Q "
+                 "and V projections (notes 003 decision tree: default); adjust from there.",
+                 alternatives="PromptTuning for quick experiments")
+
+
+# ---------------------------------------------------------------------------------------------- the command
+def _ask_bool(question: str) -> bool:
+    while True:
+        reply = input(f"{question} [y/N] ").strip().lower()
+        if reply in ("", "n", "no"):
+            return False
+        if reply in ("y", "yes"):
+            return True
+
+
+def _ask_choice(question: str, choices: tuple[str, ...], default: str) -> str:
+    while True:
+        reply = input(f"{question} ({'/'.join(choices)}) [{default}] ").strip().lower() or default
+        if reply in choices:
+            return reply
+
+
+def fill_answers(a: Answers, interactive: bool) -> Answers:
+    """Ask the unanswered questions on a terminal; elsewhere they count as "no" / "other"."""
+    for key, question in QUESTIONS.items():
+        if getattr(a, key) is None:
+            setattr(a, key, _ask_bool(question) if interactive else False)
+        if key == "api_only" and a.api_only:
+            return a  # nothing else matters
+    if a.task_type is None:
+        a.task_type = _ask_choice("Task type?", TASK_TYPES, "other") if interactive else "other"
+    if a.num_tasks is None:
+        a.num_tasks = int(_ask_choice("How many tasks will share the backbone?", ("1", "2", "5", "10", "50"), "1")) \
+            if interactive else 1
+    if a.multi_task is None and a.num_tasks > 1:
+        a.multi_task = _ask_choice("Combine them in one model, or hot-swap one adapter per request?",
+                                   ("combine", "hot_swap"), "hot_swap") if interactive else "hot_swap"
+    return a
+
+
+def data_task(task_type: str, backbone: str) -> str | None:
+    """``data.task`` for the task type on this backbone (None: keep the base config's)."""
+    if task_type not in GENERATIVE:
+        return None
+    from transformers import AutoConfig
+
+    from peftlab.analysis.memory import default_task
+    from peftlab.analysis.params import resolve_backbone
+    from peftlab.assets import resolve_model
+
+    task = default_task(backbone)
+    if task == "classification":
+        model_type = AutoConfig.from_pretrained(resolve_model(resolve_backbone(backbone))).model_type
+        raise PeftLabError(f"task type {task_type!r} needs a generative backbone, but {backbone!r} is an encoder "
+                           f"({model_type}); give --backbone a decoder or encoder-decoder (e.g. "
+                           "packaged:SmolLM2-135M-Instruct, configs/backbones/llama-2-7b, t5-base)")
+    return task
+
+
+def config_text(rec: Recommendation, backbone: str, task: str | None, answers: Answers) -> str:
+    """The YAML of ``rec`` for ``backbone``: a model section (plus data.task for generative tasks)."""
+    import yaml
+
+    given = ", ".join(f"{k}={v}" for k, v in vars(answers).items() if v not in (None, False, "none", 1))
+    model = {"class_path": rec.class_path, "init_args": {"backbone": backbone, **rec.init_args}}
+    body: dict[str, Any] = {"model": model}
+    if task:
+        body["data"] = {"task": task}
+    lines = [f"{HEADER} ({given or 'no constraints'}): {rec.summary}",
+             f"# Why: {rec.reason}",
+             "# Train (layered on a base config that has the trainer and data sections; set your data):",
+             f"#   peftlab fit --config configs/quickstart.yaml --config THIS_FILE --data.source YOUR_DATA",
+             "#   peftlab params --config configs/quickstart.yaml --config THIS_FILE   # exact parameter counts"]
+    if task:
+        lines.append("# Generative data needs --data.prompt_template / --data.response_template "
+                     "(see docs/getting-started.md).")
+    return "\n".join(lines) + "\n" + yaml.safe_dump(body, sort_keys=False)
+
+
+def write_config(path: str, text: str, force: bool) -> None:
+    """Write ``text`` atomically; refuse to replace a file peftlab recommend did not write unless ``force``."""
+    if os.path.exists(path) and not force:
+        with open(path, encoding="utf-8") as f:
+            if not f.read(len(HEADER)).startswith(HEADER):
+                raise PeftLabError(f"{path} exists and was not written by peftlab recommend; pass --force to "
+                                   "replace it or --output another file")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="peftlab recommend", allow_abbrev=False, exit_on_error=False,
+        description="Recommend a PEFT method from the design notes' decision tables and write a ready config for "
+                    "your backbone. Unanswered yes/no questions are asked on a terminal, else count as no.")
+    yes_no = argparse.BooleanOptionalAction
+    p.add_argument("--api_only", action=yes_no, default=None, help=QUESTIONS["api_only"])
+    p.add_argument("--frozen_weights", action=yes_no, default=None, help=QUESTIONS["frozen_weights"])
+    p.add_argument("--latency_critical", action=yes_no, default=None, help=QUESTIONS["latency_critical"])
+    p.add_argument("--compute_limited", action=yes_no, default=None, help=QUESTIONS["compute_limited"])
+    p.add_argument("--few_shot", action=yes_no, default=None, help=QUESTIONS["few_shot"])
+    p.add_argument("--max_quality_min_cost", action=yes_no, default=None, help=QUESTIONS["max_quality_min_cost"])
+    p.add_argument("--per_layer_control", action=yes_no, default=None, help=QUESTIONS["per_layer_control"])
+    p.add_argument("--task_type", choices=TASK_TYPES, default=None, help="what the model must learn")
+    p.add_argument("--num_tasks", type=int, default=None, help="tasks sharing one backbone (10+ implies hot-swapping)")
+    p.add_argument("--multi_task", choices=MULTI_TASK, default=None,
+                   help="combine: one model does several tasks at once; "
+                        "hot_swap: one adapter per task, swapped per request")
+    p.add_argument("--backbone", default=None, help="your model (dir, config.json, shipped shape, packaged:NAME, hub "
+                   "name); default packaged:all-MiniLM-L6-v2, or packaged:SmolLM2-135M-Instruct for generative tasks")
+    p.add_argument("--output", default="recommended.yaml", help="config file to write (default recommended.yaml)")
+    p.add_argument("--force", action="store_true", help="replace --output even if peftlab recommend did not write it")
+    return p
+
+
+def main(argv: list[str]) -> None:
+    """Entry point of ``peftlab recommend``."""
+    from peftlab.analysis.params import MethodSpec, build_meta, split_own_args, target_modules_for
+
+    parser = make_parser()
+    args, rest = split_own_args(parser, argv)
+    if rest:
+        raise PeftLabError(f"peftlab recommend: unknown argument {rest[0]!r}; see peftlab recommend --help")
+    if args.num_tasks is not None and args.num_tasks < 1:
+        raise PeftLabError(f"--num_tasks must be >= 1 (got {args.num_tasks})")
+    fields = {k: getattr(args, k) for k in Answers.__dataclass_fields__}
+    answers = fill_answers(Answers(**fields), interactive=sys.stdin.isatty())
+    rec = recommend(answers)
+    out = [f"recommended  {rec.summary}" + (f" ({rec.class_path})" if rec.class_path else "")]
+    out.append(f"why          {rec.reason}")
+    if rec.alternatives:
+        out.append(f"alternative  {rec.alternatives}")
+    if rec.class_path is None:
+        out.append("config       none written: there is nothing to train")
+        print("\n".join(out))
+        return
+    backbone = args.backbone or ("packaged:SmolLM2-135M-Instruct" if answers.task_type in GENERATIVE
+                                 else "packaged:all-MiniLM-L6-v2")
+    task = data_task(answers.task_type, backbone)
+    if rec.targets:
+        rec.init_args["target_modules"] = target_modules_for(backbone, task or "classification", rec.targets)
+    spec = MethodSpec(rec.class_path, {"backbone": backbone, "task": task or "classification", **rec.init_args})
+    module = build_meta(spec)  # checks the settings on this backbone and gives the exact counts
+    hp = ", ".join(f"{k}={v}" for k, v in rec.init_args.items())
+    out.insert(1, f"settings     {hp}")
+    out.append(f"trainable    {module.trainable_count:,} of {module.total_count:,} parameters "
+               f"({100 * module.trainable_count / module.total_count:.4g}%) on {backbone}")
+    under, over = ADVICE[rec.method]
+    out.append(f"underfitting {under}")
+    out.append(f"overfitting  {over}")
+    write_config(args.output, config_text(rec, backbone, task, answers), args.force)
+    out.append(f"config       wrote {args.output}; train with: peftlab fit --config configs/quickstart.yaml "
+               f"--config {args.output}" + (" --data.source YOUR_DATA ..." if task else ""))
+    print("\n".join(out))
