@@ -51,7 +51,7 @@ def _make_cli_class():
             parser.add_argument("--test_after_fit", type=bool, default=True,
                                 help="after fit, run the test split with the best checkpoint and print its metrics")
             parser.add_argument("--predictions_file", type=str | None, default=None,
-                                help="predict: where to write the jsonl predictions (default: <log_dir>/predictions.jsonl)")
+                                help="predict: where to write predictions, .jsonl or .csv (default: <log_dir>/predictions.jsonl)")
             from peftlab.callbacks import AdapterExport
 
             # on by default: exported adapters under <run dir>/adapter/{last,best} (--adapter_export.enabled false)
@@ -96,23 +96,32 @@ def write_predictions(path, batches, datamodule) -> int:
     texts = datamodule.predict_texts() if datamodule is not None else None
     names = getattr(datamodule, "label_names", None)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    out = []
+    for batch in batches:
+        if "probs" in batch:
+            rows = [{"label": names[p] if names else int(p),
+                     "probs": {(names[i] if names else str(i)): round(float(q), 6) for i, q in enumerate(pr)}}
+                    for p, pr in zip(batch["pred"].tolist(), batch["probs"].tolist())]
+        else:
+            rows = [{"generated": t} for t in batch["text"]]
+        for row in rows:
+            if texts is not None and len(out) < len(texts):
+                row = {"input": texts[len(out)], **row}
+            out.append(row)
     tmp = path + ".tmp"
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for batch in batches:
-            if "probs" in batch:
-                rows = [{"label": names[p] if names else int(p),
-                         "probs": {(names[i] if names else str(i)): round(float(q), 6) for i, q in enumerate(pr)}}
-                        for p, pr in zip(batch["pred"].tolist(), batch["probs"].tolist())]
-            else:
-                rows = [{"generated": t} for t in batch["text"]]
-            for row in rows:
-                if texts is not None and n < len(texts):
-                    row = {"input": texts[n], **row}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        if path.endswith(".csv"):  # one column per class probability
+            import csv
+
+            flat = [{**{k: v for k, v in r.items() if k != "probs"},
+                     **{f"p_{k}": v for k, v in r.get("probs", {}).items()}} for r in out]
+            writer = csv.DictWriter(f, fieldnames=list(flat[0]) if flat else ["input"])
+            writer.writeheader()
+            writer.writerows(flat)
+        else:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in out)
     os.replace(tmp, path)
-    return n
+    return len(out)
 
 
 def _print_summary(model, trainer, best, results, seconds):
@@ -140,6 +149,7 @@ def _print_summary(model, trainer, best, results, seconds):
 EXTRA_COMMANDS: dict[str, str] = {
     "merge": "peftlab.merge:main",
     "compose": "peftlab.compose:main",
+    "plot": "peftlab.plot:main",
     "params": "peftlab.analysis.params:main",
     "estimate-memory": "peftlab.analysis.memory:main",
     "recommend": "peftlab.analysis.recommend:main",

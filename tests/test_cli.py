@@ -202,3 +202,23 @@ def test_console_script_quickstart_end_to_end(tmp_path):
     assert ckpts
     # adapter-only: LoRA + head (74,498 params) and its Adam state, not the 91 MB backbone
     assert all(c.stat().st_size < 2_000_000 for c in ckpts)
+
+
+def test_predict_csv_and_plot(tmp_path, tiny_bert, sentiment_csv, capsys):
+    import csv
+
+    cfg = tiny_config(tmp_path, tiny_bert, sentiment_csv)
+    assert run_main(["fit", "--config", cfg, "--test_after_fit", "false"], capsys)[0] == 0
+    run = tmp_path / "runs/tiny/version_0"
+    ckpt = str(run / "checkpoints" / next(p.name for p in (run / "checkpoints").glob("*.ckpt")))
+    code, _, err = run_main(["predict", "--config", cfg, "--ckpt_path", ckpt,
+                             "--predictions_file", str(tmp_path / "p.csv")], capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "p.csv", encoding="utf-8")))
+    assert len(rows) == 12 and set(rows[0]) == {"input", "label", "p_rotten", "p_fresh"}
+    code, out, err = run_main(["plot", str(run)], capsys)
+    assert code == 0, err
+    png = run / "learning_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, _, err = run_main(["plot", str(tmp_path)], capsys)
+    assert code == 2 and "has no metrics.csv" in err
