@@ -237,3 +237,17 @@ def test_lora_plus_prompt_saved_and_restored_together(tmp_path, tiny_llama, gene
     for n, p in restored.named_parameters():
         if p.requires_grad:
             assert torch.equal(p, dict(model.named_parameters())[n]), n
+
+
+def test_p_tuning_lstm_encoder(tiny_llama, generation_jsonl):
+    from peftlab.methods import PTuning
+
+    data = make_data(generation_jsonl, "causal_lm", tiny_llama, max_eval_samples=4)
+    model = PTuning(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=4, encoder="lstm",
+                    encoder_hidden_size=8, encoder_num_layers=1, learning_rate=1e-2)
+    encoder = model.model.prompt_encoder["default"]
+    assert isinstance(encoder.lstm_head, torch.nn.LSTM) and encoder.lstm_head.bidirectional
+    lstm = 2 * 4 * (8 * 64 + 8 * 8 + 2 * 8)  # 2 directions x 4 gates x (W_ih, W_hh, two biases)
+    mlp = (16 * 16 + 16) + (16 * 64 + 64)  # MLP head 2h -> 2h -> hidden
+    assert model.trainable_count == 4 * 64 + lstm + mlp
+    tiny_trainer(max_steps=2).fit(model, datamodule=data)
