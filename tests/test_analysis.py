@@ -19,22 +19,11 @@ import yaml
 
 from peftlab.analysis import memory, params, recommend
 from peftlab.analysis.params import MethodSpec, build_meta
-from peftlab.cli import main
+from test_cli import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 PE = ROOT / "experiments" / "param_efficiency"
 QS = str(ROOT / "configs" / "quickstart.yaml")
-
-
-def run_main(args, capsys):
-    """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        main(args)
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def meta(class_name: str, backbone: str, task: str, **kw):
