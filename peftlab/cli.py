@@ -92,7 +92,7 @@ def _make_cli_class():
 
 
 def write_predictions(path, batches, datamodule) -> int:
-    """Write predict_step outputs as jsonl: one object per input with the input text and the prediction."""
+    """Write predict_step outputs (atomically) as jsonl, or csv when ``path`` ends in .csv: one row per input."""
     texts = datamodule.predict_texts() if datamodule is not None else None
     names = getattr(datamodule, "label_names", None)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
