@@ -10,6 +10,7 @@ import torch
 
 from peftlab.backbones import TASKS, Task, is_decoder_only, load_tokenizer
 from peftlab.data import formats
+from peftlab.data.loading import EpochShuffleSampler, ResumableLoader, eval_generator
 from peftlab.data.sources import PACKAGED_LABELS, load_source
 from peftlab.errors import PeftLabError, did_you_mean
 
@@ -352,14 +353,12 @@ class PeftDataModule(L.LightningDataModule):
     def _loader(self, split, shuffle=False, batch_size=None, pad_left=False):
         if not self.datasets:
             self.setup()
-        return torch.utils.data.DataLoader(
-            self.datasets[split],
-            batch_size=batch_size or self.eval_batch_size,
-            shuffle=shuffle,
-            collate_fn=partial(self.collate, pad_left=pad_left),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        dataset = self.datasets[split]
+        common = dict(batch_size=batch_size or self.eval_batch_size, collate_fn=partial(self.collate, pad_left=pad_left),
+                      num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        if shuffle:  # training: resumable mid-epoch, bit-exactly (see peftlab.data.loading)
+            return ResumableLoader(dataset, sampler=EpochShuffleSampler(dataset), **common)
+        return torch.utils.data.DataLoader(dataset, generator=eval_generator(), **common)
 
     def train_dataloader(self):
         return self._loader("train", shuffle=True, batch_size=self.batch_size, pad_left=self.pad_left)

@@ -1,0 +1,153 @@
+"""Data loaders that make a killed run resume exactly where it stopped.
+
+Lightning saves and restores the state of a training DataLoader that has ``state_dict``/``load_state_dict``
+(its "stateful loader" protocol) but ships no such loader; torchdata's ``StatefulDataLoader`` would add a
+dependency and still leave the global RNG (dropout) to the user. :class:`ResumableLoader` is the small piece
+that closes the gap. Its state is
+
+* ``position``: batches of the current epoch already handed to the training loop (Lightning does not
+  prefetch from a loader with a length, so at checkpoint time this is exactly the batches trained on);
+* ``epoch_seed``: the seed this epoch's shuffle was drawn with;
+* ``rng``: the torch / numpy / python RNG states when the checkpoint was written.
+
+On resume the loader replays the same shuffle, skips the consumed batches by index (no data is read for
+them) and restores the RNG right where the uninterrupted run would continue: before the first remaining
+batch mid-epoch, before the next epoch's shuffle at an epoch boundary. Evaluation loaders get their own
+generator so that validation never draws from the global RNG, which would make the training stream depend
+on whether validation ran before or after a checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """``RandomSampler`` (same draws, same order) that remembers its epoch's seed and can replay it."""
+
+    def __init__(self, data_source) -> None:
+        self.data_source = data_source
+        self.epoch_seed: int | None = None
+        self._replay_seed: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.data_source)
+
+    def replay(self, seed: int) -> None:
+        """Use ``seed`` for the next epoch's shuffle instead of drawing one."""
+        self._replay_seed = seed
+
+    def __iter__(self):
+        if self._replay_seed is not None:
+            seed, self._replay_seed = self._replay_seed, None
+        else:  # exactly RandomSampler's draw, so runs keep the order they had before resuming existed
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        self.epoch_seed = seed
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
+class _SkipBatches:
+    """A batch sampler that leaves out its first ``skip`` batches (indices only: no data is read)."""
+
+    def __init__(self, batches, skip: int) -> None:
+        self.batches, self.skip = batches, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batches), self.skip, None)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def rng_state() -> dict:
+    """The global RNG states as tensors, ints and tuples only, so weights-only loading accepts them."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader whose position, shuffle and RNG survive a checkpoint (see the module docstring).
+
+    Built like a ``DataLoader`` with ``sampler=EpochShuffleSampler(dataset)``; under a distributed strategy
+    Lightning wraps that sampler, and the loader still finds it.
+    """
+
+    _skip = 0
+    _position = 0
+    _resume: dict | None = None
+
+    @property
+    def _index_sampler(self):
+        base = super()._index_sampler
+        return _SkipBatches(base, self._skip) if self._skip else base
+
+    def _shuffle_sampler(self) -> EpochShuffleSampler | None:
+        sampler, seen = self.sampler, 0
+        while sampler is not None and not isinstance(sampler, EpochShuffleSampler) and seen < 4:
+            # Lightning's DistributedSamplerWrapper keeps the original sampler at .dataset._sampler
+            sampler = getattr(sampler, "_sampler", None) or getattr(sampler, "dataset", None)
+            seen += 1
+        return sampler if isinstance(sampler, EpochShuffleSampler) else None
+
+    def state_dict(self) -> dict:
+        sampler = self._shuffle_sampler()
+        return {"position": self._position, "epoch_seed": sampler.epoch_seed if sampler else None,
+                "rng": rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = state
+
+    def __iter__(self):
+        state, self._resume = self._resume, None
+        position = 0
+        if state is not None and 0 < state["position"] < len(self):
+            # mid-epoch: same shuffle, skip what was trained on, RNG restored before the next batch
+            position = self._skip = state["position"]
+            sampler = self._shuffle_sampler()
+            if sampler is not None and state["epoch_seed"] is not None:
+                sampler.replay(state["epoch_seed"])
+        elif state is not None:
+            # at an epoch boundary: the next shuffle is drawn from the restored RNG, as it was originally
+            set_rng_state(state["rng"])
+            state = None
+        iterator = super().__iter__()
+        self._skip = 0
+        return self._count(iterator, position, state)
+
+    def _count(self, iterator, position, state):
+        self._position = position
+        for batch in iterator:
+            if state is not None:
+                set_rng_state(state["rng"])
+                state = None
+            self._position += 1
+            yield batch
+
+
+def eval_generator() -> torch.Generator:
+    """A fixed generator for evaluation loaders, so creating them never advances the global RNG."""
+    generator = torch.Generator()
+    generator.manual_seed(0)
+    return generator
