@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from peftlab.errors import PeftLabError
+from peftlab.runinfo import run_record
 
 
 @contextlib.contextmanager
@@ -75,7 +76,7 @@ def peftlab_meta(module, label_names: list[str] | None = None) -> dict:
                if not k.startswith("_") and k not in ("task", "num_labels") and _jsonable(v)}
     return {"method": method_path(module), "init_args": hparams, "task": module.task,
             "num_labels": module.num_labels, "label_names": label_names, "backbone": module.hparams.backbone,
-            "trainable": module.trainable_count, "total": module.total_count}
+            "trainable": module.trainable_count, "total": module.total_count, "run": run_record()}
 
 
 def export_adapter(module, directory, *, config_yaml: str | None = None, metrics: dict | None = None,

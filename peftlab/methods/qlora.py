@@ -53,7 +53,7 @@ class QLoRA(LoRA):
     ):
         self.quant_settings = dict(quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
                                    gradient_checkpointing=gradient_checkpointing)
-        super().__init__(optimizer=optimizer, **kwargs)
+        super().__init__(optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, **kwargs)
 
     def quantization_config(self):
         from transformers import BitsAndBytesConfig

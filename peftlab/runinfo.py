@@ -1,0 +1,68 @@
+"""What a run needs to be reproduced besides its config: seed, library versions, code version, command.
+
+``PeftModule.on_fit_start`` writes it to ``<run dir>/run.json`` (next to Lightning's ``config.yaml``, the
+resolved config); exported adapters carry the same record in ``peftlab_meta.json``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+
+LIBRARIES = ("peftlab", "torch", "lightning", "transformers", "peft", "bitsandbytes", "datasets",
+             "torchmetrics", "jsonargparse", "safetensors", "numpy")
+
+
+def library_versions() -> dict[str, str | None]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+@functools.lru_cache(maxsize=8)
+def git_commit(directory: str | None = None) -> dict | None:
+    """HEAD of the git checkout the run was started from, and whether it had uncommitted changes."""
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=directory, capture_output=True, text=True,  # noqa: E731
+                                        timeout=5, check=True).stdout.strip()
+        return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_record(module=None) -> dict:
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    record = {
+        "seed": int(seed) if seed is not None else None,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": [os.path.basename(sys.argv[0]), *sys.argv[1:]] if sys.argv else [],
+        "versions": library_versions(),
+        "git": git_commit(),
+        "platform": platform.platform(),
+    }
+    if module is not None:
+        record["method"] = f"{type(module).__module__}.{type(module).__qualname__}"
+        record["backbone"] = module.hparams.get("backbone")
+        record["trainable"] = module.trainable_count
+        record["total"] = module.total_count
+    return record
+
+
+def write_run_record(directory: str, module=None) -> str:
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "run.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(run_record(module), f, indent=2)
+    os.replace(tmp, path)
+    return path
