@@ -31,9 +31,14 @@ def _adapter_dir(path: Path) -> Path:
 def _method_class(path: str):
     module_name, _, cls_name = path.rpartition(".")
     try:
-        return getattr(importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError) as err:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError, ValueError) as err:
         raise PeftLabError(f"cannot import the adapter's method {path!r}: {err}") from err
+    from peftlab.methods import PeftModule
+
+    if not (isinstance(cls, type) and issubclass(cls, PeftModule)):
+        raise PeftLabError(f"the adapter's method {path!r} is not a PeftModule subclass; refusing to build it")
+    return cls
 
 
 def build_module(meta: dict, backbone: str | None = None):
@@ -43,7 +48,16 @@ def build_module(meta: dict, backbone: str | None = None):
     init_args["num_labels"] = meta.get("num_labels")
     if backbone:
         init_args["backbone"] = backbone
-    return _method_class(meta["method"])(**init_args)
+    cls = _method_class(meta["method"])
+    try:
+        return cls(**init_args)
+    except TypeError as err:  # a field the method does not take: a hand-edited or foreign peftlab_meta.json
+        raise PeftLabError(f"peftlab_meta.json does not fit {cls.__name__}: {err}; export the adapter again") from err
+    except PeftLabError as err:
+        if backbone and backbone != meta.get("backbone"):
+            raise PeftLabError(f"the adapter was trained on {meta.get('backbone')!r} and does not fit backbone "
+                               f"{backbone!r}: {err}") from err
+        raise
 
 
 def load_weights(module, directory) -> None:
@@ -64,11 +78,35 @@ def load_weights(module, directory) -> None:
             for name, value in weights.items():
                 expected[name].copy_(value)
         return
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
+    unknown = sorted(set(config) - _peft_config_fields(config))
+    if unknown:
+        raise PeftLabError(f"adapter {directory}: adapter_config.json has fields peft does not know: {unknown[:5]}; "
+                           "it was written by another peft version or edited by hand")
+    expected = get_peft_model_state_dict(module.model)
+    wrong = sorted(k for k in set(weights) & set(expected) if weights[k].shape != expected[k].shape)
+    missing = sorted(set(expected) - set(weights))
+    if wrong or missing:
+        raise PeftLabError(
+            f"adapter {directory} does not fit this {type(module).__name__} model (wrong shape {wrong[:3]}, "
+            f"missing {missing[:3]}); was it trained on another backbone or with other settings?"
+        )
     result = set_peft_model_state_dict(module.model, weights)
     if getattr(result, "unexpected_keys", None):
         raise PeftLabError(f"adapter {directory} has weights this model does not: {result.unexpected_keys[:3]}")
+
+
+def _peft_config_fields(config: dict) -> set[str]:
+    """Every field the adapter's peft config class (by ``peft_type``) accepts."""
+    import dataclasses
+
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(str(config.get("peft_type")))
+    if cls is None:
+        raise PeftLabError(f"adapter_config.json has an unknown peft_type {config.get('peft_type')!r}")
+    return {f.name for f in dataclasses.fields(cls)} | {"peft_type", "auto_mapping", "task_type"}
 
 
 class Run:

@@ -54,6 +54,28 @@ def building_on_meta() -> bool:
     return _META["active"]
 
 
+def check_remote_code(name: str, path: str, trust_remote_code: bool) -> None:
+    """Refuse a local model directory that needs its own Python code unless the user trusts it explicitly
+    (for hub names transformers itself refuses without ``trust_remote_code``)."""
+    config_file = os.path.join(path, "config.json")
+    if trust_remote_code or not os.path.isfile(config_file):
+        return
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    try:
+        config = json.loads(open(config_file, encoding="utf-8").read())
+    except (OSError, ValueError) as err:
+        raise PeftLabError(f"backbone {name!r}: {config_file} is not valid JSON ({err})") from err
+    if config.get("model_type") not in CONFIG_MAPPING and (config.get("auto_map") or
+                                                           any(f.endswith(".py") for f in os.listdir(path))):
+        raise PeftLabError(
+            f"backbone {name!r} (model_type {config.get('model_type')!r}) needs its own Python code, which peftlab "
+            "does not run by default; set model.trust_remote_code: true only if you trust where the model came from"
+        )
+
+
 def load_tokenizer(name: str, *, trust_remote_code: bool = False, revision: str | None = None):
     """Tokenizer of backbone ``name``, with a pad token (EOS when the model has none) and right padding."""
     from transformers import AutoTokenizer
@@ -61,6 +83,7 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False, revision: str 
     if _META["active"]:
         return None
     path = resolve_model(name)
+    check_remote_code(name, path, trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except Exception as err:  # noqa: BLE001 - transformers raises OSError/ValueError/EnvironmentError variously
@@ -97,6 +120,7 @@ def load_backbone(
     dtype = kwargs.pop("dtype", "float32")
     kwargs["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype) if isinstance(dtype, str) else dtype
     path = resolve_model(name)
+    check_remote_code(name, path, trust_remote_code)
     try:
         from transformers import AutoConfig
 

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 import warnings
+from pathlib import Path
 
 from peftlab.errors import PeftLabError
 
@@ -62,8 +63,66 @@ def _make_cli_class():
             # num_labels is read from the data, so it is never written twice
             parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
 
+        def _parse_ckpt_path(self):
+            # LightningCLI reads the checkpoint's hyperparameters into the config before anything else
+            from peftlab.checkpointing import checkpoint_errors
+
+            if not self.config.get("subcommand"):
+                return
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            with checkpoint_errors(path):
+                self._check_checkpoint_matches_config(path)
+                super()._parse_ckpt_path()
+
+        def _check_checkpoint_matches_config(self, path):
+            """Lightning would silently replace the config's model settings with the checkpoint's; refuse instead
+            when they differ, so a resumed run is never something other than what the config says."""
+            if not path or not Path(path).is_file():
+                return
+            import torch
+
+            hparams = dict(torch.load(path, weights_only=True, map_location="cpu").get("hyper_parameters") or {})
+            model = self.config[self.config.subcommand].get("model")
+            if not hparams or model is None:
+                return
+            saved_class = hparams.pop("_class_path", None)
+            if saved_class and saved_class != model.class_path:
+                diffs = [f"model.class_path is {model.class_path} here but {saved_class} in the checkpoint"]
+            else:
+                init_args = model.get("init_args") or {}
+                diffs = [f"model.init_args.{k} is {init_args.get(k)!r} here but {v!r} in the checkpoint"
+                         for k, v in sorted(hparams.items())
+                         if not k.startswith("_") and k not in ("task", "num_labels") and init_args.get(k) is not None
+                         and _normalise(init_args.get(k)) != _normalise(v)]
+            if diffs:
+                raise PeftLabError(
+                    f"checkpoint does not match the config ({'; '.join(diffs[:3])}). Resume with the settings the "
+                    "checkpoint was trained with, or start a new run without --ckpt_path"
+                )
+
         def before_fit(self):
             self._started = time.time()
+            self._resolve_last_checkpoint()
+
+        def _resolve_last_checkpoint(self):
+            """``--ckpt_path last`` resumes the newest run of this config: Lightning alone would look only in
+            the new run's (empty) version directory, because the logger picks a fresh version per run."""
+            cfg = self.config_init[self.subcommand]
+            logger = self.trainer.logger
+            if cfg.get("ckpt_path") != "last" or logger is None or not hasattr(logger, "root_dir"):
+                return
+            found = sorted(Path(logger.root_dir).glob("*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+            if not found:
+                print(f"[peftlab] --ckpt_path last: no last.ckpt under {logger.root_dir}; starting a new run")
+                cfg["ckpt_path"] = None
+                return
+            ckpt = found[-1]
+            version = ckpt.parent.parent.name
+            # log into the resumed run's directory (CSV metrics append; checkpoints continue in place)
+            logger._version = int(version[len("version_"):]) if version.startswith("version_") and \
+                version[len("version_"):].isdigit() else version
+            cfg["ckpt_path"] = str(ckpt)
+            print(f"[peftlab] resuming from {ckpt}")
 
         def after_fit(self):
             trainer, model = self.trainer, self.model
@@ -89,6 +148,10 @@ def _make_cli_class():
             return cfg.get(key)
 
     return PeftLabCLI
+
+
+def _normalise(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def write_predictions(path, batches, datamodule) -> int:
@@ -184,17 +247,120 @@ def main(args: list[str] | None = None) -> None:
                 PeftDataModule,
                 subclass_mode_model=True,
                 save_config_kwargs={"overwrite": True},
-                parser_kwargs={"default_env": False, "prog": "peftlab", "description": _description()},
+                # parse errors raise (instead of printing the whole usage), and main() prints one line for them
+                parser_kwargs={"default_env": False, "prog": "peftlab", "description": _description(),
+                               "exit_on_error": False,
+                               **{c: {"exit_on_error": False} for c in ("fit", "validate", "test", "predict")}},
                 auto_configure_optimizers=False,
             )
         finally:
             sys.argv = saved
     except Exception as err:  # noqa: BLE001 - only PeftLabError is turned into a message, the rest re-raises
-        user_error = _find_user_error(err)
+        user_error = _find_user_error(err) or _out_of_memory(err) or _argument_error(err, argv)
         if debug or user_error is None:
             raise
         print(f"peftlab: error: {user_error}", file=sys.stderr)
         sys.exit(2)
+
+
+def _argument_error(err: BaseException, argv: list[str]) -> PeftLabError | None:
+    """One line for a jsonargparse parse error (which would otherwise print the whole usage and a nested
+    report of every Union branch it tried), naming the key, what was wrong and what to do."""
+    from jsonargparse import ArgumentError
+
+    if not isinstance(err, ArgumentError):
+        return None
+    subcommand = next((a for a in argv if not a.startswith("-")), "fit")
+    hint = f"see `peftlab {subcommand} --help`"
+    return PeftLabError(f"{_explain_argument_error(str(err), argv)}; {hint}")
+
+
+def _broken_config(argv: list[str]) -> str | None:
+    """The first ``--config`` file of ``argv`` that YAML cannot parse, with the line of the problem."""
+    import yaml
+
+    for flag, value in zip(argv, argv[1:]):
+        if flag in ("--config", "-c") and os.path.isfile(value):
+            try:
+                yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+            except (yaml.YAMLError, UnicodeDecodeError) as err:
+                mark = getattr(err, "problem_mark", None)
+                return f"{value}" + (f" (line {mark.line + 1})" if mark is not None else "")
+    return None
+
+
+def _explain_argument_error(text: str, argv: list[str]) -> str:
+    import re
+
+    keys = re.findall(r'Parser key "([^"]+)"', text)
+    class_path = re.search(r"Problem with given class_path '([^']+)':", text)
+    key = ".".join(k for k in keys if k)  # "model" + "r" -> model.r, made model.init_args.r below
+    if class_path and keys and keys[0] in ("model", "data") and len(keys) > 1:
+        key = f"{keys[0]}.init_args.{'.'.join(keys[1:])}"
+    method = class_path.group(1).rsplit(".", 1)[-1] if class_path else None
+    if m := re.search(r"Option '([^']+)' is not accepted", text):
+        where = f"{keys[0]}.init_args" if keys else "the config"
+        return f"{where}.{m.group(1)} is not an argument of {method or 'this class'}" + _close_argument(
+            class_path.group(1) if class_path else None, m.group(1))
+    if m := re.search(r"has no attribute '([^']+)'|No module named '([^']+)'", text):
+        from peftlab.errors import did_you_mean
+        import peftlab
+
+        name = class_path.group(1) if class_path else (m.group(1) or m.group(2))
+        return f"cannot find class {name!r} ({keys[0] if keys else 'class_path'})" + did_you_mean(
+            name.rsplit(".", 1)[-1], peftlab.__all__)
+    if m := re.search(r"Expected a typing\.Literal\[(.*?)\]\. Got value: (.*)", text):
+        choices = m.group(1).replace("'", "")
+        return f"{key or 'a value'} must be one of {choices} (got {m.group(2).strip()!r})"
+    if m := re.search(r"Expected a <class '(\w+)'>\. Got value: (.*)", text):
+        return f"{key or 'a value'} must be of type {m.group(1)} (got {m.group(2).strip()!r})"
+    if m := re.search(r"unrecognized arguments: (.*)", text):
+        return f"unknown option(s) {m.group(1).strip()}"
+    if m := re.search(r"File does not exist: '([^']+)'", text):
+        return f"config file {m.group(1)} does not exist"
+    if "Problems parsing config" in text:
+        lines = [line.strip() for line in text.splitlines() if line.strip() and "<unicode string>" not in line]
+        return f"{_broken_config(argv) or 'a --config file'} is not valid YAML ({' '.join(lines)[-120:]})"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    detail = next((line for line in reversed(lines) if not line.startswith(("Given value", "- Expected a <class 'NoneType'>",
+                                                                            "Subtypes:", "Errors:"))), text)
+    return f"{key + ': ' if key else ''}{detail}"
+
+
+def _close_argument(class_path: str | None, name: str) -> str:
+    """' Did you mean ...?' for a misspelt init argument of ``class_path`` (its signature and its bases')."""
+    if not class_path:
+        return ""
+    import importlib
+    import inspect
+
+    from peftlab.errors import did_you_mean
+
+    try:
+        module, _, cls_name = class_path.rpartition(".")
+        cls = getattr(importlib.import_module(module), cls_name)
+    except (ImportError, AttributeError, ValueError):
+        return ""
+    params = {p for klass in inspect.getmro(cls) if "__init__" in vars(klass)
+              for p in inspect.signature(klass.__init__).parameters if p not in ("self", "args", "kwargs")}
+    close = did_you_mean(name, sorted(params)) if params else ""
+    return f" (it takes: {', '.join(sorted(params))})" if params and not close else close
+
+
+def _out_of_memory(err: BaseException | None) -> PeftLabError | None:
+    """Advice for running out of (GPU or host) memory, or None if ``err`` is something else."""
+    while err is not None:
+        if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or \
+                "out of memory" in str(err).lower()[:200]:
+            return PeftLabError(
+                f"out of memory ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}). "
+                "Lower data.batch_size (and raise trainer.accumulate_grad_batches to keep the effective batch), "
+                "lower data.max_length, turn on model.gradient_checkpointing (LoRA, QLoRA, adapters, full "
+                "fine-tuning), load the backbone with model.dtype bfloat16, or use QLoRA; "
+                "`peftlab estimate-memory --config FILE` tells what fits before you start"
+            )
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _find_user_error(err: BaseException | None) -> PeftLabError | None:

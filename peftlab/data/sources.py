@@ -12,6 +12,8 @@ Reading goes through ``datasets.load_dataset``, so every later ``map`` is cached
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -48,6 +50,17 @@ def _check_file(path: str) -> None:
         raise PeftLabError(f"data file {path!r} is empty; give a file with a header and rows")
 
 
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _looks_local(source: str) -> bool:
     return os.path.exists(source) or source.startswith((".", "/", "~")) or any(
         source.lower().endswith(ext) for ext in (*_FORMATS, *_COMPRESSION)
@@ -78,7 +91,9 @@ def load_source(source: str | dict[str, str], config_name: str | None = None):
         if len(formats) > 1:
             raise PeftLabError(f"data files mix formats {sorted(formats)}; give all splits in one format")
         try:
-            ds = datasets.load_dataset(formats.pop(), data_files=files, **kwargs)
+            # datasets logs its own report (with a traceback) before raising; peftlab's message replaces it
+            with _quiet_logger("datasets"):
+                ds = datasets.load_dataset(formats.pop(), data_files=files, **kwargs)
         except Exception as err:  # noqa: BLE001 - pyarrow/pandas/json raise many kinds
             msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             cause = err.__cause__ or err.__context__

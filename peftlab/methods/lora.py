@@ -57,7 +57,15 @@ def check_target_modules(model: nn.Module, targets: list[str] | str) -> None:
     if targets == "all-linear":
         return
     if isinstance(targets, str):
-        targets = [targets]
+        # peft reads a single string as a regular expression over full module names, not as a suffix
+        import re
+
+        if not any(re.fullmatch(targets, n) for n, _ in model.named_modules()):
+            raise PeftLabError(
+                f"model.target_modules {targets!r} is a single string, which peft matches as a regular expression "
+                "against full module names, and it matches none; give a list of layer names, e.g. [query, value]"
+            )
+        return
     if not targets:
         raise PeftLabError("model.target_modules is empty; name at least one layer, e.g. [query, value]")
     names = [n for n, _ in model.named_modules()]
