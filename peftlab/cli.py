@@ -132,14 +132,16 @@ def _make_cli_class():
                 results = trainer.test(model, datamodule=self.datamodule, ckpt_path="best" if best else None,
                                        verbose=False)
                 results = results[0] if results else {}
+            log_dir = trainer.log_dir  # a collective under a distributed strategy: every rank must ask
             if trainer.is_global_zero:
-                _print_summary(model, trainer, best, results, time.time() - self._started)
+                _print_summary(model, trainer, log_dir, best, results, time.time() - self._started)
 
         def after_predict(self):
             trainer = self.trainer
+            log_dir = trainer.log_dir  # a collective under a distributed strategy: every rank must ask
             if not trainer.is_global_zero or not trainer.predict_loop.predictions:
                 return
-            path = self.config_value("predictions_file") or os.path.join(trainer.log_dir or ".", "predictions.jsonl")
+            path = self.config_value("predictions_file") or os.path.join(log_dir or ".", "predictions.jsonl")
             n = write_predictions(path, trainer.predict_loop.predictions, self.datamodule)
             print(f"[peftlab] wrote {n} predictions to {path}")
 
@@ -187,7 +189,7 @@ def write_predictions(path, batches, datamodule) -> int:
     return len(out)
 
 
-def _print_summary(model, trainer, best, results, seconds):
+def _print_summary(model, trainer, log_dir, best, results, seconds):
     pct = 100.0 * model.trainable_count / model.total_count
     lines = [f"method      {type(model).__name__} on {model.hparams.backbone}",
              f"trainable   {model.trainable_count:,} / {model.total_count:,} parameters ({pct:.4f}%)"]
@@ -196,14 +198,14 @@ def _print_summary(model, trainer, best, results, seconds):
         lines.append(f"best        {cb.monitor} = {float(cb.best_model_score):.4f}")
     if best:
         lines.append(f"checkpoint  {best}")
-    adapter = next((d for d in (os.path.join(trainer.log_dir or "", "adapter", n) for n in ("best", "last"))
-                    if trainer.log_dir and os.path.isdir(d)), None)
+    adapter = next((d for d in (os.path.join(log_dir or "", "adapter", n) for n in ("best", "last"))
+                    if log_dir and os.path.isdir(d)), None)
     if adapter:
         lines.append(f"adapter     {adapter}")
     for key in sorted(results):
         lines.append(f"{key:<11} {results[key]:.4f}")
-    if trainer.log_dir:
-        lines.append(f"run dir     {trainer.log_dir}")
+    if log_dir:
+        lines.append(f"run dir     {log_dir}")
     lines.append(f"time        {seconds:.0f} s")
     print("\n[peftlab] fit summary\n  " + "\n  ".join(lines), flush=True)
 

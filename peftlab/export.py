@@ -66,7 +66,10 @@ def method_path(module) -> str:
 
 def trainable_state(module) -> dict[str, torch.Tensor]:
     """Trainable parameters of ``module.model`` by name (contiguous CPU copies, ready for safetensors)."""
-    return {n: p.detach().cpu().contiguous() for n, p in module.model.named_parameters() if p.requires_grad}
+    from peftlab.methods.base import unwrapped_name
+
+    return {unwrapped_name(n): p.detach().cpu().contiguous() for n, p in module.model.named_parameters()
+            if p.requires_grad}
 
 
 def peftlab_meta(module, label_names: list[str] | None = None) -> dict:

@@ -50,11 +50,18 @@ def tiny_config(tmp_path, backbone, source, **model):
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_shipped_config_loads(config, capsys):
-    # configs/methods/*.yaml hold only a model section, meant to be layered on a base config
-    base = ["--config", str(ROOT / "configs/quickstart.yaml")] if config.startswith("configs/methods/") else []
+    # configs/methods/*.yaml hold only a model section, configs/strategies/*.yaml only a trainer section,
+    # meant to be layered on a base config
+    layered = config.startswith(("configs/methods/", "configs/strategies/"))
+    base = ["--config", str(ROOT / "configs/quickstart.yaml")] if layered else []
     code, out, err = run_main(["fit", *base, "--config", str(ROOT / config), "--print_config"], capsys)
     assert code == 0, err
     printed = yaml.safe_load(out)
+    if config.startswith("configs/strategies/"):
+        own = yaml.safe_load((ROOT / config).read_text())["trainer"]
+        strategy = printed["trainer"]["strategy"]
+        assert strategy == own["strategy"] or strategy["class_path"] == own["strategy"]["class_path"]
+        return
     own = yaml.safe_load((ROOT / config).read_text())["model"]
     assert printed["model"]["class_path"] == own["class_path"]
     assert printed["model"]["class_path"].startswith("peftlab.methods.")

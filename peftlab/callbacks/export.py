@@ -34,14 +34,19 @@ class AdapterExport(L.Callback):
 
     @staticmethod
     def _config_yaml(trainer) -> str | None:
-        path = os.path.join(trainer.log_dir or "", "config.yaml")
-        return Path(path).read_text(encoding="utf-8") if trainer.log_dir and os.path.isfile(path) else None
+        log_dir = trainer.log_dir
+        path = os.path.join(log_dir or "", "config.yaml")
+        return Path(path).read_text(encoding="utf-8") if log_dir and os.path.isfile(path) else None
 
     def _export(self, trainer, module, name, metrics=None):
-        if trainer.is_global_zero and hasattr(module, "trainable_count"):
-            labels = getattr(trainer.datamodule, "label_names", None) if trainer.datamodule is not None else None
-            export_adapter(module, self.directory(trainer) / name, config_yaml=self._config_yaml(trainer),
-                           metrics=metrics, label_names=labels)
+        # every rank runs this hook and must ask for trainer.log_dir (a collective under a distributed
+        # strategy); only rank 0 writes
+        directory, config_yaml = self.directory(trainer), self._config_yaml(trainer)
+        with full_parameters(trainer):
+            if trainer.is_global_zero and hasattr(module, "trainable_count"):
+                labels = getattr(trainer.datamodule, "label_names", None) if trainer.datamodule is not None else None
+                export_adapter(module, directory / name, config_yaml=config_yaml, metrics=metrics,
+                               label_names=labels)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         # called once per checkpoint file; export once per step
@@ -58,6 +63,20 @@ class AdapterExport(L.Callback):
             if found:
                 metrics = {cb.monitor: cb.best_model_score} if cb.monitor and cb.best_model_score is not None else {}
                 self._export(trainer, pl_module, "best", metrics)
+
+
+@contextlib.contextmanager
+def full_parameters(trainer):
+    """Under FSDP, gather the full parameters on rank 0 for the export (a collective: every rank enters).
+    Not exercised on this project's CPU machine (torch's FSDP needs an accelerator); see docs/distributed.md."""
+    strategy = getattr(trainer, "strategy", None)
+    if type(strategy).__name__.endswith("FSDPStrategy"):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(strategy.model, writeback=False, rank0_only=True):
+            yield
+    else:
+        yield
 
 
 @contextlib.contextmanager

@@ -33,9 +33,10 @@ class LoRAMerge(L.Callback):
         check_mergeable(pl_module)  # fail before training, not after
 
     def on_fit_end(self, trainer, pl_module):
+        log_dir = trainer.log_dir  # a collective under a distributed strategy: every rank asks, rank 0 writes
         if not trainer.is_global_zero:
             return
-        directory = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "merged")
+        directory = self.dirpath or os.path.join(log_dir or trainer.default_root_dir, "merged")
         with best_weights(trainer, pl_module):
             report = merge_to_directory(pl_module, directory, self.dtype, probe_batch(pl_module))
         with open(os.path.join(directory, "merge_report.json"), "w", encoding="utf-8") as f:

@@ -10,7 +10,7 @@ import torch
 
 from peftlab.backbones import TASKS, Task, is_decoder_only, load_tokenizer
 from peftlab.data import formats
-from peftlab.data.loading import EpochShuffleSampler, ResumableLoader, eval_generator
+from peftlab.data.loading import ResumableLoader, eval_generator, training_sampler
 from peftlab.data.sources import PACKAGED_LABELS, load_source
 from peftlab.errors import PeftLabError, did_you_mean
 
@@ -46,6 +46,7 @@ class PeftDataModule(L.LightningDataModule):
             test are untouched. The chosen rows are written to ``<run dir>/few_shot_ids.json``.
         few_shot_n: keep only n training examples in total (any task, e.g. generation).
         few_shot_seed: seed of the few-shot draw (independent of ``split_seed``, so the split stays fixed).
+        shuffle: reshuffle the training data every epoch (off: dataset order, e.g. to compare runs batch by batch).
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class PeftDataModule(L.LightningDataModule):
         few_shot_k: int | None = None,
         few_shot_n: int | None = None,
         few_shot_seed: int = 0,
+        shuffle: bool = True,
     ):
         super().__init__()
         if task not in TASKS:
@@ -119,6 +121,7 @@ class PeftDataModule(L.LightningDataModule):
         self.few_shot_k = few_shot_k
         self.few_shot_n = few_shot_n
         self.few_shot_seed = few_shot_seed
+        self.shuffle = shuffle
         self.few_shot_ids: list[int] | None = None
         self.datasets: dict = {}
 
@@ -321,14 +324,17 @@ class PeftDataModule(L.LightningDataModule):
         import os
 
         trainer = getattr(self, "trainer", None)
-        if trainer is None or not trainer.is_global_zero or not trainer.log_dir:
+        if trainer is None:
             return
-        os.makedirs(trainer.log_dir, exist_ok=True)
+        log_dir = trainer.log_dir  # a collective under a distributed strategy: every rank asks, rank 0 writes
+        if not trainer.is_global_zero or not log_dir:
+            return
+        os.makedirs(log_dir, exist_ok=True)
         record = {"few_shot_k": self.few_shot_k, "few_shot_n": self.few_shot_n, "few_shot_seed": self.few_shot_seed,
                   "split_seed": self.split_seed, "source": self.source,
                   "note": "row positions in the source's train split (packaged: after keeping fresh/rotten)",
                   "ids": self.few_shot_ids}
-        with open(os.path.join(trainer.log_dir, "few_shot_ids.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(log_dir, "few_shot_ids.json"), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)
 
     # ------------------------------------------------------------------ loaders
@@ -350,18 +356,18 @@ class PeftDataModule(L.LightningDataModule):
             batch[key] = rows
         return {k: torch.tensor(v) for k, v in batch.items()}
 
-    def _loader(self, split, shuffle=False, batch_size=None, pad_left=False):
+    def _loader(self, split, batch_size=None, pad_left=False):
         if not self.datasets:
             self.setup()
         dataset = self.datasets[split]
         common = dict(batch_size=batch_size or self.eval_batch_size, collate_fn=partial(self.collate, pad_left=pad_left),
                       num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-        if shuffle:  # training: resumable mid-epoch, bit-exactly (see peftlab.data.loading)
-            return ResumableLoader(dataset, sampler=EpochShuffleSampler(dataset), **common)
+        if split == "train":  # resumable mid-epoch, bit-exactly (see peftlab.data.loading)
+            return ResumableLoader(dataset, sampler=training_sampler(dataset, self.shuffle), **common)
         return torch.utils.data.DataLoader(dataset, generator=eval_generator(), **common)
 
     def train_dataloader(self):
-        return self._loader("train", shuffle=True, batch_size=self.batch_size, pad_left=self.pad_left)
+        return self._loader("train", batch_size=self.batch_size, pad_left=self.pad_left)
 
     def val_dataloader(self):
         return self._loader("validation", pad_left=self.pad_left)

@@ -146,6 +146,21 @@ class ResumableLoader(DataLoader):
             yield batch
 
 
+def training_sampler(dataset, shuffle: bool = True) -> Sampler[int]:
+    """The training sampler: :class:`EpochShuffleSampler` in one process; under a distributed strategy a
+    ``DistributedSampler`` seeded by the run's seed and the epoch, built here rather than by Lightning's
+    wrapper, because every rank must draw the same order and the global RNGs of the ranks need not agree."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        return DistributedSampler(dataset, shuffle=shuffle, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+    return EpochShuffleSampler(dataset) if shuffle else torch.utils.data.SequentialSampler(dataset)
+
+
 def eval_generator() -> torch.Generator:
     """A fixed generator for evaluation loaders, so creating them never advances the global RNG."""
     generator = torch.Generator()

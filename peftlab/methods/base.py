@@ -167,7 +167,9 @@ class PeftModule(L.LightningModule):
         values = {f"{stage}/{k}": metric.compute() for k, metric in m.items()}
         if self.task != "classification":
             values[f"{stage}/ppl"] = torch.exp(values[f"{stage}/loss"].clamp(max=50))
-        self.log_dict(values, prog_bar=stage == "val")
+        # torchmetrics' compute() already gathered every rank's state, so these values are global and equal on
+        # all ranks; sync_dist only tells Lightning so (a mean of equal values, once per epoch)
+        self.log_dict(values, prog_bar=stage == "val", sync_dist=True)
 
     def _reset_metrics(self, stage):
         # Reset at the start of each epoch, inside the loop's grad mode: states made under inference_mode
@@ -233,10 +235,12 @@ class PeftModule(L.LightningModule):
         parts = self.trainable_parts()
         if parts:
             self.print("[peftlab]   " + ", ".join(f"{k}: {v:,}" for k, v in parts.items()))
-        if self.trainer.is_global_zero and self.trainer.loggers and self.trainer.log_dir:  # a run directory
+        # trainer.log_dir is a collective under a distributed strategy: every rank must ask for it
+        log_dir = self.trainer.log_dir if self.trainer.loggers else None
+        if self.trainer.is_global_zero and log_dir:  # a run directory
             from peftlab.runinfo import write_run_record
 
-            write_run_record(self.trainer.log_dir, self)
+            write_run_record(log_dir, self)
         for logger in self.loggers:
             logger.log_hyperparams({"params/trainable": self.trainable_count, "params/total": self.total_count,
                                     "params/percent": pct})
@@ -259,19 +263,26 @@ class PeftModule(L.LightningModule):
         """Trainable parameters per part of the method (e.g. P-tuning v2's embedding and MLP), if it has parts."""
         return {}
 
+    def trainable_named_parameters(self) -> dict[str, nn.Parameter]:
+        """Trainable parameters by their checkpoint names: without the ``_fsdp_wrapped_module.`` (and
+        activation-checkpointing / ``torch.compile``) segments that wrappers insert into module paths."""
+        return {unwrapped_name(n): p for n, p in self.named_parameters() if p.requires_grad}
+
     def on_save_checkpoint(self, checkpoint):
         # Only trainable parameters: a LoRA checkpoint is the size of the adapter, not of the backbone.
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+        names = set(self.trainable_named_parameters())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if unwrapped_name(k) in names}
         checkpoint["peftlab"] = {"method": type(self).__name__, "trainable_only": True}
 
     def on_load_checkpoint(self, checkpoint):
         # strict_loading is off (the backbone is not in the file), so check the adapter part ourselves.
-        expected = {n: p.shape for n, p in self.named_parameters() if p.requires_grad}
-        got = checkpoint.get("state_dict", {})
+        expected = {n: p.shape for n, p in self.trainable_named_parameters().items()}
+        got = {unwrapped_name(k): v for k, v in checkpoint.get("state_dict", {}).items()}
         missing = sorted(set(expected) - set(got))
         unexpected = sorted(set(got) - set(expected))
-        wrong = sorted(k for k in set(got) & set(expected) if tuple(got[k].shape) != tuple(expected[k]))
+        # under a sharding strategy a rank holds flat shards, not the parameters' shapes: compare names only
+        wrong = [] if is_sharded(self) else sorted(k for k in set(got) & set(expected)
+                                                   if tuple(got[k].shape) != tuple(expected[k]))
         if missing or unexpected or wrong:
             detail = "; ".join(f"{what}: {keys[:3]}{' ...' if len(keys) > 3 else ''}" for what, keys in
                                (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
@@ -279,6 +290,23 @@ class PeftModule(L.LightningModule):
                 f"checkpoint does not match this {type(self).__name__} model ({detail}); it was written by "
                 "another method, backbone or setting. Resume with the config the checkpoint was trained with."
             )
+
+
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def unwrapped_name(name: str) -> str:
+    """``name`` without the path segments that FSDP, activation checkpointing and torch.compile insert."""
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+def is_sharded(module: L.LightningModule) -> bool:
+    """Whether ``module`` trains under a strategy that shards parameters (FSDP, DeepSpeed ZeRO-3)."""
+    trainer = getattr(module, "_trainer", None)
+    name = type(getattr(trainer, "strategy", None)).__name__ if trainer is not None else ""
+    return "FSDP" in name or "DeepSpeed" in name
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

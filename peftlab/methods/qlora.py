@@ -38,6 +38,9 @@ class QLoRA(LoRA):
         double_quant: also quantize the quantization constants (saves ~0.37 bit per parameter).
         compute_dtype: dtype of the dequantized matmuls: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
         gradient_checkpointing: recompute activations in backward to save memory.
+        quant_storage: dtype the packed 4-bit weights are stored in: ``uint8`` (bitsandbytes' default), or
+            ``bfloat16``/``float16``/``float32`` to shard them with FSDP (it needs a float storage dtype equal
+            to the other parameters').
         optimizer: see :class:`PeftModule`; QLoRA defaults to the paper's ``paged_adamw_32bit``.
         **kwargs: the :class:`LoRA` arguments (r, alpha, target_modules, ...) and :class:`PeftModule` ones.
     """
@@ -48,11 +51,12 @@ class QLoRA(LoRA):
         double_quant: bool = True,
         compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
         gradient_checkpointing: bool = False,
+        quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8",
         optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "paged_adamw_32bit",
         **kwargs,
     ):
         self.quant_settings = dict(quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
-                                   gradient_checkpointing=gradient_checkpointing)
+                                   gradient_checkpointing=gradient_checkpointing, quant_storage=quant_storage)
         super().__init__(optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, **kwargs)
 
     def quantization_config(self):
@@ -65,7 +69,8 @@ class QLoRA(LoRA):
             extra["llm_int8_skip_modules"] = list(HEAD_NAMES)
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=s["quant_type"],
                                   bnb_4bit_use_double_quant=s["double_quant"],
-                                  bnb_4bit_compute_dtype=compute_dtype(s["compute_dtype"]), **extra)
+                                  bnb_4bit_compute_dtype=compute_dtype(s["compute_dtype"]),
+                                  bnb_4bit_quant_storage=getattr(torch, s["quant_storage"]), **extra)
 
     def load_backbone(self) -> nn.Module:
         from peft import prepare_model_for_kbit_training
