@@ -7,6 +7,7 @@ import os
 import warnings
 
 import pytest
+import yaml
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a hub
@@ -159,3 +160,28 @@ def tiny_trainer(max_steps=5, **kw):
                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                     limit_val_batches=2, limit_test_batches=2)
     return L.Trainer(max_steps=max_steps, **{**defaults, **kw})
+
+
+def write_config(tmp_path, backbone, source, *, method="peftlab.methods.LoRA", model=None, trainer=None,
+                 data=None, callbacks=None, name="run.yaml", runs="runs", run_name="r", seed=7):
+    """A complete small fit config for the tiny models (a few CPU seconds)."""
+    cfg = {
+        "seed_everything": seed,
+        "trainer": {
+            "max_steps": 4, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+            "num_sanity_val_steps": 0, "limit_val_batches": 2, "limit_test_batches": 2, "log_every_n_steps": 1,
+            "enable_model_summary": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                       "init_args": {"save_dir": str(tmp_path / runs), "name": run_name}},
+            **(trainer or {}),
+        },
+        "model": {"class_path": method,
+                  "init_args": {"backbone": backbone, "learning_rate": 0.01,
+                                **({"r": 4} if method.endswith(".LoRA") else {}), **(model or {})}},
+        "data": {"source": source, "task": "classification", "batch_size": 8, "max_length": 32, **(data or {})},
+    }
+    if callbacks is not None:
+        cfg["trainer"]["callbacks"] = callbacks
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import write_config
 from peftlab.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,22 +31,8 @@ def run_main(args, capsys):
 
 
 def tiny_config(tmp_path, backbone, source, **model):
-    cfg = {
-        "seed_everything": 3,
-        "trainer": {
-            "max_steps": 4, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
-            "num_sanity_val_steps": 0, "limit_val_batches": 2, "limit_test_batches": 2, "log_every_n_steps": 1,
-            "enable_model_summary": False,
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                       "init_args": {"save_dir": str(tmp_path / "runs"), "name": "tiny"}},
-        },
-        "model": {"class_path": "peftlab.methods.LoRA",
-                  "init_args": {"backbone": backbone, "r": 4, "learning_rate": 0.01, **model}},
-        "data": {"source": source, "task": "classification", "batch_size": 8, "max_length": 32},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
+    """A 4-step LoRA fit config on the tiny models, written to tmp_path/tiny.yaml."""
+    return write_config(tmp_path, backbone, source, model=model, name="tiny.yaml", run_name="tiny", seed=3)
 
 
 @pytest.mark.parametrize("config", CONFIGS)

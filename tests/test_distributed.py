@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from test_cli import PEFTLAB, run_main
-from test_reliability import write_config
+from conftest import write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGY_CONFIGS = sorted((ROOT / "configs" / "strategies").glob("*.yaml"))

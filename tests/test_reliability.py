@@ -17,34 +17,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from peftlab.errors import PeftLabError
+from conftest import write_config
 from test_cli import PEFTLAB, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_config(tmp_path, backbone, source, *, method="peftlab.methods.LoRA", model=None, trainer=None,
-                 data=None, callbacks=None, name="run.yaml", runs="runs"):
-    """A complete small fit config for the tiny models (a few CPU seconds)."""
-    cfg = {
-        "seed_everything": 7,
-        "trainer": {
-            "max_steps": 4, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
-            "num_sanity_val_steps": 0, "limit_val_batches": 2, "limit_test_batches": 2, "log_every_n_steps": 1,
-            "enable_model_summary": False,
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                       "init_args": {"save_dir": str(tmp_path / runs), "name": "r"}},
-            **(trainer or {}),
-        },
-        "model": {"class_path": method,
-                  "init_args": {"backbone": backbone, "learning_rate": 0.01,
-                                **({"r": 4} if method.endswith(".LoRA") else {}), **(model or {})}},
-        "data": {"source": source, "task": "classification", "batch_size": 8, "max_length": 32, **(data or {})},
-    }
-    if callbacks is not None:
-        cfg["trainer"]["callbacks"] = callbacks
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
