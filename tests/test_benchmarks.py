@@ -1,0 +1,73 @@
+"""The benchmarks (benchmarks/run.py) in smoke mode, so they keep working. Benchmarks are not tests: nothing
+here asserts a time or a ratio, only that every benchmark produced its entries with sane numbers and that
+the report renders (into a temporary file; docs/benchmarks.md comes from the default run)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _numbers(value):
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, (int, float)):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _numbers(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _numbers(v)
+
+
+def test_benchmarks_smoke(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import run
+        from benchmarks.report import render
+
+        results_file, docs_file = tmp_path / "results.json", tmp_path / "benchmarks.md"
+        docs = ROOT / "docs" / "benchmarks.md"
+        docs_before = docs.read_text() if docs.is_file() else None
+        run.main(["--smoke", "--results", str(results_file), "--docs", str(docs_file)])
+    finally:
+        sys.path.remove(str(ROOT))
+    results = json.loads(results_file.read_text())
+    assert (docs.read_text() if docs.is_file() else None) == docs_before  # the committed page is untouched
+
+    assert set(run.NAMES) <= set(results)
+    assert results["meta"]["smoke"] is True
+    for setting in results["throughput"].values():
+        assert set(setting["variants"]) == {"peftlab", "hand", "hf_trainer"}
+        assert set(setting["ratios"]) == {"peftlab/hand", "peftlab/hf_trainer", "peftlab/hand per step",
+                                          "peftlab/hf_trainer per step"}
+        assert setting["same_batches"]  # every loop trained on the very same tokens
+        assert {"data", "forward", "backward", "optimizer"} <= set(setting["variants"]["peftlab"]["phases_ms"])
+    assert set(results["methods"]) == {"prompt_tuning", "prefix_tuning", "qlora"}
+    for padding in results["padding"].values():
+        for kind in ("default", "length_grouped", "sorted"):
+            assert 0 <= padding[kind]["pad_fraction"] < 1
+    for row in results["inference"].values():
+        assert {"base", "lora_merged", "lora_unmerged", "prefix", "prompt"} == set(row["ratio"])
+    assert {"lora_fp32", "qlora_nf4_dq"} <= set(results["memory"])
+    assert results["memory"]["qlora_nf4_dq"]["backbone_bytes"] < results["memory"]["lora_fp32"]["backbone_bytes"]
+    assert results["startup"]["help"]["seconds"]["median"] > 0 and results["startup"]["fit"]
+
+    for name in run.NAMES:
+        numbers = list(_numbers(results[name]))
+        assert numbers, name
+        assert all(math.isfinite(x) for x in numbers), name
+    for key in ("samples_per_s", "tokens_per_s", "step_ms"):
+        for setting in [*results["throughput"].values(), *results["methods"].values()]:
+            assert all(v[key]["median"] > 0 for v in setting["variants"].values())
+
+    text = docs_file.read_text()
+    assert text == render(results)
+    for heading in ("## Targets", "## 1. Training throughput", "## 2. Step-time breakdown", "## 3. Padding",
+                    "## 4. Inference", "## 5. Memory", "## 6. Start-up"):
+        assert heading in text
