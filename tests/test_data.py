@@ -214,3 +214,38 @@ def test_few_shot_ids_written_to_run_dir(tmp_path, tiny_bert, sentiment_csv, cap
     assert code == 0, err
     record = json.loads((tmp_path / "runs/tiny/version_0/few_shot_ids.json").read_text())
     assert record["few_shot_k"] == 4 and len(record["ids"]) == 8 and len(set(record["ids"])) == 8
+
+
+def test_group_by_length_cuts_padding_keeps_every_example(tiny_bert):
+    import torch
+
+    from peftlab.data.loading import EpochShuffleSampler
+
+    def padding(data):
+        data.setup()
+        torch.manual_seed(0)
+        pads = total = 0
+        seen = []
+        for batch in data.train_dataloader():
+            pads += int((batch["attention_mask"] == 0).sum())
+            total += batch["attention_mask"].numel()
+            seen += batch["labels"].tolist()
+        return pads / total, len(seen)
+
+    plain = make_data("packaged:rotten_tomatoes", "classification", tiny_bert, max_train_samples=800, batch_size=16)
+    grouped = make_data("packaged:rotten_tomatoes", "classification", tiny_bert, max_train_samples=800,
+                        batch_size=16, group_by_length=True)
+    (pad_plain, n_plain), (pad_grouped, n_grouped) = padding(plain), padding(grouped)
+    assert n_plain == n_grouped == 800
+    assert pad_grouped < pad_plain / 4, (pad_grouped, pad_plain)
+
+    lengths = [5, 1, 9, 3, 7, 2, 8, 6, 4, 0]
+    sampler = EpochShuffleSampler(list(range(10)), lengths=lengths, batch_size=2, group_batches=2)
+    torch.manual_seed(1)
+    order = list(sampler)
+    assert sorted(order) == list(range(10))
+    for start in (0, 4):  # sorted by length, longest first, within each group of 2 batches x 2
+        group = [lengths[i] for i in order[start:start + 4]]
+        assert group == sorted(group, reverse=True)
+    sampler.replay(sampler.epoch_seed)  # resume replays the same grouped order
+    assert list(sampler) == order

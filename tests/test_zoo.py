@@ -251,3 +251,18 @@ def test_p_tuning_lstm_encoder(tiny_llama, generation_jsonl):
     mlp = (16 * 16 + 16) + (16 * 64 + 64)  # MLP head 2h -> 2h -> hidden
     assert model.trainable_count == 4 * 64 + lstm + mlp
     tiny_trainer(max_steps=2).fit(model, datamodule=data)
+
+
+def test_qlora_releases_the_memory_mapped_checkpoint(tiny_llama):
+    """Parameters kept in the checkpoint's dtype get their own storage (else the mapped file stays resident)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.methods.qlora import release_checkpoint_mapping
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    release_checkpoint_mapping(model)
+    for name, p in model.named_parameters():
+        assert p.data_ptr() != before[name][0], name
+        assert torch.equal(p.detach(), before[name][1]), name

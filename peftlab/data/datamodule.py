@@ -47,6 +47,10 @@ class PeftDataModule(L.LightningDataModule):
         few_shot_n: keep only n training examples in total (any task, e.g. generation).
         few_shot_seed: seed of the few-shot draw (independent of ``split_seed``, so the split stays fixed).
         shuffle: reshuffle the training data every epoch (off: dataset order, e.g. to compare runs batch by batch).
+        group_by_length: put examples of similar length in the same training batch (sorted within random
+            groups of 50 batches): on Rotten Tomatoes with MiniLM padding falls from 48% to 2.5% of the tokens
+            and LoRA trains 1.76x faster (docs/benchmarks.md). Off by default until shown not to change
+            results; one process only (ignored under DDP).
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class PeftDataModule(L.LightningDataModule):
         few_shot_n: int | None = None,
         few_shot_seed: int = 0,
         shuffle: bool = True,
+        group_by_length: bool = False,
     ):
         super().__init__()
         if task not in TASKS:
@@ -122,6 +127,7 @@ class PeftDataModule(L.LightningDataModule):
         self.few_shot_n = few_shot_n
         self.few_shot_seed = few_shot_seed
         self.shuffle = shuffle
+        self.group_by_length = group_by_length
         self.few_shot_ids: list[int] | None = None
         self.datasets: dict = {}
 
@@ -363,7 +369,9 @@ class PeftDataModule(L.LightningDataModule):
         common = dict(batch_size=batch_size or self.eval_batch_size, collate_fn=partial(self.collate, pad_left=pad_left),
                       num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         if split == "train":  # resumable mid-epoch, bit-exactly (see peftlab.data.loading)
-            return ResumableLoader(dataset, sampler=training_sampler(dataset, self.shuffle), **common)
+            lengths = [len(ids) for ids in dataset["input_ids"]] if self.group_by_length else None
+            sampler = training_sampler(dataset, self.shuffle, lengths=lengths, batch_size=common["batch_size"])
+            return ResumableLoader(dataset, sampler=sampler, **common)
         return torch.utils.data.DataLoader(dataset, generator=eval_generator(), **common)
 
     def train_dataloader(self):

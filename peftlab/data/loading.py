@@ -28,10 +28,16 @@ from torch.utils.data import DataLoader, Sampler
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """``RandomSampler`` (same draws, same order) that remembers its epoch's seed and can replay it."""
+    """``RandomSampler`` (same draws, same order) that remembers its epoch's seed and can replay it.
 
-    def __init__(self, data_source) -> None:
+    With ``lengths``, the shuffled order is cut into groups of ``group_batches`` batches and each group is
+    sorted by length (longest first), so a batch holds examples of similar length and little padding, while
+    the data order stays random at the scale of groups (transformers' ``LengthGroupedSampler`` idea)."""
+
+    def __init__(self, data_source, lengths: list[int] | None = None, batch_size: int = 1,
+                 group_batches: int = 50) -> None:
         self.data_source = data_source
+        self.lengths, self.group = lengths, batch_size * group_batches
         self.epoch_seed: int | None = None
         self._replay_seed: int | None = None
 
@@ -50,7 +56,12 @@ class EpochShuffleSampler(Sampler[int]):
         self.epoch_seed = seed
         generator = torch.Generator()
         generator.manual_seed(seed)
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+        order = torch.randperm(len(self.data_source), generator=generator).tolist()
+        if self.lengths is not None:
+            lengths = self.lengths
+            order = [i for start in range(0, len(order), self.group)
+                     for i in sorted(order[start:start + self.group], key=lambda i: -lengths[i])]
+        yield from order
 
 
 class _SkipBatches:
@@ -146,7 +157,8 @@ class ResumableLoader(DataLoader):
             yield batch
 
 
-def training_sampler(dataset, shuffle: bool = True) -> Sampler[int]:
+def training_sampler(dataset, shuffle: bool = True, lengths: list[int] | None = None,
+                     batch_size: int = 1) -> Sampler[int]:
     """The training sampler: :class:`EpochShuffleSampler` in one process; under a distributed strategy a
     ``DistributedSampler`` seeded by the run's seed and the epoch, built here rather than by Lightning's
     wrapper, because every rank must draw the same order and the global RNGs of the ranks need not agree."""
@@ -158,7 +170,9 @@ def training_sampler(dataset, shuffle: bool = True) -> Sampler[int]:
         from torch.utils.data.distributed import DistributedSampler
 
         return DistributedSampler(dataset, shuffle=shuffle, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
-    return EpochShuffleSampler(dataset) if shuffle else torch.utils.data.SequentialSampler(dataset)
+    if not shuffle:
+        return torch.utils.data.SequentialSampler(dataset)
+    return EpochShuffleSampler(dataset, lengths=lengths, batch_size=batch_size)
 
 
 def eval_generator() -> torch.Generator:

@@ -95,6 +95,25 @@ class QLoRA(LoRA):
                     f"QLoRA on CPU needs linear layers with >= 64 input features; {small[0]} has "
                     f"{model.get_submodule(small[0]).in_features}. Use LoRA for so small a model, or a GPU."
                 )
-        return prepare_model_for_kbit_training(
+        model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=self.quant_settings["gradient_checkpointing"]
         )
+        release_checkpoint_mapping(model)
+        return model
+
+
+def release_checkpoint_mapping(model: nn.Module) -> None:
+    """Copy the parameters and buffers that loading left as views of the memory-mapped checkpoint file.
+
+    transformers memory-maps safetensors files; the 4-bit layers get new storage, but tensors kept in the
+    checkpoint's own dtype (embeddings and norms of an fp32 checkpoint) still point into the mapping, which
+    keeps the whole fp32 file resident: measured on SmolLM2-135M, 405 MiB of mapped file stayed after
+    loading, so QLoRA used more memory than fp32 LoRA (benchmarks/, docs/benchmarks.md).
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                if type(param).__name__ != "Params4bit":
+                    param.data = param.data.clone()
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                module._buffers[name] = buffer.clone()
