@@ -262,6 +262,11 @@ def _startup(results):
     out = ["## 6. Start-up", "",
            f"`peftlab --help` in a fresh process: {_r(h['seconds'], 2)} s over {h['seconds']['n']} runs "
            f"(bare `python -c pass`: {h['python_startup_seconds']['median']:.2f} s).", ""]
+    if st.get("fit_help"):
+        fh = st["fit_help"]
+        out += [f"`peftlab fit --help` (LightningCLI's complete help, which needs Lightning): "
+                f"{_r(fh['seconds'], 2)} s over {fh['seconds']['n']} runs.", ""]
+        h = fh
     if h.get("imports_ms"):
         out += _imports(h["imports_ms"])
     if st.get("fit"):

@@ -221,6 +221,30 @@ EXTRA_COMMANDS: dict[str, str] = {
 }
 
 
+TOP_LEVEL_HELP = """usage: peftlab [-h] {{fit,validate,test,predict,merge,compose,plot,params,estimate-memory,recommend}} ...
+
+{description}
+
+commands:
+  fit                 train a method (then test it with the best checkpoint); --help lists every option
+  validate            evaluate on the validation split
+  test                evaluate on the test split
+  predict             write predictions for the test split (or a file) to .jsonl/.csv
+  merge               merge a trained LoRA/QLoRA into a plain transformers model
+  compose             combine several LoRAs by weighted sum
+  plot                PNG learning curves from a run's metrics
+  params              exact trainable/total parameter counts of a config (no weights read)
+  estimate-memory     training memory estimate for a config or a model size
+  recommend           recommend a method for a backbone, data size and memory budget
+
+examples:
+  peftlab fit --config configs/quickstart.yaml
+  peftlab fit --config configs/quickstart.yaml --print_config > run.yaml
+  peftlab fit --help                  # every option of fit (LightningCLI)
+  peftlab fit --model.help LoRA       # the arguments of one method
+Errors print one line; add --debug for the traceback. Docs: docs/index.md."""
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``peftlab`` console script."""
     argv = list(sys.argv[1:] if args is None else args)
@@ -230,6 +254,14 @@ def main(args: list[str] | None = None) -> None:
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
+    if argv in ([], ["-h"], ["--help"]):
+        # the top-level help lists commands only, so it is printed without importing Lightning (2.5 s of
+        # torch/_dynamo/torchmetrics imports plus 1.2 s to build LightningCLI's parser, docs/benchmarks.md);
+        # `peftlab fit --help` is LightningCLI's own, complete help
+        print(TOP_LEVEL_HELP.format(description=DESCRIPTION))
+        if not argv:
+            sys.exit(2)
+        return None
     try:
         if argv and argv[0] in EXTRA_COMMANDS:
             import importlib

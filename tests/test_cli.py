@@ -216,3 +216,20 @@ def test_predict_csv_and_plot(tmp_path, tiny_bert, sentiment_csv, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     code, _, err = run_main(["plot", str(tmp_path)], capsys)
     assert code == 2 and "has no metrics.csv" in err
+
+
+def test_top_level_help_is_fast_and_lists_every_command(capsys):
+    """`peftlab --help` is printed before Lightning is imported (start-up target, docs/benchmarks.md)."""
+    import subprocess
+    import sys
+
+    from peftlab.cli import EXTRA_COMMANDS
+
+    code, out, _ = run_main(["--help"], capsys)
+    assert code == 0
+    for command in ("fit", "validate", "test", "predict", *EXTRA_COMMANDS):
+        assert f"\n  {command} " in out, command
+    probe = "import sys; from peftlab.cli import main; main(['--help']); print('lightning' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.stdout.strip().endswith("False")  # no heavy import for the top-level help
+    assert run_main([], capsys)[0] == 2  # no command: the help, and a usage error status
