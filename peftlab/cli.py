@@ -122,6 +122,8 @@ def _make_cli_class():
             logger._version = int(version[len("version_"):]) if version.startswith("version_") and \
                 version[len("version_"):].isdigit() else version
             cfg["ckpt_path"] = str(ckpt)
+            # Lightning's CSVLogger appends to metrics.csv here, despite its warning that it would delete it
+            warnings.filterwarnings("ignore", message=".*exists and is not empty. Previous log files.*")
             print(f"[peftlab] resuming from {ckpt}")
 
         def after_fit(self):
