@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
 PEFTLAB = [sys.executable, "-m", "peftlab"]
 
 
@@ -85,3 +86,24 @@ def logger(prefix: str):
     def log(message: str) -> None:
         print(f"[{prefix} {time.strftime('%H:%M:%S')}] {message}", flush=True)
     return log
+
+
+def save_figure(fig, name: str, alt: str) -> str:
+    """Save ``fig`` as ``docs/results/<name>.png``; return the markdown line that shows it."""
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+    return f"![{alt}]({name}.png)"
+
+
+def publish(name: str, text: str) -> None:
+    """Write a study's report to ``docs/results/<name>.md`` and print it."""
+    (RESULTS / f"{name}.md").write_text(text)
+    print(text)
+
+
+def fail_on_failed_runs(rows: list[dict]) -> None:
+    """End a smoke run with an error naming the runs that failed (each row: ``name``, ``failed`` if it did)."""
+    failed = [r["name"] for r in rows if "failed" in r]
+    if failed:
+        raise SystemExit(f"smoke runs failed: {failed}")

@@ -20,7 +20,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import ROOT, logger, machine, mean_std, run_fit, save_json  # noqa: E402
+from common import (  # noqa: E402
+    fail_on_failed_runs, logger, machine, mean_std, publish, run_fit, save_figure, save_json,
+)
 
 METHODS = {
     "prompt": "configs/methods/prompt_tuning.yaml",
@@ -92,11 +94,7 @@ def report(results: list[dict], mode: str) -> str:
     ax.set_xlabel("training examples per class (k)")
     ax.set_ylabel("test accuracy")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = ROOT / "docs" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "few_shot.png", dpi=110)
-    lines += ["", "![few-shot](few_shot.png)", ""]
+    lines += ["", save_figure(fig, "few_shot", "few-shot"), ""]
     return "\n".join(lines)
 
 
@@ -113,13 +111,10 @@ def main(argv=None) -> None:
         run(mode, path)
     results = json.loads(path.read_text())
     if args.smoke:
-        failed = [r["name"] for r in results if "failed" in r]
-        if failed:
-            raise SystemExit(f"smoke runs failed: {failed}")
+        fail_on_failed_runs(results)
         return
     text = report(results, mode)
-    (ROOT / "docs" / "results" / "few_shot.md").write_text(text)
-    print(text)
+    publish("few_shot", text)
 
 
 if __name__ == "__main__":

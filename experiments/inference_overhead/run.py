@@ -22,7 +22,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import ROOT, logger, machine, save_json  # noqa: E402
+from common import logger, machine, publish, save_figure, save_json  # noqa: E402
 
 BACKBONES = {
     "all-MiniLM-L6-v2": ("packaged:all-MiniLM-L6-v2", "classification", 8, ["query", "value"]),
@@ -130,11 +130,7 @@ def report(rows: list[dict]) -> str:
     ax.set_xticks([j + width * (len(groups) - 1) / 2 for j in range(len(names))], names, rotation=25, fontsize=8)
     ax.set_ylabel("latency / base latency")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = ROOT / "docs" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "inference_overhead.png", dpi=110)
-    lines += ["", "![inference overhead](inference_overhead.png)", ""]
+    lines += ["", save_figure(fig, "inference_overhead", "inference overhead"), ""]
     return "\n".join(lines)
 
 
@@ -151,8 +147,7 @@ def main(argv=None) -> None:
     import json
 
     text = report(json.loads(path.read_text()))
-    (ROOT / "docs" / "results" / "inference_overhead.md").write_text(text)
-    print(text)
+    publish("inference_overhead", text)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import ROOT, logger, machine, run_fit, save_json  # noqa: E402
+from common import ROOT, logger, machine, publish, run_fit, save_figure, save_json  # noqa: E402
 
 TASK_A = ["--config", "configs/causal_lm_lora.yaml"]
 TASK_B = ["--config", "configs/causal_lm_lora.yaml", "--data.source", "packaged:rotten_tomatoes_plots",
@@ -109,11 +109,7 @@ def report(result: dict) -> str:
     ax.set_xlabel("w_A (w_B = 1 - w_A)")
     ax.set_ylabel("test loss")
     ax.legend()
-    fig.tight_layout()
-    out = ROOT / "docs" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "multi_lora.png", dpi=110)
-    lines += ["", "![multi-LoRA sweep](multi_lora.png)", ""]
+    lines += ["", save_figure(fig, "multi_lora", "multi-LoRA sweep"), ""]
     return "\n".join(lines)
 
 
@@ -128,8 +124,7 @@ def main(argv=None) -> None:
     if args.smoke:
         return
     text = report(json.loads(path.read_text()))
-    (ROOT / "docs" / "results" / "multi_lora.md").write_text(text)
-    print(text)
+    publish("multi_lora", text)
 
 
 if __name__ == "__main__":

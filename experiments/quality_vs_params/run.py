@@ -21,7 +21,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import ROOT, logger, machine, mean_std, run_fit, save_json  # noqa: E402
+from common import (  # noqa: E402
+    fail_on_failed_runs, logger, machine, mean_std, publish, run_fit, save_figure, save_json,
+)
 
 M = "configs/methods"
 # name -> (method config, overrides)
@@ -149,11 +151,7 @@ def report(all_results: dict[str, list[dict]], mode: str) -> str:
         ax.set_xlabel("trainable parameters (log)")
         ax.set_ylabel(metric)
         ax.set_title(PARTS[part]["title"], fontsize=9)
-    fig.tight_layout()
-    out = ROOT / "docs" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "quality_vs_params.png", dpi=110)
-    lines += ["![quality vs parameters](quality_vs_params.png)", ""]
+    lines += [save_figure(fig, "quality_vs_params", "quality vs parameters"), ""]
     return "\n".join(lines)
 
 
@@ -175,13 +173,10 @@ def main(argv=None) -> None:
     saved = {p: json.loads((HERE / f"results_{p}{suffix}.json").read_text())
              for p in ("cls", "gen") if (HERE / f"results_{p}{suffix}.json").is_file()}
     if args.smoke:
-        failed = [r["name"] for rs in saved.values() for r in rs if "failed" in r]
-        if failed:
-            raise SystemExit(f"smoke runs failed: {failed}")
+        fail_on_failed_runs([r for rs in saved.values() for r in rs])
         return
     text = report(saved, mode)
-    (ROOT / "docs" / "results" / "quality_vs_params.md").write_text(text)
-    print(text)
+    publish("quality_vs_params", text)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,11 @@ ADVICE = {
 ADVICE["QLoRA"] = ADVICE["LoRA"]
 
 
+#: P-tuning v2 settings recommended both for frozen-weight deployment and for few-shot data
+PTUNING_V2_ARGS = {"num_virtual_tokens": 20, "prefix_hidden_size": 512, "input_tokens": True,
+                   "learning_rate": 1.0e-3, "warmup_ratio": 0.06}
+
+
 @dataclass
 class Answers:
     """The notes' questions. ``None`` means not answered (asked interactively on a terminal, else ``False``)."""
@@ -150,8 +155,7 @@ def recommend(a: Answers) -> Recommendation:
     if a.frozen_weights:
         return Recommendation(
             "frozen_weights", "PTuningV2", "peftlab.methods.PTuningV2",
-            {"num_virtual_tokens": 20, "prefix_hidden_size": 512, "input_tokens": True, "learning_rate": 1.0e-3,
-             "warmup_ratio": 0.06},
+            dict(PTUNING_V2_ARGS),
             "the weights must stay untouched (edge / frozen deployment): P-tuning v2 only prepends virtual tokens "
             "and per-layer K/V prefixes, the model is never modified or repacked (notes 000: 'edge / no model "
             "modification -> Prefix / P-Tuning v2'). Precompute the prefixes after training and drop the MLP.",
@@ -173,8 +177,7 @@ def recommend(a: Answers) -> Recommendation:
     if a.few_shot:
         return Recommendation(
             "few_shot", "PTuningV2", "peftlab.methods.PTuningV2",
-            {"num_virtual_tokens": 20, "prefix_hidden_size": 512, "input_tokens": True, "learning_rate": 1.0e-3,
-             "warmup_ratio": 0.06},
+            dict(PTUNING_V2_ARGS),
             "few-shot / very little data: a small prompt-based adapter has little room to overfit (notes 000: "
             "'few-shot / little data -> Prefix / P-Tuning v2'); P-tuning v2 acts on the input and on every "
             "attention layer.", "PrefixTuning (10 tokens) or LoRA r=4")
