@@ -19,6 +19,7 @@ LIBRARIES = ("peftlab", "torch", "lightning", "transformers", "peft", "bitsandby
              "torchmetrics", "jsonargparse", "safetensors", "numpy")
 
 
+@functools.lru_cache(maxsize=1)
 def library_versions() -> dict[str, str | None]:
     versions = {"python": platform.python_version()}
     for name in LIBRARIES:
@@ -46,7 +47,7 @@ def run_record(module=None) -> dict:
         "seed": int(seed) if seed is not None else None,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": [os.path.basename(sys.argv[0]), *sys.argv[1:]] if sys.argv else [],
-        "versions": library_versions(),
+        "versions": dict(library_versions()),
         "git": git_commit(),
         "platform": platform.platform(),
     }

@@ -29,21 +29,15 @@ class AdapterExport(L.Callback):
         self.dirpath = dirpath
         self._exported_step = -1
 
-    def directory(self, trainer) -> Path:
-        return Path(self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "adapter"))
-
-    @staticmethod
-    def _config_yaml(trainer) -> str | None:
-        log_dir = trainer.log_dir
-        path = os.path.join(log_dir or "", "config.yaml")
-        return Path(path).read_text(encoding="utf-8") if log_dir and os.path.isfile(path) else None
-
     def _export(self, trainer, module, name, metrics=None):
         # every rank runs this hook and must ask for trainer.log_dir (a collective under a distributed
-        # strategy); only rank 0 writes
-        directory, config_yaml = self.directory(trainer), self._config_yaml(trainer)
+        # strategy), once; only rank 0 reads the config and writes
+        log_dir = trainer.log_dir
+        directory = Path(self.dirpath or os.path.join(log_dir or trainer.default_root_dir, "adapter"))
         with full_parameters(trainer):
             if trainer.is_global_zero and hasattr(module, "trainable_count"):
+                config = os.path.join(log_dir or "", "config.yaml")
+                config_yaml = Path(config).read_text(encoding="utf-8") if log_dir and os.path.isfile(config) else None
                 labels = getattr(trainer.datamodule, "label_names", None) if trainer.datamodule is not None else None
                 export_adapter(module, directory / name, config_yaml=config_yaml, metrics=metrics,
                                label_names=labels)
