@@ -272,3 +272,30 @@ def test_backbone_dtype_is_explicit(tmp_path, tiny_llama):
     assert {p.dtype for p in full.parameters()} == {torch.float32}
     half = LoRA(backbone=str(tmp_path / "fp16"), task="causal_lm", target_modules=["q_proj"], dtype="auto")
     assert any(p.dtype == torch.float16 for p in half.parameters())
+
+
+@pytest.mark.parametrize("method, kwargs", [
+    (LoRA, {"r": 4, "target_modules": ["q_proj", "v_proj"]}),
+    (PromptTuning, {"num_virtual_tokens": 4}),  # logits carry 4 extra virtual positions
+    (PTuningV2, {"num_virtual_tokens": 4, "prefix_hidden_size": 8}),
+])
+def test_exact_match_means_greedy_decoding_reproduces_the_target(tiny_llama, method, kwargs):
+    """``val/exact_match`` on causal LMs: 1 for an example exactly when greedy generation from its prompt
+    returns its whole target. Targets are the model's own greedy continuation (a match) or that continuation
+    with its last token changed (not a match), so any misalignment of logits and labels changes the value."""
+    torch.manual_seed(0)
+    module = method(backbone=tiny_llama, task="causal_lm", **kwargs).eval()
+    prompt_len, new = 6, 3
+    prompts = torch.randint(5, 500, (4, prompt_len))
+    with torch.no_grad():
+        greedy = module.model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
+                                       max_new_tokens=new, do_sample=False, pad_token_id=0)[:, prompt_len:]
+        assert greedy.shape == (4, new)
+        targets = greedy.clone()
+        targets[1::2, -1] = (targets[1::2, -1] + 1) % 500 + 3  # wrong last token for examples 1 and 3
+        labels = torch.cat([torch.full_like(prompts, -100), targets], dim=1)
+        batch = {"input_ids": torch.cat([prompts, targets], dim=1), "attention_mask": torch.ones_like(labels),
+                 "labels": labels}
+        module._reset_metrics("val")
+        module._eval_step(batch, "val")
+    assert module.metrics["val"]["exact_match"].compute().item() == 0.5

@@ -146,8 +146,10 @@ class PeftModule(L.LightningModule):
                     "f1": torchmetrics.F1Score(task="multiclass", num_classes=n, average="macro"),
                     "loss": torchmetrics.MeanMetric(),
                 })
-            # token-weighted mean loss, so perplexity is exp(mean NLL per target token)
-            return nn.ModuleDict({"loss": torchmetrics.MeanMetric()})
+            # token-weighted mean loss, so perplexity is exp(mean NLL per target token); exact_match: share of
+            # examples whose every target token is the argmax under teacher forcing, which is exactly when greedy
+            # decoding would reproduce the whole target (e.g. " fresh" + EOS)
+            return nn.ModuleDict({"loss": torchmetrics.MeanMetric(), "exact_match": torchmetrics.MeanMetric()})
 
         self.metrics = nn.ModuleDict({"val": stage_metrics(), "test": stage_metrics()})
 
@@ -160,7 +162,16 @@ class PeftModule(L.LightningModule):
             m["f1"].update(preds, batch["labels"])
             m["loss"].update(out.loss, weight=len(preds))
         else:
-            m["loss"].update(out.loss, weight=(batch["labels"] != -100).sum())
+            labels = batch["labels"]
+            m["loss"].update(out.loss, weight=(labels != -100).sum())
+            # prompt-learning methods prepend their virtual tokens' positions to the logits: keep the last ones
+            logits = out.logits[:, -labels.shape[1]:]
+            if self.task == "causal_lm":  # position t predicts token t + 1
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            target = labels != -100
+            right = ((logits.argmax(-1) == labels) | ~target).all(-1)[target.any(-1)]
+            if len(right):
+                m["exact_match"].update(right.float())
 
     def _log_epoch(self, stage):
         m = self.metrics[stage]
