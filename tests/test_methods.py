@@ -299,3 +299,66 @@ def test_exact_match_means_greedy_decoding_reproduces_the_target(tiny_llama, met
         module._reset_metrics("val")
         module._eval_step(batch, "val")
     assert module.metrics["val"]["exact_match"].compute().item() == 0.5
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_cls(tiny_bert, tmp_path_factory):
+    """tiny_bert whose tokenizer names its leading <s> as the [CLS] token (as BERT/RoBERTa tokenizers do)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny_bert_cls")
+    shutil.copytree(tiny_bert, path, dirs_exist_ok=True)
+    AutoTokenizer.from_pretrained(tiny_bert, cls_token="<s>").save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("method, kwargs", [
+    (PTuningV2, {"num_virtual_tokens": 4, "prefix_hidden_size": 8}),
+    ("LoRAPromptTuning", {"num_virtual_tokens": 4, "r": 2}),
+])
+def test_input_tokens_go_after_cls_for_classification(tiny_bert_cls, tiny_bert, method, kwargs):
+    """With a [CLS]-first tokenizer the prompt is inserted after [CLS], so the head still pools [CLS];
+    without one (and for language modelling) it is prepended."""
+    if isinstance(method, str):
+        from peftlab.methods import LoRAPromptTuning as method
+    for backbone, after in ((tiny_bert_cls, True), (tiny_bert, False)):
+        module = method(backbone=backbone, num_labels=2, **kwargs)
+        assert module.model.after_first is after
+        enc = module.tokenizer(["a good film", "bad"], return_tensors="pt", padding=True)
+        types = torch.zeros_like(enc["input_ids"])
+        out = module.model._with_prompt(enc["input_ids"], enc["attention_mask"], token_type_ids=types)
+        words = module.model.peft_model.get_base_model().get_input_embeddings()(enc["input_ids"])
+        prompt = module.model.prompt.weight.expand(2, -1, -1)
+        k = 1 if after else 0
+        expected = torch.cat([words[:, :k], prompt, words[:, k:]], dim=1)
+        assert torch.equal(out["inputs_embeds"], expected)
+        mask = enc["attention_mask"]
+        assert torch.equal(out["attention_mask"], torch.cat([mask[:, :k], torch.ones(2, 4, dtype=mask.dtype),
+                                                             mask[:, k:]], dim=1))
+        assert out["token_type_ids"].shape == out["attention_mask"].shape
+
+
+def test_starts_with_cls_on_the_packaged_tokenizers():
+    from types import SimpleNamespace
+
+    from peftlab.backbones import load_tokenizer
+    from peftlab.methods.p_tuning_v2 import starts_with_cls
+
+    minilm = load_tokenizer("packaged:all-MiniLM-L6-v2")
+    smollm = load_tokenizer("packaged:SmolLM2-135M-Instruct")
+    assert starts_with_cls(SimpleNamespace(task="classification", tokenizer=minilm))
+    assert not starts_with_cls(SimpleNamespace(task="causal_lm", tokenizer=minilm))
+    assert not starts_with_cls(SimpleNamespace(task="classification", tokenizer=smollm))
+
+
+def test_ptuning_v2_zero_init_starts_prefixes_at_zero(tiny_llama):
+    torch.manual_seed(0)
+    zero = PTuningV2(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=4, prefix_hidden_size=8, init="zero")
+    random = PTuningV2(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=4, prefix_hidden_size=8)
+    tokens = torch.arange(4)[None]
+    for module, expect_zero in ((zero, True), (random, False)):
+        prefixes = module.model.peft_model.prompt_encoder["default"](tokens)
+        assert bool((prefixes == 0).all()) is expect_zero
+    assert zero.trainable_count == random.trainable_count

@@ -15,7 +15,7 @@ from torch import nn
 
 from peftlab.errors import PeftLabError
 from peftlab.methods.lora import LoRA
-from peftlab.methods.p_tuning_v2 import InputTokensModel
+from peftlab.methods.p_tuning_v2 import InputTokensModel, starts_with_cls
 from peftlab.methods.prompt_tuning import check_virtual_tokens
 
 
@@ -54,7 +54,7 @@ class LoRAPromptTuning(LoRA):
         prompt.to(device=words.device, dtype=words.dtype)
         with torch.no_grad():
             prompt.weight.copy_(words[self._init_token_ids(words.shape[0])])
-        return InputTokensModel(super().attach(backbone), prompt, self.task)
+        return InputTokensModel(super().attach(backbone), prompt, self.task, after_first=starts_with_cls(self))
 
     def _init_token_ids(self, vocab_size: int) -> list[int]:
         n, s = self.prompt_settings["num_virtual_tokens"], self.prompt_settings

@@ -17,6 +17,8 @@ architecture) and swaps its prefix encoder for :class:`SharedPromptEncoder`, who
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -42,18 +44,33 @@ class SharedPromptEncoder(nn.Module):
         return self.transform(self.embedding(prefix))
 
 
+def starts_with_cls(module) -> bool:
+    """True for classification with a tokenizer that puts its [CLS] token first (see ``InputTokensModel``)."""
+    tokenizer = getattr(module, "tokenizer", None)
+    if module.task != "classification" or tokenizer is None or tokenizer.cls_token_id is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.cls_token_id
+
+
 class InputTokensModel(nn.Module):
     """Wraps a ``PeftModel`` and prepends trainable prompt embeddings to the input on every forward/generate.
 
     Used by P-tuning v2 (the prompt is E, shared with the prefix encoder) and by LoRA + prompt tuning
     (the inner model is a LoRA ``PeftModel``).
+
+    ``after_first``: insert the prompt after the first token instead of before it. Set for classification
+    with tokenizers that start every input with [CLS] (BERT, RoBERTa's <s>, ...), whose head reads position 0:
+    prepending would make the head pool a virtual token instead of the [CLS] its pooler was pretrained on
+    (which is also how hand-written prompts are placed). peft's prompt tuning and P-tuning still prepend.
     """
 
-    def __init__(self, peft_model: nn.Module, prompt: nn.Embedding, task: str):
+    def __init__(self, peft_model: nn.Module, prompt: nn.Embedding, task: str, after_first: bool = False):
         super().__init__()
         self.peft_model = peft_model
         self.prompt = prompt
         self.task = task
+        self.after_first = after_first
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -63,12 +80,17 @@ class InputTokensModel(nn.Module):
         embeds = self.peft_model.get_base_model().get_input_embeddings()(input_ids)
         batch, n = embeds.shape[0], self.num_virtual_tokens
         prompt = self.prompt.weight.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
-        out = {"inputs_embeds": torch.cat([prompt, embeds], dim=1)}
+        k = 1 if self.after_first else 0  # tokens kept before the prompt
+
+        def insert(x, middle):
+            return torch.cat([x[:, :k], middle, x[:, k:]], dim=1)
+
+        out = {"inputs_embeds": insert(embeds, prompt)}
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
-        out["attention_mask"] = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
+        out["attention_mask"] = insert(attention_mask, attention_mask.new_ones(batch, n))
         if token_type_ids is not None:
-            out["token_type_ids"] = torch.cat([token_type_ids.new_zeros(batch, n), token_type_ids], dim=1)
+            out["token_type_ids"] = insert(token_type_ids, token_type_ids.new_zeros(batch, n))
         if labels is not None:
             if self.task == "causal_lm":  # the virtual tokens predict nothing
                 labels = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
@@ -126,6 +148,8 @@ class PTuningV2(PeftBackedMethod):
         input_tokens: insert E in the input (the notes' definition). ``false`` gives the paper's deep
             prompts only, i.e. prefix tuning; then ``prefix_projection`` chooses the reparameterization.
         prefix_projection: only with ``input_tokens: false``: generate the prefixes through the MLP.
+        init: with ``input_tokens``: ``zero`` zeroes the MLP's last layer, so the prefixes start at K = V = 0
+            (as :class:`PrefixTuning` does by default); ``random`` keeps PyTorch's default initialization.
         **kwargs: the :class:`PeftModule` arguments.
     """
 
@@ -135,6 +159,7 @@ class PTuningV2(PeftBackedMethod):
         prefix_hidden_size: int = 512,
         input_tokens: bool = True,
         prefix_projection: bool = True,
+        init: Literal["zero", "random"] = "random",
         **kwargs,
     ):
         check_virtual_tokens(num_virtual_tokens)
@@ -146,7 +171,7 @@ class PTuningV2(PeftBackedMethod):
         if prefix_hidden_size < 1:
             raise PeftLabError(f"model.prefix_hidden_size must be >= 1 (got {prefix_hidden_size})")
         self.v2_settings = dict(num_virtual_tokens=num_virtual_tokens, prefix_hidden_size=prefix_hidden_size,
-                                input_tokens=input_tokens, prefix_projection=prefix_projection)
+                                input_tokens=input_tokens, prefix_projection=prefix_projection, init=init)
         super().__init__(**kwargs)
 
     def peft_config(self, backbone: nn.Module):
@@ -166,9 +191,13 @@ class PTuningV2(PeftBackedMethod):
         hidden = backbone.get_input_embeddings().embedding_dim
         encoder = SharedPromptEncoder(s["num_virtual_tokens"], hidden, s["prefix_hidden_size"],
                                       cfg.num_layers * 2 * cfg.token_dim)
+        if s["init"] == "zero":
+            last = encoder.transform[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
         old = peft_model.prompt_encoder["default"]
         peft_model.prompt_encoder["default"] = encoder.to(old.embedding.weight.device)
-        return InputTokensModel(peft_model, encoder.embedding, self.task)
+        return InputTokensModel(peft_model, encoder.embedding, self.task, after_first=starts_with_cls(self))
 
     def trainable_parts(self) -> dict[str, int]:
         """Trainable parameters of each part: input/prefix embedding E, prefix MLP, classification head."""
