@@ -1,14 +1,15 @@
 """Few-shot: k examples per class for prompt tuning, prefix tuning, P-tuning v2 and LoRA.
 
-    python experiments/few_shot/run.py            # CPU default (~30 min on 2 cores)
+    python experiments/few_shot/run.py            # CPU default: one draw (~15 min on 2 cores)
     python experiments/few_shot/run.py --smoke    # a few steps (CI)
     python experiments/few_shot/run.py --full     # GPU: all training data for k=all, 3 draws
     python experiments/few_shot/run.py --report   # rewrite the report from saved results
 
 Checks the notes' claim (000, 001) that prefix tuning / P-tuning v2 suit few-shot data better than LoRA.
-Every k gets the same number of optimizer steps (small sets are repeated), the same learning rate per
-method as configs/methods/, and is tested on the same held-out reviews. The drawn example ids of each
-run are in its run directory (few_shot_ids.json). Writes docs/results/few_shot.md and few_shot.png.
+Every k gets the same number of optimizer steps (small sets are repeated), the learning rate per method of
+quality_vs_params (experiments/common.py CLS_LR), and is tested on the same held-out reviews. The drawn
+example ids of each run are in its run directory (few_shot_ids.json). Writes docs/results/few_shot.md and
+few_shot.png.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from common import (  # noqa: E402
-    fail_on_failed_runs, logger, machine, mean_std, publish, run_fit, save_figure, save_json,
+    cls_learning_rate, fail_on_failed_runs, logger, machine, mean_std, publish, run_fit, save_figure, save_json,
 )
 
 METHODS = {
@@ -39,7 +40,7 @@ def settings(mode: str):
         return [0], ["--trainer.max_steps", "2", "--data.max_eval_samples", "16"], 64, ["prompt", "lora r=8"], [8, "all"]
     if mode == "full":
         return [0, 1, 2], ["--trainer.max_steps", "1000"], None, list(METHODS), KS
-    # one few-shot draw on a 2-core CPU (about 15 minutes); the full budget averages 3 draws
+    # one few-shot draw of 120 steps per run on a 2-core CPU; the full budget: 3 draws, 1,000 steps, all the data
     return [0], ["--trainer.max_steps", "120", "--data.max_eval_samples", "640"], 2000, list(METHODS), KS
 
 
@@ -54,7 +55,7 @@ def run(mode: str, path: Path) -> list[dict]:
     for i, (method, k, seed) in enumerate(todo, 1):
         data = ["--data.few_shot_k", str(k), "--data.few_shot_seed", str(seed)] if k != "all" else (
             ["--data.max_train_samples", str(all_cap)] if all_cap else [])
-        args = [*common, "--config", METHODS[method], *data, "--seed_everything", str(seed)]
+        args = [*common, "--config", METHODS[method], *cls_learning_rate(method), *data, "--seed_everything", str(seed)]
         log(f"[{i}/{len(todo)}] {method} k={k} seed {seed}")
         slug = f"{method.replace(' ', '_').replace('=', '')}-k{k}-s{seed}"
         r = run_fit("few_shot" + ("_smoke" if mode == "smoke" else ""), slug, args, log)
@@ -72,10 +73,17 @@ def report(results: list[dict], mode: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    draws = len({r["seed"] for r in results})
+    budget = settings(mode)[1]
+    steps = budget[budget.index("--trainer.max_steps") + 1]
     lines = ["# Few-shot: test accuracy vs examples per class", "",
-             f"Machine: {machine()}. Budget: `{mode}`: every run takes the same number of optimizer steps "
-             "(batch 8), tested on the same held-out reviews; mean ± std over few-shot draws (seeds). "
-             "`all` = every training example (capped on CPU, see `settings()` in experiments/few_shot/run.py).",
+             f"Machine: {machine()}. Budget: `{mode}`: every run takes {steps} optimizer steps "
+             "(batch 8) with the learning rates of `experiments/common.py` `CLS_LR`, tested on the same held-out "
+             "reviews; " + (f"mean ± std over {draws} few-shot draws (seeds). " if draws > 1 else
+                            "one few-shot draw (seed 0), so each cell is a single run and differences of a few "
+                            "points are noise. ")
+             + "`all` = every training example (capped on CPU, see `settings()` in experiments/few_shot/run.py). "
+             "Commands: `experiments/few_shot/results.json`.",
              "Majority-class accuracy (always 'fresh') is 0.578.", "",
              "| method | " + " | ".join(f"k={k}" for k in KS) + " |", "|---|" + "---:|" * len(KS)]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -84,7 +92,7 @@ def report(results: list[dict], mode: str) -> str:
         for k in KS:
             vals = [r["test/acc"] for r in results if r["label"] == method and r["k"] == str(k) and "test/acc" in r]
             m, s = mean_std(vals)
-            cells.append(f"{m:.3f} ± {s:.3f}" if vals else "n/a")
+            cells.append("n/a" if not vals else f"{m:.3f} ± {s:.3f}" if draws > 1 else f"{m:.3f}")
             ys.append(m)
             es.append(s)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
