@@ -26,3 +26,23 @@ def test_study_smoke(study):
     proc = subprocess.run([sys.executable, *study], cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+
+
+REPORTS = {  # report -> the runner that writes it from its committed results
+    "quality_vs_params": "experiments/quality_vs_params/run.py",
+    "few_shot": "experiments/few_shot/run.py",
+    "inference_overhead": "experiments/inference_overhead/run.py",
+    "multi_lora": "experiments/multi_lora/run.py",
+}
+
+
+@pytest.mark.parametrize("name", REPORTS)
+def test_committed_report_is_what_its_results_give(name, tmp_path):
+    """docs/results/<name>.md is regenerated from the committed raw results, unchanged (no hand edits, no stale
+    page after a rerun)."""
+    proc = subprocess.run([sys.executable, REPORTS[name], "--report"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore", PEFTLAB_RESULTS_DIR=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / f"{name}.png").is_file()
+    expected = (ROOT / "docs" / "results" / f"{name}.md").read_text()
+    assert (tmp_path / f"{name}.md").read_text() == expected, f"rerun: python {REPORTS[name]} --report"
