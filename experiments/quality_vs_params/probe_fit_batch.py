@@ -14,7 +14,7 @@ import torch
 from peftlab.data.sources import load_source
 from peftlab.methods import PrefixTuning, PTuningV2
 
-CASES = [  # (label, class, kwargs, learning rate): the rates of experiments/common.py CLS_LR
+CASES = [  # (label, class, kwargs, learning rate): prefix at its CLS_LR rate, the MLP variants at 1e-3 (piloted)
     ("prefix", PrefixTuning, {}, 3e-2),
     ("prefix+mlp", PrefixTuning, {"prefix_projection": True, "prefix_hidden_size": 512}, 1e-3),
     ("p-tuning v2", PTuningV2, {"prefix_hidden_size": 512}, 1e-3),
