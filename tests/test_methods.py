@@ -362,3 +362,71 @@ def test_ptuning_v2_zero_init_starts_prefixes_at_zero(tiny_llama):
         prefixes = module.model.peft_model.prompt_encoder["default"](tokens)
         assert bool((prefixes == 0).all()) is expect_zero
     assert zero.trainable_count == random.trainable_count
+
+
+# ---------------------------------------------------------------- head_learning_rate
+@pytest.mark.parametrize("method, kwargs", [(LoRA, {"r": 2}), (PTuningV2, {"num_virtual_tokens": 4,
+                                                                          "prefix_hidden_size": 8})])
+def test_head_learning_rate_moves_only_the_head_at_its_rate(tiny_bert, sentiment_csv, method, kwargs):
+    # AdamW's first step moves every parameter by lr * g / (|g| + eps), i.e. by ~lr wherever the gradient is
+    # not tiny: so the largest step of the head shows the head's rate and the largest step of the rest the method's
+    data = make_data(sentiment_csv, "classification", tiny_bert)
+    model = method(backbone=tiny_bert, num_labels=2, learning_rate=1e-3, head_learning_rate=5e-2, **kwargs)
+    head = {id(p) for p in model.head_parameters()}
+    assert sum(p.numel() for p in model.head_parameters()) == HEAD
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = tiny_trainer(max_steps=1)
+    trainer.fit(model, datamodule=data)
+    (optimizer,) = trainer.optimizers
+    by_lr = {}
+    for g in optimizer.param_groups:
+        by_lr.setdefault(g["initial_lr"], set()).update(id(p) for p in g["params"])
+    assert by_lr == {5e-2: head, 1e-3: {id(p) for p in model.parameters() if p.requires_grad} - head}
+    step = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters() if p.requires_grad}
+    head_names = [n for n, p in model.named_parameters() if id(p) in head]
+    assert max(step[n] for n in head_names) == pytest.approx(5e-2, rel=1e-3)
+    assert max(v for n, v in step.items() if n not in head_names) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_head_learning_rate_composes_with_a_methods_own_groups(tiny_bert, sentiment_csv):
+    from peftlab.methods import LoRAPromptTuning
+
+    data = make_data(sentiment_csv, "classification", tiny_bert)
+    model = LoRAPromptTuning(backbone=tiny_bert, num_labels=2, r=2, num_virtual_tokens=3, learning_rate=1e-3,
+                             prompt_learning_rate=2e-2, head_learning_rate=5e-2)
+    trainer = tiny_trainer(max_steps=1)
+    trainer.fit(model, datamodule=data)
+    sizes = {}
+    for g in trainer.optimizers[0].param_groups:
+        sizes[g["initial_lr"]] = sizes.get(g["initial_lr"], 0) + sum(p.numel() for p in g["params"])
+    assert sizes == {1e-3: model.trainable_count - HEAD - 3 * 32, 2e-2: 3 * 32, 5e-2: HEAD}
+
+
+def test_head_learning_rate_unset_keeps_one_rate(tiny_bert, sentiment_csv):
+    data = make_data(sentiment_csv, "classification", tiny_bert)
+    model = LoRA(backbone=tiny_bert, num_labels=2, r=2, learning_rate=1e-3)
+    trainer = tiny_trainer(max_steps=1)
+    trainer.fit(model, datamodule=data)
+    assert {g["initial_lr"] for g in trainer.optimizers[0].param_groups} == {1e-3}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"head_learning_rate": 0.0}, "model.head_learning_rate must be > 0"),
+    ({"head_learning_rate": 1e-2, "task": "causal_lm"}, "trains no new head"),
+])
+def test_head_learning_rate_bad_settings(tiny_bert, tiny_llama, kwargs, message):
+    backbone = tiny_llama if kwargs.get("task") == "causal_lm" else tiny_bert
+    with pytest.raises(PeftLabError, match=message):
+        LoRA(backbone=backbone, num_labels=2, **kwargs)
+
+
+def test_head_learning_rate_without_a_trainable_head(tiny_bert):
+    class NoHead(PeftModule):
+        train_head = False
+
+        def attach(self, backbone):
+            backbone.bert.embeddings.word_embeddings.weight.requires_grad_(True)
+            return backbone
+
+    with pytest.raises(PeftLabError, match="trains no classification head"):
+        NoHead(backbone=tiny_bert, num_labels=2, head_learning_rate=1e-2)

@@ -77,6 +77,8 @@ BAD_INPUTS = [
     ("unknown_task", lambda c: ["--data.task", "regression"], "regression"),
     ("unknown_optimizer", lambda c: ["--model.init_args.optimizer", "sgd"], "optimizer"),
     ("learning_rate_zero", lambda c: ["--model.init_args.learning_rate", "0"], "model.learning_rate must be > 0"),
+    ("head_learning_rate_zero", lambda c: ["--model.init_args.head_learning_rate", "0"],
+     "model.head_learning_rate must be > 0"),
     ("warmup_out_of_range", lambda c: ["--model.init_args.warmup_ratio", "1.5"], "model.warmup_ratio must be in [0, 1)"),
     ("batch_size_zero", lambda c: ["--data.batch_size", "0"], "data.batch_size must be >= 1"),
     ("val_fraction_out_of_range", lambda c: ["--data.val_fraction", "1.5"], "data.val_fraction must be between 0 and 1"),

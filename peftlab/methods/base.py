@@ -35,6 +35,9 @@ class PeftModule(L.LightningModule):
         task: ``classification``, ``causal_lm`` or ``seq2seq`` (the CLI links it from ``data.task``).
         num_labels: number of classes for classification (the CLI links it from the data).
         learning_rate: peak learning rate.
+        head_learning_rate: peak learning rate of the new classification head (``classifier`` / ``score`` /
+            ``classification_head``; classification only); default ``learning_rate``. A random head can need far
+            more than the method's own rate (docs/methods.md, "Learning rates").
         weight_decay: AdamW weight decay (not applied to biases and norm weights).
         optimizer: ``adamw`` (torch), or bitsandbytes' ``adamw_8bit``, ``paged_adamw_8bit``,
             ``paged_adamw_32bit`` (8-bit states and/or paging of optimizer state, as in QLoRA).
@@ -62,6 +65,7 @@ class PeftModule(L.LightningModule):
         task: Task = "classification",
         num_labels: int | None = None,
         learning_rate: float = 1e-4,
+        head_learning_rate: float | None = None,
         weight_decay: float = 0.0,
         optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw",
         warmup_ratio: float = 0.0,
@@ -77,6 +81,13 @@ class PeftModule(L.LightningModule):
             raise PeftLabError(f"model.task {task!r} is unknown; choose one of {', '.join(TASKS)}")
         if learning_rate <= 0:
             raise PeftLabError(f"model.learning_rate must be > 0 (got {learning_rate})")
+        if head_learning_rate is not None and head_learning_rate <= 0:
+            raise PeftLabError(f"model.head_learning_rate must be > 0 (got {head_learning_rate})")
+        if head_learning_rate is not None and task != "classification":
+            raise PeftLabError(
+                f"model.head_learning_rate is for classification heads, but the task is {task!r} (which trains "
+                "no new head); remove model.head_learning_rate"
+            )
         if not 0.0 <= warmup_ratio < 1.0:
             raise PeftLabError(f"model.warmup_ratio must be in [0, 1) (got {warmup_ratio})")
         self.save_hyperparameters()
@@ -94,6 +105,11 @@ class PeftModule(L.LightningModule):
             for p in classification_head(self.model).parameters():
                 p.requires_grad_(True)
         self.trainable_count, self.total_count = count_parameters(self)
+        if head_learning_rate is not None and not self.head_parameters():
+            raise PeftLabError(
+                f"model.head_learning_rate is set but {type(self).__name__} trains no classification head (no "
+                f"trainable parameter under {', '.join(HEAD_NAMES)}); remove model.head_learning_rate"
+            )
         if self.trainable_count == 0:
             raise PeftLabError(f"{type(self).__name__} left no trainable parameters; check its settings")
         self._init_metrics()
@@ -219,9 +235,21 @@ class PeftModule(L.LightningModule):
         ``[{"params": [...]}, {"params": [...], "lr": 1e-2}]`` (groups without ``lr`` use learning_rate)."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the classification head (under a module named in ``HEAD_NAMES``; with
+        peft that is the ``modules_to_save`` copy, the frozen original has ``requires_grad=False``)."""
+        return [p for name, p in self.named_parameters()
+                if p.requires_grad and any(part in HEAD_NAMES for part in name.split("."))]
+
     def configure_optimizers(self):
         groups = []
-        for group in self.optimizer_groups():
+        method_groups = self.optimizer_groups()
+        head_lr = self.hparams.get("head_learning_rate")
+        if head_lr is not None:  # the head leaves whichever group the method put it in, for a group of its own
+            head = {id(p) for p in self.head_parameters()}
+            method_groups = [{**g, "params": [p for p in g["params"] if id(p) not in head]} for g in method_groups]
+            method_groups.append({"params": self.head_parameters(), "lr": head_lr})
+        for group in method_groups:
             extra = {k: v for k, v in group.items() if k != "params"}
             params = [p for p in group["params"] if p.requires_grad]
             groups.append({"params": [p for p in params if p.ndim >= 2], "weight_decay": self.hparams.weight_decay,
