@@ -410,14 +410,20 @@ def test_head_learning_rate_unset_keeps_one_rate(tiny_bert, sentiment_csv):
     assert {g["initial_lr"] for g in trainer.optimizers[0].param_groups} == {1e-3}
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"head_learning_rate": 0.0}, "model.head_learning_rate must be > 0"),
-    ({"head_learning_rate": 1e-2, "task": "causal_lm"}, "trains no new head"),
-])
-def test_head_learning_rate_bad_settings(tiny_bert, tiny_llama, kwargs, message):
-    backbone = tiny_llama if kwargs.get("task") == "causal_lm" else tiny_bert
-    with pytest.raises(PeftLabError, match=message):
-        LoRA(backbone=backbone, num_labels=2, **kwargs)
+def test_head_learning_rate_must_be_positive(tiny_bert):
+    with pytest.raises(PeftLabError, match="model.head_learning_rate must be > 0"):
+        LoRA(backbone=tiny_bert, num_labels=2, head_learning_rate=0.0)
+
+
+def test_head_learning_rate_is_ignored_with_a_warning_without_a_head(tiny_llama, generation_jsonl):
+    # method configs set it for classification and are layered on causal LM configs too: warn, do not fail
+    data = make_data(generation_jsonl, "causal_lm", tiny_llama)
+    with pytest.warns(UserWarning, match="head_learning_rate is ignored: task 'causal_lm'"):
+        model = LoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules=["q_proj"], learning_rate=1e-3,
+                     head_learning_rate=1e-2)
+    trainer = tiny_trainer(max_steps=1)
+    trainer.fit(model, datamodule=data)
+    assert {g["initial_lr"] for g in trainer.optimizers[0].param_groups} == {1e-3}
 
 
 def test_head_learning_rate_without_a_trainable_head(tiny_bert):

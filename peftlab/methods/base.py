@@ -15,6 +15,7 @@ backbone and returns the module to train (usually the backbone with trainable pa
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import lightning as L
@@ -36,8 +37,8 @@ class PeftModule(L.LightningModule):
         num_labels: number of classes for classification (the CLI links it from the data).
         learning_rate: peak learning rate.
         head_learning_rate: peak learning rate of the new classification head (``classifier`` / ``score`` /
-            ``classification_head``; classification only); default ``learning_rate``. A random head can need far
-            more than the method's own rate (docs/methods.md, "Learning rates").
+            ``classification_head``); default ``learning_rate``; ignored (with a warning) for tasks without one. A
+            random head can need far more than the method's own rate (docs/methods.md, "Learning rates").
         weight_decay: AdamW weight decay (not applied to biases and norm weights).
         optimizer: ``adamw`` (torch), or bitsandbytes' ``adamw_8bit``, ``paged_adamw_8bit``,
             ``paged_adamw_32bit`` (8-bit states and/or paging of optimizer state, as in QLoRA).
@@ -84,15 +85,15 @@ class PeftModule(L.LightningModule):
         if head_learning_rate is not None and head_learning_rate <= 0:
             raise PeftLabError(f"model.head_learning_rate must be > 0 (got {head_learning_rate})")
         if head_learning_rate is not None and task != "classification":
-            raise PeftLabError(
-                f"model.head_learning_rate is for classification heads, but the task is {task!r} (which trains "
-                "no new head); remove model.head_learning_rate"
-            )
+            # not an error: a method config (configs/methods/) sets it for classification and is layered on any task
+            warnings.warn(f"model.head_learning_rate is ignored: task {task!r} trains no new classification head",
+                          stacklevel=2)
         if not 0.0 <= warmup_ratio < 1.0:
             raise PeftLabError(f"model.warmup_ratio must be in [0, 1) (got {warmup_ratio})")
         self.save_hyperparameters()
         self.task = task
         self.num_labels = num_labels
+        self.head_learning_rate = head_learning_rate if task == "classification" else None
         self.tokenizer = load_tokenizer(backbone, trust_remote_code=trust_remote_code, revision=revision)
         model = self.load_backbone()
         model.requires_grad_(False)
@@ -105,7 +106,7 @@ class PeftModule(L.LightningModule):
             for p in classification_head(self.model).parameters():
                 p.requires_grad_(True)
         self.trainable_count, self.total_count = count_parameters(self)
-        if head_learning_rate is not None and not self.head_parameters():
+        if self.head_learning_rate is not None and not self.head_parameters():
             raise PeftLabError(
                 f"model.head_learning_rate is set but {type(self).__name__} trains no classification head (no "
                 f"trainable parameter under {', '.join(HEAD_NAMES)}); remove model.head_learning_rate"
@@ -244,7 +245,7 @@ class PeftModule(L.LightningModule):
     def configure_optimizers(self):
         groups = []
         method_groups = self.optimizer_groups()
-        head_lr = self.hparams.get("head_learning_rate")
+        head_lr = self.head_learning_rate
         if head_lr is not None:  # the head leaves whichever group the method put it in, for a group of its own
             head = {id(p) for p in self.head_parameters()}
             method_groups = [{**g, "params": [p for p in g["params"] if id(p) not in head]} for g in method_groups]
