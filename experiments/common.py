@@ -43,6 +43,17 @@ CLS_LR: dict[str, dict[str, float]] = {
 }
 
 
+# the classification head's rate (model.head_learning_rate) where a method's own rate is below it: MiniLM's pooled
+# features are ~0.05 in size, so a new head trained at, say, 3e-4 barely depends on the input after a few hundred
+# steps (P-tuning v2 stayed at the majority class; quality_vs_params part (a'), head_lr_pilot.txt)
+HEAD_LR = 1e-2
+
+
+def head_learning_rate(label: str) -> list[str]:
+    """CLI override training the head at HEAD_LR, for the methods of ``CLS_LR`` whose own rate is below it."""
+    return ["--model.init_args.head_learning_rate", str(HEAD_LR)] if CLS_LR[label]["learning_rate"] < HEAD_LR else []
+
+
 def cls_learning_rate(label: str) -> list[str]:
     """CLI overrides setting the learning rate(s) of ``CLS_LR[label]``."""
     return [arg for key, value in CLS_LR[label].items() for arg in (f"--model.init_args.{key}", str(value))]

@@ -493,3 +493,12 @@ def test_estimate_matches_measured_cpu_peak():
     est = memory.estimate(memory.preset_spec("lora", case["backbone"], "classification"), batch_size=32, seq_len=128,
                           precision="fp32", attention="eager", num_labels=2).total
     assert abs(est - measured) / measured < 0.10
+
+
+def test_recommended_ptuning_v2_rates_are_the_shipped_configs():
+    # both carry the rates measured on MiniLM (docs/methods.md "Learning rates"); they must not drift apart
+    from peftlab.analysis.recommend import PTUNING_V2_ARGS
+
+    shipped = yaml.safe_load((ROOT / "configs/methods/p_tuning_v2.yaml").read_text())["model"]["init_args"]
+    for key in ("learning_rate", "head_learning_rate", "num_virtual_tokens", "prefix_hidden_size"):
+        assert PTUNING_V2_ARGS[key] == shipped[key], key

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = [
-    ["experiments/quality_vs_params/run.py", "--smoke", "--part", "both"],
+    ["experiments/quality_vs_params/run.py", "--smoke", "--part", "all"],
     ["experiments/few_shot/run.py", "--smoke"],
     ["experiments/inference_overhead/run.py", "--smoke"],
     ["experiments/multi_lora/run.py", "--smoke"],

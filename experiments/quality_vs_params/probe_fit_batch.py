@@ -2,9 +2,12 @@
 
     python experiments/quality_vs_params/probe_fit_batch.py
 
-Part (a)'s prefix+mlp and P-tuning v2 (MLP-generated prefixes) stay at the majority class within the CPU
-budget at every learning rate tried. This trains each on the same 16 real reviews for 30 AdamW steps and
-prints the loss, to tell "slow to learn from the data stream" from "gradients do not reach the prefixes".
+Part (a)'s prefix+mlp and P-tuning v2 stay at the majority class within the CPU budget at every learning rate
+tried. This trains each on the same 16 real reviews for 30 AdamW steps and prints the loss, to tell "slow to
+learn from the data stream" from "gradients do not reach the prefixes". (They fit the batch. The cause turned
+out to be the new classification head, trained at the methods' own 3e-4: MiniLM's pooled features are ~0.05 in
+size, so that head's logits barely depend on the input after 250 steps; with the head at 1e-2 both learn, see
+part (a') of docs/results/quality_vs_params.md.)
 """
 
 from __future__ import annotations

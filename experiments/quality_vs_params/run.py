@@ -1,12 +1,15 @@
 """Quality vs trainable parameters for every method, on real data, through `peftlab fit`.
 
     python experiments/quality_vs_params/run.py              # part (a), CPU default: 3 seeds, < 1 h on 2 cores
+    python experiments/quality_vs_params/run.py --part head  # part (a'): (a) with the head at 1e-2, < 1 h
     python experiments/quality_vs_params/run.py --part gen   # part (b): SmolLM2-135M, 1 seed, < 1 h on 2 cores
     python experiments/quality_vs_params/run.py --smoke      # a few steps per method (CI)
     python experiments/quality_vs_params/run.py --full       # the complete version (GPU): all data, 3 epochs
     python experiments/quality_vs_params/run.py --report     # rewrite the report from saved results
 
 (a) classification: Rotten Tomatoes fresh vs rotten on all-MiniLM-L6-v2, test accuracy;
+(a') the methods of (a) whose own rate is below 1e-2, with the new classification head trained at 1e-2
+    (model.head_learning_rate): at their own rate the head barely moves in 250 steps;
 (b) generation: the same reviews phrased as "... Answer: fresh/rotten" on SmolLM2-135M, test loss on the
     answer tokens and exact_match (greedy decoding returns the right answer and stops).
 Writes docs/results/quality_vs_params.md and quality_vs_params.png; raw results in results_<part>.json.
@@ -22,7 +25,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from common import (  # noqa: E402
-    cls_learning_rate, fail_on_failed_runs, logger, machine, mean_std, publish, run_fit, save_figure, save_json,
+    HEAD_LR, cls_learning_rate, fail_on_failed_runs, head_learning_rate, logger, machine, mean_std, publish, run_fit,
+    save_figure, save_json,
 )
 
 M = "configs/methods"
@@ -41,6 +45,14 @@ CLS_METHODS = {
     "adapters b=64": (f"{M}/adapters.yaml", []),
     "lora+prompt": (f"{M}/lora_prompt.yaml", []),
 }
+# part (a'): the classification head at its own rate, common.HEAD_LR. MiniLM's pooled features are ~0.05 in size,
+# so a new head trained at the method's rate (3e-4 for prefix + MLP and P-tuning v2) gives logits that hardly depend
+# on the input after 250 steps; the methods with rates >= 1e-2 (prompt, P-tuning, prefix) already train it that fast.
+# their own rates stay those of part (a) (common.CLS_LR): with the head at HEAD_LR, 1e-3 still leaves prefix + MLP
+# and P-tuning v2 at the majority class (`lr_pilot.sh head`, head_lr_pilot.txt); LoRA r=4/16 and QLoRA left out
+# for time (LoRA r=8 stands for them)
+HEAD_METHODS = {name: CLS_METHODS[name] for name in
+                ["full", "prefix+mlp", "p-tuning v2", "lora r=8", "adapters b=64", "lora+prompt"]}
 GEN_METHODS = {  # learning rates not tuned (part (a) was): the configs' values
     "full": ["--model", "peftlab.methods.FullFineTuning", "--model.init_args.learning_rate", "2e-5"],
     "prompt": ["--model", "peftlab.methods.PromptTuning", "--model.init_args.learning_rate", "3e-3"],
@@ -61,6 +73,7 @@ GEN_METHODS = {  # learning rates not tuned (part (a) was): the configs' values
 # metrics[0] is plotted; gen: exact_match = greedy decoding returns the right verdict (" fresh"/" rotten" + EOS)
 PARTS = {
     "cls": {"title": "(a) sentiment classification, all-MiniLM-L6-v2", "metrics": ["test/acc"]},
+    "head": {"title": f"(a') the same, classification head at {HEAD_LR:g}", "metrics": ["test/acc"]},
     "gen": {"title": "(b) generative sentiment, SmolLM2-135M-Instruct",
             "metrics": ["test/exact_match", "test/loss"]},
 }
@@ -68,7 +81,7 @@ PARTS = {
 
 def settings(part: str, mode: str) -> tuple[list[int], list[str]]:
     """Seeds and overrides of the budget: smoke (CI), default (2-core CPU, < 1 h), full (GPU)."""
-    if part == "cls":
+    if part in ("cls", "head"):
         # batch 16 and the learning rates of common.CLS_LR; the CPU budget is 250 steps on 4,000 reviews, in
         # length-grouped batches (1.76x faster, docs/benchmarks.md), tested on all 1,281 test reviews
         base = ["--config", "configs/quickstart.yaml", "--data.batch_size", "16"]
@@ -83,7 +96,7 @@ def settings(part: str, mode: str) -> tuple[list[int], list[str]]:
                               "--trainer.val_check_interval", "1.0"],
                   "full": ["--data.max_train_samples", "null", "--trainer.max_epochs", "2"]}[mode]
     # 3 seeds of part (a) fit in the hour on a 2-core CPU; part (b) has one
-    seeds = {"smoke": [0], "default": [0, 1, 2] if part == "cls" else [0], "full": [0, 1, 2]}[mode]
+    seeds = {"smoke": [0], "default": [0] if part == "gen" else [0, 1, 2], "full": [0, 1, 2]}[mode]
     return seeds, base + budget
 
 
@@ -91,9 +104,10 @@ def run(part: str, mode: str, only: list[str] | None, path: Path, seeds: list[in
     log = logger(f"quality_vs_params/{part}")
     default_seeds, common = settings(part, mode)
     seeds = seeds or default_seeds
-    methods = CLS_METHODS if part == "cls" else GEN_METHODS
+    methods = {"cls": CLS_METHODS, "head": HEAD_METHODS, "gen": GEN_METHODS}[part]
     if mode == "smoke" and not only:  # CI: a representative subset, each kind of method once
-        only = ["lora r=8", "prompt", "p-tuning v2", "adapters b=64"] if part == "cls" else ["lora r=8", "prefix"]
+        only = {"cls": ["lora r=8", "prompt", "p-tuning v2", "adapters b=64"], "head": ["p-tuning v2"],
+                "gen": ["lora r=8", "prefix"]}[part]
     # seed-major order and a save after every run: an interrupted study still covers every method
     todo = [(n, s) for s in seeds for n in methods if not only or n in only]
     # --only / --seeds re-run those methods / seeds and keep the saved results of the others
@@ -102,9 +116,11 @@ def run(part: str, mode: str, only: list[str] | None, path: Path, seeds: list[in
     results = [r for r in kept if (r["label"], r["seed"]) not in redo]
     order = {name: i for i, name in enumerate(methods)}
     for i, (name, seed) in enumerate(todo, 1):
-        if part == "cls":
+        if part in ("cls", "head"):
             config, extra = methods[name]
-            args = [*common, "--config", config, *extra, *cls_learning_rate(name)]
+            # (a) trains the head at the method's own rate, also where a method config sets a head rate
+            head = head_learning_rate(name) if part == "head" else ["--model.init_args.head_learning_rate", "null"]
+            args = [*common, "--config", config, *extra, *cls_learning_rate(name), *head]
         else:
             args = [*common, *methods[name]]
         args += ["--seed_everything", str(seed)]
@@ -159,7 +175,7 @@ def report(all_results: dict[str, list[dict]], mode: str) -> str:
                          + f" | {len(ok)} | {t:.0f} |")
         # always answering the majority class (fresh): 0.578 of the 1,281 test reviews (stratified split);
         # 0.575 of the 160 that part (b)'s default budget tests on (other budgets: not counted)
-        majority = {"cls": 0.578, "gen": 0.575 if mode == "default" else None}[part]
+        majority = {"cls": 0.578, "head": 0.578, "gen": 0.575 if mode == "default" else None}[part]
         if majority is not None:
             lines += ["", f"Always answering the majority class (fresh) scores {majority} on this test set."]
             ax.axhline(majority, color="grey", linestyle=":", label="majority class")
@@ -181,12 +197,20 @@ def report(all_results: dict[str, list[dict]], mode: str) -> str:
                   "by `bash experiments/quality_vs_params/lr_pilot.sh`, one command at a time (validation and test "
                   "capped at 640 reviews; seconds are wall time, some runs shared the two cores with other work):", "",
                   "```", pilot.read_text().rstrip(), "```", ""]
+    head_pilot = HERE / "head_lr_pilot.txt"
+    if "head" in all_results and head_pilot.is_file():
+        lines += ["## Learning rates of part (a')", "",
+                  f"The head at {HEAD_LR:g} (`model.head_learning_rate`, `experiments/common.py` `HEAD_LR`); the "
+                  "methods keep the rates of part (a): for the two with an MLP, 1e-3 still stays at the majority "
+                  "class (same budget and seed 0 as the pilot of part (a)). Made by "
+                  "`bash experiments/quality_vs_params/lr_pilot.sh head`:", "",
+                  "```", head_pilot.read_text().rstrip(), "```", ""]
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["cls", "gen", "both"], default="cls")
+    parser.add_argument("--part", choices=["cls", "head", "gen", "all"], default="cls")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--smoke", action="store_true")
     group.add_argument("--full", action="store_true")
@@ -195,13 +219,13 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", nargs="*", type=int, help="run only these seeds (default: the budget's)")
     args = parser.parse_args(argv)
     mode = "smoke" if args.smoke else "full" if args.full else "default"
-    parts = ["cls", "gen"] if args.part == "both" else [args.part]
+    parts = ["cls", "head", "gen"] if args.part == "all" else [args.part]
     suffix = "_smoke" if args.smoke else ""
     if not args.report:
         for part in parts:
             run(part, mode, args.only, HERE / f"results_{part}{suffix}.json", args.seeds)
     saved = {p: json.loads((HERE / f"results_{p}{suffix}.json").read_text())
-             for p in ("cls", "gen") if (HERE / f"results_{p}{suffix}.json").is_file()}
+             for p in ("cls", "head", "gen") if (HERE / f"results_{p}{suffix}.json").is_file()}
     if args.smoke:
         fail_on_failed_runs([r for rs in saved.values() for r in rs])
         return
