@@ -1,13 +1,14 @@
 """Few-shot: k examples per class for prompt tuning, prefix tuning, P-tuning v2 and LoRA.
 
-    python experiments/few_shot/run.py            # CPU default: one draw (~15 min on 2 cores)
+    python experiments/few_shot/run.py            # CPU default: one draw (11 min on 2 cores)
     python experiments/few_shot/run.py --smoke    # a few steps (CI)
     python experiments/few_shot/run.py --full     # GPU: all training data for k=all, 3 draws
     python experiments/few_shot/run.py --report   # rewrite the report from saved results
 
 Checks the notes' claim (000, 001) that prefix tuning / P-tuning v2 suit few-shot data better than LoRA.
 Every k gets the same number of optimizer steps (small sets are repeated), the learning rate per method of
-quality_vs_params (experiments/common.py CLS_LR), and is tested on the same held-out reviews. The drawn
+quality_vs_params (experiments/common.py CLS_LR; the classification head at HEAD_LR = 1e-2 where the method's
+rate is below it, as in quality_vs_params part (a')), and is tested on the same held-out reviews. The drawn
 example ids of each run are in its run directory (few_shot_ids.json). Writes docs/results/few_shot.md and
 few_shot.png.
 """
@@ -22,7 +23,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from common import (  # noqa: E402
-    cls_learning_rate, fail_on_failed_runs, logger, machine, mean_std, publish, run_fit, save_figure, save_json,
+    HEAD_LR, cls_learning_rate, fail_on_failed_runs, head_learning_rate, logger, machine, mean_std, publish, run_fit,
+    save_figure, save_json,
 )
 
 METHODS = {
@@ -55,7 +57,7 @@ def run(mode: str, path: Path) -> list[dict]:
     for i, (method, k, seed) in enumerate(todo, 1):
         data = ["--data.few_shot_k", str(k), "--data.few_shot_seed", str(seed)] if k != "all" else (
             ["--data.max_train_samples", str(all_cap)] if all_cap else [])
-        args = [*common, "--config", METHODS[method], *cls_learning_rate(method), *data, "--seed_everything", str(seed)]
+        args = [*common, "--config", METHODS[method], *cls_learning_rate(method), *head_learning_rate(method), *data, "--seed_everything", str(seed)]
         log(f"[{i}/{len(todo)}] {method} k={k} seed {seed}")
         slug = f"{method.replace(' ', '_').replace('=', '')}-k{k}-s{seed}"
         r = run_fit("few_shot" + ("_smoke" if mode == "smoke" else ""), slug, args, log)
@@ -76,10 +78,12 @@ def report(results: list[dict], mode: str) -> str:
     draws = len({r["seed"] for r in results})
     budget = settings(mode)[1]
     steps = budget[budget.index("--trainer.max_steps") + 1]
+    headed = " and ".join(m for m in METHODS if head_learning_rate(m))
     lines = ["# Few-shot: test accuracy vs examples per class", "",
              f"Machine: {machine()}. Budget: `{mode}`: every run takes {steps} optimizer steps "
-             "(batch 8) with the learning rates of `experiments/common.py` `CLS_LR`, tested on the same held-out "
-             "reviews; " + (f"mean ± std over {draws} few-shot draws (seeds). " if draws > 1 else
+             "(batch 8) with the learning rates of `experiments/common.py` `CLS_LR` (the classification head at "
+             f"`HEAD_LR` = {HEAD_LR:g} for {headed}, whose own rates are lower), tested on the same "
+             "held-out reviews; " + (f"mean ± std over {draws} few-shot draws (seeds). " if draws > 1 else
                             "one few-shot draw (seed 0), so each cell is a single run and differences of a few "
                             "points are noise. ")
              + "`all` = every training example (capped on CPU, see `settings()` in experiments/few_shot/run.py). "
