@@ -3,6 +3,7 @@
     python experiments/quality_vs_params/run.py              # part (a), CPU default: 3 seeds, < 1 h on 2 cores
     python experiments/quality_vs_params/run.py --part head  # part (a'): (a) with the head at 1e-2, < 1 h
     python experiments/quality_vs_params/run.py --part gen   # part (b): SmolLM2-135M, 1 seed, < 1 h on 2 cores
+    python experiments/quality_vs_params/run.py --part gen --seeds 1   # + seed 1, as in the committed results
     python experiments/quality_vs_params/run.py --smoke      # a few steps per method (CI)
     python experiments/quality_vs_params/run.py --full       # the complete version (GPU): all data, 3 epochs
     python experiments/quality_vs_params/run.py --report     # rewrite the report from saved results
