@@ -57,7 +57,8 @@ def run(mode: str, path: Path) -> list[dict]:
     for i, (method, k, seed) in enumerate(todo, 1):
         data = ["--data.few_shot_k", str(k), "--data.few_shot_seed", str(seed)] if k != "all" else (
             ["--data.max_train_samples", str(all_cap)] if all_cap else [])
-        args = [*common, "--config", METHODS[method], *cls_learning_rate(method), *head_learning_rate(method), *data, "--seed_everything", str(seed)]
+        args = [*common, "--config", METHODS[method], *cls_learning_rate(method), *head_learning_rate(method), *data,
+                "--seed_everything", str(seed)]
         log(f"[{i}/{len(todo)}] {method} k={k} seed {seed}")
         slug = f"{method.replace(' ', '_').replace('=', '')}-k{k}-s{seed}"
         r = run_fit("few_shot" + ("_smoke" if mode == "smoke" else ""), slug, args, log)

@@ -184,7 +184,8 @@ def recommend(a: Answers) -> Recommendation:
             "'few-shot / little data -> Prefix / P-Tuning v2'); P-tuning v2 acts on the input and on every "
             "attention layer. peftlab's own measurement does not back this on a small model: on all-MiniLM-L6-v2 "
             "(22M, one draw) prefix tuning, P-tuning v2 and LoRA tie near the majority class at 32 examples per "
-            "class and LoRA leads at 64 (docs/results/few_shot.md); try LoRA too.", "PrefixTuning (10 tokens) or LoRA r=4")
+            "class and LoRA leads at 64 (docs/results/few_shot.md); try LoRA too.",
+            "PrefixTuning (10 tokens) or LoRA r=4")
     if a.max_quality_min_cost:
         return _lora("max_quality_min_cost", task,
                      "near full fine-tuning quality at the least memory: QLoRA trains LoRA on a 4-bit NF4 backbone "

@@ -247,9 +247,10 @@ class PeftModule(L.LightningModule):
         method_groups = self.optimizer_groups()
         head_lr = self.head_learning_rate
         if head_lr is not None:  # the head leaves whichever group the method put it in, for a group of its own
-            head = {id(p) for p in self.head_parameters()}
+            head_params = self.head_parameters()
+            head = {id(p) for p in head_params}
             method_groups = [{**g, "params": [p for p in g["params"] if id(p) not in head]} for g in method_groups]
-            method_groups.append({"params": self.head_parameters(), "lr": head_lr})
+            method_groups.append({"params": head_params, "lr": head_lr})
         for group in method_groups:
             extra = {k: v for k, v in group.items() if k != "params"}
             params = [p for p in group["params"] if p.requires_grad]
