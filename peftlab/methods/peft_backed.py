@@ -25,4 +25,9 @@ class PeftBackedMethod(PeftModule):
     def attach(self, backbone: nn.Module) -> nn.Module:
         from peft import get_peft_model
 
-        return get_peft_model(backbone, self.peft_config(backbone))
+        from peftlab.compat import bridge_cache_argument
+
+        peft_model = get_peft_model(backbone, self.peft_config(backbone))
+        if peft_model.active_peft_config.is_prompt_learning:
+            bridge_cache_argument(peft_model)  # transformers >= 5.24 with peft <= 0.21.2, see peftlab.compat
+        return peft_model
