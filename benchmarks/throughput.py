@@ -108,7 +108,15 @@ def reference_model(setting: dict, peft_config, quantization_config=None):
         model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantization_config is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return get_peft_model(model, peft_config)
+    peft_model = get_peft_model(model, peft_config)
+    if peft_config.is_prompt_learning:
+        # plain peft <= 0.21.2 cannot run prefix tuning on transformers >= 5.24 at all (the KV-cache argument
+        # was renamed); the reference gets the same one-function bridge as peftlab (peftlab.compat), a no-op
+        # on earlier versions, so both sides run the same model code
+        from peftlab.compat import bridge_cache_argument
+
+        bridge_cache_argument(peft_model)
+    return peft_model
 
 
 def lora_config(setting: dict):

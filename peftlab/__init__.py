@@ -5,6 +5,10 @@ Heavy libraries (torch, lightning, transformers) load only when a name below is 
 
 __version__ = "0.1.0"
 
+from peftlab.compat import quiet_upstream_noise as _quiet_upstream_noise  # noqa: E402
+
+_quiet_upstream_noise()
+
 _LAZY = {
     "PeftModule": "peftlab.methods",
     "FullFineTuning": "peftlab.methods",

@@ -63,6 +63,37 @@ def _make_cli_class():
             # num_labels is read from the data, so it is never written twice
             parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
 
+        def instantiate_trainer(self, **kwargs):
+            from lightning.pytorch.callbacks import ProgressBar
+
+            # read before the Trainer exists: Lightning appends its default bar to this very list
+            configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+            user_bar = any(isinstance(c, ProgressBar) for c in configured)
+            root_dir = self._get(self.config_init, "trainer", default={}).get("default_root_dir")
+            trainer = super().instantiate_trainer(**kwargs)
+            if not user_bar:
+                from peftlab.callbacks.progress import replace_default_progress_bar
+
+                replace_default_progress_bar(trainer)
+            if trainer.logger is None and not root_dir:
+                self._without_run_directory(trainer)
+            return trainer
+
+        def _without_run_directory(self, trainer):
+            """With the logger off and no trainer.default_root_dir there is no run directory: Lightning would
+            put config.yaml and the exported adapters in the working directory. Write neither, and say so."""
+            from lightning.pytorch.cli import SaveConfigCallback
+
+            from peftlab.callbacks import AdapterExport
+
+            trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, SaveConfigCallback)]
+            exports = [c for c in trainer.callbacks if isinstance(c, AdapterExport) and c.enabled and not c.dirpath]
+            for callback in exports:
+                callback.enabled = False
+            if self.subcommand == "fit" and trainer.is_global_zero:
+                print("[peftlab] trainer.logger is off and trainer.default_root_dir is not set: no run directory, "
+                      "so config.yaml and the adapters are not saved (set trainer.default_root_dir to keep them)")
+
         def _parse_ckpt_path(self):
             # LightningCLI reads the checkpoint's hyperparameters into the config before anything else
             from peftlab.checkpointing import checkpoint_errors
@@ -265,6 +296,11 @@ def main(args: list[str] | None = None) -> None:
             sys.exit(2)
         return None
     try:
+        from peftlab.compat import unmet_requirements
+
+        problem = unmet_requirements()  # before anything is loaded: a library outside peftlab's declared range
+        if problem:
+            raise PeftLabError(problem)
         if argv and argv[0] in EXTRA_COMMANDS:
             import importlib
 
@@ -288,6 +324,9 @@ def main(args: list[str] | None = None) -> None:
                                "exit_on_error": False,
                                **{c: {"exit_on_error": False} for c in ("fit", "validate", "test", "predict")}},
                 auto_configure_optimizers=False,
+                # peftlab prints trainable / total parameters itself; Lightning's table adds a FLOPs column that
+                # reads 0 for every run (--trainer.enable_model_summary true brings it back)
+                trainer_defaults={"enable_model_summary": False},
             )
         finally:
             sys.argv = saved

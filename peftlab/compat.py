@@ -26,13 +26,21 @@ The KV-cache argument rename (transformers 5.24.0, peft <= 0.21.2)
 from __future__ import annotations
 
 import inspect
+import logging
 import types
+import warnings
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-#: (package, version, what breaks, the fix): installed combinations peftlab refuses in one line before
-#: loading anything (see :func:`known_bad_versions`). Empty while every known break has a workaround above.
-KNOWN_BAD: list[tuple[str, str, str, str]] = []
+#: Installed combinations that break a method and have no workaround: (requirements that must all hold, e.g.
+#: ``("transformers==5.24.0", "peft<=0.21.2")``; the method classes affected, ``"*"`` for all; the fix). A method
+#: refuses them in one line when it is constructed, before anything is loaded (:func:`known_bad_versions`).
+#: Empty today: the one break found so far (the KV-cache rename above) has its workaround. Add an entry when
+#: ``scripts/test.sh --latest`` finds a break that cannot be fixed at once, and exclude the release in
+#: pyproject.toml too (docs/dependencies.md).
+KNOWN_BAD: list[tuple[tuple[str, ...], tuple[str, ...], str]] = []
 
 
 def uses_cache_argument(model: nn.Module) -> bool:
@@ -107,17 +115,84 @@ def bridge_cache_argument(peft_model: nn.Module) -> bool:
     return True
 
 
-def known_bad_versions() -> str | None:
-    """One line naming an installed combination in :data:`KNOWN_BAD` and its fix, or None."""
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
+def quiet_upstream_noise() -> None:
+    """Silence, at their source, library messages a peftlab user cannot act on (each named below).
+
+    Called when peftlab is imported; warnings and log records that carry something to act on are kept.
+    """
+    # bitsandbytes >= 0.49 logs at import (peft imports it whenever it is installed, even for a LoRA run with no
+    # 4-bit layer) that its optional CPU kernel could not be fetched from the Hugging Face hub; 4-bit layers work
+    # without it (docs/methods.md, QLoRA)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # peft 0.21.2 reads transformers' deprecated `is_gradient_checkpointing` property (transformers >= 5.23)
+    warnings.filterwarnings("ignore", message=".*`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # Lightning 2.6's pytree helper builds torch's deprecated LeafSpec (torch >= 2.13)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Lightning 2.6 advertises its cloud logger and model registry ("Tip: ... try installing litlogger") every run
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
+
+
+def _installed(package: str) -> str | None:
     from importlib import metadata
 
-    from packaging.version import Version
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
-    for package, version, what, fix in KNOWN_BAD:
-        try:
-            installed = metadata.version(package)
-        except metadata.PackageNotFoundError:
+
+def known_bad_versions(method_classes: tuple[str, ...] = ("*",)) -> str | None:
+    """One line naming an installed combination of :data:`KNOWN_BAD` that breaks one of ``method_classes`` (class
+    names, e.g. the method's MRO) and its fix, or None."""
+    from packaging.requirements import Requirement
+
+    for requirements, methods, fix in KNOWN_BAD:
+        if "*" not in methods and not set(methods) & set(method_classes) and "*" not in method_classes:
             continue
-        if Version(installed) == Version(version):
-            return f"{package} {installed} is known to break {what}; {fix}"
+        found = []
+        for text in requirements:
+            requirement = Requirement(text)
+            version = _installed(requirement.name)
+            if version is None or not requirement.specifier.contains(version, prereleases=True):
+                break
+            found.append(f"{requirement.name} {version}")
+        else:
+            which = ", ".join(methods) if "*" not in methods else "every method"
+            return f"the installed {' with '.join(found)} is known to break {which}; {fix}"
+    return None
+
+
+def unmet_requirements(distribution: str = "peftlab") -> str | None:
+    """One line naming the first installed library outside the range ``distribution`` declares (pyproject.toml's
+    ``dependencies``), with the fix; None when all fit or ``distribution`` is not installed (a source checkout).
+
+    pip keeps these ranges at install time; this catches environments changed afterwards (an upgrade of one
+    library, ``--no-deps`` installs), where a library outside its range fails in ways that are hard to trace."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    try:
+        requirements = metadata.requires(distribution) or []
+    except metadata.PackageNotFoundError:
+        return None
+    for text in requirements:
+        requirement = Requirement(text)
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue  # an optional extra (dev, experiments) or another platform's requirement
+        version = _installed(requirement.name)
+        if version is None:
+            return (f"{requirement.name} is not installed but {distribution} needs {requirement}; run "
+                    f"`bash scripts/setup.sh` (the locked versions) or `pip install '{requirement}'`")
+        if not requirement.specifier.contains(version, prereleases=True):
+            return (f"{requirement.name} {version} is installed but {distribution} needs {requirement}; run "
+                    f"`bash scripts/setup.sh` (the locked versions) or `pip install '{requirement}'`")
     return None

@@ -1,9 +1,28 @@
 #!/usr/bin/env bash
-# README command 2: set up everything, then run the whole test suite. Extra arguments go to pytest
-# (e.g. `scripts/test.sh -m slow` for the slow integration tests).
+# README command 2: set up everything (the locked versions), then run the whole test suite. Extra arguments go
+# to pytest (e.g. `scripts/test.sh -m slow` for the slow integration tests).
+#
+#   bash scripts/test.sh --latest [pytest args]   # the same suite on the newest releases pyproject.toml allows
+#       (torch aside: it stays the CPU wheel), in a fresh venv .venv-latest; on success it records the versions
+#       in .venv-latest/peftlab-latest-passed.txt, which `bash scripts/lock.sh --upgrade` requires.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+if [ "${1:-}" = "--latest" ]; then
+    shift
+    export PEFTLAB_VENV="${PEFTLAB_LATEST_VENV:-$root/.venv-latest}"
+    export PEFTLAB_LOCK=none
+    rm -rf "$PEFTLAB_VENV"  # fresh, so every dependency resolves to its newest release today
+    bash "$root/scripts/setup.sh"
+    freeze="$("$PEFTLAB_VENV/bin/python" -m pip freeze --exclude-editable 2>/dev/null)"
+    echo "[latest] versions that differ from requirements/lock.txt:"
+    "$PEFTLAB_VENV/bin/python" scripts/lockdiff.py requirements/lock.txt <(echo "$freeze") | sed 's/^/  lock: /'
+    "$PEFTLAB_VENV/bin/python" -m pytest "$@"
+    echo "$freeze" > "$PEFTLAB_VENV/peftlab-latest-passed.txt"
+    echo "[latest] passed; versions recorded in $PEFTLAB_VENV/peftlab-latest-passed.txt." \
+         "Refresh the lock with: bash scripts/lock.sh --upgrade"
+    exit 0
+fi
 bash "$root/scripts/setup.sh"
 venv="${PEFTLAB_VENV:-$root/.venv}"
-cd "$root"
 exec "$venv/bin/python" -m pytest "$@"

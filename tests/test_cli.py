@@ -180,22 +180,60 @@ def test_debug_flag_shows_traceback(tmp_path, tiny_bert, sentiment_csv):
         main(["fit", "--config", cfg, "--data.text_column", "review", "--debug"])
 
 
+# lines a user could not act on, once printed by every quickstart run (issue: reproducible installs)
+NOISE = ("gemm_4bit_forward", "is_gradient_checkpointing", "litlogger", "litmodels", "LeafSpec", "v_num",
+         "Total FLOPs", "Traceback")
+
+
 def test_console_script_quickstart_end_to_end(tmp_path):
-    """The README's quickstart config through the real `peftlab` command, capped to a few steps."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    cmd = [PEFTLAB, "fit", "--config", "configs/quickstart.yaml", "--trainer.max_steps", "24",
+    """The README's quickstart config through the real `peftlab` command, capped to a few steps, with the
+    progress bar and warnings on as a user sees them: no upstream noise, nothing written outside the run dir."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    cmd = [PEFTLAB, "fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--trainer.max_steps", "24",
            "--trainer.val_check_interval", "12", "--trainer.limit_val_batches", "4",
-           "--trainer.limit_test_batches", "4", "--trainer.logger.init_args.save_dir", str(tmp_path),
-           "--trainer.enable_progress_bar", "false"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+           "--trainer.limit_test_batches", "4", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test/acc" in proc.stdout and "trainable   74,498 / 22,788,484" in proc.stdout
-    run = tmp_path / "quickstart/version_0"
+    output = proc.stdout + proc.stderr
+    assert "train/loss" in output  # the progress bar was drawn
+    assert [n for n in NOISE if n in output] == [], output[-3000:]
+    assert list(work.iterdir()) == []  # nothing outside the run directory
+    run = tmp_path / "runs/quickstart/version_0"
     assert (run / "config.yaml").exists()
     ckpts = list((run / "checkpoints").glob("*.ckpt"))
     assert ckpts
     # adapter-only: LoRA + head (74,498 params) and its Adam state, not the 91 MB backbone
     assert all(c.stat().st_size < 2_000_000 for c in ckpts)
+
+
+def test_cli_writes_nothing_into_the_working_directory(tmp_path, tiny_bert, sentiment_csv, capsys, monkeypatch):
+    """fit / test / predict with a logger, and fit with the logger off, write only into the run directory they
+    name (trainer.logger's, or trainer.default_root_dir); with neither there is no run directory, and
+    config.yaml and the adapters are not written into the working directory (a13e040 committed one)."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cfg = tiny_config(tmp_path, tiny_bert, sentiment_csv)
+    assert run_main(["fit", "--config", cfg], capsys)[0] == 0
+    ckpt = str(next((tmp_path / "runs/tiny/version_0/checkpoints").glob("*.ckpt")))
+    assert run_main(["test", "--config", cfg, "--ckpt_path", ckpt], capsys)[0] == 0
+    assert run_main(["predict", "--config", cfg, "--ckpt_path", ckpt], capsys)[0] == 0
+    assert (tmp_path / "runs/tiny/version_0/config.yaml").exists()
+    assert list(work.iterdir()) == []
+    root = tmp_path / "root"
+    code, _, err = run_main(["fit", "--config", cfg, "--trainer.logger", "false",
+                             "--trainer.default_root_dir", str(root)], capsys)
+    assert code == 0, err
+    assert (root / "config.yaml").exists() and (root / "adapter/last/adapter_config.json").exists()
+    assert list(work.iterdir()) == []
+    code, out, err = run_main(["fit", "--config", cfg, "--trainer.logger", "false",
+                               "--trainer.enable_checkpointing", "false"], capsys)
+    assert code == 0, err
+    assert "no run directory" in out
+    assert list(work.iterdir()) == []
 
 
 def test_predict_csv_and_plot(tmp_path, tiny_bert, sentiment_csv, capsys):

@@ -78,6 +78,11 @@ class PeftModule(L.LightningModule):
         gradient_checkpointing: bool = False,
     ):
         super().__init__()
+        from peftlab.compat import known_bad_versions
+
+        problem = known_bad_versions(tuple(cls.__name__ for cls in type(self).__mro__))
+        if problem:  # before anything is loaded
+            raise PeftLabError(problem)
         if task not in TASKS:
             raise PeftLabError(f"model.task {task!r} is unknown; choose one of {', '.join(TASKS)}")
         if learning_rate <= 0:
