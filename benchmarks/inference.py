@@ -29,7 +29,7 @@ def variants(backbone: str, task: str, targets: list[str]) -> dict:
 
     common = dict(backbone=backbone, task=task, num_labels=2 if task == "classification" else None)
     torch.manual_seed(SEED)
-    lora = LoRA(r=8, alpha=16, target_modules=targets, **common)
+    lora = LoRA(r=8, alpha=16, target_modules=targets, **common).build()
     with torch.no_grad():
         for name, p in lora.named_parameters():
             if "lora_B" in name:
@@ -41,8 +41,8 @@ def variants(backbone: str, task: str, targets: list[str]) -> dict:
                 if "modules_to_save.default." in k}
         base.classifier.load_state_dict({k.split("classifier.")[-1]: v for k, v in head.items()})
     return {"base": base, "lora_merged": merged_model(lora), "lora_unmerged": lora.model,
-            "prefix": PrefixTuning(num_virtual_tokens=20, **common).model,
-            "prompt": PromptTuning(num_virtual_tokens=20, **common).model}
+            "prefix": PrefixTuning(num_virtual_tokens=20, **common).build().model,
+            "prompt": PromptTuning(num_virtual_tokens=20, **common).build().model}
 
 
 def bench_inference(smoke: bool) -> dict:

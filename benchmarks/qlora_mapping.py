@@ -16,7 +16,7 @@ import peftlab.methods.qlora as q
 if sys.argv[1] == "without":
     q.release_checkpoint_mapping = lambda model: None
 model = q.QLoRA(backbone="packaged:SmolLM2-135M-Instruct", task="causal_lm", r=8,
-                target_modules=["q_proj", "v_proj"])  # kept alive while memory is read
+                target_modules=["q_proj", "v_proj"]).build()  # kept alive while memory is read
 gc.collect()
 mapped, current = 0, ""
 for line in open("/proc/self/smaps"):

@@ -134,7 +134,7 @@ def peftlab_module(setting: dict, method: str = "LoRA", **kwargs):
                   num_labels=2 if setting["task"] == "classification" else None)
     if method in ("LoRA", "QLoRA"):
         kwargs = {**setting["lora"], **kwargs}
-    return getattr(methods, method)(**common, **kwargs)
+    return getattr(methods, method)(**common, **kwargs).build()
 
 
 # ---------------------------------------------------------------------------------------------- the three loops

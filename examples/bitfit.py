@@ -3,6 +3,8 @@
     peftlab fit --config configs/quickstart.yaml --config examples/bitfit.yaml
 """
 
+from pathlib import Path
+
 from torch import nn
 
 from peftlab.methods import PeftModule
@@ -16,12 +18,14 @@ class BitFit(PeftModule):
         **kwargs: the PeftModule arguments (backbone, learning_rate, ...).
     """
 
+    name = "bitfit"  # registers it: params, estimate-memory and recommend list it once this file is imported
+    preset = str(Path(__file__).with_name("bitfit.yaml"))  # its settings (default: configs/methods/<name>.yaml)
+
     def __init__(self, include_norms: bool = False, **kwargs):
-        self.include_norms = include_norms
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # records every argument in self.hparams; nothing is loaded yet
 
     def attach(self, backbone: nn.Module) -> nn.Module:
         for name, param in backbone.named_parameters():
             is_norm = "norm" in name.lower()
-            param.requires_grad_(name.endswith(".bias") or (self.include_norms and is_norm))
+            param.requires_grad_(name.endswith(".bias") or (self.hparams.include_norms and is_norm))
         return backbone

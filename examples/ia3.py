@@ -5,6 +5,8 @@ A method that is a peft config takes one method: ``peft_config``.
     peftlab fit --config configs/quickstart.yaml --config examples/ia3.yaml
 """
 
+from pathlib import Path
+
 from torch import nn
 
 from peftlab.methods.peft_backed import PEFT_TASK, PeftBackedMethod
@@ -20,12 +22,16 @@ class IA3(PeftBackedMethod):
         **kwargs: the PeftModule arguments.
     """
 
+    name = "ia3"
+    preset = str(Path(__file__).with_name("ia3.yaml"))
+
     def __init__(self, target_modules: list[str] | str = r".*\.(key|value)$|.*layer\.\d+\.output\.dense$",
                  feedforward_modules: list[str] | str = r".*layer\.\d+\.output\.dense$", **kwargs):
-        self.ia3 = dict(target_modules=target_modules, feedforward_modules=feedforward_modules)
         super().__init__(**kwargs)
 
     def peft_config(self, backbone: nn.Module):
         from peft import IA3Config
 
-        return IA3Config(task_type=PEFT_TASK[self.task], **self.ia3)
+        h = self.hparams
+        return IA3Config(task_type=PEFT_TASK[self.task], target_modules=h.target_modules,
+                         feedforward_modules=h.feedforward_modules)

@@ -50,7 +50,7 @@ def build_module(meta: dict, backbone: str | None = None):
         init_args["backbone"] = backbone
     cls = _method_class(meta["method"])
     try:
-        return cls(**init_args)
+        return cls(**init_args).build()
     except TypeError as err:  # a field the method does not take: a hand-edited or foreign peftlab_meta.json
         raise PeftLabError(f"peftlab_meta.json does not fit {cls.__name__}: {err}; export the adapter again") from err
     except PeftLabError as err:

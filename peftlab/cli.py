@@ -43,10 +43,35 @@ def _quiet_libraries() -> None:
 
 
 def _make_cli_class():
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+    class PeftSaveConfigCallback(SaveConfigCallback):
+        """Lightning's SaveConfigCallback, writing ``config.yaml`` once the model is built (at the start of
+        fit / validate / test / predict) instead of in ``setup``: the model is built in ``configure_model``,
+        after ``setup``, and a config whose model cannot be built must leave no run directory behind."""
+
+        def setup(self, trainer, pl_module, stage):
+            pass
+
+        def _save(self, trainer, pl_module, stage):
+            super().setup(trainer, pl_module, stage)  # a collective (log_dir, broadcast): every rank calls it
+
+        def on_fit_start(self, trainer, pl_module):
+            self._save(trainer, pl_module, "fit")
+
+        def on_validation_start(self, trainer, pl_module):
+            self._save(trainer, pl_module, "validate")  # no-op when fit already saved
+
+        def on_test_start(self, trainer, pl_module):
+            self._save(trainer, pl_module, "test")
+
+        def on_predict_start(self, trainer, pl_module):
+            self._save(trainer, pl_module, "predict")
 
     class PeftLabCLI(LightningCLI):
         """LightningCLI wired for peftlab: one DataModule, any PeftModule subclass, data-derived links."""
+
+        save_config_class = PeftSaveConfigCallback
 
         def add_arguments_to_parser(self, parser):
             parser.add_argument("--test_after_fit", type=bool, default=True,
@@ -133,7 +158,17 @@ def _make_cli_class():
 
         def before_fit(self):
             self._started = time.time()
+            self.model.check()  # settings errors in seconds, before anything is written or loaded
             self._resolve_last_checkpoint()
+
+        def before_validate(self):
+            self.model.check()
+
+        def before_test(self):
+            self.model.check()
+
+        def before_predict(self):
+            self.model.check()
 
         def _resolve_last_checkpoint(self):
             """``--ckpt_path last`` resumes the newest run of this config: Lightning alone would look only in
@@ -318,6 +353,7 @@ def main(args: list[str] | None = None) -> None:
                 PeftModule,
                 PeftDataModule,
                 subclass_mode_model=True,
+                save_config_callback=cli_class.save_config_class,
                 save_config_kwargs={"overwrite": True},
                 # parse errors raise (instead of printing the whole usage), and main() prints one line for them
                 parser_kwargs={"default_env": False, "prog": "peftlab", "description": _description(),

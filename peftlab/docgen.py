@@ -108,7 +108,7 @@ def render() -> str:
     base_names = {r[0] for r in base}
     for name in methods.__all__:
         cls = getattr(methods, name)
-        if cls is methods.PeftModule:
+        if not isinstance(cls, type) or cls is methods.PeftModule:  # METHODS (the registry) is not a class
             continue
         own = [r for r in parameter_rows(cls) if r[0] not in base_names or _overrides(cls, r[0])]
         out += [f"### `peftlab.methods.{name}`", "", _roles(_first_paragraph(cls)), ""]

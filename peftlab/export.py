@@ -3,7 +3,7 @@
 Every directory is written to a temporary sibling and renamed into place, so a crash mid-write leaves
 the previous good directory (or nothing), never a half-written one.
 
-Export format:
+Export format (each method writes its own, :meth:`peftlab.methods.PeftModule.export`):
 
 * peft-backed methods (LoRA, QLoRA, prompt tuning, P-tuning, prefix tuning): peft's own
   ``adapter_config.json`` + ``adapter_model.safetensors``; ``peft.PeftModel.from_pretrained(base, dir)``
@@ -85,19 +85,9 @@ def peftlab_meta(module, label_names: list[str] | None = None) -> dict:
 def export_adapter(module, directory, *, config_yaml: str | None = None, metrics: dict | None = None,
                    label_names: list[str] | None = None) -> Path:
     """Write ``module``'s trained parameters to ``directory`` (atomically); return the directory."""
-    from safetensors.torch import save_file
-
     with atomic_directory(directory) as tmp:
         (tmp / "peftlab_meta.json").write_text(json.dumps(peftlab_meta(module, label_names), indent=2))
-        if is_peft_model(module.model):
-            module.model.save_pretrained(tmp)
-            fmt = "peft"
-        else:
-            save_file(trainable_state(module), str(tmp / "adapter_model.safetensors"))
-            (tmp / "adapter_config.json").write_text(json.dumps(
-                {"format": "peftlab", "method": method_path(module),
-                 "base_model_name_or_path": module.hparams.backbone, "task": module.task}, indent=2))
-            fmt = "peftlab"
+        fmt = module.export(tmp)  # the method writes its own files (peft's format or peftlab's)
         if config_yaml:
             (tmp / "peftlab_config.yaml").write_text(config_yaml)
         (tmp / "README.md").write_text(model_card(module, fmt, metrics or {}))

@@ -3,13 +3,11 @@
 ``W' = W + (alpha / r) * B A`` is folded into every adapted layer and the result saved with
 ``save_pretrained`` (safetensors); it loads with ``AutoModel*.from_pretrained`` and no peft.
 
-QLoRA: merging into 4-bit weights would requantize ``W + dW`` and lose the update's precision, so the
-4-bit weights are dequantized, the update is added in the chosen dtype, and the model is saved in that
-dtype. The saved model is not bit-equal to the 4-bit one that was trained; :func:`merge_to_directory`
-reports the largest output difference on a probe batch.
-
-Only LoRA-family methods merge. Prompt and prefix tuning add inputs (tokens, K/V), adapters add layers:
-there is no weight update to fold in (the notes' inference table: "Can merge? No").
+How a method merges is its own business (:meth:`peftlab.methods.PeftModule.merged_model`): LoRA uses peft's
+``merge_and_unload``; QLoRA dequantizes the 4-bit weights and adds the update in the chosen dtype, so the saved
+model is not bit-equal to the 4-bit one that was trained and :func:`merge_to_directory` reports the largest
+output difference on a probe batch. Methods that do not merge refuse: prompt and prefix tuning add inputs
+(tokens, K/V) and adapters add layers, so there is no weight update to fold in.
 """
 
 from __future__ import annotations
@@ -26,62 +24,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def check_mergeable(module) -> None:
-    from peftlab.methods.lora import LoRA
-
-    if not isinstance(module, LoRA):
-        raise PeftLabError(
-            f"{type(module).__name__} cannot be merged into the backbone: only LoRA and QLoRA learn a weight "
-            "update. Prompt/prefix tuning add inputs and adapters add layers; deploy them with the exported "
-            "adapter instead."
-        )
+    """Refuse, in one line, a method whose update does not fold into the weights (its class says so)."""
+    if not type(module).can_merge():
+        module.merged_model()  # raises the method's own explanation
+        raise PeftLabError(f"{type(module).__name__} cannot be merged into the backbone")
 
 
 def merged_model(module, dtype: str = "float32"):
-    """A plain transformers model with ``module``'s LoRA folded in (``module`` itself is not changed)."""
-    from peftlab.methods.qlora import QLoRA
-
+    """A plain transformers model with ``module``'s trained update folded in (``module`` itself is not changed):
+    the method's own :meth:`~peftlab.methods.PeftModule.merged_model`."""
     check_mergeable(module)
     if dtype not in DTYPES:
         raise PeftLabError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if isinstance(module, QLoRA):
-        model = _dequantized_merge(module)
-    else:
-        model = copy.deepcopy(module.model).merge_and_unload()
-    return model.to(DTYPES[dtype]).eval()
-
-
-def _dequantized_merge(module):
-    """Rebuild the backbone in full precision and set every 4-bit layer to dequant(W) (+ its LoRA update)."""
-    import bitsandbytes as bnb
-    from peft.utils.integrations import dequantize_bnb_weight
-
-    from peftlab.backbones import load_backbone
-
-    h = module.hparams
-    plain = load_backbone(h.backbone, module.task, num_labels=module.num_labels, dtype="float32",
-                          trust_remote_code=h.trust_remote_code, revision=h.revision)
-    peft_model = module.model
-    prefix = "base_model.model."
-    with torch.no_grad():
-        for name, layer in peft_model.named_modules():
-            if not isinstance(layer, bnb.nn.Linear4bit):
-                continue
-            target = name.removeprefix(prefix).removesuffix(".base_layer")
-            weight = dequantize_bnb_weight(layer.weight, state=layer.weight.quant_state).float()
-            if name.endswith(".base_layer"):
-                lora = peft_model.get_submodule(name.removesuffix(".base_layer"))
-                for adapter in lora.active_adapters:
-                    weight = weight + lora.get_delta_weight(adapter).float()
-            dest = plain.get_submodule(target)
-            dest.weight.copy_(weight.to(dest.weight.dtype))
-            if layer.bias is not None:
-                dest.bias.copy_(layer.bias.to(dest.bias.dtype))
-        # trained full copies (peft's modules_to_save, e.g. the classification head)
-        for name, param in peft_model.named_parameters():
-            if param.requires_grad and ".modules_to_save.default." in name:
-                target = name.removeprefix(prefix).replace(".modules_to_save.default.", ".")
-                plain.get_parameter(target).copy_(param)
-    return plain
+    return module.merged_model(dtype)
 
 
 def max_output_difference(module, merged, batch: dict) -> float:

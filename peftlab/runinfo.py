@@ -1,7 +1,10 @@
-"""What a run needs to be reproduced besides its config: seed, library versions, code version, command.
+"""What a run needs to be reproduced besides its config: seed, library versions, code version, command,
+and the data it actually used.
 
 ``PeftModule.on_fit_start`` writes it to ``<run dir>/run.json`` (next to Lightning's ``config.yaml``, the
-resolved config); exported adapters carry the same record in ``peftlab_meta.json``.
+resolved config); exported adapters carry the same record in ``peftlab_meta.json``. When ``run_record`` gets
+a module whose trainer has a DataModule with a ``run_record()`` method (``PeftDataModule``), that description
+of the data (split sizes, class names, the few-shot rows in ``few_shot_ids``) is stored under ``data``.
 """
 
 from __future__ import annotations
@@ -41,7 +44,21 @@ def git_commit(directory: str | None = None) -> dict | None:
         return None
 
 
+def data_record(module) -> dict | None:
+    """``run_record()`` of the DataModule of ``module``'s trainer, or ``None`` if there is none.
+
+    Never asks the trainer for ``log_dir`` (a collective under a distributed strategy).
+    """
+    try:
+        trainer = module.trainer
+    except RuntimeError:  # a LightningModule not attached to a Trainer
+        return None
+    describe = getattr(getattr(trainer, "datamodule", None), "run_record", None)
+    return describe() if callable(describe) else None
+
+
 def run_record(module=None) -> dict:
+    """The record for ``run.json``; with ``module`` also its method, backbone, parameter counts and data."""
     seed = os.environ.get("PL_GLOBAL_SEED")
     record = {
         "seed": int(seed) if seed is not None else None,
@@ -56,10 +73,14 @@ def run_record(module=None) -> dict:
         record["backbone"] = module.hparams.get("backbone")
         record["trainable"] = module.trainable_count
         record["total"] = module.total_count
+        data = data_record(module)
+        if data is not None:
+            record["data"] = data
     return record
 
 
 def write_run_record(directory: str, module=None) -> str:
+    """Write ``run_record(module)`` to ``<directory>/run.json`` (atomically); return the path."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "run.json")
     tmp = path + ".tmp"

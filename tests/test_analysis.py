@@ -102,7 +102,7 @@ def test_meta_counts_match_formulas(request, fixture, task, method, kw, expected
 def test_meta_counts_equal_the_real_build(tiny_llama):
     from peftlab.methods import LoRA
 
-    real = LoRA(backbone=tiny_llama, task="causal_lm", r=4, target_modules=["q_proj", "v_proj"])
+    real = LoRA(backbone=tiny_llama, task="causal_lm", r=4, target_modules=["q_proj", "v_proj"]).build()
     fake = meta("LoRA", tiny_llama, "causal_lm", r=4, target_modules=["q_proj", "v_proj"])
     assert (fake.trainable_count, fake.total_count) == (real.trainable_count, real.total_count)
     assert real.total_count == llama_total(**LLAMA) + lora([(64, 64), (64, 32)] * 2, 4)
@@ -269,7 +269,7 @@ def test_qlora_weight_bytes_match_bitsandbytes(tiny_llama):
     """The 4-bit bytes estimated on the meta device equal what bitsandbytes stores (values + constants)."""
     from peftlab.methods import QLoRA
 
-    real = QLoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules=["q_proj"], compute_dtype="float32")
+    real = QLoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules=["q_proj"], compute_dtype="float32").build()
     stored = 0
     for w in {id(p): p for p in real.parameters() if getattr(p, "quant_state", None) is not None}.values():
         qs = w.quant_state
@@ -277,9 +277,10 @@ def test_qlora_weight_bytes_match_bitsandbytes(tiny_llama):
         if qs.nested:
             stored += qs.state2.absmax.numel() * 4 + qs.state2.code.numel() * 4 + 4
     fake = meta("QLoRA", tiny_llama, "causal_lm", r=2, target_modules=["q_proj"])
-    quantized = memory._quantized_weights(fake)
-    assert sum(memory.nf4_bytes(p.numel(), True) for p in fake.parameters() if id(p) in quantized) == stored
+    quantized = fake.quantized_weights()  # the method's own answer, on the meta device
+    assert sum(quantized.values()) == stored
     assert len(quantized) == 2 * 7  # every linear layer of both blocks; not the LM head
+    assert sum(real.quantized_weights().values()) == stored  # and on the real, quantized model
 
 
 def _real_saved_bytes(module, batch) -> int:
@@ -309,7 +310,7 @@ def test_meta_activation_trace_equals_real_cpu(request, fixture, task, method, k
     backbone = request.getfixturevalue(fixture)
     torch.manual_seed(0)
     cls = getattr(importlib.import_module("peftlab.methods"), method)
-    real = cls(backbone=backbone, task=task, num_labels=2 if task == "classification" else None, **kw)
+    real = cls(backbone=backbone, task=task, num_labels=2 if task == "classification" else None, **kw).build()
     ids = torch.randint(5, 500, (3, 24))
     labels = torch.zeros(3, dtype=torch.long) if task == "classification" else ids
     fake = meta(method, backbone, task, **kw)
@@ -344,10 +345,13 @@ def test_estimate_memory_cli_7b(capsys):
     assert est["total"] == est["weights"] + est["gradients"] + est["optimizer_states"] + est["activations"]
     code, out, err = run_main(["estimate-memory", "--size", "7b", "--seq_len", "256"], capsys)
     assert code == 0, err
-    for method in ("FullFineTuning", "LoRA", "QLoRA", "PrefixTuning", "PromptTuning"):
+    shipped = ("FullFineTuning", "LoRA", "QLoRA", "PromptTuning", "PTuning", "PrefixTuning", "PTuningV2",
+               "BottleneckAdapter", "LoRAPromptTuning")
+    for method in shipped:  # every registered method, with its preset (configs/methods/)
         assert f"{method} on 7b" in out
+    assert out.index("FullFineTuning on 7b") < out.index("LoRA on 7b") < out.index("LoRAPromptTuning on 7b")
     for line in ("weights", "gradients", "optimizer states", "activations", "total"):
-        assert out.count(f"\n  {line} ") == 5
+        assert out.count(f"\n  {line} ") == len(shipped)
 
 
 def test_estimate_memory_from_a_config(capsys):
@@ -403,8 +407,16 @@ def test_recommendation_table(answers, rule, method, rank, scope):
     if rank is not None:
         assert (rec.init_args["r"], rec.init_args["alpha"], rec.targets) == (rank, 2 * rank, scope)
     assert rec.reason and ("notes 000" in rec.reason or "notes 003" in rec.reason)
-    if rec.class_path:
-        assert rec.method in recommend.ADVICE
+    if rec.class_path:  # the method's own advice, and its preset's settings (configs/methods/)
+        from peftlab.analysis.memory import method_class
+        from peftlab.methods.base import METHODS
+
+        cls = next(c for c in METHODS.values() if c.__name__ == rec.method)
+        assert cls.advice[0] and cls.advice[1]
+        preset = method_class(cls.name).preset_args()
+        for key in ("learning_rate", "warmup_ratio", "num_virtual_tokens", "bottleneck"):
+            if key in preset:
+                assert rec.init_args[key] == preset[key], key
 
 
 @pytest.mark.parametrize("flags, fixture, expect", [
@@ -496,9 +508,8 @@ def test_estimate_matches_measured_cpu_peak():
 
 
 def test_recommended_ptuning_v2_rates_are_the_shipped_configs():
-    # both carry the rates measured on MiniLM (docs/methods.md "Learning rates"); they must not drift apart
-    from peftlab.analysis.recommend import PTUNING_V2_ARGS
-
+    # recommend reads the rates measured on MiniLM (docs/methods.md "Learning rates") from the preset itself
+    rec = recommend.recommend(A(few_shot=True))
     shipped = yaml.safe_load((ROOT / "configs/methods/p_tuning_v2.yaml").read_text())["model"]["init_args"]
     for key in ("learning_rate", "head_learning_rate", "num_virtual_tokens", "prefix_hidden_size"):
-        assert PTUNING_V2_ARGS[key] == shipped[key], key
+        assert rec.init_args[key] == shipped[key], key

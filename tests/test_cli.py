@@ -145,7 +145,8 @@ BAD = [
     (["--data.text_column", "review"], "column 'review' (data.text_column) is not in data source"),
     (["--data.labels", "[good,bad]"], "out of range for data.labels"),
     (["--model.init_args.r", "-1"], "model.r (LoRA rank) must be >= 1"),
-    (["--data.task", "seq2seq"], "no seq2seq head"),
+    (["--data.task", "seq2seq", "--data.prompt_template", "{text}", "--data.response_template", "{label}"],
+     "no seq2seq head"),
     (["--model.init_args.r", "eight"], "r"),
 ]
 

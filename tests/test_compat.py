@@ -101,7 +101,7 @@ def test_prefix_methods_on_bert_equal_a_hand_written_forward(tiny_bert, tiny_ber
     kwargs = dict(kwargs)
     backbone = tiny_bert_with_cls if kwargs.pop("cls", False) else tiny_bert
     torch.manual_seed(0)
-    module = method(backbone=backbone, num_labels=2, num_virtual_tokens=4, **kwargs).eval()
+    module = method(backbone=backbone, num_labels=2, num_virtual_tokens=4, **kwargs).build().eval()
     if method is PTuningV2 and kwargs.get("input_tokens", True):  # a non-zero prefix MLP output
         torch.nn.init.normal_(module.model.peft_model.prompt_encoder["default"].transform[-1].weight, std=0.5)
     input_ids = torch.randint(5, 500, (3, 7))
@@ -120,7 +120,7 @@ def test_prefix_methods_on_bert_equal_a_hand_written_forward(tiny_bert, tiny_ber
 
 def test_prompt_tuning_forward_equals_the_backbone_on_prepended_embeddings(tiny_llama):
     torch.manual_seed(0)
-    module = PromptTuning(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=3).eval()
+    module = PromptTuning(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=3).build().eval()
     peft_model = module.model
     input_ids = torch.randint(5, 500, (2, 6))
     with torch.no_grad():
@@ -138,7 +138,7 @@ def test_prefix_tuning_forward_on_llama_equals_the_backbone_with_a_hand_built_ca
     from peftlab.compat import uses_cache_argument
 
     torch.manual_seed(0)
-    module = PrefixTuning(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=3, init="random").eval()
+    module = PrefixTuning(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=3, init="random").build().eval()
     base = module.model.get_base_model()
     input_ids = torch.randint(5, 500, (2, 6))
     with torch.no_grad():
@@ -168,7 +168,7 @@ def test_cached_generation_equals_greedy_recomputation(tiny_llama, tiny_t5, fami
     tokens are inserted again at every step, or the prefix is dropped)."""
     torch.manual_seed(0)
     task, backbone = ("causal_lm", tiny_llama) if family == "llama" else ("seq2seq", tiny_t5)
-    module = method(backbone=backbone, task=task, num_virtual_tokens=4, **kwargs).eval()
+    module = method(backbone=backbone, task=task, num_virtual_tokens=4, **kwargs).build().eval()
     prompts = torch.randint(5, 500, (3, 6))
     mask = torch.ones_like(prompts)
     steps = 4
@@ -196,7 +196,7 @@ def test_cached_generation_equals_greedy_recomputation(tiny_llama, tiny_t5, fami
 def test_the_bridge_is_applied_only_where_needed_and_survives_deepcopy(tiny_llama):
     from peftlab.compat import bridge_cache_argument, uses_cache_argument
 
-    module = PromptTuning(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=2)
+    module = PromptTuning(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=2).build()
     base = module.model.get_base_model()
     needed = uses_cache_argument(base)
     assert ("forward" in vars(base)) == needed  # an instance-level forward only where transformers uses `cache`

@@ -29,7 +29,7 @@ def two_adapters(tmp_path_factory, tiny_llama, generation_jsonl):
     out = []
     for i, (source, data_kw, lora_kw) in enumerate(tasks):
         data = make_data(source, "causal_lm", tiny_llama, max_eval_samples=4, **data_kw)
-        model = LoRA(backbone=tiny_llama, task="causal_lm", target_modules=TARGETS, learning_rate=5e-2, **lora_kw)
+        model = LoRA(backbone=tiny_llama, task="causal_lm", target_modules=TARGETS, learning_rate=5e-2, **lora_kw).build()
         tiny_trainer(max_steps=4).fit(model, datamodule=data)
         export_adapter(model, root / f"a{i}")
         out.append(str(root / f"a{i}"))
@@ -70,7 +70,7 @@ def explicit_sum(tiny_llama, adapters, weights):
 
 @pytest.mark.parametrize("weights", [(0.7, 0.3), (1.0, -0.5)])
 def test_exact_composition_equals_weighted_sum_of_deltas(tiny_llama, two_adapters, weights):
-    module = LoRA(backbone=tiny_llama, task="causal_lm", target_modules=TARGETS)
+    module = LoRA(backbone=tiny_llama, task="causal_lm", target_modules=TARGETS).build()
     compose(module.model, two_adapters, list(weights))
     batch = probe(tiny_llama)
     expected = logits(explicit_sum(tiny_llama, two_adapters, weights), batch)
@@ -81,7 +81,7 @@ def test_weights_one_zero_is_the_first_adapter(tiny_llama, two_adapters):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    module = LoRA(backbone=tiny_llama, task="causal_lm", target_modules=TARGETS)
+    module = LoRA(backbone=tiny_llama, task="causal_lm", target_modules=TARGETS).build()
     compose(module.model, two_adapters, [1.0, 0.0])
     first = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), two_adapters[0])
     batch = probe(tiny_llama)
@@ -89,7 +89,7 @@ def test_weights_one_zero_is_the_first_adapter(tiny_llama, two_adapters):
 
 
 def test_approximate_modes_differ_and_linear_needs_equal_ranks(tiny_llama, two_adapters):
-    module = LoRA(backbone=tiny_llama, task="causal_lm", target_modules=TARGETS)
+    module = LoRA(backbone=tiny_llama, task="causal_lm", target_modules=TARGETS).build()
     with pytest.raises(PeftLabError, match="needs adapters of equal rank"):
         compose(module.model, two_adapters, [0.5, 0.5], mode="linear")
     batch = probe(tiny_llama)
@@ -100,19 +100,19 @@ def test_approximate_modes_differ_and_linear_needs_equal_ranks(tiny_llama, two_a
 
 
 def test_incompatible_adapters_are_refused(tmp_path, tiny_llama, tiny_bert, two_adapters, sentiment_csv):
-    other_targets = LoRA(backbone=tiny_llama, task="causal_lm", target_modules=["q_proj"])
+    other_targets = LoRA(backbone=tiny_llama, task="causal_lm", target_modules=["q_proj"]).build()
     export_adapter(other_targets, tmp_path / "q_only")
-    module = LoRA(backbone=tiny_llama, task="causal_lm", target_modules=TARGETS)
+    module = LoRA(backbone=tiny_llama, task="causal_lm", target_modules=TARGETS).build()
     with pytest.raises(PeftLabError, match="adapt different layers"):
         compose(module.model, [two_adapters[0], str(tmp_path / "q_only")], [0.5, 0.5])
-    export_adapter(LoRA(backbone=tiny_bert, task="causal_lm", target_modules=["query", "value"]), tmp_path / "bert")
+    export_adapter(LoRA(backbone=tiny_bert, task="causal_lm", target_modules=["query", "value"]).build(), tmp_path / "bert")
     with pytest.raises(PeftLabError, match="trained on different backbones"):
         compose(module.model, [two_adapters[0], str(tmp_path / "bert")], [0.5, 0.5])
     with pytest.raises(PeftLabError, match="2 adapters but 1 weights"):
         compose(module.model, two_adapters, [1.0])
     with pytest.raises(PeftLabError, match="classification adapter"):
         data = make_data(sentiment_csv, "classification", tiny_bert)
-        export_adapter(LoRA(backbone=tiny_bert, num_labels=data.num_labels, r=2), tmp_path / "cls")
+        export_adapter(LoRA(backbone=tiny_bert, num_labels=data.num_labels, r=2).build(), tmp_path / "cls")
         compose(module.model, [str(tmp_path / "cls"), str(tmp_path / "cls")], [0.5, 0.5])
 
 
@@ -142,7 +142,7 @@ def test_compose_callback_at_test_time(tmp_path, tiny_llama, generation_jsonl, t
     from peftlab.callbacks import ComposeLoRA
 
     data = make_data(generation_jsonl, "causal_lm", tiny_llama, max_eval_samples=4)
-    module = LoRA(backbone=tiny_llama, task="causal_lm", target_modules=TARGETS)
+    module = LoRA(backbone=tiny_llama, task="causal_lm", target_modules=TARGETS).build()
     cb = ComposeLoRA(adapters=two_adapters, weights=[0.6, 0.4])
     result = tiny_trainer(callbacks=[cb]).test(module, datamodule=data, verbose=False)[0]
     assert module.model.active_adapter == "composed" and torch.isfinite(torch.tensor(result["test/loss"]))

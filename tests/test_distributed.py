@@ -104,11 +104,11 @@ def test_fsdp_wraps_the_transformer_blocks_of_any_backbone(tiny_llama, tiny_bert
     from peftlab.methods import LoRA, PromptTuning
     from peftlab.strategies import PeftFSDPStrategy, transformer_block_classes
 
-    llama = LoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules=["q_proj"])
+    llama = LoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules=["q_proj"]).build()
     assert {c.__name__ for c in transformer_block_classes(llama)} == {"LlamaDecoderLayer"}
-    bert = PromptTuning(backbone=tiny_bert, num_labels=2, num_virtual_tokens=2)
+    bert = PromptTuning(backbone=tiny_bert, num_labels=2, num_virtual_tokens=2).build()
     assert "BertLayer" in {c.__name__ for c in transformer_block_classes(bert)}  # (and BertEmbeddings)
-    t5 = LoRA(backbone=tiny_t5, task="seq2seq", r=2, target_modules=["q", "v"])
+    t5 = LoRA(backbone=tiny_t5, task="seq2seq", r=2, target_modules=["q", "v"]).build()
     assert {c.__name__ for c in transformer_block_classes(t5)} == {"T5Block"}
 
     strategy = PeftFSDPStrategy()
@@ -141,7 +141,7 @@ def test_adapter_only_checkpoint_with_wrapped_parameter_names(tiny_llama):
     from peftlab.methods import LoRA
     from peftlab.methods.base import unwrapped_name
 
-    model = LoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules=["q_proj"])
+    model = LoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules=["q_proj"]).build()
     clean = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert unwrapped_name("model.layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.self_attn.q") == \

@@ -70,7 +70,7 @@ def test_python_api_page_runs_as_written(tmp_path, monkeypatch, capsys):
     for block in blocks:
         exec(compile(block, "docs/python-api.md", "exec"), namespace)  # noqa: S102 - our own docs
     out = capsys.readouterr().out
-    assert "training 74,498 of 22,788,484 parameters" in out
+    assert "trained 74,498 of 22,788,484 parameters" in out
     assert (tmp_path / "runs" / "api" / "lightning_logs" / "version_0" / "adapter" / "last").is_dir()
 
 

@@ -19,7 +19,7 @@ from peftlab.methods import (BottleneckAdapter, FullFineTuning, LoRA, PrefixTuni
 
 def trained(method, backbone, task, source, steps=3, **kw):
     data = make_data(source, task, backbone, max_eval_samples=4)
-    model = method(backbone=backbone, task=task, num_labels=data.num_labels, learning_rate=5e-2, **kw)
+    model = method(backbone=backbone, task=task, num_labels=data.num_labels, learning_rate=5e-2, **kw).build()
     tiny_trainer(max_steps=steps).fit(model, datamodule=data)
     return model.eval(), data
 
@@ -113,7 +113,7 @@ def test_export_is_atomic(tmp_path, tiny_bert, sentiment_csv, monkeypatch):
 
     monkeypatch.setattr("safetensors.torch.save_file", crash)
     with pytest.raises(OSError):
-        export_adapter(FullFineTuning(backbone=model.hparams.backbone, num_labels=2), tmp_path / "adapter")
+        export_adapter(FullFineTuning(backbone=model.hparams.backbone, num_labels=2).build(), tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary leftovers
     load_run(str(tmp_path / "adapter"))
@@ -171,7 +171,7 @@ def test_qlora_merge_dequantizes_and_reports_difference(tmp_path, tiny_llama, ge
 
 @pytest.mark.parametrize("method, kw", [(PrefixTuning, {}), (PromptTuning, {}), (BottleneckAdapter, {"bottleneck": 4})])
 def test_merge_refuses_methods_that_cannot_merge(tiny_llama, method, kw):
-    model = method(backbone=tiny_llama, task="causal_lm", **kw)
+    model = method(backbone=tiny_llama, task="causal_lm", **kw).build()
     with pytest.raises(PeftLabError, match="cannot be merged into the backbone"):
         merged_model(model)
 

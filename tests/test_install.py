@@ -91,19 +91,19 @@ def test_a_known_bad_combination_is_refused_before_anything_is_loaded(monkeypatc
                                                "install transformers<5.24 (bash scripts/setup.sh)")])
     with pytest.raises(PeftLabError, match=rf"transformers {re.escape(installed)} with peft .* is known to break "
                                            r"PrefixTuning; install transformers<5.24"):
-        PrefixTuning(backbone="/does/not/exist", num_labels=2)  # refused before the backbone is looked at
+        PrefixTuning(backbone="/does/not/exist", num_labels=2).build()  # refused before the backbone is looked at
     with pytest.raises(PeftLabError, match="no such directory"):  # other methods are not affected
-        LoRA(backbone="/does/not/exist", num_labels=2)
+        LoRA(backbone="/does/not/exist", num_labels=2).build()
     assert compat.known_bad_versions(("LoRA",)) is None
 
     class MyPrefix(PrefixTuning):  # a subclass of an affected method is affected too
         pass
 
     with pytest.raises(PeftLabError, match="known to break PrefixTuning"):
-        MyPrefix(backbone="/does/not/exist", num_labels=2)
+        MyPrefix(backbone="/does/not/exist", num_labels=2).build()
     monkeypatch.setattr(compat, "KNOWN_BAD", [(("transformers<1",), ("*",), "unreachable")])
     assert compat.known_bad_versions() is None
-    assert LoRA(backbone=tiny_bert, num_labels=2).trainable_count > 0
+    assert LoRA(backbone=tiny_bert, num_labels=2).build().trainable_count > 0
 
 
 def test_lockdiff_reads_the_locked_torch_version():

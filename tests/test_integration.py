@@ -17,7 +17,7 @@ def test_loss_decreases_on_real_subset():
     torch.manual_seed(0)
     data = make_data("packaged:rotten_tomatoes", "classification", "packaged:all-MiniLM-L6-v2",
                      max_train_samples=128, batch_size=16, max_length=48)
-    model = LoRA(backbone="packaged:all-MiniLM-L6-v2", num_labels=data.num_labels, learning_rate=5e-3)
+    model = LoRA(backbone="packaged:all-MiniLM-L6-v2", num_labels=data.num_labels, learning_rate=5e-3).build()
     data.setup()
     fixed = torch.utils.data.DataLoader(data.datasets["train"], batch_size=32, collate_fn=data.collate)
     evaluator = tiny_trainer(limit_val_batches=None)

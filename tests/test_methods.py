@@ -80,7 +80,7 @@ def frozen_snapshot(model):
 def build(method, backbone, task, data, targets, **kw):
     if method in (LoRA,) and "target_modules" not in kw:
         kw["target_modules"] = targets
-    return method(backbone=backbone, task=task, num_labels=data.num_labels, learning_rate=1e-2, **kw)
+    return method(backbone=backbone, task=task, num_labels=data.num_labels, learning_rate=1e-2, **kw).build()
 
 
 CASES = [pytest.param(fam, cls, kw, counts.get(fam), id=f"{name}-{fam}")
@@ -125,25 +125,25 @@ def test_every_method_on_every_family(family, method, kwargs, expected):
 
 def test_lora_parameter_count_bert(tiny_bert, sentiment_csv):
     data = make_data(sentiment_csv, "classification", tiny_bert)
-    model = LoRA(backbone=tiny_bert, num_labels=data.num_labels, r=4, target_modules=["query", "value"])
+    model = LoRA(backbone=tiny_bert, num_labels=data.num_labels, r=4, target_modules=["query", "value"]).build()
     # per layer: query and value each get A (4x32) and B (32x4); 2 layers; plus the classifier head 32*2+2
     assert model.trainable_count == 2 * 2 * (4 * 32 + 32 * 4) + (32 * 2 + 2) == 1090
-    base = FullFineTuning(backbone=tiny_bert, num_labels=data.num_labels)
+    base = FullFineTuning(backbone=tiny_bert, num_labels=data.num_labels).build()
     # total = backbone + LoRA matrices + peft's trainable copy of the head (it keeps the original too),
     # the same convention as peft's print_trainable_parameters
     assert model.total_count == base.total_count + 2 * 2 * (4 * 32 + 32 * 4) + (32 * 2 + 2)
 
 
 def test_lora_parameter_count_llama_gqa(tiny_llama):
-    model = LoRA(backbone=tiny_llama, task="causal_lm", r=8, target_modules=["q_proj", "v_proj"])
+    model = LoRA(backbone=tiny_llama, task="causal_lm", r=8, target_modules=["q_proj", "v_proj"]).build()
     # q_proj 64->64: 8*64 + 64*8; v_proj 64->32 (2 KV heads of 16): 8*64 + 32*8; 2 layers
     assert model.trainable_count == 2 * ((8 * 64 + 64 * 8) + (8 * 64 + 32 * 8)) == 3584
 
 
 def test_lora_all_linear_and_ffn(tiny_llama):
-    ffn = LoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules=["up_proj"])
+    ffn = LoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules=["up_proj"]).build()
     assert ffn.trainable_count == 2 * (2 * 64 + 128 * 2)
-    every = LoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules="all-linear")
+    every = LoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules="all-linear").build()
     # q 64->64, k 64->32, v 64->32, o 64->64, gate 64->128, up 64->128, down 128->64, per layer
     per_layer = sum(2 * (i + o) for i, o in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)])
     assert every.trainable_count == 2 * per_layer
@@ -151,11 +151,11 @@ def test_lora_all_linear_and_ffn(tiny_llama):
 
 def test_lora_bias_and_modules_to_save(tiny_bert, sentiment_csv):
     data = make_data(sentiment_csv, "classification", tiny_bert)
-    plain = LoRA(backbone=tiny_bert, num_labels=2, r=4)
-    with_bias = LoRA(backbone=tiny_bert, num_labels=2, r=4, bias="lora_only")
+    plain = LoRA(backbone=tiny_bert, num_labels=2, r=4).build()
+    with_bias = LoRA(backbone=tiny_bert, num_labels=2, r=4, bias="lora_only").build()
     # lora_only trains the biases of the adapted layers: query and value, 32 each, 2 layers
     assert with_bias.trainable_count - plain.trainable_count == 2 * 2 * 32
-    pooler = LoRA(backbone=tiny_bert, num_labels=2, r=4, modules_to_save=["classifier", "pooler"])
+    pooler = LoRA(backbone=tiny_bert, num_labels=2, r=4, modules_to_save=["classifier", "pooler"]).build()
     assert pooler.trainable_count - plain.trainable_count == 32 * 32 + 32
     assert data.num_labels == 2
 
@@ -173,23 +173,23 @@ def test_lora_bias_and_modules_to_save(tiny_bert, sentiment_csv):
 )
 def test_lora_bad_settings(tiny_bert, kwargs, message):
     with pytest.raises(PeftLabError, match=message):
-        LoRA(backbone=tiny_bert, num_labels=2, **kwargs)
+        LoRA(backbone=tiny_bert, num_labels=2, **kwargs).build()
 
 
 def test_target_module_error_lists_layers(tiny_bert):
     with pytest.raises(PeftLabError) as err:
-        LoRA(backbone=tiny_bert, num_labels=2, target_modules=["q_proj"])
+        LoRA(backbone=tiny_bert, num_labels=2, target_modules=["q_proj"]).build()
     assert "query" in str(err.value) and "value" in str(err.value) and "all-linear" in str(err.value)
 
 
 def test_task_backbone_mismatch(tiny_bert):
     with pytest.raises(PeftLabError, match="no seq2seq head"):
-        LoRA(backbone=tiny_bert, task="seq2seq")
+        LoRA(backbone=tiny_bert, task="seq2seq").build()
 
 
 def test_missing_backbone_directory(tmp_path):
     with pytest.raises(PeftLabError, match="no such directory"):
-        LoRA(backbone=str(tmp_path / "nope"), num_labels=2)
+        LoRA(backbone=str(tmp_path / "nope"), num_labels=2).build()
 
 
 def test_attach_is_the_only_hook(tiny_bert, sentiment_csv):
@@ -200,7 +200,7 @@ def test_attach_is_the_only_hook(tiny_bert, sentiment_csv):
             return backbone
 
     data = make_data(sentiment_csv, "classification", tiny_bert)
-    model = BitFit(backbone=tiny_bert, num_labels=data.num_labels)
+    model = BitFit(backbone=tiny_bert, num_labels=data.num_labels).build()
     biases = sum(p.numel() for n, p in model.model.named_parameters() if n.endswith("bias"))
     # the base class also trains the new classification head's weight (32 x 2): nothing else to write
     assert model.trainable_count == biases + 32 * 2
@@ -209,7 +209,7 @@ def test_attach_is_the_only_hook(tiny_bert, sentiment_csv):
 
 def test_label_count_mismatch_is_refused(tiny_bert, sentiment_csv):
     data = make_data(sentiment_csv, "classification", tiny_bert)
-    model = LoRA(backbone=tiny_bert, num_labels=3)
+    model = LoRA(backbone=tiny_bert, num_labels=3).build()
     with pytest.raises(PeftLabError, match="2 labels but the model was built with num_labels=3"):
         tiny_trainer(max_steps=1).fit(model, datamodule=data)
 
@@ -218,7 +218,7 @@ def test_checkpoint_holds_only_trainable_and_resumes(tiny_bert, sentiment_csv, t
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     data = make_data(sentiment_csv, "classification", tiny_bert)
-    model = LoRA(backbone=tiny_bert, num_labels=2, r=4)
+    model = LoRA(backbone=tiny_bert, num_labels=2, r=4).build()
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     tiny_trainer(max_steps=3, enable_checkpointing=True, callbacks=[ckpt]).fit(model, datamodule=data)
     state = torch.load(ckpt.last_model_path, weights_only=True)
@@ -226,25 +226,25 @@ def test_checkpoint_holds_only_trainable_and_resumes(tiny_bert, sentiment_csv, t
     assert set(state["state_dict"]) == trainable and len(trainable) == 10  # 2 layers x (q,v) x (A,B) + head w,b
     assert state["global_step"] == 3
 
-    resumed = LoRA(backbone=tiny_bert, num_labels=2, r=4)
+    resumed = LoRA(backbone=tiny_bert, num_labels=2, r=4).build()
     trainer = tiny_trainer(max_steps=5, enable_checkpointing=True, callbacks=[ModelCheckpoint(dirpath=tmp_path)])
     trainer.fit(resumed, datamodule=data, ckpt_path=ckpt.last_model_path)
     assert trainer.global_step == 5
 
-    other = LoRA(backbone=tiny_bert, num_labels=2, r=8)
+    other = LoRA(backbone=tiny_bert, num_labels=2, r=8).build()
     with pytest.raises(PeftLabError, match="wrong shape"):
         tiny_trainer(max_steps=5).fit(other, datamodule=data, ckpt_path=ckpt.last_model_path)
 
 
 def test_predict_classification_and_generation(tiny_bert, sentiment_csv, tiny_llama, generation_jsonl):
     data = make_data(sentiment_csv, "classification", tiny_bert)
-    model = LoRA(backbone=tiny_bert, num_labels=2, r=4)
+    model = LoRA(backbone=tiny_bert, num_labels=2, r=4).build()
     out = tiny_trainer().predict(model, datamodule=data)
     assert out[0]["probs"].shape[1] == 2
     assert torch.allclose(out[0]["probs"].sum(-1), torch.ones(len(out[0]["pred"])))
 
     data = make_data(generation_jsonl, "causal_lm", tiny_llama, max_eval_samples=4)
-    model = LoRA(backbone=tiny_llama, task="causal_lm", r=4, target_modules=["q_proj"], max_new_tokens=3)
+    model = LoRA(backbone=tiny_llama, task="causal_lm", r=4, target_modules=["q_proj"], max_new_tokens=3).build()
     out = tiny_trainer().predict(model, datamodule=data)
     assert sum(len(b["text"]) for b in out) == 4
 
@@ -268,9 +268,9 @@ def test_backbone_dtype_is_explicit(tmp_path, tiny_llama):
 
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(f"{tiny_llama}/{f}", tmp_path / "fp16" / f)
-    full = FullFineTuning(backbone=str(tmp_path / "fp16"), task="causal_lm")
+    full = FullFineTuning(backbone=str(tmp_path / "fp16"), task="causal_lm").build()
     assert {p.dtype for p in full.parameters()} == {torch.float32}
-    half = LoRA(backbone=str(tmp_path / "fp16"), task="causal_lm", target_modules=["q_proj"], dtype="auto")
+    half = LoRA(backbone=str(tmp_path / "fp16"), task="causal_lm", target_modules=["q_proj"], dtype="auto").build()
     assert any(p.dtype == torch.float16 for p in half.parameters())
 
 
@@ -284,7 +284,7 @@ def test_exact_match_means_greedy_decoding_reproduces_the_target(tiny_llama, met
     returns its whole target. Targets are the model's own greedy continuation (a match) or that continuation
     with its last token changed (not a match), so any misalignment of logits and labels changes the value."""
     torch.manual_seed(0)
-    module = method(backbone=tiny_llama, task="causal_lm", **kwargs).eval()
+    module = method(backbone=tiny_llama, task="causal_lm", **kwargs).build().eval()
     prompt_len, new = 6, 3
     prompts = torch.randint(5, 500, (4, prompt_len))
     with torch.no_grad():
@@ -324,7 +324,7 @@ def test_input_tokens_go_after_cls_for_classification(tiny_bert_cls, tiny_bert, 
     if isinstance(method, str):
         from peftlab.methods import LoRAPromptTuning as method
     for backbone, after in ((tiny_bert_cls, True), (tiny_bert, False)):
-        module = method(backbone=backbone, num_labels=2, **kwargs)
+        module = method(backbone=backbone, num_labels=2, **kwargs).build()
         assert module.model.after_first is after
         enc = module.tokenizer(["a good film", "bad"], return_tensors="pt", padding=True)
         types = torch.zeros_like(enc["input_ids"])
@@ -355,8 +355,8 @@ def test_starts_with_cls_on_the_packaged_tokenizers():
 
 def test_ptuning_v2_zero_init_starts_prefixes_at_zero(tiny_llama):
     torch.manual_seed(0)
-    zero = PTuningV2(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=4, prefix_hidden_size=8, init="zero")
-    random = PTuningV2(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=4, prefix_hidden_size=8)
+    zero = PTuningV2(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=4, prefix_hidden_size=8, init="zero").build()
+    random = PTuningV2(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=4, prefix_hidden_size=8).build()
     tokens = torch.arange(4)[None]
     for module, expect_zero in ((zero, True), (random, False)):
         prefixes = module.model.peft_model.prompt_encoder["default"](tokens)
@@ -371,7 +371,7 @@ def test_head_learning_rate_moves_only_the_head_at_its_rate(tiny_bert, sentiment
     # AdamW's first step moves every parameter by lr * g / (|g| + eps), i.e. by ~lr wherever the gradient is
     # not tiny: so the largest step of the head shows the head's rate and the largest step of the rest the method's
     data = make_data(sentiment_csv, "classification", tiny_bert)
-    model = method(backbone=tiny_bert, num_labels=2, learning_rate=1e-3, head_learning_rate=5e-2, **kwargs)
+    model = method(backbone=tiny_bert, num_labels=2, learning_rate=1e-3, head_learning_rate=5e-2, **kwargs).build()
     head = {id(p) for p in model.head_parameters()}
     assert sum(p.numel() for p in model.head_parameters()) == HEAD
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -393,7 +393,7 @@ def test_head_learning_rate_composes_with_a_methods_own_groups(tiny_bert, sentim
 
     data = make_data(sentiment_csv, "classification", tiny_bert)
     model = LoRAPromptTuning(backbone=tiny_bert, num_labels=2, r=2, num_virtual_tokens=3, learning_rate=1e-3,
-                             prompt_learning_rate=2e-2, head_learning_rate=5e-2)
+                             prompt_learning_rate=2e-2, head_learning_rate=5e-2).build()
     trainer = tiny_trainer(max_steps=1)
     trainer.fit(model, datamodule=data)
     sizes = {}
@@ -404,7 +404,7 @@ def test_head_learning_rate_composes_with_a_methods_own_groups(tiny_bert, sentim
 
 def test_head_learning_rate_unset_keeps_one_rate(tiny_bert, sentiment_csv):
     data = make_data(sentiment_csv, "classification", tiny_bert)
-    model = LoRA(backbone=tiny_bert, num_labels=2, r=2, learning_rate=1e-3)
+    model = LoRA(backbone=tiny_bert, num_labels=2, r=2, learning_rate=1e-3).build()
     trainer = tiny_trainer(max_steps=1)
     trainer.fit(model, datamodule=data)
     assert {g["initial_lr"] for g in trainer.optimizers[0].param_groups} == {1e-3}
@@ -412,7 +412,7 @@ def test_head_learning_rate_unset_keeps_one_rate(tiny_bert, sentiment_csv):
 
 def test_head_learning_rate_must_be_positive(tiny_bert):
     with pytest.raises(PeftLabError, match="model.head_learning_rate must be > 0"):
-        LoRA(backbone=tiny_bert, num_labels=2, head_learning_rate=0.0)
+        LoRA(backbone=tiny_bert, num_labels=2, head_learning_rate=0.0).build()
 
 
 def test_head_learning_rate_is_ignored_with_a_warning_without_a_head(tiny_llama, generation_jsonl):
@@ -420,7 +420,7 @@ def test_head_learning_rate_is_ignored_with_a_warning_without_a_head(tiny_llama,
     data = make_data(generation_jsonl, "causal_lm", tiny_llama)
     with pytest.warns(UserWarning, match="head_learning_rate is ignored: task 'causal_lm'"):
         model = LoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules=["q_proj"], learning_rate=1e-3,
-                     head_learning_rate=1e-2)
+                     head_learning_rate=1e-2).build()
     trainer = tiny_trainer(max_steps=1)
     trainer.fit(model, datamodule=data)
     assert {g["initial_lr"] for g in trainer.optimizers[0].param_groups} == {1e-3}
@@ -435,4 +435,4 @@ def test_head_learning_rate_without_a_trainable_head(tiny_bert):
             return backbone
 
     with pytest.raises(PeftLabError, match="trains no classification head"):
-        NoHead(backbone=tiny_bert, num_labels=2, head_learning_rate=1e-2)
+        NoHead(backbone=tiny_bert, num_labels=2, head_learning_rate=1e-2).build()

@@ -303,13 +303,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama, generation_
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = LoRA(backbone=tiny_llama, task="causal_lm", r=4, target_modules=["q_proj", "v_proj"],
-                     gradient_checkpointing=checkpointing)
+                     gradient_checkpointing=checkpointing).build()
         model(**batch).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
         assert model.model.get_base_model().is_gradient_checkpointing is checkpointing
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name])
-    assert FullFineTuning(backbone=tiny_llama, task="causal_lm", gradient_checkpointing=True).model.is_gradient_checkpointing
+    assert FullFineTuning(backbone=tiny_llama, task="causal_lm", gradient_checkpointing=True).build().model.is_gradient_checkpointing
 
 
 # ---------------------------------------------------------------------------------------------- kill and resume

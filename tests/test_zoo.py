@@ -26,7 +26,7 @@ def test_prompt_tuning_text_init_copies_token_embeddings(tiny_llama):
     ids = AutoTokenizer.from_pretrained(tiny_llama)("a great film")["input_ids"]  # as peft tokenizes it
     n = 2 * len(ids) + 1  # longer than the text: peft repeats the tokens to fill N
     model = PromptTuning(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=n, init="text",
-                         init_text="a great film")
+                         init_text="a great film").build()
     expected = (ids * 3)[:n]
     words = model.model.get_base_model().get_input_embeddings().weight[expected]
     prompt = model.model.prompt_encoder["default"].embedding.weight
@@ -35,22 +35,22 @@ def test_prompt_tuning_text_init_copies_token_embeddings(tiny_llama):
 
 def test_prompt_tuning_bad_settings(tiny_llama):
     with pytest.raises(PeftLabError, match="num_virtual_tokens must be >= 1"):
-        PromptTuning(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=0)
+        PromptTuning(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=0).build()
     with pytest.raises(PeftLabError, match="init_text is empty"):
-        PromptTuning(backbone=tiny_llama, task="causal_lm", init="text", init_text=" ")
+        PromptTuning(backbone=tiny_llama, task="causal_lm", init="text", init_text=" ").build()
 
 
 # ---------------------------------------------------------------- prefix tuning / P-tuning v2
 @pytest.mark.parametrize("projection", [False, True])
 def test_ptuning_v2_paper_mode_is_prefix_tuning(tiny_llama, projection):
     kw = dict(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=4, prefix_hidden_size=8)
-    paper = PTuningV2(input_tokens=False, prefix_projection=projection, **kw)
-    prefix = PrefixTuning(prefix_projection=projection, **kw)
+    paper = PTuningV2(input_tokens=False, prefix_projection=projection, **kw).build()
+    prefix = PrefixTuning(prefix_projection=projection, **kw).build()
     assert paper.trainable_count == prefix.trainable_count
 
 
 def test_ptuning_v2_shares_one_embedding_for_input_and_prefixes(tiny_llama, generation_jsonl):
-    model = PTuningV2(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=4, prefix_hidden_size=8)
+    model = PTuningV2(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=4, prefix_hidden_size=8).build()
     wrapper = model.model
     encoder = wrapper.peft_model.prompt_encoder["default"]
     assert wrapper.prompt is encoder.embedding  # one E: the input tokens and the prefix MLP's input
@@ -73,12 +73,12 @@ def test_ptuning_v2_shares_one_embedding_for_input_and_prefixes(tiny_llama, gene
 
 def test_ptuning_v2_input_tokens_need_projection(tiny_llama):
     with pytest.raises(PeftLabError, match="input_tokens: true needs model.prefix_projection: true"):
-        PTuningV2(backbone=tiny_llama, task="causal_lm", prefix_projection=False)
+        PTuningV2(backbone=tiny_llama, task="causal_lm", prefix_projection=False).build()
 
 
 def test_ptuning_v2_generation_matches_its_forward(tiny_llama, generation_jsonl):
     """The hand-written greedy loop picks the argmax of the model's own forward at every step."""
-    model = PTuningV2(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=4, prefix_hidden_size=8).eval()
+    model = PTuningV2(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=4, prefix_hidden_size=8).build().eval()
     data = make_data(generation_jsonl, "causal_lm", tiny_llama)
     ids = torch.tensor([data.tokenizer("Review: good\nVerdict:")["input_ids"]])
     out = model.model.generate(ids, max_new_tokens=3, pad_token_id=0)
@@ -92,23 +92,23 @@ def test_ptuning_v2_generation_matches_its_forward(tiny_llama, generation_jsonl)
 def test_adapters_start_as_identity(tiny_bert, sentiment_csv):
     data = make_data(sentiment_csv, "classification", tiny_bert)
     torch.manual_seed(1)
-    plain = FullFineTuning(backbone=tiny_bert, num_labels=2)
+    plain = FullFineTuning(backbone=tiny_bert, num_labels=2).build()
     torch.manual_seed(1)  # same head initialisation
-    adapted = BottleneckAdapter(backbone=tiny_bert, num_labels=2, bottleneck=4)
+    adapted = BottleneckAdapter(backbone=tiny_bert, num_labels=2, bottleneck=4).build()
     assert torch.equal(logits(plain, data), logits(adapted, data))
 
 
 def test_adapter_placement_and_targets(tiny_bert, tiny_llama):
     per = 2 * 64 * 4 + 4 + 64
-    houlsby = BottleneckAdapter(backbone=tiny_llama, task="causal_lm", bottleneck=4)
-    pfeiffer = BottleneckAdapter(backbone=tiny_llama, task="causal_lm", bottleneck=4, placement="pfeiffer")
+    houlsby = BottleneckAdapter(backbone=tiny_llama, task="causal_lm", bottleneck=4).build()
+    pfeiffer = BottleneckAdapter(backbone=tiny_llama, task="causal_lm", bottleneck=4, placement="pfeiffer").build()
     assert (houlsby.trainable_count, pfeiffer.trainable_count) == (4 * per, 2 * per)
     names = [n for n, m in pfeiffer.model.named_modules() if type(m).__name__ == "WithAdapter"]
     assert names == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
-    custom = BottleneckAdapter(backbone=tiny_llama, task="causal_lm", bottleneck=4, target_modules=["o_proj"])
+    custom = BottleneckAdapter(backbone=tiny_llama, task="causal_lm", bottleneck=4, target_modules=["o_proj"]).build()
     assert custom.trainable_count == 2 * per
     with pytest.raises(PeftLabError, match="match no module"):
-        BottleneckAdapter(backbone=tiny_bert, num_labels=2, target_modules=["nope"])
+        BottleneckAdapter(backbone=tiny_bert, num_labels=2, target_modules=["nope"]).build()
 
 
 # ---------------------------------------------------------------- QLoRA
@@ -117,13 +117,13 @@ def test_qlora_quantizes_the_backbone(tiny_llama, quant_type, double_quant):
     import bitsandbytes as bnb
 
     model = QLoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules=["q_proj", "v_proj"],
-                  quant_type=quant_type, double_quant=double_quant, compute_dtype="float32")
+                  quant_type=quant_type, double_quant=double_quant, compute_dtype="float32").build()
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) == 2 * 7  # every linear layer of both blocks; the LM head stays unquantized
     state = layers[0].weight.quant_state
     assert state.quant_type == quant_type and bool(state.nested) == double_quant
     assert layers[0].compute_dtype == torch.float32
-    lora = LoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules=["q_proj", "v_proj"])
+    lora = LoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules=["q_proj", "v_proj"]).build()
     # the same adapter, and the same total once 4-bit weights are counted unpacked
     assert (model.trainable_count, model.total_count) == (lora.trainable_count, lora.total_count)
 
@@ -133,7 +133,7 @@ def test_qlora_quantizes_the_backbone(tiny_llama, quant_type, double_quant):
                                             ("adamw", "AdamW")])
 def test_optimizer_choice(tiny_llama, generation_jsonl, name, cls_name):
     data = make_data(generation_jsonl, "causal_lm", tiny_llama, max_eval_samples=2)
-    model = QLoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules=["q_proj"], optimizer=name)
+    model = QLoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules=["q_proj"], optimizer=name).build()
     trainer = tiny_trainer(max_steps=2)
     trainer.fit(model, datamodule=data)
     assert type(trainer.optimizers[0]).__name__ == cls_name
@@ -141,14 +141,14 @@ def test_optimizer_choice(tiny_llama, generation_jsonl, name, cls_name):
 
 def test_qlora_refuses_layers_too_small_for_cpu_kernels(tiny_bert):
     with pytest.raises(PeftLabError, match="needs linear layers with >= 64 input features"):
-        QLoRA(backbone=tiny_bert, num_labels=2, r=2)
+        QLoRA(backbone=tiny_bert, num_labels=2, r=2).build()
 
 
 def test_qlora_classification_on_minilm():
     """QLoRA on the real all-MiniLM-L6-v2: head kept in full precision, a few training steps."""
     data = make_data("packaged:rotten_tomatoes", "classification", "packaged:all-MiniLM-L6-v2",
                      max_train_samples=64, max_eval_samples=16, batch_size=16)
-    model = QLoRA(backbone="packaged:all-MiniLM-L6-v2", num_labels=2, r=8, target_modules=["query", "value"])
+    model = QLoRA(backbone="packaged:all-MiniLM-L6-v2", num_labels=2, r=8, target_modules=["query", "value"]).build()
     assert model.trainable_count == 6 * 2 * 8 * (384 + 384) + 384 * 2 + 2  # same as LoRA: 74,498
     trainer = tiny_trainer(max_steps=3)
     trainer.fit(model, datamodule=data)
@@ -161,8 +161,8 @@ def test_decoder_classification_is_independent_of_padding(tiny_llama, sentiment_
     soft prompts make the model see embeddings instead of ids."""
     data = make_data(sentiment_csv, "classification", tiny_llama)
     assert data.pad_left
-    model = method(backbone=tiny_llama, num_labels=2, target_modules=["q_proj"], **kw) if method is LoRA else \
-        method(backbone=tiny_llama, num_labels=2, **kw)
+    model = method(backbone=tiny_llama, num_labels=2, target_modules=["q_proj"], **kw).build() if method is LoRA else \
+        method(backbone=tiny_llama, num_labels=2, **kw).build()
     model.eval()
     data.setup()
     rows = [data.datasets["validation"][i] for i in range(4)]
@@ -186,7 +186,7 @@ def test_qlora_trains_after_validation(tiny_llama, generation_jsonl):
     """bitsandbytes repacks 4-bit weights for CPU inference on the first eval forward; training after a
     validation (sanity check, val_check_interval) must still work."""
     data = make_data(generation_jsonl, "causal_lm", tiny_llama, max_eval_samples=4)
-    model = QLoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules=["q_proj", "v_proj"])
+    model = QLoRA(backbone=tiny_llama, task="causal_lm", r=2, target_modules=["q_proj", "v_proj"]).build()
     trainer = tiny_trainer(max_steps=4, num_sanity_val_steps=1, val_check_interval=2)
     trainer.fit(model, datamodule=data)
     assert trainer.global_step == 4
@@ -200,8 +200,8 @@ def test_lora_plus_prompt_trains_both_parts(family):
     backbone, task, source, targets = family
     data = make_data(source, task, backbone, max_eval_samples=4)
     model = LoRAPromptTuning(backbone=backbone, task=task, num_labels=data.num_labels, r=2, target_modules=targets,
-                             num_virtual_tokens=3, learning_rate=1e-2, prompt_learning_rate=5e-2)
-    lora_only = LoRA(backbone=backbone, task=task, num_labels=data.num_labels, r=2, target_modules=targets)
+                             num_virtual_tokens=3, learning_rate=1e-2, prompt_learning_rate=5e-2).build()
+    lora_only = LoRA(backbone=backbone, task=task, num_labels=data.num_labels, r=2, target_modules=targets).build()
     hidden = model.model.prompt.weight.shape[1]
     assert model.trainable_count == lora_only.trainable_count + 3 * hidden
     assert model.trainable_parts() == {"LoRA (+ head)": lora_only.trainable_count, "soft prompt": 3 * hidden}
@@ -226,12 +226,12 @@ def test_lora_plus_prompt_saved_and_restored_together(tmp_path, tiny_llama, gene
 
     data = make_data(generation_jsonl, "causal_lm", tiny_llama, max_eval_samples=4)
     kw = dict(backbone=tiny_llama, task="causal_lm", r=2, target_modules=["q_proj"], num_virtual_tokens=3)
-    model = LoRAPromptTuning(learning_rate=1e-2, **kw)
+    model = LoRAPromptTuning(learning_rate=1e-2, **kw).build()
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     tiny_trainer(max_steps=2, enable_checkpointing=True, callbacks=[ckpt]).fit(model, datamodule=data)
     state = torch.load(ckpt.last_model_path, weights_only=True)["state_dict"]
     assert any("prompt" in k for k in state) and any("lora_A" in k for k in state)
-    restored = LoRAPromptTuning(**kw)
+    restored = LoRAPromptTuning(**kw).build()
     restored.on_load_checkpoint({"state_dict": state})
     restored.load_state_dict(state, strict=False)
     for n, p in restored.named_parameters():
@@ -244,7 +244,7 @@ def test_p_tuning_lstm_encoder(tiny_llama, generation_jsonl):
 
     data = make_data(generation_jsonl, "causal_lm", tiny_llama, max_eval_samples=4)
     model = PTuning(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=4, encoder="lstm",
-                    encoder_hidden_size=8, encoder_num_layers=1, learning_rate=1e-2)
+                    encoder_hidden_size=8, encoder_num_layers=1, learning_rate=1e-2).build()
     encoder = model.model.prompt_encoder["default"]
     assert isinstance(encoder.lstm_head, torch.nn.LSTM) and encoder.lstm_head.bidirectional
     lstm = 2 * 4 * (8 * 64 + 8 * 8 + 2 * 8)  # 2 directions x 4 gates x (W_ih, W_hh, two biases)

@@ -9,7 +9,7 @@ Checks the notes' claim (000, 001) that prefix tuning / P-tuning v2 suit few-sho
 Every k gets the same number of optimizer steps (small sets are repeated), the learning rate per method of
 quality_vs_params (experiments/common.py CLS_LR; the classification head at HEAD_LR = 1e-2 where the method's
 rate is below it, as in quality_vs_params part (a')), and is tested on the same held-out reviews. The drawn
-example ids of each run are in its run directory (few_shot_ids.json). Writes docs/results/few_shot.md and
+example ids of each run are in its run directory (run.json, key data.few_shot_ids). Writes docs/results/few_shot.md and
 few_shot.png.
 """
 

@@ -37,20 +37,20 @@ def variants(backbone: str, task: str, targets: list[str]):
                                  QLoRA)
 
     common = dict(backbone=backbone, task=task, num_labels=2 if task == "classification" else None)
-    lora = LoRA(r=8, target_modules=targets, **common)
+    lora = LoRA(r=8, target_modules=targets, **common).build()
     with torch.no_grad():  # a trained-looking LoRA: B != 0, so nothing is skipped
         for name, p in lora.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.01)
     return {
-        "base": FullFineTuning(**common).model,
-        "prompt": PromptTuning(num_virtual_tokens=20, **common),
-        "prefix": PrefixTuning(num_virtual_tokens=20, **common),
-        "p-tuning v2": PTuningV2(num_virtual_tokens=20, prefix_hidden_size=256, **common),
-        "adapters": BottleneckAdapter(bottleneck=64, **common),
+        "base": FullFineTuning(**common).build().model,
+        "prompt": PromptTuning(num_virtual_tokens=20, **common).build(),
+        "prefix": PrefixTuning(num_virtual_tokens=20, **common).build(),
+        "p-tuning v2": PTuningV2(num_virtual_tokens=20, prefix_hidden_size=256, **common).build(),
+        "adapters": BottleneckAdapter(bottleneck=64, **common).build(),
         "lora (unmerged)": lora,
         "lora (merged)": merged_model(lora),
-        "qlora": QLoRA(r=8, target_modules=targets, compute_dtype="float32", optimizer="adamw", **common),
+        "qlora": QLoRA(r=8, target_modules=targets, compute_dtype="float32", optimizer="adamw", **common).build(),
     }
 
 

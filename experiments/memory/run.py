@@ -66,7 +66,7 @@ def measure_one(case: dict) -> dict:
     if case["task"] == "classification":
         kwargs["num_labels"] = 2
     base = _rss_kib("VmRSS")
-    model = cls(**kwargs)
+    model = cls(**kwargs).build()
     if case["checkpointing"]:
         model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

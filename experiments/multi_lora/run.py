@@ -69,7 +69,7 @@ def run(smoke: bool) -> dict:
         adapters[name] = str(ROOT / "runs/experiments" / study / f"lora_{name}" / "version_0/adapter/best")
         log(f"    test/loss on its own task: {r.get('test/loss', float('nan')):.4f}")
     data = {"A": data_module(TASK_A, smoke), "B": data_module(TASK_B, smoke)}
-    module = LoRA(backbone="packaged:SmolLM2-135M-Instruct", task="causal_lm", target_modules=["q_proj", "v_proj"])
+    module = LoRA(backbone="packaged:SmolLM2-135M-Instruct", task="causal_lm", target_modules=["q_proj", "v_proj"]).build()
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_test_batches=2 if smoke else None)
     rows = []

@@ -32,7 +32,7 @@ def main() -> None:
     labels = torch.tensor([int(r["label"] == "fresh") for r in batch_rows])
     for label, cls, kwargs, lr in CASES:
         torch.manual_seed(0)
-        module = cls(backbone="packaged:all-MiniLM-L6-v2", num_labels=2, num_virtual_tokens=20, **kwargs).train()
+        module = cls(backbone="packaged:all-MiniLM-L6-v2", num_labels=2, num_virtual_tokens=20, **kwargs).build().train()
         inputs = module.tokenizer([r["text"] for r in batch_rows], return_tensors="pt", padding=True,
                                   truncation=True, max_length=64)
         optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)

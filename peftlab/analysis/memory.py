@@ -41,10 +41,8 @@ from peftlab.errors import PeftLabError
 PRECISIONS = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 OPTIMIZER_ALIASES = {"paged": "paged_adamw_32bit", "adam": "adamw", "paged_adamw": "paged_adamw_32bit"}
-METHODS = {"full": "peftlab.methods.FullFineTuning", "lora": "peftlab.methods.LoRA",
-           "qlora": "peftlab.methods.QLoRA", "prefix": "peftlab.methods.PrefixTuning",
-           "prompt": "peftlab.methods.PromptTuning", "adapters": "peftlab.methods.BottleneckAdapter"}
-ALL_METHODS = ("full", "lora", "qlora", "prefix", "prompt")
+#: earlier names of --method, still accepted
+ALIASES = {"prefix": "prefix_tuning", "prompt": "prompt_tuning"}
 #: --size: Llama-shaped backbones (shipped shapes; 13B is the Llama-2-13B config)
 SIZES = {"1b": "llama-1b", "7b": "llama-2-7b", "13b": "llama-2-13b", "70b": "llama-2-70b"}
 LLAMA_2_13B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 5120,
@@ -52,7 +50,7 @@ LLAMA_2_13B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hi
                "num_hidden_layers": 40, "vocab_size": 32000, "max_position_embeddings": 4096,
                "rms_norm_eps": 1e-05, "hidden_act": "silu", "tie_word_embeddings": False,
                "bos_token_id": 1, "eos_token_id": 2}
-BNB_4BIT_BLOCK, BNB_NESTED_BLOCK, BNB_OPTIM_BLOCK, BNB_MIN_8BIT_SIZE = 64, 256, 256, 4096
+BNB_OPTIM_BLOCK, BNB_MIN_8BIT_SIZE = 256, 4096
 
 
 @dataclass
@@ -96,37 +94,6 @@ class MemoryEstimate:
 
 
 # ---------------------------------------------------------------------------------------------- parameters
-def _quantized_weights(module) -> set[int]:
-    """ids of the parameters bitsandbytes would store in 4 bits: frozen linear weights outside the skip list
-    (the output embedding / tied weights / last module, or the classification head, plus fp32-kept modules)."""
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.base import get_keys_to_not_convert
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
-    from peftlab.methods.base import HEAD_NAMES
-
-    base = module.model.get_base_model() if hasattr(module.model, "get_base_model") else module.model
-    skip = list(HEAD_NAMES) if module.task == "classification" else get_keys_to_not_convert(base)
-    skip += list(getattr(base, "_keep_in_fp32_modules", None) or [])
-    out = set()
-    for name, sub in base.named_modules():
-        if (type(sub) is nn.Linear or isinstance(sub, Conv1D)) and not sub.weight.requires_grad:
-            clean = name.replace(".base_layer", "").replace(".original_module", "")
-            if should_convert_module(clean, skip):
-                out.add(id(sub.weight))
-    return out
-
-
-def nf4_bytes(n: int, double_quant: bool) -> int:
-    """Bytes of one 4-bit bitsandbytes weight of ``n`` elements: packed values + absmax (+ nested absmax)."""
-    blocks = math.ceil(n / BNB_4BIT_BLOCK)
-    code = 4 * 16  # the 16-entry fp32 NF4/FP4 code book
-    if double_quant:  # absmax as uint8 in blocks of 256, each with an fp32 absmax; 256-entry code; fp32 offset
-        return math.ceil(n / 2) + code + blocks + 4 * math.ceil(blocks / BNB_NESTED_BLOCK) + 4 * 256 + 4
-    return math.ceil(n / 2) + code + 4 * blocks
-
-
 def optimizer_state_bytes(n: int, optimizer: str) -> int:
     """AdamW moments of one trainable tensor of ``n`` elements (bitsandbytes 8-bit rules for *_8bit)."""
     if optimizer.endswith("8bit") and n >= BNB_MIN_8BIT_SIZE:
@@ -136,13 +103,11 @@ def optimizer_state_bytes(n: int, optimizer: str) -> int:
 
 def parameter_memory(module, precision: str, optimizer: str) -> tuple[int, int, int, dict[str, str]]:
     """(weights, gradients, optimizer states) bytes of a built method, and a note per line."""
-    from peftlab.methods import FullFineTuning, QLoRA
     from peftlab.methods.base import count_parameters
 
     half = PRECISIONS[precision] == 2
-    full = isinstance(module, FullFineTuning)
-    quantized = _quantized_weights(module) if isinstance(module, QLoRA) else set()
-    double_quant = isinstance(module, QLoRA) and module.quant_settings["double_quant"]
+    full = module.trainable_dtype == "precision"  # trains a working copy in the training precision
+    quantized = module.quantized_weights()  # {id: bytes stored} of the weights the backbone keeps quantized
     train_bytes = PRECISIONS[precision] if full else 4
     weights = grads = states = 0
     n_quant = n_frozen = 0
@@ -157,7 +122,7 @@ def parameter_memory(module, precision: str, optimizer: str) -> tuple[int, int, 
             grads += train_bytes * n
             states += optimizer_state_bytes(n, optimizer) + (4 * n if full and half else 0)
         elif id(p) in quantized:
-            weights += nf4_bytes(n, double_quant)
+            weights += quantized[id(p)]
             n_quant += n
         else:
             weights += (4 if quantized else PRECISIONS[precision]) * n
@@ -229,13 +194,11 @@ def _cast_for_training(module, precision: str) -> None:
     import torch
     from torch import nn
 
-    from peftlab.methods import FullFineTuning, QLoRA
-
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    if isinstance(module, FullFineTuning):
+    if module.trainable_dtype == "precision":
         module.model.to(dtype)  # meta models come in the config's torch_dtype: always cast
         return
-    quantized = _quantized_weights(module) if isinstance(module, QLoRA) else None
+    quantized = module.quantized_weights() or None
     for sub in module.model.modules():
         for name, p in list(sub.named_parameters(recurse=False)):
             keep_fp32 = p.requires_grad or (quantized is not None and id(p) not in quantized)
@@ -392,25 +355,52 @@ def default_task(backbone: str) -> str:
     return "causal_lm" if is_decoder_only(path) else "classification"
 
 
-def preset_spec(method: str, backbone: str, task: str, *, r: int = 8, target_modules: list[str] | None = None,
-                num_virtual_tokens: int | None = None, bottleneck: int = 64) -> MethodSpec:
-    """A method with the notes' settings: LoRA/QLoRA r on Q+V, prefix 10 tokens, prompt 20, adapters 64."""
-    from peftlab.analysis.params import target_modules_for
+def method_names() -> list[str]:
+    """Every registered method (``PeftModule`` subclasses with a ``name``: the shipped ones and any imported)."""
+    import peftlab.methods  # noqa: F401 - registers the shipped methods
+    from peftlab.methods.base import METHODS, load_plugins
 
-    if method not in METHODS:
-        raise PeftLabError(f"--method {method!r} is unknown; choose one of {', '.join(METHODS)} or all")
-    args: dict[str, Any] = {"backbone": backbone, "task": task}
-    if method in ("lora", "qlora"):
-        args.update(r=r, alpha=2 * r, target_modules=target_modules or target_modules_for(backbone, task, "qv"))
-        if method == "qlora":
-            args.update(compute_dtype="bfloat16")
-    elif method == "prefix":
-        args.update(num_virtual_tokens=num_virtual_tokens or 10)
-    elif method == "prompt":
-        args.update(num_virtual_tokens=num_virtual_tokens or 20)
-    elif method == "adapters":
-        args.update(bottleneck=bottleneck)
-    return MethodSpec(METHODS[method], args)
+    load_plugins()
+
+    order = ("full", "lora", "qlora", "prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "adapters",
+             "lora_prompt")  # the baseline first, then by family; other registered methods after, as imported
+    return sorted(METHODS, key=lambda n: order.index(n) if n in order else len(order))
+
+
+def method_class(name: str):
+    """The registered method class called ``name`` (or an earlier alias: prefix, prompt)."""
+    from peftlab.methods.base import METHODS
+
+    key = ALIASES.get(name, name)
+    if key not in method_names():
+        from peftlab.errors import did_you_mean
+
+        raise PeftLabError(f"--method {name!r} is unknown; choose one of {', '.join(method_names())} or all."
+                           f"{did_you_mean(name, method_names())}")
+    return METHODS[key]
+
+
+def preset_spec(method: str, backbone: str, task: str, *, r: int | None = None,
+                target_modules: list[str] | None = None, num_virtual_tokens: int | None = None,
+                bottleneck: int | None = None) -> MethodSpec:
+    """The method's preset (its ``configs/methods/<name>.yaml``, the one source of its settings) on ``backbone``.
+
+    The preset's LoRA targets name the layers of the backbone it was written for (MiniLM's query/value); on
+    another backbone they become the same projections there (:func:`peftlab.analysis.params.adapt_targets`).
+    ``r`` (alpha = 2r), ``target_modules``, ``num_virtual_tokens`` and ``bottleneck`` override the preset."""
+    from peftlab.analysis.params import adapt_targets
+
+    cls = method_class(method)
+    args: dict[str, Any] = cls.preset_args()
+    if r is not None and "r" in args:
+        args.update(r=r, alpha=2 * r)
+    if num_virtual_tokens is not None and "num_virtual_tokens" in args:
+        args["num_virtual_tokens"] = num_virtual_tokens
+    if bottleneck is not None and "bottleneck" in args:
+        args["bottleneck"] = bottleneck
+    if isinstance(args.get("target_modules"), list) and "r" in args:  # LoRA-family targets
+        args["target_modules"] = target_modules or adapt_targets(args["target_modules"], backbone, task)
+    return MethodSpec(f"{cls.__module__}.{cls.__qualname__}", {**args, "backbone": backbone, "task": task})
 
 
 @contextlib.contextmanager
@@ -453,8 +443,9 @@ def make_parser() -> argparse.ArgumentParser:
     src = p.add_argument_group("backbone (one of)")
     src.add_argument("--size", help="a Llama-shaped model: " + ", ".join(SIZES))
     src.add_argument("--backbone", help="model dir, config.json, shipped shape, packaged:NAME or hub name")
-    p.add_argument("--method", default=None, help=f"{', '.join(METHODS)} or all (default: the config's method, "
-                   f"else all = {', '.join(ALL_METHODS)})")
+    p.add_argument("--method", default=None, help="a method's name (full, lora, qlora, prompt_tuning, p_tuning, "
+                   "prefix_tuning, p_tuning_v2, adapters, lora_prompt, or any registered method) or all (default: the "
+                   "config's method, else all); each with its preset settings (configs/methods/<name>.yaml)")
     p.add_argument("--task", choices=("classification", "causal_lm", "seq2seq"), default=None,
                    help="default: data.task of the config, else from the backbone (decoder: causal_lm, ...)")
     p.add_argument("--num_labels", type=int, default=None, help="classes for classification (default 2)")
@@ -471,11 +462,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=("fused", "eager"), default="fused",
                    help="fused: flash/memory-efficient SDPA (GPUs, no seq x seq scores); eager: scores saved "
                         "(eager attention, or SDPA with attention dropout on CPU)")
-    p.add_argument("--r", type=int, default=8, help="LoRA/QLoRA rank for --method presets (alpha = 2r)")
+    p.add_argument("--r", type=int, default=None, help="LoRA-family rank for --method presets (alpha = 2r; "
+                   "default: the preset's)")
     p.add_argument("--target_modules", nargs="+", default=None,
                    help="LoRA/QLoRA targets for presets (default: Q and V)")
     p.add_argument("--num_virtual_tokens", type=int, default=None,
-                   help="prefix (default 10) / prompt (default 20) length")
+                   help="virtual tokens of the prompt/prefix presets (default: the preset's)")
     p.add_argument("--json", action="store_true", help="print a JSON list of estimates")
     return p
 
@@ -494,15 +486,16 @@ def specs_from_args(args: argparse.Namespace, rest: list[str], backbone: str | N
         spec = parse_fit_config(fit_args(argparse.Namespace(backbone=backbone), rest), prog="peftlab estimate-memory")
         if args.task:
             spec.init_args["task"] = args.task
-        if args.method is None or METHODS.get(args.method) == spec.class_path:
+        same = args.method not in (None, "all") and spec.class_path.endswith("." + method_class(args.method).__name__)
+        if args.method is None or same:
             return [spec]
-        return presets(ALL_METHODS if args.method == "all" else [args.method], spec.init_args["backbone"],
+        return presets(method_names() if args.method == "all" else [args.method], spec.init_args["backbone"],
                        spec.task, like=spec)
     if rest:
         raise PeftLabError(f"unknown option {rest[0]}; see peftlab estimate-memory --help")
     if backbone is None:
         raise PeftLabError("give a backbone: --size 7b, --backbone PATH_OR_NAME or --config FILE")
-    return presets(ALL_METHODS if args.method in (None, "all") else [args.method], backbone,
+    return presets(method_names() if args.method in (None, "all") else [args.method], backbone,
                    args.task or default_task(backbone))
 
 

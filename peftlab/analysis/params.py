@@ -159,7 +159,7 @@ def build_meta(spec: MethodSpec, num_labels: int | None = None):
     with warnings.catch_warnings(), meta_backbones():
         warnings.simplefilter("ignore")
         try:
-            return cls(**kwargs)
+            return cls(**kwargs).build()
         except PeftLabError as err:
             if "could not load backbone" in str(err) and not os.path.exists(kwargs["backbone"]):
                 raise PeftLabError(f"{err} Shapes that need no download: {', '.join(shipped_backbones())}.") from err
@@ -322,3 +322,17 @@ def target_modules_for(backbone: str, task: str, scope: str = "qv") -> list[str]
         attn, ffn = first(TARGET_GROUPS["attention"]), first(TARGET_GROUPS["ffn"])
         return attn + [t for t in ffn if t not in attn] if attn and ffn else "all-linear"
     return first(TARGET_GROUPS[scope]) or "all-linear"
+
+
+def adapt_targets(targets: list[str] | str, backbone: str, task: str) -> list[str] | str:
+    """LoRA ``targets`` written for one backbone, for ``backbone``: kept if all its layers exist there, else the
+    same scope (:data:`TARGET_GROUPS`: qv, attention, ffn) resolved for this backbone, else ``all-linear``."""
+    if not isinstance(targets, list):
+        return targets
+    names = module_names(backbone, task)
+    if all(any(n == t or n.endswith("." + t) for n in names) for t in targets):
+        return targets
+    for scope, groups in TARGET_GROUPS.items():
+        if any(sorted(g) == sorted(targets) for g in groups):
+            return target_modules_for(backbone, task, "attention_ffn" if scope == "ffn" else scope)
+    return "all-linear"

@@ -52,24 +52,14 @@ LORA_BY_TASK = {
     "other": (8, "qv", "the notes' default starting point (LoRA r=8, alpha=16 on Q and V)"),
 }
 
-ADVICE = {
-    "LoRA": ("increase the rank to 16 or 32; add target modules (K, O, then the FFN)",
-             "decrease the rank to 4; add dropout (0.1); train fewer epochs"),
-    "PromptTuning": ("more virtual tokens (50-100); init: text from a task description; or graduate to LoRA",
-                     "fewer virtual tokens; train fewer epochs; stop early on validation loss"),
-    "PTuningV2": ("more virtual tokens (e.g. 64-128) or a larger prefix_hidden_size; or move to LoRA",
-                  "fewer virtual tokens (10); train fewer epochs; stop early on validation loss"),
-    "PrefixTuning": ("more virtual tokens; prefix_projection: true", "fewer virtual tokens; fewer epochs"),
-    "BottleneckAdapter": ("a larger bottleneck (128-256)", "a smaller bottleneck (16-32); dropout 0.1; fewer epochs"),
-}
-ADVICE["QLoRA"] = ADVICE["LoRA"]
+def preset(method: str, **overrides) -> dict[str, Any]:
+    """A method's preset settings (``configs/methods/<name>.yaml``, the one source of hyperparameters), with the
+    recommendation's own ``overrides`` (a rank chosen for the task type, ...)."""
+    from peftlab.analysis.memory import method_class
 
-
-#: P-tuning v2 settings recommended both for frozen-weight deployment and for few-shot data; the rates are
-#: configs/methods/p_tuning_v2.yaml's, measured on MiniLM (1e-3 stays at the majority class; the new
-#: classification head needs 1e-2, ignored for tasks without one: docs/methods.md "Learning rates")
-PTUNING_V2_ARGS = {"num_virtual_tokens": 20, "prefix_hidden_size": 512, "input_tokens": True,
-                   "learning_rate": 3.0e-4, "head_learning_rate": 1.0e-2, "warmup_ratio": 0.06}
+    args = method_class(method).preset_args()
+    args.pop("target_modules", None) if "r" in args else None  # LoRA targets are resolved for the backbone
+    return {**args, **overrides}
 
 
 @dataclass
@@ -129,11 +119,10 @@ def _lora(rule: str, task_type: str, reason: str, *, qlora: bool = False, altern
           scope: str | None = None, rank: int | None = None, notes: list[str] | None = None) -> Recommendation:
     r, default_scope, _ = LORA_BY_TASK[task_type]
     r = rank or r
-    args: dict[str, Any] = {"r": r, "alpha": 2 * r, "dropout": 0.05, "learning_rate": 2.0e-4, "warmup_ratio": 0.03}
     name = "QLoRA" if qlora else "LoRA"
-    if qlora:
-        args.update(quant_type="nf4", double_quant=True, compute_dtype="auto", gradient_checkpointing=True,
-                    optimizer="paged_adamw_32bit")
+    # the preset's settings with the rank of the task type; QLoRA is recommended to save memory, so with
+    # activation recomputation on as well
+    args = preset("qlora" if qlora else "lora", r=r, alpha=2 * r, **({"gradient_checkpointing": True} if qlora else {}))
     return Recommendation(rule, name, f"peftlab.methods.{name}", args, reason, alternatives,
                           targets=scope or default_scope, notes=notes or [])
 
@@ -157,7 +146,7 @@ def recommend(a: Answers) -> Recommendation:
     if a.frozen_weights:
         return Recommendation(
             "frozen_weights", "PTuningV2", "peftlab.methods.PTuningV2",
-            dict(PTUNING_V2_ARGS),
+            preset("p_tuning_v2"),
             "the weights must stay untouched (edge / frozen deployment): P-tuning v2 only prepends virtual tokens "
             "and per-layer K/V prefixes, the model is never modified or repacked (notes 000: 'edge / no model "
             "modification -> Prefix / P-Tuning v2'). Precompute the prefixes after training and drop the MLP.",
@@ -171,7 +160,7 @@ def recommend(a: Answers) -> Recommendation:
     if a.compute_limited:
         return Recommendation(
             "compute_limited", "PromptTuning", "peftlab.methods.PromptTuning",
-            {"num_virtual_tokens": 20, "init": "random", "learning_rate": 3.0e-3, "warmup_ratio": 0.06},
+            preset("prompt_tuning"),
             "compute is extremely limited: prompt tuning trains only N x hidden embeddings, the fewest parameters "
             "and optimizer state of all methods (notes 003 decision tree, question 2). It needs a large model to "
             "match fine-tuning (Lester et al. 2021: ~10B).",
@@ -179,7 +168,7 @@ def recommend(a: Answers) -> Recommendation:
     if a.few_shot:
         return Recommendation(
             "few_shot", "PTuningV2", "peftlab.methods.PTuningV2",
-            dict(PTUNING_V2_ARGS),
+            preset("p_tuning_v2"),
             "few-shot / very little data: a small prompt-based adapter has little room to overfit (notes 000: "
             "'few-shot / little data -> Prefix / P-Tuning v2'); P-tuning v2 acts on the input and on every "
             "attention layer. peftlab's own measurement does not back this on a small model: on all-MiniLM-L6-v2 "
@@ -201,8 +190,7 @@ def recommend(a: Answers) -> Recommendation:
     if multi == "combine":
         return Recommendation(
             "combine_tasks", "BottleneckAdapter", "peftlab.methods.BottleneckAdapter",
-            {"bottleneck": 64, "placement": "houlsby", "target_modules": None, "dropout": 0.0,
-             "learning_rate": 1.0e-3, "warmup_ratio": 0.06},
+            preset("adapters"),
             "several tasks have to be combined: bottleneck adapters are separate modules that are easy to swap and "
             "to stack/combine (notes 003 decision tree, question 4). They add a little inference latency.",
             "one LoRA per task combined by weighted sum (notes 003: 'Multiple LoRAs')")
@@ -335,6 +323,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "hot_swap: one adapter per task, swapped per request")
     p.add_argument("--backbone", default=None, help="your model (dir, config.json, shipped shape, packaged:NAME, hub "
                    "name); default packaged:all-MiniLM-L6-v2, or packaged:SmolLM2-135M-Instruct for generative tasks")
+    p.add_argument("--all_methods", action=yes_no, default=True,
+                   help="also list every registered method with its preset's exact trainable parameters")
     p.add_argument("--output", default="recommended.yaml", help="config file to write (default recommended.yaml)")
     p.add_argument("--force", action="store_true", help="replace --output even if peftlab recommend did not write it")
     return p
@@ -372,10 +362,31 @@ def main(argv: list[str]) -> None:
     out.insert(1, f"settings     {hp}")
     out.append(f"trainable    {module.trainable_count:,} of {module.total_count:,} parameters "
                f"({100 * module.trainable_count / module.total_count:.4g}%) on {backbone}")
-    under, over = ADVICE[rec.method]
+    under, over = type(module).advice
     out.append(f"underfitting {under}")
     out.append(f"overfitting  {over}")
+    if args.all_methods:
+        out.append(f"all methods  (their presets, configs/methods/, on {backbone}; trainable parameters)")
+        out += [f"  {line}" for line in method_table(backbone, task or "classification")]
     write_config(args.output, config_text(rec, backbone, task, answers), args.force)
     out.append(f"config       wrote {args.output}; train with: peftlab fit --config configs/quickstart.yaml "
                f"--config {args.output}" + (" --data.source YOUR_DATA ..." if task else ""))
     print("\n".join(out))
+
+
+def method_table(backbone: str, task: str) -> list[str]:
+    """One line per registered method: its name, class and exact trainable parameters with its preset on
+    ``backbone`` (built on the meta device), or why it does not fit."""
+    from peftlab.analysis.memory import method_names, preset_spec
+    from peftlab.analysis.params import build_meta
+
+    lines = []
+    for name in method_names():
+        try:
+            module = build_meta(preset_spec(name, backbone, task))
+        except PeftLabError as err:
+            lines.append(f"{name:<14} does not fit: {str(err)[:100]}")
+            continue
+        pct = 100 * module.trainable_count / module.total_count
+        lines.append(f"{name:<14} {type(module).__name__:<18} {module.trainable_count:>14,} ({pct:.4g}%)")
+    return lines

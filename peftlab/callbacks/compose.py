@@ -32,9 +32,9 @@ class ComposeLoRA(L.Callback):
 
         if self._done:
             return
-        if not is_peft_model(getattr(pl_module, "model", None)) or "lora" not in type(pl_module).__name__.lower():
-            raise PeftLabError(f"ComposeLoRA needs a LoRA model (model.class_path: peftlab.methods.LoRA), "
-                               f"not {type(pl_module).__name__}")
+        if not type(pl_module).composable or not is_peft_model(getattr(pl_module, "model", None)):
+            raise PeftLabError(f"ComposeLoRA needs a method whose adapters compose by weighted sum (e.g. "
+                               f"model.class_path: peftlab.methods.LoRA), not {type(pl_module).__name__}")
         compose(pl_module.model, self.adapters, self.weights, self.mode, self.density)
         self._done = True
 

@@ -1,18 +1,41 @@
-"""``PeftDataModule``: one data pipeline for every method (source -> task format -> tokenized batches)."""
+"""``PeftDataModule``: one data pipeline for every method (source -> task format -> tokenized batches).
+
+The dataset transforms (label encoding, splitting, few-shot sampling) are pure functions in
+``peftlab.data.transforms``; the module holds their one result (``LoadedData``) and tokenizes it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import cached_property, partial
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
 
 from peftlab.backbones import TASKS, Task, is_decoder_only, load_tokenizer
-from peftlab.data import formats
+from peftlab.data import formats, transforms
 from peftlab.data.loading import ResumableLoader, eval_generator, training_sampler
 from peftlab.data.sources import PACKAGED_LABELS, load_source
-from peftlab.errors import PeftLabError, did_you_mean
+from peftlab.errors import PeftLabError
+
+FEW_SHOT_IDS_NOTE = "row positions in the source's train split (packaged: after keeping fresh/rotten)"
+
+
+@dataclass(frozen=True)
+class LoadedData:
+    """What ``PeftDataModule.load`` computed from the source: everything the module knows about its data.
+
+    Attributes:
+        splits: train/validation/test (a ``datasets.DatasetDict``), labels encoded, split, few-shot sampled.
+        label_names: class names in index order (classification), else ``None``.
+        few_shot_ids: positions in the source's train split of the kept rows (few-shot runs), else ``None``.
+    """
+
+    splits: Any
+    label_names: tuple[str, ...] | None
+    few_shot_ids: tuple[int, ...] | None
 
 
 class PeftDataModule(L.LightningDataModule):
@@ -43,7 +66,7 @@ class PeftDataModule(L.LightningDataModule):
         num_workers: DataLoader workers; 0 is right for most runs because tokenization happens once, up front.
         dataset_config: hub dataset configuration name (e.g. ``sst2`` for ``glue``).
         few_shot_k: keep only k training examples per class (classification; stratified). Validation and
-            test are untouched. The chosen rows are written to ``<run dir>/few_shot_ids.json``.
+            test are untouched. The chosen rows are recorded in ``<run dir>/run.json`` (key ``data.few_shot_ids``).
         few_shot_n: keep only n training examples in total (any task, e.g. generation).
         few_shot_seed: seed of the few-shot draw (independent of ``split_seed``, so the split stays fixed).
         shuffle: reshuffle the training data every epoch (off: dataset order, e.g. to compare runs batch by batch).
@@ -128,8 +151,8 @@ class PeftDataModule(L.LightningDataModule):
         self.few_shot_seed = few_shot_seed
         self.shuffle = shuffle
         self.group_by_length = group_by_length
-        self.few_shot_ids: list[int] | None = None
-        self.datasets: dict = {}
+        self._loaded: LoadedData | None = None  # set by load(), the only place that reads the source
+        self.datasets: dict = {}  # tokenized splits, set by setup()
 
     # ------------------------------------------------------------------ raw data and labels
     @cached_property
@@ -142,154 +165,103 @@ class PeftDataModule(L.LightningDataModule):
         not ids, and then takes the *last position* as the sequence's summary token."""
         return self.task == "classification" and is_decoder_only(self.tokenizer_name)
 
-    @cached_property
+    def load(self) -> LoadedData:
+        """Read, label-encode, split and few-shot-sample the source, once; later calls return the same result.
+
+        This is the DataModule's only data state (``prepare_data``, ``setup``, ``raw``, ``label_names``,
+        ``num_labels`` and ``few_shot_ids`` all go through it). Reading labels does not need the tokenizer,
+        so ``num_labels`` works right after construction (the CLI passes it to the model then).
+        """
+        if self._loaded is None:
+            ds = load_source(self.source, self.dataset_config)
+            transforms.check_columns(ds["train"].column_names, self._required_columns(), self.source)
+            names = None
+            if self.task == "classification":
+                default = PACKAGED_LABELS.get(self.source if isinstance(self.source, str) else "")
+                ds, names = transforms.encode_labels(ds, self.label_column, self._labels or default)
+            ds = transforms.split_dataset(
+                ds, val_fraction=self.val_fraction, test_fraction=self.test_fraction, split_seed=self.split_seed,
+                stratify_by=transforms.LABELS_COLUMN if self.task == "classification" else None,
+                max_train_samples=self.max_train_samples, max_eval_samples=self.max_eval_samples,
+            )
+            ids = None
+            if self.few_shot_k or self.few_shot_n:
+                ds["train"], ids = transforms.few_shot_sample(
+                    ds["train"], k=self.few_shot_k, n=self.few_shot_n, seed=self.few_shot_seed, label_names=names
+                )
+            self._loaded = LoadedData(
+                splits=ds,
+                label_names=tuple(names) if names is not None else None,
+                few_shot_ids=tuple(ids) if ids is not None else None,
+            )
+        return self._loaded
+
+    @property
     def raw(self):
-        """The source as a ``DatasetDict`` with train/validation/test and (classification) integer ``labels``."""
-        ds = load_source(self.source, self.dataset_config)
-        self._check_columns(ds)
-        if self.task == "classification":
-            ds = self._encode_labels(ds)
-        return self._split(ds)
+        """The source as a ``DatasetDict`` with train/validation/test and (classification) integer ``labels``;
+        train keeps a ``_row`` column: each row's position in the source's train split."""
+        return self.load().splits
 
     @property
     def label_names(self) -> list[str] | None:
         """Class names in index order (classification), read from the data or ``labels``."""
         if self.task != "classification":
             return None
-        self.raw  # noqa: B018 - computes the label names
-        return self._label_names
+        return list(self.load().label_names)
 
     @property
     def num_labels(self) -> int | None:
         """Number of classes (classification) read from the data; the CLI passes it to the model."""
         if self.task != "classification":
             return None
-        self.raw  # noqa: B018 - computes the label names
-        return len(self._label_names)
+        return len(self.load().label_names)
 
-    def _check_columns(self, ds) -> None:
-        columns = ds["train"].column_names
+    @property
+    def few_shot_ids(self) -> list[int] | None:
+        """Positions in the source's train split of the rows a few-shot run keeps (``None``: not few-shot)."""
+        if not (self.few_shot_k or self.few_shot_n):
+            return None
+        return list(self.load().few_shot_ids)
+
+    def run_record(self) -> dict:
+        """The data a run used, for ``<run dir>/run.json`` (``peftlab.runinfo`` stores it under ``data``).
+
+        JSON-serialisable: the source and its settings, the split sizes, the class names and, for few-shot
+        runs, the chosen rows (``few_shot_ids``).
+        """
+        loaded = self.load()
+        source = self.source
+        record = {
+            "source": {str(k): str(v) for k, v in source.items()} if isinstance(source, Mapping) else str(source),
+            "dataset_config": self.dataset_config,
+            "task": self.task,
+            "split_seed": self.split_seed,
+            "val_fraction": self.val_fraction,
+            "test_fraction": self.test_fraction,
+            "max_train_samples": self.max_train_samples,
+            "max_eval_samples": self.max_eval_samples,
+            "split_sizes": {split: len(d) for split, d in loaded.splits.items()},
+            "label_names": list(loaded.label_names) if loaded.label_names is not None else None,
+        }
+        if loaded.few_shot_ids is not None:
+            record.update(
+                few_shot_k=self.few_shot_k, few_shot_n=self.few_shot_n, few_shot_seed=self.few_shot_seed,
+                few_shot_ids=[int(i) for i in loaded.few_shot_ids], few_shot_ids_note=FEW_SHOT_IDS_NOTE,
+            )
+        return record
+
+    def _required_columns(self) -> dict[str, str]:
+        """``{setting: column}`` of the columns this task reads from the source."""
         if self.task == "classification":
             needed = {"text_column": self.text_column, "label_column": self.label_column}
             if self.text_pair_column:
                 needed["text_pair_column"] = self.text_pair_column
-        else:
-            needed = {}
-            for key in ("prompt_template", "response_template"):
-                for field in formats.template_fields(getattr(self, key)):
-                    needed[f"{key} field {{{field}}}"] = field
-        for key, column in needed.items():
-            if column not in columns:
-                raise PeftLabError(
-                    f"column {column!r} (data.{key}) is not in data source {self.source!r}; "
-                    f"its columns are: {', '.join(columns)}.{did_you_mean(column, columns)}"
-                )
-
-    def _encode_labels(self, ds):
-        import datasets
-
-        values = set()
-        for split in ds.values():
-            values.update(split.unique(self.label_column))
-        if None in values:
-            raise PeftLabError(f"data column {self.label_column!r} has empty labels; fill or drop those rows")
-        names = self._labels or PACKAGED_LABELS.get(self.source if isinstance(self.source, str) else "")
-        is_int = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
-        if names is None:
-            if is_int:
-                if min(values) < 0:
-                    raise PeftLabError(
-                        f"label column {self.label_column!r} has negative labels {sorted(v for v in values if v < 0)}; "
-                        "labels must be 0..num_labels-1 (unlabelled test splits need their own labelled file)"
-                    )
-                names = [str(i) for i in range(max(values) + 1)]
-            else:
-                names = sorted(str(v) for v in values)
-        names = [str(n) for n in names]
-        if len(names) < 2:
-            raise PeftLabError(
-                f"classification needs at least 2 labels; column {self.label_column!r} has only {names}"
-            )
-        if is_int and self._labels is not None:
-            bad = sorted(v for v in values if not 0 <= v < len(names))
-        else:
-            bad = sorted(str(v) for v in values if str(v) not in names)
-        if bad:
-            raise PeftLabError(
-                f"labels {bad[:10]} in column {self.label_column!r} are out of range for data.labels {names}; "
-                "add them to data.labels or fix the data"
-            )
-        self._label_names = names
-        # a module-level function + plain arguments, so datasets can fingerprint it and cache the result
-        fn = partial(_encode_labels, column=self.label_column,
-                     index=None if is_int else {n: i for i, n in enumerate(names)})
-        feature = datasets.ClassLabel(names=names)
-        out = {}
-        for split, d in ds.items():
-            d = d.map(fn, batched=True, desc=f"labels ({split})")
-            out[split] = d.cast_column("labels", feature)
-        return datasets.DatasetDict(out)
-
-    def _split(self, ds):
-        """Carve missing validation/test splits out of train with ``split_seed`` (stratified by label)."""
-        import datasets
-
-        out = dict(ds)
-        # remember each training row's position in the source, to report which rows a few-shot run used
-        out["train"] = out["train"].add_column("_row", list(range(len(out["train"]))))
-        stratify = "labels" if self.task == "classification" else None
-        for name, fraction in (("test", self.test_fraction), ("validation", self.val_fraction)):
-            if name in out:
-                continue
-            train = out["train"]
-            if len(train) < 3:
-                raise PeftLabError(f"data source has only {len(train)} training rows; cannot split off {name}")
-            # fraction of the *original* train size, so val/test sizes do not depend on which was missing
-            size = max(1, round(fraction * len(ds["train"])))
-            try:
-                parts = train.train_test_split(test_size=size, seed=self.split_seed, stratify_by_column=stratify)
-            except ValueError:  # a class too small to stratify: fall back to a plain seeded split
-                parts = train.train_test_split(test_size=size, seed=self.split_seed)
-            out["train"], out[name] = parts["train"], parts["test"]
-        if self.max_train_samples:
-            out["train"] = out["train"].shuffle(seed=self.split_seed).select(
-                range(min(self.max_train_samples, len(out["train"])))
-            )
-        if self.max_eval_samples:
-            for name in ("validation", "test"):
-                out[name] = out[name].select(range(min(self.max_eval_samples, len(out[name]))))
-        if self.few_shot_k or self.few_shot_n:
-            out["train"] = self._few_shot(out["train"])
-        for name in ("validation", "test"):
-            if "_row" in out[name].column_names:
-                out[name] = out[name].remove_columns("_row")
-        return datasets.DatasetDict(out)
-
-    def _few_shot(self, train):
-        """k per class (stratified) or n in total, drawn with ``few_shot_seed``."""
-        import random
-
-        rng = random.Random(self.few_shot_seed)
-        if self.few_shot_k:
-            by_class: dict[int, list[int]] = {}
-            for i, label in enumerate(train["labels"]):
-                by_class.setdefault(label, []).append(i)
-            short = {self._label_names[c]: len(v) for c, v in by_class.items() if len(v) < self.few_shot_k}
-            short.update({n: 0 for c, n in enumerate(self._label_names) if c not in by_class})
-            if short:
-                raise PeftLabError(
-                    f"data.few_shot_k={self.few_shot_k} but the training split has fewer examples of "
-                    f"{', '.join(f'{k!r} ({v})' for k, v in sorted(short.items()))}; lower few_shot_k"
-                )
-            chosen = sorted(i for c in sorted(by_class) for i in rng.sample(by_class[c], self.few_shot_k))
-        else:
-            if self.few_shot_n > len(train):
-                raise PeftLabError(f"data.few_shot_n={self.few_shot_n} but the training split has only "
-                                   f"{len(train)} examples; lower few_shot_n")
-            chosen = sorted(rng.sample(range(len(train)), self.few_shot_n))
-        train = train.select(chosen)
-        self.few_shot_ids = list(train["_row"])
-        return train
+            return needed
+        needed = {}
+        for key in ("prompt_template", "response_template"):
+            for field in formats.template_fields(getattr(self, key)):
+                needed[f"{key} field {{{field}}}"] = field
+        return needed
 
     # ------------------------------------------------------------------ tokenization
     def _tokenize(self, split, prompt_only: bool = False):
@@ -312,36 +284,16 @@ class PeftDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         # datasets caches every map on disk, so running this on rank 0 first makes the other ranks' setup cheap
+        self.load()
         for split in ("train", "validation", "test"):
             self._tokenize(split)
 
     def setup(self, stage: str | None = None) -> None:
-        if stage == "fit" and self.few_shot_ids is None and (self.few_shot_k or self.few_shot_n):
-            self.raw  # noqa: B018 - draws the few-shot subset
-        if stage == "fit" and self.few_shot_ids is not None:
-            self._write_few_shot_ids()
+        self.load()
         if not self.datasets:
             self.datasets = {split: self._tokenize(split) for split in ("train", "validation", "test")}
         if stage == "predict" and "predict" not in self.datasets:
             self.datasets["predict"] = self._tokenize("test", prompt_only=self.task == "causal_lm")
-
-    def _write_few_shot_ids(self) -> None:
-        import json
-        import os
-
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return
-        log_dir = trainer.log_dir  # a collective under a distributed strategy: every rank asks, rank 0 writes
-        if not trainer.is_global_zero or not log_dir:
-            return
-        os.makedirs(log_dir, exist_ok=True)
-        record = {"few_shot_k": self.few_shot_k, "few_shot_n": self.few_shot_n, "few_shot_seed": self.few_shot_seed,
-                  "split_seed": self.split_seed, "source": self.source,
-                  "note": "row positions in the source's train split (packaged: after keeping fresh/rotten)",
-                  "ids": self.few_shot_ids}
-        with open(os.path.join(log_dir, "few_shot_ids.json"), "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=1)
 
     # ------------------------------------------------------------------ loaders
     def collate(self, features, pad_left: bool = False):
@@ -395,7 +347,3 @@ class PeftDataModule(L.LightningDataModule):
             return [str(t) for t in rows[self.text_column]]
         return [formats.render(self.prompt_template, r) for r in rows]
 
-
-def _encode_labels(batch, column, index):
-    values = batch[column]
-    return {"labels": [int(v) for v in values] if index is None else [index[str(v)] for v in values]}

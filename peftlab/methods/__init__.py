@@ -1,7 +1,7 @@
 """peftlab methods: one LightningModule per PEFT method, all subclasses of :class:`PeftModule`."""
 
 from peftlab.methods.adapters import BottleneckAdapter
-from peftlab.methods.base import PeftModule
+from peftlab.methods.base import METHODS, PeftModule
 from peftlab.methods.full import FullFineTuning
 from peftlab.methods.lora import LoRA
 from peftlab.methods.lora_prompt import LoRAPromptTuning
@@ -11,5 +11,5 @@ from peftlab.methods.prefix_tuning import PrefixTuning
 from peftlab.methods.prompt_tuning import PromptTuning
 from peftlab.methods.qlora import QLoRA
 
-__all__ = ["PeftModule", "FullFineTuning", "LoRA", "QLoRA", "PromptTuning", "PTuning", "PrefixTuning",
+__all__ = ["METHODS", "PeftModule", "FullFineTuning", "LoRA", "QLoRA", "PromptTuning", "PTuning", "PrefixTuning",
            "PTuningV2", "BottleneckAdapter", "LoRAPromptTuning"]

@@ -96,6 +96,9 @@ class BottleneckAdapter(PeftModule):
         **kwargs: the :class:`PeftModule` arguments.
     """
 
+    name = "adapters"
+    advice = ("a larger bottleneck (128-256)", "a smaller bottleneck (16-32); dropout 0.1; fewer epochs")
+
     def __init__(
         self,
         bottleneck: int = 64,
@@ -108,12 +111,10 @@ class BottleneckAdapter(PeftModule):
     ):
         if bottleneck < 1:
             raise PeftLabError(f"model.bottleneck must be >= 1 (got {bottleneck})")
-        self.adapter_settings = dict(bottleneck=bottleneck, placement=placement, target_modules=target_modules,
-                                     activation=activation, dropout=dropout, scaling=scaling)
         super().__init__(**kwargs)
 
     def adapter_targets(self, backbone: nn.Module) -> list[str]:
-        s = self.adapter_settings
+        s = self.hparams
         names = [n for n, _ in backbone.named_modules() if n]
         if s["target_modules"]:
             patterns = [re.compile(rf"(^|\.){re.escape(t)}$") for t in s["target_modules"]]
@@ -134,7 +135,7 @@ class BottleneckAdapter(PeftModule):
         return found
 
     def attach(self, backbone: nn.Module) -> nn.Module:
-        s = self.adapter_settings
+        s = self.hparams
         for name in self.adapter_targets(backbone):
             parent_name, _, child = name.rpartition(".")
             parent = backbone.get_submodule(parent_name) if parent_name else backbone

@@ -1,30 +1,69 @@
 """``PeftModule``: the LightningModule every method subclasses.
 
-The base class owns everything methods share: loading and freezing the backbone, the optimizer and
+The base class owns everything methods share: building and freezing the backbone, the optimizer and
 schedule over trainable parameters only, metrics, parameter-count reporting, adapter-only checkpoints
 and prediction. A method overrides one hook, :meth:`PeftModule.attach`, which receives the frozen
 backbone and returns the module to train (usually the backbone with trainable parts added)::
 
     class BitFit(PeftModule):
+        name = "bitfit"
+
         def attach(self, backbone):
             for name, p in backbone.named_parameters():
                 p.requires_grad_(name.endswith("bias"))
             return backbone
+
+Construction records and checks the settings only (``self.hparams``); nothing is read from disk. The
+tokenizer and backbone are loaded and ``attach`` is called by :meth:`PeftModule.build`, which Lightning runs
+through ``configure_model`` once per process, inside the strategy's initialization context (so a sharding
+strategy can build on the meta device or shard while loading). Code without a Trainer calls ``build()``
+itself: ``LoRA(backbone=..., num_labels=2).build()``.
+
+A method also declares what the rest of peftlab needs to know about it (read by ``merge``, ``compose``,
+``params``, ``estimate-memory``, ``recommend`` and the exporters, so adding a method touches no other file):
+``name`` and its preset config (``configs/methods/<name>.yaml``), whether it merges (:meth:`merged_model`),
+whether its adapters compose by exact weighted sum (``composable``), what its backbone stores quantized
+(:meth:`quantized_weights`), the dtype its trainable parameters train in (``trainable_dtype``), how it is
+exported (:meth:`export`) and advice for under- and overfitting (``advice``). Defining a subclass with a
+``name`` registers it (:data:`METHODS`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from typing import Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
 import torchmetrics
 from torch import nn
 
-from peftlab.backbones import TASKS, Task, load_backbone, load_tokenizer
+from peftlab.backbones import TASKS, Task, building_on_meta, load_backbone, load_tokenizer
 from peftlab.errors import PeftLabError
+
+
+#: name -> method class, filled by every ``PeftModule`` subclass that sets ``name`` (a subclass defined in a
+#: user's file registers when it is imported). ``peftlab params / estimate-memory / recommend`` list these.
+METHODS: dict[str, type[PeftModule]] = {}
+
+#: configs/methods/ of the repository: the preset (the one source of hyperparameters) of each shipped method
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "methods"
+
+
+def load_plugins() -> None:
+    """Import the methods that installed packages declare under the entry-point group ``peftlab.methods``
+    (``[project.entry-points."peftlab.methods"] bitfit = "mypkg.bitfit:BitFit"``), which registers them. A
+    method in a file of your own registers when it is imported (``--config`` with its class_path does that)."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="peftlab.methods"):
+        try:
+            entry.load()
+        except Exception as err:  # noqa: BLE001 - a broken plugin must not break peftlab's own commands
+            warnings.warn(f"peftlab method plugin {entry.name!r} ({entry.value}) failed to load: {err}", stacklevel=2)
 
 
 class PeftModule(L.LightningModule):
@@ -59,6 +98,25 @@ class PeftModule(L.LightningModule):
     #: train the (newly initialised) classification head in full; peft-backed methods set this to False
     #: because peft does it itself (``modules_to_save``)
     train_head = True
+
+    # ------------------------------------------------------------------ what a method declares about itself
+    #: short name: the key of :data:`METHODS` and of ``--method`` in estimate-memory; None = not registered
+    name: ClassVar[str | None] = None
+    #: the preset config (a YAML with a ``model:`` section); default ``configs/methods/<name>.yaml``
+    preset: ClassVar[str | None] = None
+    #: trained adapters combine exactly as a weighted sum of their weight updates (``peftlab compose``)
+    composable: ClassVar[bool] = False
+    #: dtype of the trainable parameters in training: ``float32`` (PEFT: peft keeps adapters in fp32) or
+    #: ``precision`` (full fine-tuning: a half-precision working copy under mixed precision); memory estimates
+    trainable_dtype: ClassVar[Literal["float32", "precision"]] = "float32"
+    #: what to try when the method (underfits, overfits); ``peftlab recommend`` prints it
+    advice: ClassVar[tuple[str, str]] = ("a larger adapter or a higher learning rate; more steps",
+                                         "a smaller adapter; dropout; fewer steps; stop early on validation loss")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            METHODS[cls.name] = cls  # a re-definition (re-import, a test) replaces the earlier class
 
     def __init__(
         self,
@@ -99,17 +157,37 @@ class PeftModule(L.LightningModule):
         self.task = task
         self.num_labels = num_labels
         self.head_learning_rate = head_learning_rate if task == "classification" else None
-        self.tokenizer = load_tokenizer(backbone, trust_remote_code=trust_remote_code, revision=revision)
-        model = self.load_backbone()
-        model.requires_grad_(False)
+        #: the trained model and its tokenizer: None until :meth:`build` (``configure_model``)
+        self.model: nn.Module | None = None
+        self.tokenizer = None
+        self.trainable_count = self.total_count = 0
+        self._init_metrics()
+
+    # ------------------------------------------------------------------ building
+    def configure_model(self) -> None:
+        """Lightning's hook (once per process, in the strategy's init context): build the model."""
+        self.build()
+
+    def build(self):
+        """Load the tokenizer and the frozen backbone, :meth:`attach` the method and count parameters; return
+        ``self``. Idempotent. Lightning calls it through ``configure_model``; call it yourself without a Trainer."""
+        if self.model is not None:
+            return self
+        h = self.hparams
+        self.tokenizer = load_tokenizer(h.backbone, trust_remote_code=h.trust_remote_code, revision=h.revision)
+        backbone = self.load_backbone()
+        backbone.requires_grad_(False)
         # from_pretrained returns eval mode; train like the HF Trainer does (dropout on), Lightning flips to
-        # eval for validation/test/predict by itself
-        self.model = self.attach(model).train()
-        if gradient_checkpointing:
-            enable_gradient_checkpointing(self.model)
+        # eval for validation/test/predict by itself. On the meta device (params, estimate-memory) the
+        # method's new tensors are made there too, so attach() need not pass a device around.
+        with torch.device("meta") if building_on_meta() else contextlib.nullcontext():
+            model = self.attach(backbone).train()
+        if h.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         if self.task == "classification" and self.train_head:
-            for p in classification_head(self.model).parameters():
+            for p in classification_head(model).parameters():
                 p.requires_grad_(True)
+        self.model = model
         self.trainable_count, self.total_count = count_parameters(self)
         if self.head_learning_rate is not None and not self.head_parameters():
             raise PeftLabError(
@@ -118,7 +196,30 @@ class PeftModule(L.LightningModule):
             )
         if self.trainable_count == 0:
             raise PeftLabError(f"{type(self).__name__} left no trainable parameters; check its settings")
-        self._init_metrics()
+        return self
+
+    def check(self) -> None:
+        """Build a copy of this method on the meta device (no weights read, no memory used) to surface what is
+        wrong with its settings on this backbone (a target module it lacks, a task it has no head for, nothing
+        trainable) in seconds, before a run writes anything or loads weights. The CLI calls it before fit /
+        validate / test / predict; :meth:`build` would find the same errors, only later."""
+        from peftlab.backbones import meta_backbones
+
+        if self.model is not None:
+            return
+        args = {k: v for k, v in self.hparams.items() if not k.startswith("_")}
+        with warnings.catch_warnings(), meta_backbones():
+            warnings.simplefilter("ignore")
+            type(self)(**args).build()
+
+    @property
+    def built(self) -> bool:
+        return self.model is not None
+
+    def _require_built(self, what: str) -> None:
+        if self.model is None:
+            raise PeftLabError(f"{what} needs the built model: call {type(self).__name__}(...).build() first "
+                               "(a Trainer builds it through configure_model)")
 
     # ------------------------------------------------------------------ the hooks a method overrides
     def load_backbone(self) -> nn.Module:
@@ -130,6 +231,69 @@ class PeftModule(L.LightningModule):
     def attach(self, backbone: nn.Module) -> nn.Module:
         """Add the method's trainable parameters to the frozen ``backbone`` and return the model to train."""
         raise NotImplementedError(f"{type(self).__name__} must implement attach(backbone)")
+
+    # ------------------------------------------------------------------ capabilities (see the module docstring)
+    @classmethod
+    def can_merge(cls) -> bool:
+        """Whether the method's update folds into the backbone's weights (it overrides :meth:`merged_model`)."""
+        return cls.merged_model is not PeftModule.merged_model
+
+    def merged_model(self, dtype: str = "float32") -> nn.Module:
+        """A plain transformers model with the trained update folded into its weights (``self`` unchanged).
+        Refused by default: prompt/prefix methods add inputs and adapters add layers, nothing folds in."""
+        raise PeftLabError(
+            f"{type(self).__name__} cannot be merged into the backbone: only methods that learn a weight update "
+            f"({', '.join(sorted(n for n, c in METHODS.items() if c.can_merge()))}) merge. Prompt/prefix tuning "
+            "add inputs and adapters add layers; deploy them with the exported adapter instead."
+        )
+
+    def quantized_weights(self) -> dict[int, int]:
+        """``{id(parameter): bytes stored}`` for the frozen parameters the backbone keeps quantized (QLoRA's 4-bit
+        linear weights); also answers on the meta device, where nothing is actually quantized. Default: none."""
+        return {}
+
+    def export(self, directory: Path) -> str:
+        """Write the trained parameters into ``directory`` (an empty temporary directory that
+        :func:`peftlab.export.export_adapter` renames into place); return the format name for the model card.
+
+        Default: ``adapter_model.safetensors`` with the trainable parameters and an ``adapter_config.json`` with
+        ``"format": "peftlab"``, which :func:`peftlab.api.load_run` reads. peft-backed methods write peft's own
+        format instead (``PeftModel.from_pretrained`` loads it)."""
+        import json
+
+        from safetensors.torch import save_file
+
+        from peftlab.export import method_path, trainable_state
+
+        save_file(trainable_state(self), str(Path(directory) / "adapter_model.safetensors"))
+        (Path(directory) / "adapter_config.json").write_text(json.dumps(
+            {"format": "peftlab", "method": method_path(self), "base_model_name_or_path": self.hparams.backbone,
+             "task": self.task}, indent=2))
+        return "peftlab"
+
+    @classmethod
+    def preset_path(cls) -> Path | None:
+        """The preset config file: ``preset``, else ``configs/methods/<name>.yaml`` if it exists."""
+        if cls.preset:
+            return Path(cls.preset)
+        path = PRESETS_DIR / f"{cls.name}.yaml"
+        return path if cls.name and path.is_file() else None
+
+    @classmethod
+    def preset_args(cls) -> dict[str, Any]:
+        """``init_args`` of the preset config (empty without one), minus the backbone it was written for."""
+        import yaml
+
+        path = cls.preset_path()
+        if path is None:
+            return {}
+        try:
+            model = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model") or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise PeftLabError(f"preset config {path} of method {cls.name!r} cannot be read: {err}") from err
+        args = dict(model.get("init_args") or {})
+        args.pop("backbone", None)
+        return args
 
     # ------------------------------------------------------------------ training
     def forward(self, **batch):

@@ -2,11 +2,17 @@
 
 from torch import nn
 
-from peftlab.methods.base import PeftModule
+from peftlab.methods.base import PRESETS_DIR, PeftModule
 
 
 class FullFineTuning(PeftModule):
     """Train every backbone parameter (nothing frozen). Use a smaller learning rate than for adapters (e.g. 2e-5)."""
+
+    name = "full"
+    preset = str(PRESETS_DIR.parent / "full_finetune.yaml")
+    trainable_dtype = "precision"
+    advice = ("a higher learning rate (5e-5) or more epochs", "a lower learning rate; weight decay; fewer epochs; "
+              "or a PEFT method, which has far fewer parameters to overfit with")
 
     def attach(self, backbone: nn.Module) -> nn.Module:
         backbone.requires_grad_(True)

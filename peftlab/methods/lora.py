@@ -13,6 +13,8 @@ from peftlab.methods.peft_backed import PEFT_TASK, PeftBackedMethod
 class LoRA(PeftBackedMethod):
     """Low-rank adapters on the chosen linear layers (peft's ``LoraConfig``).
 
+    Merges into the backbone (``peftlab merge``) and composes exactly with other LoRAs (``peftlab compose``).
+
     Args:
         r: rank of the update matrices.
         alpha: scaling numerator; the update is scaled by ``alpha / r``.
@@ -24,6 +26,11 @@ class LoRA(PeftBackedMethod):
             classification head (``classifier`` / ``score``) for classification.
         **kwargs: the :class:`PeftModule` arguments (backbone, learning rate, ...).
     """
+
+    name = "lora"
+    composable = True
+    advice = ("increase the rank to 16 or 32; add target modules (K, O, then the FFN)",
+              "decrease the rank to 4; add dropout (0.1); train fewer epochs")
 
     def __init__(
         self,
@@ -41,15 +48,34 @@ class LoRA(PeftBackedMethod):
             raise PeftLabError(f"model.alpha must be > 0 (got {alpha}); the usual choice is 2 * r")
         if not 0.0 <= dropout < 1.0:
             raise PeftLabError(f"model.dropout must be in [0, 1) (got {dropout})")
-        self.lora_settings = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, bias=bias,
-                                  target_modules=target_modules, modules_to_save=modules_to_save)
         super().__init__(**kwargs)
+
+    def lora_config_args(self) -> dict:
+        """The ``peft.LoraConfig`` arguments of this method's settings (QLoRA and LoRA + prompt reuse them)."""
+        h = self.hparams
+        return dict(r=h.r, lora_alpha=h.alpha, lora_dropout=h.dropout, bias=h.bias,
+                    target_modules=h.target_modules, modules_to_save=h.modules_to_save)
 
     def peft_config(self, backbone: nn.Module):
         from peft import LoraConfig
 
-        check_target_modules(backbone, self.lora_settings["target_modules"])
-        return LoraConfig(task_type=PEFT_TASK[self.task], **self.lora_settings)
+        check_target_modules(backbone, self.hparams.target_modules)
+        return LoraConfig(task_type=PEFT_TASK[self.task], **self.lora_config_args())
+
+    def lora_model(self):
+        """The ``peft.PeftModel`` holding the LoRA layers (LoRA + prompt wraps it)."""
+        self._require_built("merging")
+        return self.model
+
+    def merged_model(self, dtype: str = "float32") -> nn.Module:
+        """``W + (alpha / r) B A`` folded into every adapted layer of a copy of the model (peft's merge_and_unload)."""
+        import copy
+
+        from peftlab.merge import DTYPES
+
+        if dtype not in DTYPES:
+            raise PeftLabError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        return copy.deepcopy(self.lora_model()).merge_and_unload().to(DTYPES[dtype]).eval()
 
 
 def check_target_modules(model: nn.Module, targets: list[str] | str) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from peftlab.errors import PeftLabError
+from peftlab.methods.base import PeftModule
 from peftlab.methods.lora import LoRA
 from peftlab.methods.p_tuning_v2 import InputTokensModel, starts_with_cls
 from peftlab.methods.prompt_tuning import check_virtual_tokens
@@ -33,6 +34,12 @@ class LoRAPromptTuning(LoRA):
         **kwargs: the :class:`LoRA` and :class:`PeftModule` arguments.
     """
 
+    name = "lora_prompt"
+    composable = False  # the soft prompt is not a weight update
+    # not mergeable yet: folding the LoRA part in would still need the prompt at inference
+    merged_model = PeftModule.merged_model
+    export = PeftModule.export  # peftlab's format: plain peft has no LoRA + prompt model
+
     def __init__(
         self,
         num_virtual_tokens: int = 20,
@@ -44,32 +51,31 @@ class LoRAPromptTuning(LoRA):
         check_virtual_tokens(num_virtual_tokens)
         if prompt_learning_rate is not None and prompt_learning_rate <= 0:
             raise PeftLabError(f"model.prompt_learning_rate must be > 0 (got {prompt_learning_rate})")
-        self.prompt_settings = dict(num_virtual_tokens=num_virtual_tokens, init=prompt_init,
-                                    init_text=prompt_init_text, lr=prompt_learning_rate)
         super().__init__(**kwargs)
 
     def attach(self, backbone: nn.Module) -> nn.Module:
         words = backbone.get_input_embeddings().weight
-        prompt = nn.Embedding(self.prompt_settings["num_virtual_tokens"], words.shape[1])
+        prompt = nn.Embedding(self.hparams.num_virtual_tokens, words.shape[1])
         prompt.to(device=words.device, dtype=words.dtype)
         with torch.no_grad():
             prompt.weight.copy_(words[self._init_token_ids(words.shape[0])])
         return InputTokensModel(super().attach(backbone), prompt, self.task, after_first=starts_with_cls(self))
 
     def _init_token_ids(self, vocab_size: int) -> list[int]:
-        n, s = self.prompt_settings["num_virtual_tokens"], self.prompt_settings
-        if s["init"] == "text" and self.tokenizer is not None:
-            ids = self.tokenizer(s["init_text"], add_special_tokens=False)["input_ids"]
+        h = self.hparams
+        n = h.num_virtual_tokens
+        if h.prompt_init == "text" and self.tokenizer is not None:
+            ids = self.tokenizer(h.prompt_init_text, add_special_tokens=False)["input_ids"]
             if not ids:
                 raise PeftLabError("model.prompt_init_text tokenizes to nothing; give a text or use prompt_init: vocab")
             return (ids * (n // len(ids) + 1))[:n]
         generator = torch.Generator().manual_seed(0)
-        return torch.randint(0, vocab_size, (n,), generator=generator).tolist()
+        return torch.randint(0, vocab_size, (n,), generator=generator, device="cpu").tolist()
 
     def optimizer_groups(self) -> list[dict]:
         prompt = [self.model.prompt.weight]
         rest = [p for p in self.parameters() if p.requires_grad and p is not self.model.prompt.weight]
-        lr = self.prompt_settings["lr"]
+        lr = self.hparams.prompt_learning_rate
         return [{"params": rest}, {"params": prompt, **({"lr": lr} if lr else {})}]
 
     def trainable_parts(self) -> dict[str, int]:

@@ -27,6 +27,10 @@ class PTuning(PeftBackedMethod):
         **kwargs: the :class:`PeftModule` arguments.
     """
 
+    name = "p_tuning"
+    advice = ("more virtual tokens (50-100) or a larger encoder_hidden_size; or graduate to LoRA",
+              "fewer virtual tokens; encoder_dropout 0.1; train fewer epochs")
+
     def __init__(
         self,
         num_virtual_tokens: int = 20,
@@ -39,11 +43,6 @@ class PTuning(PeftBackedMethod):
         check_virtual_tokens(num_virtual_tokens)
         if encoder_hidden_size < 1 or encoder_num_layers < 1:
             raise PeftLabError("model.encoder_hidden_size and model.encoder_num_layers must be >= 1")
-        self.encoder_settings = dict(
-            num_virtual_tokens=num_virtual_tokens, encoder_reparameterization_type=encoder.upper(),
-            encoder_hidden_size=encoder_hidden_size, encoder_num_layers=encoder_num_layers,
-            encoder_dropout=encoder_dropout,
-        )
         super().__init__(**kwargs)
 
     def peft_config(self, backbone: nn.Module):
@@ -53,4 +52,8 @@ class PTuning(PeftBackedMethod):
 
         with warnings.catch_warnings():  # peft warns that the MLP ignores encoder_num_layers: documented above
             warnings.simplefilter("ignore")
-            return PromptEncoderConfig(task_type=PEFT_TASK[self.task], **self.encoder_settings)
+            h = self.hparams
+            return PromptEncoderConfig(task_type=PEFT_TASK[self.task], num_virtual_tokens=h.num_virtual_tokens,
+                                       encoder_reparameterization_type=h.encoder.upper(),
+                                       encoder_hidden_size=h.encoder_hidden_size,
+                                       encoder_num_layers=h.encoder_num_layers, encoder_dropout=h.encoder_dropout)

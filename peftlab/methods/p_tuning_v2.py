@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from peftlab.errors import PeftLabError
+from peftlab.methods.base import PeftModule
 from peftlab.methods.peft_backed import PEFT_TASK, PeftBackedMethod
 from peftlab.methods.prompt_tuning import check_virtual_tokens
 
@@ -86,9 +87,8 @@ class InputTokensModel(nn.Module):
             return torch.cat([x[:, :k], middle, x[:, k:]], dim=1)
 
         out = {"inputs_embeds": insert(embeds, prompt)}
-        if attention_mask is None:
-            attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
-        out["attention_mask"] = insert(attention_mask, attention_mask.new_ones(batch, n))
+        if attention_mask is not None:  # none: every position is attended, the virtual tokens too
+            out["attention_mask"] = insert(attention_mask, attention_mask.new_ones(batch, n))
         if token_type_ids is not None:
             out["token_type_ids"] = insert(token_type_ids, token_type_ids.new_zeros(batch, n))
         if labels is not None:
@@ -153,6 +153,10 @@ class PTuningV2(PeftBackedMethod):
         **kwargs: the :class:`PeftModule` arguments.
     """
 
+    name = "p_tuning_v2"
+    advice = ("more virtual tokens (e.g. 64-128) or a larger prefix_hidden_size; or move to LoRA",
+              "fewer virtual tokens (10); train fewer epochs; stop early on validation loss")
+
     def __init__(
         self,
         num_virtual_tokens: int = 20,
@@ -170,34 +174,37 @@ class PTuningV2(PeftBackedMethod):
             )
         if prefix_hidden_size < 1:
             raise PeftLabError(f"model.prefix_hidden_size must be >= 1 (got {prefix_hidden_size})")
-        self.v2_settings = dict(num_virtual_tokens=num_virtual_tokens, prefix_hidden_size=prefix_hidden_size,
-                                input_tokens=input_tokens, prefix_projection=prefix_projection, init=init)
         super().__init__(**kwargs)
 
     def peft_config(self, backbone: nn.Module):
         from peft import PrefixTuningConfig
 
-        s = self.v2_settings
-        return PrefixTuningConfig(task_type=PEFT_TASK[self.task], num_virtual_tokens=s["num_virtual_tokens"],
-                                  prefix_projection=s["prefix_projection"],
-                                  encoder_hidden_size=s["prefix_hidden_size"])
+        h = self.hparams
+        return PrefixTuningConfig(task_type=PEFT_TASK[self.task], num_virtual_tokens=h.num_virtual_tokens,
+                                  prefix_projection=h.prefix_projection, encoder_hidden_size=h.prefix_hidden_size)
 
     def attach(self, backbone: nn.Module) -> nn.Module:
         peft_model = super().attach(backbone)
-        s = self.v2_settings
-        if not s["input_tokens"]:
+        h = self.hparams
+        if not h.input_tokens:
             return peft_model
         cfg = peft_model.peft_config["default"]
         hidden = backbone.get_input_embeddings().embedding_dim
-        encoder = SharedPromptEncoder(s["num_virtual_tokens"], hidden, s["prefix_hidden_size"],
+        encoder = SharedPromptEncoder(h.num_virtual_tokens, hidden, h.prefix_hidden_size,
                                       cfg.num_layers * 2 * cfg.token_dim)
-        if s["init"] == "zero":
+        if h.init == "zero":
             last = encoder.transform[-1]
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
         old = peft_model.prompt_encoder["default"]
         peft_model.prompt_encoder["default"] = encoder.to(old.embedding.weight.device)
         return InputTokensModel(peft_model, encoder.embedding, self.task, after_first=starts_with_cls(self))
+
+    def export(self, directory) -> str:
+        """With input tokens: peftlab's format (peft has no such method); without, peft's prefix-tuning adapter."""
+        if self.hparams.input_tokens:
+            return PeftModule.export(self, directory)
+        return super().export(directory)
 
     def trainable_parts(self) -> dict[str, int]:
         """Trainable parameters of each part: input/prefix embedding E, prefix MLP, classification head."""

@@ -12,8 +12,8 @@ PEFT_TASK = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "
 class PeftBackedMethod(PeftModule):
     """A method expressed as a peft config: subclasses implement :meth:`peft_config`.
 
-    The trained model is a ``peft.PeftModel``, so ``self.model.save_pretrained(dir)`` writes an adapter
-    that plain ``peft.PeftModel.from_pretrained(base, dir)`` loads.
+    The trained model is a ``peft.PeftModel``, and :meth:`export` writes peft's own adapter format, which
+    plain ``peft.PeftModel.from_pretrained(base, dir)`` loads.
     """
 
     train_head = False  # peft adds the classification head to modules_to_save itself
@@ -31,3 +31,8 @@ class PeftBackedMethod(PeftModule):
         if peft_model.active_peft_config.is_prompt_learning:
             bridge_cache_argument(peft_model)  # transformers >= 5.24 with peft <= 0.21.2, see peftlab.compat
         return peft_model
+
+    def export(self, directory) -> str:
+        """peft's ``adapter_config.json`` + ``adapter_model.safetensors`` (``PeftModel.from_pretrained`` loads it)."""
+        self.model.save_pretrained(directory)
+        return "peft"

@@ -34,6 +34,9 @@ class PrefixTuning(PeftBackedMethod):
         **kwargs: the :class:`PeftModule` arguments.
     """
 
+    name = "prefix_tuning"
+    advice = ("more virtual tokens; prefix_projection: true", "fewer virtual tokens; fewer epochs")
+
     def __init__(
         self,
         num_virtual_tokens: int = 20,
@@ -45,12 +48,12 @@ class PrefixTuning(PeftBackedMethod):
         check_virtual_tokens(num_virtual_tokens)
         if prefix_hidden_size < 1:
             raise PeftLabError(f"model.prefix_hidden_size must be >= 1 (got {prefix_hidden_size})")
-        self.prefix_settings = dict(num_virtual_tokens=num_virtual_tokens, prefix_projection=prefix_projection,
-                                    encoder_hidden_size=prefix_hidden_size,
-                                    init_weights="zero" if init == "zero" else None)
         super().__init__(**kwargs)
 
     def peft_config(self, backbone: nn.Module):
         from peft import PrefixTuningConfig
 
-        return PrefixTuningConfig(task_type=PEFT_TASK[self.task], **self.prefix_settings)
+        h = self.hparams
+        return PrefixTuningConfig(task_type=PEFT_TASK[self.task], num_virtual_tokens=h.num_virtual_tokens,
+                                  prefix_projection=h.prefix_projection, encoder_hidden_size=h.prefix_hidden_size,
+                                  init_weights="zero" if h.init == "zero" else None)

@@ -31,6 +31,10 @@ class PromptTuning(PeftBackedMethod):
         **kwargs: the :class:`PeftModule` arguments.
     """
 
+    name = "prompt_tuning"
+    advice = ("more virtual tokens (50-100); init: text from a task description; or graduate to LoRA",
+              "fewer virtual tokens; train fewer epochs; stop early on validation loss")
+
     def __init__(
         self,
         num_virtual_tokens: int = 20,
@@ -41,15 +45,14 @@ class PromptTuning(PeftBackedMethod):
         check_virtual_tokens(num_virtual_tokens)
         if init == "text" and not init_text.strip():
             raise PeftLabError("model.init_text is empty; give a text or use init: random")
-        self.prompt_settings = dict(num_virtual_tokens=num_virtual_tokens, init=init, init_text=init_text)
         super().__init__(**kwargs)
 
     def peft_config(self, backbone: nn.Module):
         from peft import PromptTuningConfig
 
-        s = self.prompt_settings
+        h = self.hparams
         extra = {}
-        if s["init"] == "text" and not building_on_meta():  # counting on meta: same shape, no tokenizer
-            extra = dict(prompt_tuning_init="TEXT", prompt_tuning_init_text=s["init_text"],
-                         tokenizer_name_or_path=resolve_model(self.hparams.backbone))
-        return PromptTuningConfig(task_type=PEFT_TASK[self.task], num_virtual_tokens=s["num_virtual_tokens"], **extra)
+        if h.init == "text" and not building_on_meta():  # counting on meta: same shape, no tokenizer
+            extra = dict(prompt_tuning_init="TEXT", prompt_tuning_init_text=h.init_text,
+                         tokenizer_name_or_path=resolve_model(h.backbone))
+        return PromptTuningConfig(task_type=PEFT_TASK[self.task], num_virtual_tokens=h.num_virtual_tokens, **extra)

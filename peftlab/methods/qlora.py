@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Literal
 
@@ -45,6 +46,8 @@ class QLoRA(LoRA):
         **kwargs: the :class:`LoRA` arguments (r, alpha, target_modules, ...) and :class:`PeftModule` ones.
     """
 
+    name = "qlora"
+
     def __init__(
         self,
         quant_type: Literal["nf4", "fp4"] = "nf4",
@@ -55,14 +58,12 @@ class QLoRA(LoRA):
         optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "paged_adamw_32bit",
         **kwargs,
     ):
-        self.quant_settings = dict(quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
-                                   gradient_checkpointing=gradient_checkpointing, quant_storage=quant_storage)
         super().__init__(optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, **kwargs)
 
     def quantization_config(self):
         from transformers import BitsAndBytesConfig
 
-        s = self.quant_settings
+        s = self.hparams
         extra = {}
         if self.task == "classification":
             # the new head is trained in full (peft copies it into modules_to_save): keep it unquantized
@@ -95,11 +96,84 @@ class QLoRA(LoRA):
                     f"QLoRA on CPU needs linear layers with >= 64 input features; {small[0]} has "
                     f"{model.get_submodule(small[0]).in_features}. Use LoRA for so small a model, or a GPU."
                 )
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=self.quant_settings["gradient_checkpointing"]
-        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=h.gradient_checkpointing)
         release_checkpoint_mapping(model)
         return model
+
+
+    def merged_model(self, dtype: str = "float32") -> nn.Module:
+        """Merging into 4-bit weights would requantize ``W + dW`` and lose the update's precision: the backbone is
+        rebuilt in full precision, every 4-bit layer set to dequant(W) (+ its LoRA update), and the result cast to
+        ``dtype``. Not bit-equal to the 4-bit model that was trained (``peftlab merge`` reports the difference)."""
+        import bitsandbytes as bnb
+        from peft.utils.integrations import dequantize_bnb_weight
+
+        from peftlab.merge import DTYPES
+
+        if dtype not in DTYPES:
+            raise PeftLabError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        h = self.hparams
+        plain = load_backbone(h.backbone, self.task, num_labels=self.num_labels, dtype="float32",
+                              trust_remote_code=h.trust_remote_code, revision=h.revision)
+        peft_model = self.lora_model()
+        prefix = "base_model.model."
+        with torch.no_grad():
+            for name, layer in peft_model.named_modules():
+                if not isinstance(layer, bnb.nn.Linear4bit):
+                    continue
+                target = name.removeprefix(prefix).removesuffix(".base_layer")
+                weight = dequantize_bnb_weight(layer.weight, state=layer.weight.quant_state).float()
+                if name.endswith(".base_layer"):
+                    lora = peft_model.get_submodule(name.removesuffix(".base_layer"))
+                    for adapter in lora.active_adapters:
+                        weight = weight + lora.get_delta_weight(adapter).float()
+                dest = plain.get_submodule(target)
+                dest.weight.copy_(weight.to(dest.weight.dtype))
+                if layer.bias is not None:
+                    dest.bias.copy_(layer.bias.to(dest.bias.dtype))
+            # trained full copies (peft's modules_to_save, e.g. the classification head)
+            for name, param in peft_model.named_parameters():
+                if param.requires_grad and ".modules_to_save.default." in name:
+                    target = name.removeprefix(prefix).replace(".modules_to_save.default.", ".")
+                    plain.get_parameter(target).copy_(param)
+        return plain.to(DTYPES[dtype]).eval()
+
+    def quantized_weights(self) -> dict[int, int]:
+        """The frozen linear weights bitsandbytes stores in 4 bits (all but the skipped modules: the classification
+        head, the output embedding / tied weights, ``_keep_in_fp32_modules``), each with its bytes: packed values +
+        absmax (+ double quantization's nested constants). Decided from the module names, as transformers does, so
+        it answers on the meta device too."""
+        from transformers.pytorch_utils import Conv1D
+        from transformers.quantizers.base import get_keys_to_not_convert
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        self._require_built("the quantized weights")
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        skip = list(HEAD_NAMES) if self.task == "classification" else get_keys_to_not_convert(base)
+        skip += list(getattr(base, "_keep_in_fp32_modules", None) or [])
+        out = {}
+        for name, sub in base.named_modules():
+            weight = getattr(sub, "weight", None)
+            linear = type(sub) is nn.Linear or isinstance(sub, Conv1D) or type(sub).__name__ == "Linear4bit"
+            if linear and weight is not None and not weight.requires_grad:
+                clean = name.replace(".base_layer", "").replace(".original_module", "")
+                if should_convert_module(clean, skip):
+                    n = math.prod(weight.quant_state.shape) if getattr(weight, "quant_state", None) else weight.numel()
+                    out[id(weight)] = nf4_bytes(n, self.hparams.double_quant)
+        return out
+
+
+#: bitsandbytes' 4-bit block sizes: values per absmax, absmax values per nested (double-quantization) absmax
+BNB_4BIT_BLOCK, BNB_NESTED_BLOCK = 64, 256
+
+
+def nf4_bytes(n: int, double_quant: bool) -> int:
+    """Bytes of one 4-bit bitsandbytes weight of ``n`` elements: packed values + absmax (+ nested absmax)."""
+    blocks = math.ceil(n / BNB_4BIT_BLOCK)
+    code = 4 * 16  # the 16-entry fp32 NF4/FP4 code book
+    if double_quant:  # absmax as uint8 in blocks of 256, each with an fp32 absmax; 256-entry code; fp32 offset
+        return math.ceil(n / 2) + code + blocks + 4 * math.ceil(blocks / BNB_NESTED_BLOCK) + 4 * 256 + 4
+    return math.ceil(n / 2) + code + 4 * blocks
 
 
 def release_checkpoint_mapping(model: nn.Module) -> None:
