@@ -73,7 +73,7 @@ def help_time(repeats: int, importtime: bool = True, args: tuple[str, ...] = ("-
         start = time.perf_counter()
         subprocess.run([sys.executable, "-c", "pass"], env=_env(), check=True)
         baseline.append(time.perf_counter() - start)
-    return {"seconds": summary(times), "python_startup_seconds": summary(baseline), 
+    return {"seconds": summary(times), "python_startup_seconds": summary(baseline),
             "imports_ms": import_times(args) if importtime else None}
 
 

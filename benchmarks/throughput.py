@@ -349,9 +349,10 @@ def bench_throughput(smoke: bool) -> dict:
         module = peftlab_module(setting)
         hand = reference_model(setting, lora_config(setting))
         hf = reference_model(setting, lora_config(setting))
-        variants = {"peftlab": lambda w, n: run_peftlab(module, dm, w, n),
-                    "hand": lambda w, n: run_hand(hand, dm, setting["lr"], w, n),
-                    "hf_trainer": lambda w, n: run_hf_trainer(hf, dm, setting["lr"], w, n)}
+        lr = setting["lr"]
+        variants = {"peftlab": lambda w, n, m=module, d=dm: run_peftlab(m, d, w, n),
+                    "hand": lambda w, n, m=hand, d=dm, r=lr: run_hand(m, d, r, w, n),
+                    "hf_trainer": lambda w, n, m=hf, d=dm, r=lr: run_hf_trainer(m, d, r, w, n)}
         runs = interleave(variants, b["repeats"], name, b, smoke)
         results[name] = {"budget": b, "batch_size": dm.batch_size, "max_length": dm.max_length,
                          "trainable": module.trainable_count, **summarize(runs, ["hand", "hf_trainer"])}
@@ -393,8 +394,9 @@ def bench_methods(smoke: bool) -> dict:
         module = peftlab_module(setting, cls, **kwargs)
         hand = method_reference(setting, name)
         hand_trainable = sum(p.numel() for p in hand.parameters() if p.requires_grad)
-        runs = interleave({"peftlab": lambda w, n: run_peftlab(module, dm, w, n),
-                           "hand": lambda w, n: run_hand(hand, dm, setting["lr"], w, n)}, b["repeats"], name, b, smoke)
+        runs = interleave({"peftlab": lambda w, n, m=module: run_peftlab(m, dm, w, n),
+                           "hand": lambda w, n, m=hand: run_hand(m, dm, setting["lr"], w, n)},
+                          b["repeats"], name, b, smoke)
         results[name] = {"budget": b, "batch_size": dm.batch_size, "max_length": dm.max_length,
                          "trainable": {"peftlab": module.trainable_count, "hand": hand_trainable},
                          **summarize(runs, ["hand"])}

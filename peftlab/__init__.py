@@ -20,6 +20,12 @@ _LAZY = {
     "PTuningV2": "peftlab.methods",
     "BottleneckAdapter": "peftlab.methods",
     "LoRAPromptTuning": "peftlab.methods",
+    "DoRA": "peftlab.methods",
+    "RSLoRA": "peftlab.methods",
+    "PiSSA": "peftlab.methods",
+    "LoRAPlus": "peftlab.methods",
+    "AdaLoRA": "peftlab.methods",
+    "Stack": "peftlab.methods",
     "PeftDataModule": "peftlab.data",
     "PeftLabError": "peftlab.errors",
 }

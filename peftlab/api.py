@@ -93,8 +93,11 @@ def load_weights(module, directory) -> None:
             f"missing {missing[:3]}); was it trained on another backbone or with other settings?"
         )
     result = set_peft_model_state_dict(module.model, weights)
-    if getattr(result, "unexpected_keys", None):
-        raise PeftLabError(f"adapter {directory} has weights this model does not: {result.unexpected_keys[:3]}")
+    # prompt learning: peft loads `prompt_embeddings` into the prompt encoder itself, then reports the key as
+    # unexpected when it loads the rest into the model
+    unexpected = [k for k in getattr(result, "unexpected_keys", None) or [] if k != "prompt_embeddings"]
+    if unexpected:
+        raise PeftLabError(f"adapter {directory} has weights this model does not: {unexpected[:3]}")
 
 
 def _peft_config_fields(config: dict) -> set[str]:

@@ -1,7 +1,8 @@
 """Weighted composition of several trained LoRA adapters on one backbone.
 
-``exact`` (default) gives every adapted layer the update ``sum_i w_i * (alpha_i / r_i) * B_i A_i``,
-whatever the ranks: peft's ``cat`` combination stacks the factors, ``A = [A_1; A_2; ...]`` and
+``exact`` (default) gives every adapted layer the update ``sum_i w_i * s_i * B_i A_i`` (``s_i = alpha_i / r_i``,
+or ``alpha_i / sqrt(r_i)`` for an rsLoRA adapter), whatever the ranks and scalings: peft's ``cat`` combination
+stacks the factors, ``A = [A_1; A_2; ...]`` and
 ``B = [w_1 s_1 B_1, w_2 s_2 B_2, ...]``, so ``B A`` is the weighted sum with no cross terms (rank
 ``sum r_i``). peft's other modes are offered as they are, and are approximations of that sum:
 
@@ -10,8 +11,9 @@ whatever the ranks: peft's ``cat`` combination stacks the factors, ``A = [A_1; A
 * ``svd`` computes the exact sum and truncates it to a rank (lossy when the sum has a higher rank);
 * ``ties``, ``dare_linear``, ``dare_ties`` prune and rescale entries (``density``) before mixing.
 
-Only LoRA adapters trained on the same backbone with the same target modules are composed; generative
-tasks only (one classification head per adapter cannot be summed meaningfully).
+Only LoRA / rsLoRA adapters trained on the same backbone with the same target modules are composed (DoRA and
+AdaLoRA adapters are refused: their update is not a weighted sum of deltas); generative tasks only (one
+classification head per adapter cannot be summed meaningfully).
 """
 
 from __future__ import annotations
@@ -36,8 +38,17 @@ def check_compatible(directories: list[str], weights: list[float]) -> list[dict]
         raise PeftLabError(f"{len(directories)} adapters but {len(weights)} weights; give one weight per adapter")
     configs = [read_adapter_config(d) for d in directories]
     for d, c in zip(directories, configs):
+        if c.get("peft_type") == "ADALORA":
+            raise PeftLabError(f"{d} is an AdaLoRA adapter: its update P diag(E) Q (with masked ranks) is not composed "
+                               "by peft's weighted sum; only LoRA and rsLoRA adapters compose")
         if c.get("peft_type") != "LORA":
             raise PeftLabError(f"{d} is not a LoRA adapter ({c.get('peft_type') or c.get('method')}); only LoRA composes")
+        if c.get("use_dora"):
+            raise PeftLabError(f"{d} is a DoRA adapter: its update m * (W + dW) / ||W + dW|| is not a weighted sum of "
+                               "deltas; only LoRA and rsLoRA adapters compose")
+        if str(c.get("init_lora_weights")).startswith(("pissa", "olora", "corda", "lora_ga")):
+            raise PeftLabError(f"{d} is a {c['init_lora_weights']} adapter saved against its residual backbone; export "
+                               "it with peftlab (a plain LoRA on the original backbone), then compose")
         if c.get("task_type") == "SEQ_CLS":
             raise PeftLabError(f"{d} is a classification adapter: its trained heads cannot be summed; "
                                "compose adapters of generative tasks")
@@ -62,6 +73,10 @@ def compose(peft_model, directories: list[str], weights: list[float], mode: Mode
     if mode not in PEFT_MODE:
         raise PeftLabError(f"unknown composition mode {mode!r}; choose one of {', '.join(PEFT_MODE)}")
     configs = check_compatible(directories, weights)
+    own = getattr(peft_model, "peft_config", {}).get("default")
+    if own is not None and str(getattr(own, "init_lora_weights", "")).startswith(("pissa", "olora")):
+        raise PeftLabError(f"cannot compose onto a {own.init_lora_weights} model: its backbone holds the residual "
+                           "W - s B0 A0, not the weights the adapters were trained on; compose on a LoRA model")
     if mode == "linear" and len({c["r"] for c in configs}) > 1:
         raise PeftLabError("mode 'linear' needs adapters of equal rank; use mode 'exact'")
     names = []
@@ -80,45 +95,64 @@ def compose(peft_model, directories: list[str], weights: list[float], mode: Mode
         extra["svd_rank"] = svd_rank or max(c["r"] for c in configs)
     peft_model.add_weighted_adapter(names, [float(w) for w in weights], COMPOSED,
                                     combination_type=PEFT_MODE[mode], **extra)
+    # every mode folds each adapter's own scaling (alpha_i / r_i, or alpha_i / sqrt(r_i) for rsLoRA) into the new
+    # factors and gives the result alpha = r, i.e. scaling 1; but peft (0.21.2) copies the first adapter's
+    # use_rslora, which turns that 1 into sqrt(r) when the first adapter is an rsLoRA: make it 1, in the layers and
+    # in the config that is saved
+    config = peft_model.peft_config[COMPOSED]
+    if config.use_rslora:
+        config.use_rslora = False
+        for module in peft_model.modules():
+            if isinstance(getattr(module, "scaling", None), dict) and COMPOSED in module.scaling:  # LoRA layers
+                module.scaling[COMPOSED] = config.lora_alpha / config.r
+                module.use_rslora[COMPOSED] = False
     peft_model.set_adapter(COMPOSED)
     return COMPOSED
 
 
-def main(argv: list[str]) -> None:
-    """``peftlab compose A B [C ...] --weights wA wB ... --output DIR [--mode exact] [--merge]``."""
-    import argparse
+def compose_command(adapters: list[str], /, *, weights: list[float], output: str, mode: Mode = "exact",
+                    density: float = 0.5, merge: bool = False) -> dict:
+    """Combine trained LoRA adapters by weighted sum into one adapter (or a merged model).
+
+    The adapters (exported by peftlab, or by peft with a peftlab_meta.json next to them) must be LoRAs of a
+    generative task trained on the same backbone with the same target modules. ``exact`` gives every adapted
+    layer the update sum_i w_i * (alpha_i / r_i) * B_i A_i; the other modes are peft's approximations.
+
+    Args:
+        adapters: adapter directories (e.g. runs/NAME/version_N/adapter/best), at least two
+        weights: one weight per adapter, in the same order
+        output: directory to write the composed adapter (or with --merge the merged model) to
+        mode: exact (the weighted sum), linear (equal ranks), svd, ties, dare_linear or dare_ties
+        density: ties/dare modes: fraction of entries kept
+        merge: save a merged plain transformers model instead of an adapter
+
+    Examples:
+        peftlab compose A/adapter/best B/adapter/best --weights 0.7 0.3 --output AB/
+        peftlab compose A/adapter/best B/adapter/best --weights 0.5 0.5 --output AB-merged/ --merge
+    """
     import json
 
     from peftlab.api import build_module
     from peftlab.merge import merge_to_directory, probe_batch
 
-    parser = argparse.ArgumentParser(prog="peftlab compose", description=(
-        "Combine trained LoRA adapters (exported by peftlab or peft) with weights w_i into one adapter, "
-        "or into a merged model with --merge."))
-    parser.add_argument("adapters", nargs="+", help="adapter directories (e.g. runs/NAME/version_N/adapter/best)")
-    parser.add_argument("--weights", nargs="+", type=float, required=True)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--mode", default="exact", choices=sorted(PEFT_MODE))
-    parser.add_argument("--density", type=float, default=0.5, help="ties/dare modes: fraction of entries kept")
-    parser.add_argument("--merge", action="store_true", help="save a merged plain transformers model instead")
-    args = parser.parse_args(argv)
-    check_compatible(args.adapters, args.weights)
-    meta_path = Path(args.adapters[0]) / "peftlab_meta.json"
+    check_compatible(adapters, weights)
+    meta_path = Path(adapters[0]) / "peftlab_meta.json"
     if not meta_path.is_file():
-        raise PeftLabError(f"{args.adapters[0]} has no peftlab_meta.json (not exported by peftlab); "
+        raise PeftLabError(f"{adapters[0]} has no peftlab_meta.json (not exported by peftlab); "
                            "compose needs it to rebuild the backbone")
     module = build_module(json.loads(meta_path.read_text(encoding="utf-8")))
-    compose(module.model, args.adapters, args.weights, args.mode, args.density)
-    if args.merge:
-        report = merge_to_directory(module, args.output, probe_batch=probe_batch(module))
+    compose(module.model, adapters, weights, mode, density)
+    if merge:
+        report = merge_to_directory(module, output, probe_batch=probe_batch(module))
     else:
-        with atomic_directory(args.output) as tmp:
+        with atomic_directory(output) as tmp:
             module.model.save_pretrained(tmp, selected_adapters=[COMPOSED])
             nested = tmp / COMPOSED  # peft writes non-default adapters into a sub-folder
             if nested.is_dir():
                 for f in nested.iterdir():
                     f.rename(tmp / f.name)
                 nested.rmdir()
-        report = {"directory": args.output}
-    report.update({"adapters": args.adapters, "weights": args.weights, "mode": args.mode})
+        report = {"directory": output}
+    report.update({"adapters": list(adapters), "weights": list(weights), "mode": mode})
     print(json.dumps(report, indent=2))
+    return report

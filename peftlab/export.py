@@ -82,9 +82,92 @@ def peftlab_meta(module, label_names: list[str] | None = None) -> dict:
             "trainable": module.trainable_count, "total": module.total_count, "run": run_record()}
 
 
+def is_sharded(module) -> bool:
+    """Whether ``module``'s trainable parameters are sharded across processes (FSDP2 DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters() if p.requires_grad)
+
+
+def full_trainable_state(module) -> dict[str, torch.Tensor]:
+    """Trainable parameters by checkpoint name, as full CPU tensors. Under FSDP2 each is gathered from every
+    rank (``DTensor.full_tensor``): a collective, so every rank calls this; the frozen backbone is never gathered."""
+    from peftlab.methods.base import unwrapped_name
+
+    out = {}
+    for name, param in module.model.named_parameters():
+        if param.requires_grad:
+            value = param.detach()
+            value = value.full_tensor() if hasattr(value, "full_tensor") else value
+            out[unwrapped_name(name)] = value.cpu().contiguous()
+    return out
+
+
+def unsharded_copy(module, state: dict[str, torch.Tensor]):
+    """A copy of ``module`` built on the meta device (no weights read), its trainable parameters set to ``state``:
+    what a sharded module's exporter writes from, so nothing but the trainable parameters is ever gathered."""
+    import warnings
+
+    from peftlab.backbones import meta_backbones
+
+    args = {k: v for k, v in module.hparams.items() if not k.startswith("_")}
+    with warnings.catch_warnings(), meta_backbones():
+        warnings.simplefilter("ignore")
+        copy = type(module)(**args).build()
+    params = dict(copy.model.named_parameters())
+    for name, value in state.items():  # meta parameters are replaced (their data cannot be set to real tensors)
+        owner, _, leaf = name.rpartition(".")
+        parent = copy.model.get_submodule(owner) if owner else copy.model
+        setattr(parent, leaf, torch.nn.Parameter(value.to(params[name].dtype), requires_grad=True))
+    _copy_small_tensors(module.model, copy.model)
+    peft_config = getattr(module.model, "peft_config", None) or getattr(getattr(module.model, "peft_model", None),
+                                                                        "peft_config", None)
+    copy_config = getattr(copy.model, "peft_config", None) or getattr(getattr(copy.model, "peft_model", None),
+                                                                      "peft_config", None)
+    if peft_config and copy_config:  # the real backbone's name, as peft recorded it
+        for name, config in copy_config.items():
+            config.base_model_name_or_path = peft_config[name].base_model_name_or_path
+    copy.trainable_count, copy.total_count = module.trainable_count, module.total_count
+    return copy
+
+
+def _copy_small_tensors(real: torch.nn.Module, copy: torch.nn.Module) -> None:
+    """Give the meta-built ``copy`` the real module's buffers and plain tensor attributes (e.g. peft's
+    ``prompt_tokens``), which an exporter may read: they are small and never sharded."""
+    from torch.distributed.tensor import DTensor
+
+    def real_tensor(value):
+        return isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.device.type != "meta"
+
+    real_modules = dict(real.named_modules())
+    for name, module in copy.named_modules():
+        source = real_modules.get(name)
+        if source is None:
+            continue
+        for key, buffer in list(module.named_buffers(recurse=False)):
+            value = getattr(source, key, None)
+            if buffer is not None and buffer.device.type == "meta" and real_tensor(value):
+                module._buffers[key] = value.detach().cpu().clone()
+        for key, value in list(vars(module).items()):
+            if key.startswith("_"):
+                continue
+            theirs = vars(source).get(key)
+            if isinstance(value, torch.Tensor) and value.device.type == "meta" and real_tensor(theirs):
+                setattr(module, key, theirs.detach().cpu().clone())
+            elif isinstance(value, dict) and isinstance(theirs, dict):
+                for k, v in value.items():
+                    if isinstance(v, torch.Tensor) and v.device.type == "meta" and real_tensor(theirs.get(k)):
+                        value[k] = theirs[k].detach().cpu().clone()
+
+
 def export_adapter(module, directory, *, config_yaml: str | None = None, metrics: dict | None = None,
-                   label_names: list[str] | None = None) -> Path:
-    """Write ``module``'s trained parameters to ``directory`` (atomically); return the directory."""
+                   label_names: list[str] | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``module``'s trained parameters to ``directory`` (atomically); return the directory.
+
+    ``state``: the full trainable parameters of a sharded module (:func:`full_trainable_state`, gathered on every
+    rank); the files are then written from an unsharded copy of the method (:func:`unsharded_copy`)."""
+    if state is not None:
+        module = unsharded_copy(module, state)
     with atomic_directory(directory) as tmp:
         (tmp / "peftlab_meta.json").write_text(json.dumps(peftlab_meta(module, label_names), indent=2))
         fmt = module.export(tmp)  # the method writes its own files (peft's format or peftlab's)

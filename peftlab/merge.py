@@ -12,8 +12,8 @@ output difference on a probe batch. Methods that do not merge refuse: prompt and
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -24,10 +24,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def check_mergeable(module) -> None:
-    """Refuse, in one line, a method whose update does not fold into the weights (its class says so)."""
+    """Refuse, in one line, a method whose update does not fold into the weights (its class says so, or, for a
+    method whose settings decide it, e.g. a stack with bottleneck adapters, its ``merge_refusal()``)."""
     if not type(module).can_merge():
         module.merged_model()  # raises the method's own explanation
         raise PeftLabError(f"{type(module).__name__} cannot be merged into the backbone")
+    reason = module.merge_refusal()
+    if reason:
+        raise PeftLabError(reason)
 
 
 def merged_model(module, dtype: str = "float32"):
@@ -74,24 +78,33 @@ def probe_batch(module, texts: list[str] | None = None) -> dict:
     return dict(batch)
 
 
-def main(argv: list[str]) -> None:
-    """``peftlab merge RUN_OR_ADAPTER_DIR --output DIR [--dtype float32|bfloat16|float16] [--backbone B]``."""
-    import argparse
+def merge_command(run: str, /, *, output: str, dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+                  backbone: str | None = None) -> dict:
+    """Merge a trained LoRA/QLoRA into its backbone: a plain transformers model, no peft needed.
+
+    Folds the trained update into the backbone's weights and saves model + tokenizer (safetensors, atomically)
+    to a directory that ``AutoModel*.from_pretrained`` loads without peft; prints a report with the largest
+    logit difference between the adapter and the merged model on a probe batch. Methods whose update does not
+    fold into the weights (prompt and prefix tuning, adapters) are refused.
+
+    Args:
+        run: run directory (runs/NAME/version_N) or an exported adapter directory
+        output: directory to write the merged model to (replaced atomically if it exists)
+        dtype: dtype of the merged weights
+        backbone: use this backbone instead of the one recorded with the adapter
+
+    Examples:
+        peftlab merge runs/quickstart/version_0 --output merged/
+        peftlab merge runs/qlora/version_0/adapter/best --output merged-bf16/ --dtype bfloat16
+    """
     import json
 
     from peftlab.api import load_run
 
-    parser = argparse.ArgumentParser(prog="peftlab merge", description=(
-        "Fold a trained LoRA/QLoRA adapter into its backbone and save a plain transformers model "
-        "(safetensors) that loads without peft."))
-    parser.add_argument("run", help="run directory (runs/NAME/version_N) or an exported adapter directory")
-    parser.add_argument("--output", required=True, help="directory to write the merged model to")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--backbone", default=None, help="use this backbone instead of the recorded one")
-    args = parser.parse_args(argv)
-    if Path(args.output).exists() and any(Path(args.output).iterdir()):
-        print(f"[peftlab] replacing {args.output} (atomically: the old one stays until the new one is complete)")
-    run = load_run(args.run, backbone=args.backbone)
-    check_mergeable(run.module)
-    report = merge_to_directory(run.module, args.output, args.dtype, probe_batch(run.module))
+    if Path(output).exists() and any(Path(output).iterdir()):
+        print(f"[peftlab] replacing {output} (atomically: the old one stays until the new one is complete)")
+    loaded = load_run(run, backbone=backbone)
+    check_mergeable(loaded.module)
+    report = merge_to_directory(loaded.module, output, dtype, probe_batch(loaded.module))
     print(json.dumps(report, indent=2))
+    return report

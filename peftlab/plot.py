@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 from pathlib import Path
 
@@ -50,9 +49,19 @@ def plot_run(run_dir: str, output: str | None = None) -> Path:
     return out
 
 
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="peftlab plot", description="Plot a run's learning curves to a PNG.")
-    parser.add_argument("run", help="run directory (runs/NAME/version_N)")
-    parser.add_argument("--output", default=None, help="PNG path (default: <run>/learning_curves.png)")
-    args = parser.parse_args(argv)
-    print(f"[peftlab] wrote {plot_run(args.run, args.output)}")
+def plot_command(run: str, /, *, output: str | None = None) -> Path:
+    """Plot a run's learning curves (metrics.csv) to a PNG.
+
+    One panel per metric name (loss, acc, ...), training and validation curves together, from the metrics.csv
+    that the CSV logger writes into the run directory.
+
+    Args:
+        run: run directory (runs/NAME/version_N)
+        output: PNG path (default: <run>/learning_curves.png)
+
+    Examples:
+        peftlab plot runs/quickstart/version_0
+    """
+    path = plot_run(run, output)
+    print(f"[peftlab] wrote {path}")
+    return path

@@ -1,25 +1,37 @@
-"""Lightning's FSDP strategy with the settings a frozen backbone needs.
+"""``FSDP2Strategy``: fully sharded data parallelism for PEFT, through Lightning's ``ModelParallelStrategy``.
 
-Plain ``FSDPStrategy`` breaks on PEFT in two known ways, both fixed here without code of our own in the
-training loop:
+Lightning's ``ModelParallelStrategy`` leaves applying ``fully_shard`` (FSDP2) to the user's ``configure_model``.
+This strategy does it for every peftlab method, so a config only names it (``configs/strategies/fsdp2.yaml``):
 
-* a wrapped unit holding frozen and trainable parameters (a LoRA'd attention block) fails to flatten
-  unless ``use_orig_params=True``;
-* with no ``auto_wrap_policy`` the whole model is one unit: no memory is saved. peftlab wraps the
-  backbone's transformer blocks, named by the transformers model itself (``_no_split_modules``, e.g.
-  ``LlamaDecoderLayer``), so a config does not have to spell out classes.
+* one FSDP2 unit per transformer block, found from the transformers model's own ``_no_split_modules`` (e.g.
+  ``LlamaDecoderLayer``), plus the root (embeddings, head, and the method's prompt / prefix parameters). FSDP2
+  shards every parameter on its own, so frozen and trainable weights share a unit and only trainable ones get
+  gradients (FSDP1's flat parameters needed ``use_orig_params`` and one dtype per unit);
+* an optional mixed-precision policy: compute in bf16/fp16, reduce gradients in fp32, parameters stored as
+  they are (peft keeps adapters in fp32);
+* checkpoints are distributed (each rank writes its shard) and hold the trainable parameters and optimizer
+  state only (``PeftModule.on_save_checkpoint``), written to a temporary directory and renamed into place, so
+  a crash mid-save leaves the previous checkpoint;
+* exported adapters gather the *trainable* parameters only (never the frozen backbone on one rank), see
+  :func:`peftlab.export.full_trainable_state`.
 
-Prompt/prefix parameters live outside the blocks and end up in the root unit, which is fine with
-``use_orig_params``. Checkpoints use the ``full`` state dict (gathered on rank 0), which ``PeftModule``
-then reduces to the trainable parameters, so the ``.ckpt`` stays adapter-sized.
+FSDP1 (Lightning's ``FSDPStrategy``) and DeepSpeed configs were retired in favour of this one: docs/distributed.md
+says why. QLoRA's 4-bit weights are refused in one line (bitsandbytes' packed storage cannot be sharded here).
+Tested on CPU with 2 processes over gloo (tests/test_fsdp2.py); see docs/distributed.md for what ran on GPUs.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Literal
 
-from lightning.pytorch.strategies import FSDPStrategy
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+
+from peftlab.errors import PeftLabError
 
 
 def transformer_block_classes(model: nn.Module) -> set[type[nn.Module]]:
@@ -29,26 +41,129 @@ def transformer_block_classes(model: nn.Module) -> set[type[nn.Module]]:
         names.update(getattr(module, "_no_split_modules", None) or [])
     classes = {type(m) for m in model.modules() if type(m).__name__ in names}
     if not classes:
-        from peftlab.errors import PeftLabError
-
         raise PeftLabError(
             f"cannot find the transformer blocks of {type(model).__name__} to shard (it declares no "
-            "_no_split_modules); give trainer.strategy.init_args.auto_wrap_policy explicitly"
+            "_no_split_modules); use strategy ddp, or a backbone from transformers"
         )
     return classes
 
 
-class PeftFSDPStrategy(FSDPStrategy):
-    """``FSDPStrategy`` with ``use_orig_params=True`` and, unless given, an auto-wrap policy over the
-    backbone's transformer blocks. Every other argument is Lightning's (``sharding_strategy``,
-    ``cpu_offload``, ``mixed_precision``, ``state_dict_type``, ...)."""
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-    def __init__(self, use_orig_params: bool = True, **kwargs: Any) -> None:
-        super().__init__(use_orig_params=use_orig_params, **kwargs)
 
-    def _setup_model(self, model: nn.Module) -> nn.Module:
-        if "auto_wrap_policy" not in self.kwargs:
-            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+class FSDP2Strategy(ModelParallelStrategy):
+    """Fully sharded data parallel (FSDP2, ``fully_shard`` per transformer block) for any peftlab method.
 
-            self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(transformer_block_classes(model))
-        return super()._setup_model(model)
+    Args:
+        mixed_precision: ``bf16`` / ``fp16``: all-gather and compute in that dtype, reduce gradients in fp32;
+            ``null``: compute in the parameters' dtype (use with ``trainer.precision``'s autocast or fp32).
+        reshard_after_forward: free each block's gathered parameters after its forward (less memory, one more
+            all-gather in backward); ``false`` keeps them until backward (ZeRO-2-like).
+        save_distributed_checkpoint: each rank writes its shard (a checkpoint directory); ``false`` gathers the
+            (trainable-only) state on rank 0 into one file.
+        data_parallel_size: processes that shard the model (default: all of them).
+        tensor_parallel_size: must be 1 (no tensor parallelism).
+    """
+
+    def __init__(self, mixed_precision: Literal["bf16", "fp16"] | None = None, reshard_after_forward: bool = True,
+                 save_distributed_checkpoint: bool = True, data_parallel_size: int | Literal["auto"] = "auto",
+                 tensor_parallel_size: int = 1, **kwargs: Any) -> None:
+        if tensor_parallel_size != 1:
+            raise PeftLabError("FSDP2Strategy shards data-parallel only: tensor_parallel_size must be 1")
+        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        self.mixed_precision = mixed_precision
+        self.reshard_after_forward = reshard_after_forward
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":  # all processes shard (Lightning's default is one group per node)
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def setup(self, trainer) -> None:
+        # configure_model (the method's build) has run: shard before Lightning materializes and moves the model
+        self.shard(self.lightning_module)
+        super().setup(trainer)
+
+    def shard(self, module) -> None:
+        """``fully_shard`` every transformer block of ``module.model``, then its root."""
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+        model = getattr(module, "model", None)
+        if isinstance(model, FSDPModule):  # already sharded (test / predict after fit reuse the model)
+            return
+        if model is None:
+            raise PeftLabError(f"{type(module).__name__} has no built model to shard; FSDP2Strategy shards peftlab "
+                               "methods (their configure_model builds self.model)")
+        if any(type(p).__name__ == "Params4bit" for p in model.parameters()):
+            raise PeftLabError(
+                "QLoRA's 4-bit weights cannot be sharded by FSDP2Strategy (bitsandbytes' packed storage); use "
+                "strategy ddp with QLoRA (each GPU holds the 4-bit model), or LoRA with FSDP2 on a bf16 backbone"
+            )
+        mesh = self.device_mesh["data_parallel"]
+        policy = None
+        if self.mixed_precision:
+            policy = MixedPrecisionPolicy(param_dtype=DTYPES[self.mixed_precision], reduce_dtype=torch.float32)
+        options = {"mesh": mesh, "reshard_after_forward": self.reshard_after_forward}
+        if policy is not None:
+            options["mp_policy"] = policy
+        blocks = transformer_block_classes(model)
+        for sub in model.modules():
+            if type(sub) in blocks:
+                fully_shard(sub, **options)
+        fully_shard(model, **options)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        """Lightning's save, into a temporary sibling renamed into place: a crash mid-save keeps the old one."""
+        path = Path(self.broadcast(str(filepath)))
+        tmp = path.with_name(f".{path.name}.tmp")
+        if self.global_rank == 0 and tmp.exists():
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        self.barrier("peftlab_checkpoint_tmp")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier("peftlab_checkpoint_written")
+        if self.global_rank == 0:
+            old = path.with_name(f".{path.name}.old")
+            if old.exists():
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old.exists():
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        self.barrier("peftlab_checkpoint_renamed")
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's load, for checkpoints that hold the trainable parameters only.
+
+        Lightning 2.6 reads a distributed checkpoint into the *whole* model's state dict, and torch's distributed
+        checkpoint then refuses every frozen key the file does not hold ("Missing key in checkpoint state_dict"):
+        here only the trainable parameters (and the optimizer state) are requested. The loop state and callbacks'
+        states are read weights-only, like every checkpoint peftlab reads."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not path.is_dir():
+            return super().load_checkpoint(path, weights_only=True)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        from peftlab.checkpointing import checkpoint_errors
+
+        module = self.model
+        trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+        model_state = {k: v for k, v in get_model_state_dict(module).items() if k in trainable}
+        with checkpoint_errors(path):
+            dcp.load({"state_dict": model_state}, checkpoint_id=path)
+            set_model_state_dict(module, model_state, options=StateDictOptions(strict=False))
+            for index, optimizer in enumerate(self.optimizers):
+                key = f"optimizer_{index}"
+                optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
+                dcp.load(optimizer_state, checkpoint_id=path)
+                set_optimizer_state_dict(module, optimizer, optim_state_dict=optimizer_state[key],
+                                         options=StateDictOptions(cpu_offload=True))
+            return torch.load(path / "meta.pt", map_location="cpu", weights_only=True)

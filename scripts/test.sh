@@ -25,4 +25,6 @@ if [ "${1:-}" = "--latest" ]; then
 fi
 bash "$root/scripts/setup.sh"
 venv="${PEFTLAB_VENV:-$root/.venv}"
+# lint first (seconds): unused names, shadowed loop variables and import order are caught before the long suite
+"$venv/bin/ruff" check --quiet "$root" || { echo "[test] ruff found the problems above (ruff check --fix repairs the [*] ones)" >&2; exit 1; }
 exec "$venv/bin/python" -m pytest "$@"

@@ -46,6 +46,19 @@ def write_csv(path, rows, columns=None):
     return str(path)
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Tests that call a benchmark's main() in-process set torch's thread count; a later test comparing an
+    in-process run with a subprocess run (tests/test_resume.py) must not inherit it: a different number of threads
+    sums floats in a different order, and "bit-identical" stops holding."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """A small byte-level BPE tokenizer trained on real review text, with <s>/</s>/<pad>/<unk>."""
@@ -163,7 +176,7 @@ def tiny_trainer(max_steps=5, **kw):
 
 
 def write_config(tmp_path, backbone, source, *, method="peftlab.methods.LoRA", model=None, trainer=None,
-                 data=None, callbacks=None, name="run.yaml", runs="runs", run_name="r", seed=7):
+                 data=None, callbacks=None, name="run.yaml", runs="runs", run_name="r", seed=7, extra=None):
     """A complete small fit config for the tiny models (a few CPU seconds)."""
     cfg = {
         "seed_everything": seed,
@@ -182,6 +195,7 @@ def write_config(tmp_path, backbone, source, *, method="peftlab.methods.LoRA", m
     }
     if callbacks is not None:
         cfg["trainer"]["callbacks"] = callbacks
+    cfg.update(extra or {})  # other top-level keys, e.g. last_checkpoint: {every_n_train_steps: 2}
     path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg))
     return str(path)

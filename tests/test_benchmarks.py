@@ -9,6 +9,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -83,3 +85,41 @@ def test_qlora_mapping_probe_shows_the_checkpoint_released():
                          text=True, check=True, timeout=600).stdout
     mapped = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(with|without): .*mapped (\d+) MiB", out, re.M)}
     assert mapped["with"] == 0 and mapped["without"] > 100, out
+
+
+def test_defaults_and_packing_benchmarks_smoke():
+    """benchmarks/defaults.py (#21's ratios) in smoke mode: every variant ran and produced sane numbers (the
+    torch.compile part compiles for minutes and is left to the full run)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import defaults
+
+        record = defaults.main(["--smoke", "--only", "defaults", "packing"])
+    finally:
+        sys.path.remove(str(ROOT))
+    assert set(record["defaults"]["ratios"]) == {"peftlab/hand_random", "peftlab/hf_trainer_default",
+                                                 "peftlab/hf_trainer_grouped"}
+    assert all(r["median"] > 0 for r in record["defaults"]["ratios"].values())
+    assert record["packing"]["packed_examples_per_row"] > 1  # several plot summaries per row
+    assert record["packing"]["ratio_target_tokens_per_s"]["median"] > 0
+    assert all(math.isfinite(x) for x in _numbers(record["packing"]))
+
+
+@pytest.mark.slow
+def test_group_by_length_quality_and_gpu_check_scripts_run(tmp_path):
+    """The quality check of length grouping and the GPU check, in their smoke modes (CPU, tiny shapes)."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/group_by_length_quality.py"), "--smoke",
+                             "--output", str(tmp_path / "gbl.json")], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((tmp_path / "gbl_smoke.json").read_text())
+    assert {r["group_by_length"] for r in record["runs"]} == {True, False}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_check.py"), "--smoke", "--out",
+                             str(tmp_path / "gpu"), "--only", "lora", "qlora", "throughput"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((tmp_path / "gpu/gpu_check.json").read_text())
+    assert [s["method"] for s in record["steps"]] == ["lora", "qlora"]
+    assert all(s["passed"] for s in record["steps"]), record["steps"]
+    assert record["throughput"]["ratio_median"] > 0

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
@@ -39,11 +40,17 @@ def tiny_config(tmp_path, backbone, source, **model):
 def test_every_shipped_config_loads(config, capsys):
     # configs/methods/*.yaml hold only a model section, configs/strategies/*.yaml only a trainer section,
     # meant to be layered on a base config
-    layered = config.startswith(("configs/methods/", "configs/strategies/"))
+    layered = config.startswith(("configs/methods/", "configs/strategies/")) or config == "configs/gpu.yaml"
     base = ["--config", str(ROOT / "configs/quickstart.yaml")] if layered else []
     code, out, err = run_main(["fit", *base, "--config", str(ROOT / config), "--print_config"], capsys)
     assert code == 0, err
     printed = yaml.safe_load(out)
+    if config == "configs/gpu.yaml":  # settings layered on any method
+        own = yaml.safe_load((ROOT / config).read_text())
+        assert printed["trainer"]["precision"] == own["trainer"]["precision"] == "bf16-mixed"
+        for key, value in own["model"]["init_args"].items():
+            assert printed["model"]["init_args"][key] == value, key
+        return
     if config.startswith("configs/strategies/"):
         own = yaml.safe_load((ROOT / config).read_text())["trainer"]
         strategy = printed["trainer"]["strategy"]
@@ -259,16 +266,231 @@ def test_predict_csv_and_plot(tmp_path, tiny_bert, sentiment_csv, capsys):
 
 def test_top_level_help_is_fast_and_lists_every_command(capsys):
     """`peftlab --help` is printed before Lightning is imported (start-up target, docs/benchmarks.md)."""
-    import subprocess
-    import sys
-
-    from peftlab.cli import EXTRA_COMMANDS
+    from peftlab.commands import COMMANDS
 
     code, out, _ = run_main(["--help"], capsys)
     assert code == 0
-    for command in ("fit", "validate", "test", "predict", *EXTRA_COMMANDS):
+    for command in ("fit", "validate", "test", "predict", *COMMANDS):
         assert f"\n  {command} " in out, command
     probe = "import sys; from peftlab.cli import main; main(['--help']); print('lightning' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.stdout.strip().endswith("False")  # no heavy import for the top-level help
     assert run_main([], capsys)[0] == 2  # no command: the help, and a usage error status
+
+
+# ------------------------------------------------------------------------------------------ the command table
+def test_command_table_summaries_are_the_functions_docstrings():
+    """`peftlab --help` shows the table's summary (no import); it is the first line of the function's docstring."""
+    import inspect
+
+    from peftlab.commands import COMMANDS, function
+
+    for name, command in COMMANDS.items():
+        assert inspect.getdoc(function(name)).splitlines()[0] == command.summary, name
+
+
+def test_command_help_comes_from_the_signature_and_docstring(capsys):
+    import inspect
+
+    import docstring_parser
+
+    from peftlab.commands import COMMANDS, FIT_ARGS, function
+
+    for name in COMMANDS:
+        code, out, _ = run_main([name, "--help"], capsys)
+        assert code == 0, name
+        flat = " ".join(out.split())
+        assert out.startswith(f"usage: peftlab {name}")
+        fn = function(name)
+        doc = docstring_parser.parse(inspect.getdoc(fn))
+        assert doc.short_description in flat
+        params = inspect.signature(fn).parameters
+        documented = {p.arg_name: " ".join(p.description.split()) for p in doc.params}
+        assert set(documented) == set(params), f"{name}: every parameter is documented under Args"
+        for param, p in params.items():
+            if param == FIT_ARGS:
+                assert "--config" not in out.split("Also takes")[0].split("examples:")[0].split("options:")[-1]
+                assert "Also takes `peftlab fit`'s arguments" in flat and "--config FILE" in flat
+                continue
+            shown = param.upper() if p.kind is p.POSITIONAL_ONLY else f"--{param}"
+            assert shown in out or f"{param[:-1].upper()} [" in out, (name, param)
+            assert documented[param][:40] in flat, (name, param)
+        for e in doc.examples:  # every example is in the help, and is runnable syntax (next test)
+            assert e.description.splitlines()[0] in out
+
+
+def _parsed(name, argv):
+    from peftlab.commands import parse_command
+
+    return parse_command(name, argv)
+
+
+@pytest.mark.parametrize("name, argv, args, expected", [
+    ("merge", ["runs/x/version_0", "--output", "m/", "--dtype", "bfloat16", "--backbone", "B"],
+     ["runs/x/version_0"], {"output": "m/", "dtype": "bfloat16", "backbone": "B"}),
+    ("merge", ["--output=m", "run"], ["run"], {"output": "m", "dtype": "float32", "backbone": None}),
+    ("compose", ["A", "B", "C", "--weights", "0.7", "0.3", "1", "--output", "D", "--mode", "exact", "--density",
+                 "0.4", "--merge"],
+     [["A", "B", "C"]], {"weights": [0.7, 0.3, 1.0], "output": "D", "mode": "exact", "density": 0.4, "merge": True}),
+    ("compose", ["--weights", "1.5", "-0.5", "--output", "D", "A", "B"],  # a negative weight is a value
+     [["A", "B"]], {"weights": [1.5, -0.5], "output": "D", "mode": "exact", "density": 0.5, "merge": False}),
+    ("compose", ["A", "B", "--weights", "[0.5, 0.5]", "--output", "D", "--merge", "false"],
+     [["A", "B"]], {"weights": [0.5, 0.5], "output": "D", "mode": "exact", "density": 0.5, "merge": False}),
+    ("plot", ["runs/x/version_0"], ["runs/x/version_0"], {"output": None}),
+    ("params", ["--config", "a.yaml", "--config=b.yaml", "--model.r", "16", "--data.task", "causal_lm", "--backbone",
+                "llama-2-7b", "--num_labels", "3", "--json", "--model.target_modules", "[q_proj, v_proj]"],
+     [], {"backbone": "llama-2-7b", "num_labels": 3, "json": True,
+          "fit_args": ["--config", "a.yaml", "--config=b.yaml", "--model.r", "16", "--data.task", "causal_lm",
+                       "--model.target_modules", "[q_proj, v_proj]"]}),
+    ("estimate-memory", ["--size", "7b", "--batch_size", "4", "--seq_len", "1024", "--gradient_checkpointing"],
+     [], {"size": "7b", "batch_size": 4, "seq_len": 1024, "gradient_checkpointing": True}),
+    ("estimate-memory", ["--config", "c.yaml", "--no-gradient_checkpointing", "--optimizer", "paged",
+                         "--trainer.precision", "bf16-true", "--target_modules", "q_proj", "v_proj", "--json"],
+     [], {"gradient_checkpointing": False, "optimizer": "paged", "target_modules": ["q_proj", "v_proj"], "json": True,
+          "fit_args": ["--config", "c.yaml", "--trainer.precision", "bf16-true"]}),
+    ("estimate-memory", ["--backbone", "B", "--target_modules", "q", "--target_modules", "v", "--precision", "fp16"],
+     [], {"backbone": "B", "target_modules": ["q", "v"], "precision": "fp16", "fit_args": []}),
+    ("recommend", ["--few_shot", "--no-api_only", "--task_type", "code", "--backbone", "B", "--output", "F", "--force"],
+     [], {"few_shot": True, "api_only": False, "task_type": "code", "backbone": "B", "output": "F", "force": True,
+          "latency_critical": None, "all_methods": True}),
+    ("recommend", ["--no_all_methods", "--latency_critical", "true", "--num_tasks", "3", "--multi_task", "combine"],
+     [], {"all_methods": False, "latency_critical": True, "num_tasks": 3, "multi_task": "combine", "force": False}),
+    ("recommend", ["--all_methods"], [], {"all_methods": True}),
+    ("recommend", ["--no-all_methods"], [], {"all_methods": False}),
+], ids=lambda v: None)
+def test_documented_command_syntax_parses(name, argv, args, expected):
+    got_args, got = _parsed(name, argv)
+    assert got_args == args
+    for key, value in expected.items():
+        assert got[key] == value, key
+
+
+def test_normalize_argv_is_driven_by_the_signature():
+    from peftlab.commands import normalize_argv
+
+    def fn(items: list[str], /, *, names: list[str] | None = None, flag: bool = False, maybe: bool | None = None,
+           size: int = 1, mode: Literal["a", "b"] = "a", fit_args=()) -> None:
+        """Test."""
+
+    assert normalize_argv(fn, ["x", "y", "--flag", "--size", "-3", "z"]) == ["--flag=true", "--size", "-3",
+                                                                          '["x", "y", "z"]']
+    assert normalize_argv(fn, ["--no-flag", "--no_maybe", "--maybe", "false", "--flag=true"]) == \
+        ["--flag=false", "--maybe=false", "--maybe=false", "--flag=true"]
+    # repeated list options accumulate where the option first appeared; a YAML list counts as its items
+    assert normalize_argv(fn, ["--names", "a", "b", "--mode", "b", "--names", "[c, d]", "--names=e", "--", "-p"]) == \
+        ['--names=["a", "b", "c", "d", "e"]', "--mode", "b", '["-p"]']
+    # unknown options are left for jsonargparse to report; bool values other than true/false are not swallowed
+    assert normalize_argv(fn, ["--bogus", "--flag", "maybe"]) == ["--bogus", "--flag=true", '["maybe"]']
+
+    def scalars(run: str, /, *, output: str = "") -> None:
+        """Test."""
+
+    assert normalize_argv(scalars, ["--output", "o", "r", "s"]) == ["--output", "o", "r", "s"]
+
+
+def test_split_fit_args():
+    from peftlab.commands import split_fit_args
+    from peftlab.errors import PeftLabError
+
+    def fn(*, optimizer: str | None = None, json: bool = False, fit_args=()) -> None:
+        """Test."""
+
+    own, fit = split_fit_args(fn, ["--config", "a.yaml", "--optimizer", "paged", "--no-json", "--model.r", "16",
+                                   "--trainer.callbacks+=X", "--seed_everything", "-1", "--data.labels=[a, b]"])
+    assert own == ["--optimizer", "paged", "--no-json"]
+    assert fit == ["--config", "a.yaml", "--model.r", "16", "--trainer.callbacks+=X", "--seed_everything", "-1",
+                   "--data.labels=[a, b]"]
+    with pytest.raises(PeftLabError, match="unknown option --bogus; options are this command's"):
+        split_fit_args(fn, ["--config", "a.yaml", "--bogus", "1"], "params")
+
+
+def test_commands_are_plain_functions(tmp_path, tiny_bert, capsys):
+    """The command functions are the Python API too: typed arguments in, a result out (and the same output)."""
+    from peftlab.analysis.params import params_command
+    from peftlab.analysis.recommend import recommend_command
+
+    report = params_command(fit_args=["--config", str(ROOT / "configs/quickstart.yaml")], json=True)
+    assert report.trainable == 74_498 and '"trainable": 74498' in capsys.readouterr().out
+    rec = recommend_command(api_only=True, output=str(tmp_path / "r.yaml"))
+    assert rec.method == "prompt engineering" and not (tmp_path / "r.yaml").exists()
+
+
+# ------------------------------------------------------------------------------------------ predictions
+def _fake_trainer(tmp_path, texts, names=("rotten", "fresh")):
+    from types import SimpleNamespace
+
+    data = SimpleNamespace(label_names=list(names) if names else None, predict_texts=lambda: list(texts))
+    return SimpleNamespace(log_dir=str(tmp_path), datamodule=data, world_size=1, is_global_zero=True)
+
+
+def _classification_batch(rows):
+    probs = torch.tensor([[1 - p, p] for p in rows])
+    return {"pred": probs.argmax(-1), "probs": probs}
+
+
+def test_prediction_writer_orders_rows_and_drops_padding(tmp_path, monkeypatch, capsys):
+    """Two ranks' interleaved shares, with a padding repeat, make one file in input order (no processes needed:
+    the gather is replaced by the two ranks' rows)."""
+    import json
+
+    from peftlab.callbacks import PredictionWriter
+    from peftlab.callbacks import predictions as module
+
+    texts = [f"text {i}" for i in range(5)]
+    p = [0.1, 0.2, 0.3, 0.4, 0.9]
+    # rank 0 predicted rows 0, 2, 4 (in batches of 2), rank 1 rows 1, 3 and row 0 again (padding to equal shares)
+    rank0 = ([_classification_batch([p[0], p[2]]), _classification_batch([p[4]])], [[[0, 2], [4]]])
+    rank1 = ([_classification_batch([p[1], p[3]]), _classification_batch([p[0]])], [[[1, 3], [0]]])
+    trainer = _fake_trainer(tmp_path, texts)
+    other = []
+    monkeypatch.setattr(module, "_gather", lambda mine, trainer: [mine, other])
+    writer = PredictionWriter()
+    other[:] = [(0, i, row) for (batch, idx) in zip(rank1[0], rank1[1][0])
+                for i, row in zip(idx, module.prediction_rows(batch, ["rotten", "fresh"]))]
+    writer.write_on_epoch_end(trainer, None, *rank0)
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [r["input"] for r in rows] == texts
+    assert [r["probs"]["fresh"] for r in rows] == pytest.approx(p)
+    assert [r["label"] for r in rows] == ["rotten"] * 4 + ["fresh"]
+    assert "wrote 5 predictions" in capsys.readouterr().out and writer.written == str(tmp_path / "predictions.jsonl")
+
+
+def test_prediction_writer_csv_generation_and_plain_loaders(tmp_path):
+    import csv
+
+    from peftlab.callbacks import PredictionWriter
+
+    writer = PredictionWriter(str(tmp_path / "sub" / "p.csv"))
+    batches = [_classification_batch([0.25, 0.75]), _classification_batch([0.5])]
+    writer.write_on_epoch_end(_fake_trainer(tmp_path, ["a", "b", "c"], names=None), None, batches, [])  # no indices
+    rows = list(csv.DictReader(open(tmp_path / "sub" / "p.csv", encoding="utf-8")))
+    assert [(r["input"], r["label"], r["p_1"]) for r in rows] == [("a", "0", "0.25"), ("b", "1", "0.75"),
+                                                                  ("c", "0", "0.5")]
+    assert not (tmp_path / "sub" / "p.csv.tmp").exists()
+    writer = PredictionWriter(str(tmp_path / "g.jsonl"))
+    writer.write_on_epoch_end(_fake_trainer(tmp_path, ["q1", "q2"], names=None), None,
+                              [{"text": [" yes"]}, {"text": [" no"]}], [[[1], [0]]])
+    assert (tmp_path / "g.jsonl").read_text() == \
+        '{"input": "q1", "generated": " no"}\n{"input": "q2", "generated": " yes"}\n'
+
+
+def test_predict_on_two_processes_writes_the_one_process_file(tmp_path, tiny_bert, sentiment_csv, capsys):
+    """DDP on 2 CPU processes (gloo): each rank predicts every other row; the file has every row once, in input
+    order, byte for byte what one process writes (11 rows: the ranks get 6 and 5)."""
+    data = {"eval_batch_size": 1, "max_eval_samples": 11}  # one row per batch: the same arithmetic as 1 process
+    one_cfg = write_config(tmp_path, tiny_bert, sentiment_csv, data=data, name="one.yaml", runs="one")
+    two_cfg = write_config(tmp_path, tiny_bert, sentiment_csv, data=data, name="two.yaml", runs="two",
+                           trainer={"devices": 2, "strategy": "ddp"})
+    code, out, err = run_main(["predict", "--config", one_cfg, "--predictions_file", str(tmp_path / "one.jsonl")],
+                              capsys)
+    assert code == 0, err
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([PEFTLAB, "predict", "--config", two_cfg, "--predictions_file",
+                             str(tmp_path / "two.jsonl")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "distributed_backend=gloo" in log and log.count("[peftlab] wrote 11 predictions") == 1
+    one = (tmp_path / "one.jsonl").read_bytes()
+    assert len(one.splitlines()) == 11
+    assert (tmp_path / "two.jsonl").read_bytes() == one

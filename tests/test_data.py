@@ -45,17 +45,17 @@ def test_label_mapping_from_strings_and_explicit_order(tmp_path, tiny_bert):
     first = data.raw["train"]
     assert all(data.label_names[i] == lab for i, lab in zip(first["labels"], first["label"]))
     with pytest.raises(PeftLabError, match=r"labels \['c'\] in column 'label' are out of range"):
-        make_data(src, "classification", tiny_bert, labels=["a", "b"]).num_labels
+        make_data(src, "classification", tiny_bert, labels=["a", "b"]).num_labels  # noqa: B018 (the property raises)
 
 
 def test_integer_labels_and_out_of_range(tmp_path, tiny_bert):
     src = write_csv(tmp_path / "d.csv", [{"text": f"t{i}", "label": i % 3} for i in range(30)])
     assert make_data(src, "classification", tiny_bert).label_names == ["0", "1", "2"]
     with pytest.raises(PeftLabError, match="out of range"):
-        make_data(src, "classification", tiny_bert, labels=["neg", "pos"]).num_labels
+        make_data(src, "classification", tiny_bert, labels=["neg", "pos"]).num_labels  # noqa: B018 (the property raises)
     neg = write_csv(tmp_path / "n.csv", [{"text": f"t{i}", "label": i % 2 - 1} for i in range(30)])
     with pytest.raises(PeftLabError, match="negative labels"):
-        make_data(neg, "classification", tiny_bert).num_labels
+        make_data(neg, "classification", tiny_bert).num_labels  # noqa: B018 (the property raises)
 
 
 def test_explicit_splits_and_jsonl(tmp_path, tiny_bert):
@@ -136,19 +136,19 @@ def test_bad_data_messages(tmp_path, sentiment_csv, tiny_bert, setup, kwargs, me
         open(src, "w").write("text,label\n")
     elif setup == "latin1":
         src = str(tmp_path / "l.csv")
-        open(src, "wb").write("text,label\n".encode() + "caf\xe9 cr\xe8me,fresh\n".encode("latin-1") * 20)
+        open(src, "wb").write(b"text,label\n" + "caf\xe9 cr\xe8me,fresh\n".encode("latin-1") * 20)
     elif setup == "one_label":
         src = write_csv(tmp_path / "o.csv", [{"text": "x", "label": "fresh"}] * 10)
     elif setup == "bad_ext":
         src = str(tmp_path / "d.txt")
         open(src, "w").write("hello\n")
     with pytest.raises(PeftLabError, match=message):
-        make_data(src, "classification", tiny_bert, **kwargs).num_labels
+        make_data(src, "classification", tiny_bert, **kwargs).num_labels  # noqa: B018 (the property raises)
 
 
 def test_template_field_missing(generation_jsonl, tiny_llama):
     with pytest.raises(PeftLabError, match=r"column 'question' \(data.prompt_template field \{question\}\)"):
-        make_data(generation_jsonl, "causal_lm", tiny_llama, prompt_template="Q: {question}").raw
+        make_data(generation_jsonl, "causal_lm", tiny_llama, prompt_template="Q: {question}").raw  # noqa: B018 (the property raises)
 
 
 def test_parquet_source_and_tokenization_is_cached_on_disk(tmp_path, tiny_bert):
@@ -173,7 +173,7 @@ def test_parquet_source_and_tokenization_is_cached_on_disk(tmp_path, tiny_bert):
 def test_hub_names_fail_clearly_offline(tiny_bert):
     # HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set for the suite: the hub path runs and must fail cleanly
     with pytest.raises(PeftLabError, match="could not load dataset 'no-such-org/no-such-data'.*needs internet"):
-        make_data("no-such-org/no-such-data", "classification", tiny_bert).raw
+        make_data("no-such-org/no-such-data", "classification", tiny_bert).raw  # noqa: B018 (the property raises)
     from peftlab.methods import LoRA
 
     with pytest.raises(PeftLabError, match="could not load tokenizer of backbone 'no-such-org/no-such-model'"):
@@ -200,7 +200,7 @@ def test_few_shot_n_for_generation_and_errors(generation_jsonl, sentiment_csv, t
     data = make_data(generation_jsonl, "causal_lm", tiny_llama, few_shot_n=5)
     assert len(data.raw["train"]) == 5
     with pytest.raises(PeftLabError, match=r"fewer examples of 'fresh' \(\d+\), 'rotten' \(\d+\); lower few_shot_k"):
-        make_data(sentiment_csv, "classification", tiny_bert, few_shot_k=500).raw
+        make_data(sentiment_csv, "classification", tiny_bert, few_shot_k=500).raw  # noqa: B018 (the property raises)
     with pytest.raises(PeftLabError, match="needs task: classification"):
         make_data(generation_jsonl, "causal_lm", tiny_llama, few_shot_k=4)
     with pytest.raises(PeftLabError, match="not both"):
@@ -242,7 +242,8 @@ def test_group_by_length_cuts_padding_keeps_every_example(tiny_bert):
             seen += batch["labels"].tolist()
         return pads / total, len(seen)
 
-    plain = make_data("packaged:rotten_tomatoes", "classification", tiny_bert, max_train_samples=800, batch_size=16)
+    plain = make_data("packaged:rotten_tomatoes", "classification", tiny_bert, max_train_samples=800, batch_size=16,
+                      group_by_length=False)
     grouped = make_data("packaged:rotten_tomatoes", "classification", tiny_bert, max_train_samples=800,
                         batch_size=16, group_by_length=True)
     (pad_plain, n_plain), (pad_grouped, n_grouped) = padding(plain), padding(grouped)

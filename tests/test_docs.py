@@ -3,7 +3,6 @@ the Python snippets run, README links resolve."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -88,6 +87,7 @@ def test_extending_page_shows_the_shipped_examples():
 @pytest.mark.parametrize("logger", ["lightning.pytorch.loggers.TensorBoardLogger", "lightning.pytorch.loggers.CSVLogger"])
 def test_loggers_work_out_of_the_box(tmp_path, tiny_bert, sentiment_csv, capsys, logger):
     from test_cli import run_main
+
     from conftest import write_config
 
     cfg = write_config(tmp_path, tiny_bert, sentiment_csv)

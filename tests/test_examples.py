@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from test_cli import run_main
 
 ROOT = Path(__file__).resolve().parents[1]

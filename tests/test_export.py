@@ -13,8 +13,16 @@ from peftlab.api import load_run
 from peftlab.errors import PeftLabError
 from peftlab.export import export_adapter
 from peftlab.merge import merge_to_directory, merged_model, probe_batch
-from peftlab.methods import (BottleneckAdapter, FullFineTuning, LoRA, PrefixTuning, PromptTuning, PTuning,
-                             PTuningV2, QLoRA)
+from peftlab.methods import (
+    BottleneckAdapter,
+    FullFineTuning,
+    LoRA,
+    PrefixTuning,
+    PromptTuning,
+    PTuning,
+    PTuningV2,
+    QLoRA,
+)
 
 
 def trained(method, backbone, task, source, steps=3, **kw):

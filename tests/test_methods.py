@@ -7,11 +7,17 @@ import torch
 
 from conftest import FAMILIES, make_data, tiny_trainer
 from peftlab.errors import PeftLabError
-from peftlab.methods import FullFineTuning, LoRA, PeftModule
-
-
-from peftlab.methods import (BottleneckAdapter, PrefixTuning, PromptTuning, PTuning, PTuningV2,  # noqa: E402
-                             QLoRA)
+from peftlab.methods import (  # noqa: E402
+    BottleneckAdapter,
+    FullFineTuning,
+    LoRA,
+    PeftModule,
+    PrefixTuning,
+    PromptTuning,
+    PTuning,
+    PTuningV2,
+    QLoRA,
+)
 
 # Exact trainable-parameter counts, by hand from the tiny models' shapes (see conftest):
 # bert: hidden 32, 2 layers, head 32*2+2 = 66; llama: hidden 64, KV dim 32 (2 of 4 heads), FFN 128, 2 layers;

@@ -9,7 +9,6 @@ import sys
 import textwrap
 
 import pytest
-
 from test_cli import run_main
 
 METHOD_FILE = '''
@@ -179,3 +178,20 @@ def test_an_installed_plugin_registers_through_its_entry_point(new_method, monke
     from peftlab.analysis.memory import method_names
 
     assert "scale_tuning" in method_names()
+
+
+def test_estimate_memory_all_skips_a_registered_method_that_does_not_apply(tiny_llama, capsys):
+    """`--method all` with a method that cannot build on this backbone (BitFit on a Llama, which has no biases):
+    that method is named and skipped on stderr, the others are estimated; asked for alone, it is the error."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    import examples.bitfit  # noqa: F401 - registers "bitfit"
+
+    code, out, err = run_main(["estimate-memory", "--backbone", tiny_llama, "--task", "causal_lm", "--seq_len", "16",
+                               "--method", "all", "--json"], capsys)
+    assert code == 0, err
+    assert "estimate-memory: skipped BitFit: " in err and "no trainable parameters" in err
+    names = {e["method"] for e in json.loads(out)}
+    assert "BitFit" not in names and {"LoRA", "FullFineTuning"} <= names
+    code, _, err = run_main(["estimate-memory", "--backbone", tiny_llama, "--task", "causal_lm", "--method", "bitfit"],
+                            capsys)
+    assert code == 2 and "BitFit left no trainable parameters" in err

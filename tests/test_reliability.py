@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-
-from peftlab.errors import PeftLabError
-from conftest import write_config
 from test_cli import PEFTLAB, run_main
+
+from conftest import write_config
+from peftlab.errors import PeftLabError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ BAD_INPUTS = [
     ("empty_dataset", lambda c: ["--data.source", _file(c["tmp"], "empty.csv", b"")], "is empty"),
     ("header_only_dataset", lambda c: ["--data.source", _file(c["tmp"], "h.csv", b"text,label\n")], "has no rows"),
     ("non_utf8_text",
-     lambda c: ["--data.source", _file(c["tmp"], "l.csv", "text,label\n".encode() + "caf\xe9,fresh\n".encode("latin-1") * 20)],
+     lambda c: ["--data.source", _file(c["tmp"], "l.csv", b"text,label\n" + "caf\xe9,fresh\n".encode("latin-1") * 20)],
      "not valid UTF-8"),
     ("text_column_absent", lambda c: ["--data.text_column", "review"], "column 'review' (data.text_column)"),
     ("labels_out_of_range", lambda c: ["--data.labels", "[good,bad]"], "out of range for data.labels"),
@@ -192,10 +192,10 @@ def test_checkpoint_with_python_objects_is_never_unpickled(tmp_path, tiny_bert, 
 
 # ---------------------------------------------------------------------------------------------- atomic saves
 def _checkpoint_config(tmp_path, tiny_bert, sentiment_csv, max_steps=6, every=2, model=None, **kw):
-    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                  "init_args": {"every_n_train_steps": every, "save_top_k": 0, "save_last": True}}]
-    return write_config(tmp_path, tiny_bert, sentiment_csv, callbacks=callbacks, model={"dropout": 0.1, **(model or {})},
-                        trainer={"max_steps": max_steps, "limit_val_batches": 1, "val_check_interval": 1.0}, **kw)
+    # last.ckpt every `every` steps (peftlab's LastCheckpoint), no best-k checkpoints
+    return write_config(tmp_path, tiny_bert, sentiment_csv, callbacks=[], model={"dropout": 0.1, **(model or {})},
+                        trainer={"max_steps": max_steps, "limit_val_batches": 1, "val_check_interval": 1.0},
+                        extra={"last_checkpoint": {"every_n_train_steps": every}}, **kw)
 
 
 def test_crash_during_checkpoint_save_keeps_previous_one(tmp_path, tiny_bert, sentiment_csv, capsys, monkeypatch):
@@ -293,7 +293,6 @@ def test_same_seed_same_weights_and_the_run_is_recorded(tmp_path, tiny_bert, sen
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama, generation_jsonl):
     from conftest import make_data
-
     from peftlab.methods import FullFineTuning
 
     data = make_data(generation_jsonl, "causal_lm", tiny_llama)
@@ -332,12 +331,11 @@ BATCHES_PER_EPOCH = 12  # 120 rows - 10% validation - 10% test = 96, batch size 
 
 
 def _resume_config(tmp_path, tiny_bert, sentiment_csv, runs, seconds):
-    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                  "init_args": {"every_n_train_steps": 1, "save_top_k": 0, "save_last": True}},
-                 {"class_path": "slow_callback.Slow", "init_args": {"seconds": seconds}}]
+    callbacks = [{"class_path": "slow_callback.Slow", "init_args": {"seconds": seconds}}]
     return write_config(tmp_path, tiny_bert, sentiment_csv, callbacks=callbacks, runs=runs, name=f"{runs}.yaml",
                         model={"dropout": 0.1, "warmup_ratio": 0.2},  # dropout and the schedule depend on state
-                        trainer={"max_steps": 30, "limit_val_batches": 1})
+                        trainer={"max_steps": 30, "limit_val_batches": 1},
+                        extra={"last_checkpoint": {"every_n_train_steps": 1}})
 
 
 def _peftlab(args, cwd, **kwargs):
@@ -362,7 +360,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, tiny_b
     deadline = time.time() + 240
     killed_at = None
     while time.time() < deadline and proc.poll() is None:
-        last = list((tmp_path / "killed").rglob("last.ckpt"))
+        # a glob of the checkpoint folder only: a recursive one races the run's atomic renames of adapter/ folders
+        last = list((tmp_path / "killed").glob("r/version_*/checkpoints/last.ckpt"))
         if last:
             step = torch.load(last[0], weights_only=True)["global_step"]
             if step >= BATCHES_PER_EPOCH + 3:  # in the second epoch, after an epoch boundary was crossed
@@ -448,11 +447,10 @@ def test_soak_thousands_of_steps_with_checkpoints_memory_stays_flat(tmp_path, ti
     """3000 steps (250 epochs, 250 validations, 30 checkpoints + adapter exports): resident memory after
     warm-up must not grow (measured: 577 MiB at step 500 and at 3000). Run with `pytest -m slow`."""
     probe = tmp_path / "rss.json"
-    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                  "init_args": {"every_n_train_steps": 100, "save_top_k": 0, "save_last": True}},
-                 {"class_path": "test_reliability.MemoryProbe", "init_args": {"path": str(probe)}}]
+    callbacks = [{"class_path": "test_reliability.MemoryProbe", "init_args": {"path": str(probe)}}]
     cfg = write_config(tmp_path, tiny_bert, sentiment_csv, callbacks=callbacks, model={"dropout": 0.1},
-                       trainer={"max_steps": 3000, "limit_val_batches": 1, "log_every_n_steps": 50})
+                       trainer={"max_steps": 3000, "limit_val_batches": 1, "log_every_n_steps": 50},
+                       extra={"last_checkpoint": {"every_n_train_steps": 100}})
     code, _, err = run_main(["fit", "--config", cfg, "--test_after_fit", "false"], capsys)
     assert code == 0, err
     rss = {int(k): v for k, v in json.loads(probe.read_text()).items()}

@@ -7,8 +7,7 @@ import torch
 
 from conftest import make_data, tiny_trainer
 from peftlab.errors import PeftLabError
-from peftlab.methods import (BottleneckAdapter, FullFineTuning, LoRA, PrefixTuning, PromptTuning, PTuningV2,
-                             QLoRA)
+from peftlab.methods import BottleneckAdapter, FullFineTuning, LoRA, PrefixTuning, PromptTuning, PTuningV2, QLoRA
 
 
 def logits(model, data):

@@ -23,8 +23,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from common import (  # noqa: E402
-    HEAD_LR, cls_learning_rate, fail_on_failed_runs, head_learning_rate, logger, machine, mean_std, publish, run_fit,
-    save_figure, save_json,
+    HEAD_LR,
+    cls_learning_rate,
+    fail_on_failed_runs,
+    head_learning_rate,
+    logger,
+    machine,
+    mean_std,
+    publish,
+    run_fit,
+    save_figure,
+    save_json,
 )
 
 METHODS = {

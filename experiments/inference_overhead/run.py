@@ -33,8 +33,7 @@ BACKBONES = {
 def variants(backbone: str, task: str, targets: list[str]):
     """(name, zero-argument callable running one forward) for every method, built lazily."""
     from peftlab.merge import merged_model
-    from peftlab.methods import (BottleneckAdapter, FullFineTuning, LoRA, PrefixTuning, PromptTuning, PTuningV2,
-                                 QLoRA)
+    from peftlab.methods import BottleneckAdapter, FullFineTuning, LoRA, PrefixTuning, PromptTuning, PTuningV2, QLoRA
 
     common = dict(backbone=backbone, task=task, num_labels=2 if task == "classification" else None)
     lora = LoRA(r=8, target_modules=targets, **common).build()

@@ -30,15 +30,25 @@ import contextlib
 import json
 import math
 import os
+import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from peftlab.analysis.params import (MethodSpec, build_meta, fit_args, human_bytes, parse_fit_config,
-                                     resolve_backbone, split_own_args)
+from peftlab.analysis.params import (
+    MethodSpec,
+    build_meta,
+    has_config,
+    human_bytes,
+    parse_fit_config,
+    resolve_backbone,
+    with_backbone,
+)
 from peftlab.errors import PeftLabError
 
 PRECISIONS = {"fp32": 4, "bf16": 2, "fp16": 2}
+Precision = Literal["fp32", "bf16", "fp16"]  # the keys of PRECISIONS
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 OPTIMIZER_ALIASES = {"paged": "paged_adamw_32bit", "adam": "adamw", "paged_adamw": "paged_adamw_32bit"}
 #: earlier names of --method, still accepted
@@ -128,6 +138,9 @@ def parameter_memory(module, precision: str, optimizer: str) -> tuple[int, int, 
             weights += (4 if quantized else PRECISIONS[precision]) * n
             n_frozen += n
     trainable, _ = count_parameters(module)
+    # state a method keeps per step besides the optimizer's (AdaLoRA's sensitivity statistics), if it declares any
+    extra = int(module.training_state_bytes())
+    states += extra
     notes = {
         "weights": (f"{n_quant:,} params in 4 bits + {n_frozen:,} frozen in fp32 + {trainable:,} trainable in fp32"
                     if quantized else
@@ -135,7 +148,9 @@ def parameter_memory(module, precision: str, optimizer: str) -> tuple[int, int, 
         "gradients": f"{trainable:,} x {train_bytes} B",
         "optimizer states": f"{optimizer}: "
                             + ("2 moments (8-bit blocks)" if optimizer.endswith("8bit") else "2 fp32 moments")
-                            + (" + fp32 master weights" if full and half else ""),
+                            + (" + fp32 master weights" if full and half else "")
+                            + (f" + {human_bytes(extra)} of {type(module).__name__}'s own training state"
+                               if extra else ""),
     }
     return weights, grads, states, notes
 
@@ -200,7 +215,7 @@ def _cast_for_training(module, precision: str) -> None:
         return
     quantized = module.quantized_weights() or None
     for sub in module.model.modules():
-        for name, p in list(sub.named_parameters(recurse=False)):
+        for _name, p in list(sub.named_parameters(recurse=False)):
             keep_fp32 = p.requires_grad or (quantized is not None and id(p) not in quantized)
             p.data = p.data.to(torch.float32 if keep_fp32 else dtype)
         if quantized is not None and type(sub) is nn.Linear and id(sub.weight) in quantized:
@@ -248,32 +263,53 @@ class ActivationTrace:
         return self.saved(checkpointing) + self.workspace
 
 
+class _Saved:
+    """What :func:`trace_activations` hands autograd for a saved tensor: the tensor, and a weak reference target that
+    lives exactly as long as the graph node keeping it."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
 def trace_activations(module, batch: dict, attention: str = "fused") -> ActivationTrace:
     """Run ``module``'s training forward on the meta device and count the bytes of every tensor autograd
-    saves for backward (each storage once; parameters are weights, not activations)."""
+    saves for backward (each storage once; parameters are weights, not activations).
+
+    Only what the loss's graph still holds when the forward returns is counted: a tensor saved by a side
+    computation whose graph is dropped during the forward (DoRA builds ``B A`` through an identity matrix to
+    take its norm, detached) is freed before backward and is not an activation."""
+    import gc
+    import weakref
+
     import torch
 
     params = {id(p) for p in module.parameters()}
     layers = _layers(module)
     where: dict[str, int | None] = {"layer": None}
-    seen: dict[int, Any] = {}
+    # one entry per storage: [bytes, layer index where first saved, weak references to what the graphs keep]. Bases
+    # are held weakly (a strong reference would keep their graph, and what it saved, alive), so an id can come back
+    # for another tensor: the weak reference tells them apart.
+    entries: list[list] = []
+    seen: dict[int, tuple[Any, int]] = {}  # id(base) -> (weak reference to base, index into entries)
     inputs: dict[int, Any] = {}
-    per_layer = [0] * len(layers)
-    outside = [0]
-    largest = [0]
 
     def pack(t):
         base = t._base if t._base is not None else t
-        if id(base) in params or id(base) in seen:
+        if id(base) in params:
             return t
-        seen[id(base)] = base
-        nbytes = base.numel() * base.element_size()
-        largest[0] = max(largest[0], nbytes)
-        if where["layer"] is None:
-            outside[0] += nbytes
-        else:
-            per_layer[where["layer"]] += nbytes
-        return t
+        known = seen.get(id(base))
+        if known is None or known[0]() is not base:
+            seen[id(base)] = (weakref.ref(base), len(entries))
+            entries.append([base.numel() * base.element_size(), where["layer"], []])
+            known = seen[id(base)]
+        saved = _Saved(t)
+        entries[known[1]][2].append(weakref.ref(saved))
+        return saved
+
+    def unpack(saved):
+        return saved.tensor if isinstance(saved, _Saved) else saved
 
     def enter(index):
         def hook(mod, args, kwargs):
@@ -292,16 +328,28 @@ def trace_activations(module, batch: dict, attention: str = "fused") -> Activati
         handles.append(layer.register_forward_hook(leave))
     module.train()
     try:
-        with _attention(attention), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            module(**batch)
+        with _attention(attention), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            output = module(**batch)  # held until counted: it keeps the graph (and what it saved) alive
     except RuntimeError as err:
         raise PeftLabError(f"could not trace {type(module).__name__}'s forward on the meta device ({err}); "
                            "try --attention eager") from err
     finally:
         for h in handles:
             h.remove()
+    gc.collect()  # graphs dropped during the forward (reference cycles included) release what they saved
+    per_layer = [0] * len(layers)
+    outside = largest = 0
+    for nbytes, layer, holders in entries:
+        if not any(ref() is not None for ref in holders):
+            continue
+        largest = max(largest, nbytes)
+        if layer is None:
+            outside += nbytes
+        else:
+            per_layer[layer] += nbytes
+    del output
     layer_inputs = sum(t.numel() * t.element_size() for t in inputs.values())
-    return ActivationTrace(outside[0], per_layer, layer_inputs, largest[0])
+    return ActivationTrace(outside, per_layer, layer_inputs, largest)
 
 
 # ---------------------------------------------------------------------------------------------- estimate
@@ -362,8 +410,9 @@ def method_names() -> list[str]:
 
     load_plugins()
 
-    order = ("full", "lora", "qlora", "prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "adapters",
-             "lora_prompt")  # the baseline first, then by family; other registered methods after, as imported
+    order = ("full", "lora", "qlora", "dora", "rslora", "pissa", "lora_plus", "adalora", "prompt_tuning", "p_tuning",
+             "prefix_tuning", "p_tuning_v2", "adapters", "lora_prompt", "stack")
+    # the baseline first, then by family; other registered methods after, as imported
     return sorted(METHODS, key=lambda n: order.index(n) if n in order else len(order))
 
 
@@ -392,14 +441,18 @@ def preset_spec(method: str, backbone: str, task: str, *, r: int | None = None,
 
     cls = method_class(method)
     args: dict[str, Any] = cls.preset_args()
-    if r is not None and "r" in args:
-        args.update(r=r, alpha=2 * r)
-    if num_virtual_tokens is not None and "num_virtual_tokens" in args:
-        args["num_virtual_tokens"] = num_virtual_tokens
-    if bottleneck is not None and "bottleneck" in args:
-        args["bottleneck"] = bottleneck
-    if isinstance(args.get("target_modules"), list) and "r" in args:  # LoRA-family targets
-        args["target_modules"] = target_modules or adapt_targets(args["target_modules"], backbone, task)
+    # the method's own settings, or a stack's parts' (peftlab.methods.Stack: additive and prompt)
+    for part in (args, args.get("additive"), args.get("prompt")):
+        if not isinstance(part, dict):
+            continue
+        if r is not None and "r" in part:
+            part.update(r=r, alpha=2 * r)
+        if num_virtual_tokens is not None and "num_virtual_tokens" in part:
+            part["num_virtual_tokens"] = num_virtual_tokens
+        if bottleneck is not None and "bottleneck" in part:
+            part["bottleneck"] = bottleneck
+        if isinstance(part.get("target_modules"), list) and ("r" in part or "init_r" in part):  # LoRA / AdaLoRA
+            part["target_modules"] = target_modules or adapt_targets(part["target_modules"], backbone, task)
     return MethodSpec(f"{cls.__module__}.{cls.__qualname__}", {**args, "backbone": backbone, "task": task})
 
 
@@ -428,53 +481,10 @@ def _precision_of(trainer_precision: Any) -> str:
     return "bf16" if "bf16" in text else "fp16" if text.startswith("16") else "fp32"
 
 
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="peftlab estimate-memory", allow_abbrev=False, exit_on_error=False,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="peftlab estimate-memory (--size 7b | --backbone B | --config FILE [--config FILE ...]) [options]",
-        description="Training memory (weights, gradients, optimizer states, activations) of full fine-tuning, LoRA, "
-                    "QLoRA, prefix and prompt tuning, without loading weights. With --config the method and its "
-                    "settings (batch size, max_length, precision, optimizer) come from the config; other "
-                    "--model.*/--data.* overrides are passed to the fit parser.",
-        epilog="examples:\n  peftlab estimate-memory --size 7b --batch_size 4 --seq_len 1024 --gradient_checkpointing\n"
-               "  peftlab estimate-memory --config configs/quickstart.yaml --precision fp32\n"
-               "  peftlab estimate-memory --backbone llama-2-70b --method qlora --optimizer paged --json")
-    src = p.add_argument_group("backbone (one of)")
-    src.add_argument("--size", help="a Llama-shaped model: " + ", ".join(SIZES))
-    src.add_argument("--backbone", help="model dir, config.json, shipped shape, packaged:NAME or hub name")
-    p.add_argument("--method", default=None, help="a method's name (full, lora, qlora, prompt_tuning, p_tuning, "
-                   "prefix_tuning, p_tuning_v2, adapters, lora_prompt, or any registered method) or all (default: the "
-                   "config's method, else all); each with its preset settings (configs/methods/<name>.yaml)")
-    p.add_argument("--task", choices=("classification", "causal_lm", "seq2seq"), default=None,
-                   help="default: data.task of the config, else from the backbone (decoder: causal_lm, ...)")
-    p.add_argument("--num_labels", type=int, default=None, help="classes for classification (default 2)")
-    p.add_argument("--batch_size", type=int, default=None, help="default: data.batch_size of the config, else 1")
-    p.add_argument("--seq_len", type=int, default=None, help="tokens per example (default: data.max_length, else 512)")
-    p.add_argument("--target_len", type=int, default=None,
-                   help="seq2seq decoder length (default: data.max_target_length or seq_len)")
-    p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
-                   help="default: trainer.precision of the config, else bf16")
-    p.add_argument("--optimizer", default=None,
-                   help=f"{', '.join(OPTIMIZERS)} or paged (default: the model's, else adamw)")
-    p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute activations in backward (default: the model's setting, else off)")
-    p.add_argument("--attention", choices=("fused", "eager"), default="fused",
-                   help="fused: flash/memory-efficient SDPA (GPUs, no seq x seq scores); eager: scores saved "
-                        "(eager attention, or SDPA with attention dropout on CPU)")
-    p.add_argument("--r", type=int, default=None, help="LoRA-family rank for --method presets (alpha = 2r; "
-                   "default: the preset's)")
-    p.add_argument("--target_modules", nargs="+", default=None,
-                   help="LoRA/QLoRA targets for presets (default: Q and V)")
-    p.add_argument("--num_virtual_tokens", type=int, default=None,
-                   help="virtual tokens of the prompt/prefix presets (default: the preset's)")
-    p.add_argument("--json", action="store_true", help="print a JSON list of estimates")
-    return p
-
-
-def specs_from_args(args: argparse.Namespace, rest: list[str], backbone: str | None) -> list[MethodSpec]:
+def specs_from_args(args: Any, fit_args: Sequence[str], backbone: str | None) -> list[MethodSpec]:
     """The methods to estimate: the config's (or presets on its backbone, with its data/trainer settings), or
-    presets on ``backbone``."""
+    presets on ``backbone``. ``args`` has the command's ``method``, ``task``, ``r``, ``target_modules`` and
+    ``num_virtual_tokens``; ``fit_args`` are ``peftlab fit`` arguments (``--config FILE``, overrides)."""
     def presets(methods, backbone: str, task: str, like: MethodSpec | None = None) -> list[MethodSpec]:
         specs = [preset_spec(m, backbone, task, r=args.r, target_modules=args.target_modules,
                              num_virtual_tokens=args.num_virtual_tokens) for m in methods]
@@ -482,8 +492,8 @@ def specs_from_args(args: argparse.Namespace, rest: list[str], backbone: str | N
             spec.data, spec.trainer = (like.data, like.trainer) if like else ({}, {})
         return specs
 
-    if any(a == "--config" or a.startswith("--config=") for a in rest):
-        spec = parse_fit_config(fit_args(argparse.Namespace(backbone=backbone), rest), prog="peftlab estimate-memory")
+    if has_config(fit_args):
+        spec = parse_fit_config(with_backbone(fit_args, backbone), prog="peftlab estimate-memory")
         if args.task:
             spec.init_args["task"] = args.task
         same = args.method not in (None, "all") and spec.class_path.endswith("." + method_class(args.method).__name__)
@@ -491,39 +501,94 @@ def specs_from_args(args: argparse.Namespace, rest: list[str], backbone: str | N
             return [spec]
         return presets(method_names() if args.method == "all" else [args.method], spec.init_args["backbone"],
                        spec.task, like=spec)
-    if rest:
-        raise PeftLabError(f"unknown option {rest[0]}; see peftlab estimate-memory --help")
+    if fit_args:
+        raise PeftLabError(f"{fit_args[0]} needs --config FILE (it overrides a config); see peftlab estimate-memory "
+                           "--help")
     if backbone is None:
         raise PeftLabError("give a backbone: --size 7b, --backbone PATH_OR_NAME or --config FILE")
     return presets(method_names() if args.method in (None, "all") else [args.method], backbone,
                    args.task or default_task(backbone))
 
 
-def main(argv: list[str]) -> None:
-    """Entry point of ``peftlab estimate-memory``."""
-    parser = make_parser()
-    args, rest = split_own_args(parser, argv)
-    if args.size and args.backbone:
+def estimate_memory_command(
+    *, size: str | None = None, backbone: str | None = None, method: str | None = None,
+    task: Literal["classification", "causal_lm", "seq2seq"] | None = None, num_labels: int | None = None,
+    batch_size: int | None = None, seq_len: int | None = None, target_len: int | None = None,
+    precision: Precision | None = None, optimizer: str | None = None, gradient_checkpointing: bool | None = None,
+    attention: Literal["fused", "eager"] = "fused", r: int | None = None, target_modules: list[str] | None = None,
+    num_virtual_tokens: int | None = None, json: bool = False, fit_args: Sequence[str] = (),
+) -> list[MemoryEstimate]:
+    """Training memory of a method by component, without loading weights.
+
+    Weights, gradients, optimizer states and activations of full fine-tuning, LoRA, QLoRA, prefix and prompt
+    tuning (every registered method), each built as training builds it on the meta device. The backbone is one
+    of --size, --backbone or --config; with --config the method and its settings (batch size, max_length,
+    precision, optimizer) come from the config. docs/decision.md states the formulas.
+
+    Args:
+        size: a Llama-shaped model: 1b, 7b, 13b or 70b
+        backbone: model directory, config.json, shipped shape (configs/backbones/), packaged:NAME or hub name
+        method: a method's name (full, lora, qlora, prompt_tuning, p_tuning, prefix_tuning, p_tuning_v2,
+            adapters, lora_prompt, or any registered method) or all (default: the config's method, else all);
+            each with its preset settings (configs/methods/<name>.yaml)
+        task: default: data.task of the config, else from the backbone (decoder: causal_lm, ...)
+        num_labels: classes for classification (default 2)
+        batch_size: default: data.batch_size of the config, else 1
+        seq_len: tokens per example (default: data.max_length of the config, else 512)
+        target_len: seq2seq decoder length (default: data.max_target_length or seq_len)
+        precision: default: trainer.precision of the config, else bf16
+        optimizer: adamw, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit or paged (default: the model's,
+            else adamw)
+        gradient_checkpointing: recompute activations in backward (default: the model's setting, else off)
+        attention: fused: flash/memory-efficient SDPA (GPUs, no seq x seq scores); eager: scores saved (eager
+            attention, or SDPA with attention dropout on CPU)
+        r: LoRA-family rank for --method presets (alpha = 2r; default: the preset's)
+        target_modules: LoRA/QLoRA targets for presets (default: Q and V)
+        num_virtual_tokens: virtual tokens of the prompt/prefix presets (default: the preset's)
+        json: print a JSON list of estimates
+        fit_args: `peftlab fit`'s arguments: --config FILE and --model.* / --data.* / --trainer.* overrides
+
+    Examples:
+        peftlab estimate-memory --size 7b --batch_size 4 --seq_len 1024 --gradient_checkpointing
+        peftlab estimate-memory --config configs/quickstart.yaml --precision fp32
+        peftlab estimate-memory --backbone llama-2-70b --method qlora --optimizer paged --json
+    """
+    if size and backbone:
         raise PeftLabError("give either --size or --backbone, not both")
+    args = argparse.Namespace(method=method, task=task, r=r, target_modules=target_modules,
+                              num_virtual_tokens=num_virtual_tokens)
     with contextlib.ExitStack() as stack:
-        backbone = stack.enter_context(size_backbone(args.size)) if args.size else args.backbone
+        chosen = stack.enter_context(size_backbone(size)) if size else backbone
         results = []
-        for spec in specs_from_args(args, rest, backbone):
+        specs = specs_from_args(args, fit_args, chosen)
+        for spec in specs:
             data, trainer, model = spec.data, spec.trainer, spec.init_args
-            results.append(estimate(
+            try:
+                result = estimate(
                 spec,
-                batch_size=_first(args.batch_size, data.get("batch_size"), 1),
-                seq_len=_first(args.seq_len, data.get("max_length"), 512),
-                target_len=_first(args.target_len, data.get("max_target_length")),
-                precision=args.precision or (_precision_of(trainer.get("precision")) if trainer else "bf16"),
-                optimizer=args.optimizer or model.get("optimizer") or "adamw",
-                gradient_checkpointing=bool(args.gradient_checkpointing if args.gradient_checkpointing is not None
+                batch_size=_first(batch_size, data.get("batch_size"), 1),
+                seq_len=_first(seq_len, data.get("max_length"), 512),
+                target_len=_first(target_len, data.get("max_target_length")),
+                precision=precision or (_precision_of(trainer.get("precision")) if trainer else "bf16"),
+                optimizer=optimizer or model.get("optimizer") or "adamw",
+                gradient_checkpointing=bool(gradient_checkpointing if gradient_checkpointing is not None
                                             else model.get("gradient_checkpointing", False)),
-                attention=args.attention, num_labels=args.num_labels))
-        if args.size:
-            for r in results:
-                r.backbone = f"{args.size} ({SIZES[args.size.lower()]})"
-    if args.json:
-        print(json.dumps([r.as_dict() for r in results]))
-        return
-    print("\n\n".join("\n".join(r.lines()) for r in results))
+                attention=attention, num_labels=num_labels)
+            except PeftLabError as err:
+                if len(specs) == 1:
+                    raise
+                # --method all: a registered method that does not apply to this backbone (e.g. BitFit on a model
+                # without biases) is named and skipped, not allowed to sink the whole table
+                print(f"estimate-memory: skipped {spec.name}: {err}", file=sys.stderr)
+                continue
+            results.append(result)
+        if size:
+            for r_ in results:
+                r_.backbone = f"{size} ({SIZES[size.lower()]})"
+    if json:
+        from json import dumps
+
+        print(dumps([r_.as_dict() for r_ in results]))
+    else:
+        print("\n\n".join("\n".join(r_.lines()) for r_ in results))
+    return results

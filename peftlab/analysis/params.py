@@ -18,10 +18,10 @@ a packaged model (``packaged:all-MiniLM-L6-v2``) or a Hugging Face hub name (fet
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,17 +85,6 @@ class MethodSpec:
         return self.init_args["task"]
 
 
-def _one_line(message: str) -> str:
-    """The most specific line of a (multi-line) jsonargparse error."""
-    skip = ("Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>", "Does not validate",
-            "Problem with given class_path")
-    lines = [ln.strip(" -") for ln in str(message).splitlines() if ln.strip(" -")]
-    if lines and lines[0].startswith("Problems parsing config"):  # YAML syntax: keep the parser's whole story
-        return "invalid YAML: " + " ".join(ln.replace('"<unicode string>"', "the file") for ln in lines)
-    useful = [ln for ln in lines if not ln.startswith(skip) and not ln.startswith('Parser key "model"')]
-    return (useful or lines or ["invalid arguments"])[-1 if useful else 0]
-
-
 def parse_fit_config(args: list[str], prog: str = "peftlab params") -> MethodSpec:
     """Parse ``args`` (``--config FILE``, ``--model.*`` / ``--data.*`` overrides) with ``peftlab fit``'s parser.
 
@@ -120,7 +109,9 @@ def parse_fit_config(args: list[str], prog: str = "peftlab params") -> MethodSpe
                         auto_configure_optimizers=False,
                         parser_kwargs={"default_env": False, "prog": prog, "exit_on_error": False})
     except argparse.ArgumentError as err:
-        raise PeftLabError(f"{_one_line(str(err))} (in the config files or overrides given to {prog}; "
+        from peftlab.cli_errors import one_line
+
+        raise PeftLabError(f"{one_line(str(err))} (in the config files or overrides given to {prog}; "
                            "`peftlab fit --model.help LoRA` lists a method's arguments)") from err
     finally:
         sys.argv = saved
@@ -230,57 +221,48 @@ def human_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def split_own_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Parse this command's own flags; everything else (``--config``, ``--model.*``, ...) is for the fit parser."""
-    try:
-        return parser.parse_known_args(argv)
-    except argparse.ArgumentError as err:
-        raise PeftLabError(f"{parser.prog}: {err}; see {parser.prog} --help") from err
+def with_backbone(fit_args: Sequence[str], backbone: str | None) -> list[str]:
+    """``peftlab fit`` arguments ``fit_args`` plus ``backbone`` (if given) as the model.backbone override."""
+    return [*fit_args, *(["--model.init_args.backbone", backbone] if backbone else [])]
 
 
-def fit_args(args: argparse.Namespace, rest: list[str]) -> list[str]:
-    """Arguments for the fit parser: ``rest`` plus ``--backbone`` as a model override."""
-    bad = [a for a in rest if a.startswith("--") and not a.startswith(("--config", "--model", "--data", "--trainer",
-                                                                       "--seed_everything", "--optimizer",
-                                                                       "--lr_scheduler"))]
-    if bad:
-        raise PeftLabError(f"unknown option {bad[0]}; options are this command's (see --help), --config FILE and "
-                           "peftlab fit's --model.* / --data.* / --trainer.* overrides")
-    extra = ["--model.init_args.backbone", args.backbone] if getattr(args, "backbone", None) else []
-    return [*rest, *extra]
+def has_config(fit_args: Sequence[str]) -> bool:
+    """Whether ``fit_args`` name a ``--config`` file."""
+    return any(a == "--config" or a.startswith("--config=") for a in fit_args)
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="peftlab params", allow_abbrev=False, exit_on_error=False,
-        usage="peftlab params --config FILE [--config FILE ...] [--model.* / --data.* overrides] "
-              "[--backbone B] [--num_labels N] [--json]",
-        description="Exact trainable/total parameters and adapter file size of a config, built on the meta device "
-                    "(no weights). Takes the configs and --model.*/--data.* overrides of `peftlab fit`.",
-        epilog="example: peftlab params --config configs/quickstart.yaml --backbone llama-2-7b --data.task causal_lm "
-               "--model.target_modules '[q_proj, v_proj]'",
-    )
-    parser.add_argument("--backbone", help="override model.backbone: a model dir, a config.json, a shipped shape "
-                        "(configs/backbones/: " + ", ".join(shipped_backbones()) + "), packaged:NAME or a hub name")
-    parser.add_argument("--num_labels", type=int, default=None,
-                        help="classes for classification (default: len(data.labels) if set, else 2; data is not read)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    return parser
+def params_command(*, backbone: str | None = None, num_labels: int | None = None, json: bool = False,
+                   fit_args: Sequence[str] = ()) -> ParamReport:
+    """Exact trainable/total parameters and adapter file size of a config, without loading weights.
 
+    The config is read by `peftlab fit`'s own parser (so layered --config files and --model.* / --data.*
+    overrides mean what they mean for training) and the method is built by the training code on the meta
+    device: the backbone comes from its config.json alone, so a 70B model costs seconds and no memory.
 
-def main(argv: list[str]) -> None:
-    """Entry point of ``peftlab params``."""
-    parser = make_parser()
-    args, rest = split_own_args(parser, argv)
-    if not any(a == "--config" or a.startswith("--config=") for a in rest):
+    Args:
+        backbone: override model.backbone: a model directory, a config.json, a shipped shape (configs/backbones/:
+            llama-1b, llama-2-7b, llama-2-70b, roberta-base, ...), packaged:NAME or a hub name (config only)
+        num_labels: classes for classification (default: len(data.labels) if set, else 2; the data is not read)
+        json: print one JSON object instead of the table
+        fit_args: `peftlab fit`'s arguments: --config FILE (at least one) and --model.* / --data.* overrides
+
+    Examples:
+        peftlab params --config configs/quickstart.yaml --config configs/methods/lora.yaml
+        peftlab params --config configs/quickstart.yaml --backbone llama-2-7b --data.task causal_lm \\
+            --model.target_modules '[q_proj, v_proj]' --json
+    """
+    if not has_config(fit_args):
         raise PeftLabError("peftlab params needs --config FILE (the YAML you give peftlab fit), "
                            "e.g. --config configs/quickstart.yaml")
-    spec = parse_fit_config(fit_args(args, rest))
-    rep = report(build_meta(spec, args.num_labels), spec)
-    if args.json:
-        print(json.dumps(asdict(rep)))
+    spec = parse_fit_config(with_backbone(fit_args, backbone))
+    rep = report(build_meta(spec, num_labels), spec)
+    if json:
+        from json import dumps
+
+        print(dumps(asdict(rep)))
     else:
         print("\n".join(rep.lines()))
+    return rep
 
 
 # Layer-name suffixes by architecture family, most specific first; the first group whose every name is a

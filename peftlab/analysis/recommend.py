@@ -1,7 +1,8 @@
 """``peftlab recommend``: the design notes' method choice for your constraints, as a ready config.
 
-The rules combine the notes' two decision tables (notes 003 "Choosing a Method": decision tree and
-task-specific recommendations; notes 000 "Prefix / P-Tuning vs LoRA / QLoRA": scenario table), checked
+The rules combine the two decision tables of peftlab's design notes, reproduced in docs/decision.md: the
+*decision tree* and *task table* ("Choosing a Method": a tree of questions, and a rank per task type) and the
+*scenario table* ("Prefix / P-Tuning vs LoRA / QLoRA": a method per deployment scenario), checked
 in this order, hard constraints first:
 
 ====  ==========================================  =================================  ======================
@@ -27,29 +28,30 @@ domain adaptation r=16, try 32; style r=8; code r=16 on all attention and feed-f
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from peftlab.errors import PeftLabError
 
-TASK_TYPES = ("classification", "instruction", "domain", "style", "code", "other")
-MULTI_TASK = ("none", "combine", "hot_swap")
+TaskType = Literal["classification", "instruction", "domain", "style", "code", "other"]
+MultiTask = Literal["none", "combine", "hot_swap"]
+TASK_TYPES: tuple[str, ...] = get_args(TaskType)
+MULTI_TASK: tuple[str, ...] = get_args(MultiTask)
 GENERATIVE = ("instruction", "domain", "style", "code")
 HEADER = "# Written by `peftlab recommend`"
 
 # task type -> (LoRA rank, target scope, why)
 LORA_BY_TASK = {
     "classification": (4, "qv", "classification is simple: a low rank suffices and overfits less "
-                                "(notes 003: LoRA r=4)"),
-    "instruction": (8, "qv", "instruction following needs moderate capacity (notes 003: LoRA r=8-16; start at 8)"),
-    "domain": (16, "qv", "domain adaptation must learn new knowledge (notes 003: LoRA r=16-32; start at 16)"),
-    "style": (8, "qv", "style/persona steers behaviour rather than adding knowledge (notes 003: LoRA r=8)"),
+                                "(task table: LoRA r=4)"),
+    "instruction": (8, "qv", "instruction following needs moderate capacity (task table: LoRA r=8-16; start at 8)"),
+    "domain": (16, "qv", "domain adaptation must learn new knowledge (task table: LoRA r=16-32; start at 16)"),
+    "style": (8, "qv", "style/persona steers behaviour rather than adding knowledge (task table: LoRA r=8)"),
     "code": (16, "attention_ffn", "code is complex and benefits from adapting Q, K, V, O and the FFN "
-                                  "(notes 003: LoRA r=8-16 on all attention weights, maybe FFN)"),
-    "other": (8, "qv", "the notes' default starting point (LoRA r=8, alpha=16 on Q and V)"),
+                                  "(task table: LoRA r=8-16 on all attention weights, maybe FFN)"),
+    "other": (8, "qv", "the decision tree's default starting point (LoRA r=8, alpha=16 on Q and V)"),
 }
 
 def preset(method: str, **overrides) -> dict[str, Any]:
@@ -64,7 +66,7 @@ def preset(method: str, **overrides) -> dict[str, Any]:
 
 @dataclass
 class Answers:
-    """The notes' questions. ``None`` means not answered (asked interactively on a terminal, else ``False``)."""
+    """The design notes' questions (docs/decision.md). ``None`` means not answered (asked interactively on a terminal, else ``False``)."""
 
     api_only: bool | None = None
     frozen_weights: bool | None = None
@@ -128,7 +130,7 @@ def _lora(rule: str, task_type: str, reason: str, *, qlora: bool = False, altern
 
 
 def recommend(a: Answers) -> Recommendation:
-    """The notes' recommendation for answers ``a`` (unanswered questions count as "no")."""
+    """The decision tables' recommendation for answers ``a`` (unanswered questions count as "no")."""
     task = a.task_type or "other"
     if task not in TASK_TYPES:
         raise PeftLabError(f"--task_type {task!r} is unknown; choose one of {', '.join(TASK_TYPES)}")
@@ -140,7 +142,7 @@ def recommend(a: Answers) -> Recommendation:
         return Recommendation(
             "api_only", "prompt engineering", None, {},
             "with API-only access nothing can be attached to the model: no soft prompts, prefixes or adapters "
-            "(notes 000: 'Only API access -> prompt engineering'). Put instructions and a few examples in the "
+            "(scenario table: 'Only API access -> prompt engineering'). Put instructions and a few examples in the "
             "prompt, or use the provider's own fine-tuning service.",
             "if you get the weights: LoRA r=8 on Q+V (run again without --api_only)")
     if a.frozen_weights:
@@ -148,13 +150,13 @@ def recommend(a: Answers) -> Recommendation:
             "frozen_weights", "PTuningV2", "peftlab.methods.PTuningV2",
             preset("p_tuning_v2"),
             "the weights must stay untouched (edge / frozen deployment): P-tuning v2 only prepends virtual tokens "
-            "and per-layer K/V prefixes, the model is never modified or repacked (notes 000: 'edge / no model "
+            "and per-layer K/V prefixes, the model is never modified or repacked (scenario table: 'edge / no model "
             "modification -> Prefix / P-Tuning v2'). Precompute the prefixes after training and drop the MLP.",
             "PrefixTuning (simpler, slightly cheaper, less flexible)")
     if a.latency_critical:
         return _lora("latency_critical", task,
                      "inference latency is critical: LoRA's update folds into the weights after training (W + BA), "
-                     f"so the deployed model has zero extra latency (notes 003 decision tree, question 1); {task_why}. "
+                     f"so the deployed model has zero extra latency (decision tree, question 1); {task_why}. "
                      "After training: peftlab merge RUN_DIR --output MERGED_DIR.",
                      alternatives="QLoRA if GPU memory is short (merge dequantizes)")
     if a.compute_limited:
@@ -162,14 +164,14 @@ def recommend(a: Answers) -> Recommendation:
             "compute_limited", "PromptTuning", "peftlab.methods.PromptTuning",
             preset("prompt_tuning"),
             "compute is extremely limited: prompt tuning trains only N x hidden embeddings, the fewest parameters "
-            "and optimizer state of all methods (notes 003 decision tree, question 2). It needs a large model to "
+            "and optimizer state of all methods (decision tree, question 2). It needs a large model to "
             "match fine-tuning (Lester et al. 2021: ~10B).",
             "QLoRA if the limit is GPU memory rather than compute")
     if a.few_shot:
         return Recommendation(
             "few_shot", "PTuningV2", "peftlab.methods.PTuningV2",
             preset("p_tuning_v2"),
-            "few-shot / very little data: a small prompt-based adapter has little room to overfit (notes 000: "
+            "few-shot / very little data: a small prompt-based adapter has little room to overfit (scenario table: "
             "'few-shot / little data -> Prefix / P-Tuning v2'); P-tuning v2 acts on the input and on every "
             "attention layer. peftlab's own measurement does not back this on a small model: on all-MiniLM-L6-v2 "
             "(22M, one draw) prefix tuning, P-tuning v2 and LoRA tie near the majority class at 32 examples per "
@@ -178,40 +180,40 @@ def recommend(a: Answers) -> Recommendation:
     if a.max_quality_min_cost:
         return _lora("max_quality_min_cost", task,
                      "near full fine-tuning quality at the least memory: QLoRA trains LoRA on a 4-bit NF4 backbone "
-                     "(notes 000: 'maximum quality with minimum cost -> QLoRA'); the QLoRA paper needs LoRA on all "
+                     "(scenario table: 'maximum quality with minimum cost -> QLoRA'); the QLoRA paper needs LoRA on all "
                      "linear layers to match 16-bit fine-tuning, hence attention + FFN targets.",
                      qlora=True, scope="attention_ffn", rank=max(16, LORA_BY_TASK[task][0]),
                      alternatives="LoRA in bf16 if memory allows (faster per step)")
     if task == "classification":
         return _lora("simple_task", task,
                      "the task is simple (classification): LoRA r=4 on Q+V, few parameters and little risk of "
-                     "overfitting (notes 003 decision tree, question 3).",
+                     "overfitting (decision tree, question 3).",
                      alternatives="PromptTuning with 20 tokens (cheaper; weaker on models under ~10B)")
     if multi == "combine":
         return Recommendation(
             "combine_tasks", "BottleneckAdapter", "peftlab.methods.BottleneckAdapter",
             preset("adapters"),
             "several tasks have to be combined: bottleneck adapters are separate modules that are easy to swap and "
-            "to stack/combine (notes 003 decision tree, question 4). They add a little inference latency.",
-            "one LoRA per task combined by weighted sum (notes 003: 'Multiple LoRAs')")
+            "to stack/combine (decision tree, question 4). They add a little inference latency.",
+            "one LoRA per task combined by weighted sum (task table: 'Multiple LoRAs')")
     if multi == "hot_swap":
         return _lora("hot_swap", task,
                      "many tasks served by hot-swapping: one small LoRA adapter per task on one shared backbone, "
-                     f"loaded on demand (notes 000: 'dozens of tasks with hot-swapping -> LoRA / QLoRA'); {task_why}.",
+                     f"loaded on demand (scenario table: 'dozens of tasks with hot-swapping -> LoRA / QLoRA'); {task_why}.",
                      alternatives="QLoRA for 7B+ backbones on small GPUs; bottleneck adapters")
     if a.per_layer_control:
         return _lora("per_layer", task,
                      "you want to choose what is adapted per layer type: LoRA takes any set of linear layers "
                      "(target_modules lists attention and FFN projections; delete the ones you do not want) "
-                     "(notes 000: 'flexible per-layer tuning -> LoRA').", scope="attention_ffn")
+                     "(scenario table: 'flexible per-layer tuning -> LoRA').", scope="attention_ffn")
     if task in GENERATIVE:
         return _lora(f"task_{task}", task, f"task-specific recommendation: {task_why}.",
                      alternatives={"domain": "r=32, or bottleneck adapters; consider continued pretraining first",
                                    "style": "PrefixTuning (10-20 tokens)",
                                    "instruction": "r=16 if underfitting",
                                    "code": "r=8 on attention only if memory is short"}[task])
-    return _lora("default", task, "no constraint points elsewhere: the notes' default, LoRA r=8, alpha=16 on the Q "
-                 "and V projections (notes 003 decision tree: default); adjust from there.",
+    return _lora("default", task, "no constraint points elsewhere: the decision tree's default, LoRA r=8, alpha=16 on the Q "
+                 "and V projections (decision tree: default); adjust from there.",
                  alternatives="PromptTuning for quick experiments")
 
 
@@ -281,7 +283,7 @@ def config_text(rec: Recommendation, backbone: str, task: str | None, answers: A
     lines = [f"{HEADER} ({given or 'no constraints'}): {rec.summary}",
              f"# Why: {rec.reason}",
              "# Train (layered on a base config that has the trainer and data sections; set your data):",
-             f"#   peftlab fit --config configs/quickstart.yaml --config THIS_FILE --data.source YOUR_DATA",
+             "#   peftlab fit --config configs/quickstart.yaml --config THIS_FILE --data.source YOUR_DATA",
              "#   peftlab params --config configs/quickstart.yaml --config THIS_FILE   # exact parameter counts"]
     if task:
         lines.append("# Generative data needs --data.prompt_template / --data.response_template "
@@ -303,45 +305,51 @@ def write_config(path: str, text: str, force: bool) -> None:
     os.replace(tmp, path)
 
 
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="peftlab recommend", allow_abbrev=False, exit_on_error=False,
-        description="Recommend a PEFT method from the design notes' decision tables and write a ready config for "
-                    "your backbone. Unanswered yes/no questions are asked on a terminal, else count as no.")
-    yes_no = argparse.BooleanOptionalAction
-    p.add_argument("--api_only", action=yes_no, default=None, help=QUESTIONS["api_only"])
-    p.add_argument("--frozen_weights", action=yes_no, default=None, help=QUESTIONS["frozen_weights"])
-    p.add_argument("--latency_critical", action=yes_no, default=None, help=QUESTIONS["latency_critical"])
-    p.add_argument("--compute_limited", action=yes_no, default=None, help=QUESTIONS["compute_limited"])
-    p.add_argument("--few_shot", action=yes_no, default=None, help=QUESTIONS["few_shot"])
-    p.add_argument("--max_quality_min_cost", action=yes_no, default=None, help=QUESTIONS["max_quality_min_cost"])
-    p.add_argument("--per_layer_control", action=yes_no, default=None, help=QUESTIONS["per_layer_control"])
-    p.add_argument("--task_type", choices=TASK_TYPES, default=None, help="what the model must learn")
-    p.add_argument("--num_tasks", type=int, default=None, help="tasks sharing one backbone (10+ implies hot-swapping)")
-    p.add_argument("--multi_task", choices=MULTI_TASK, default=None,
-                   help="combine: one model does several tasks at once; "
-                        "hot_swap: one adapter per task, swapped per request")
-    p.add_argument("--backbone", default=None, help="your model (dir, config.json, shipped shape, packaged:NAME, hub "
-                   "name); default packaged:all-MiniLM-L6-v2, or packaged:SmolLM2-135M-Instruct for generative tasks")
-    p.add_argument("--all_methods", action=yes_no, default=True,
-                   help="also list every registered method with its preset's exact trainable parameters")
-    p.add_argument("--output", default="recommended.yaml", help="config file to write (default recommended.yaml)")
-    p.add_argument("--force", action="store_true", help="replace --output even if peftlab recommend did not write it")
-    return p
+def recommend_command(
+    *, api_only: bool | None = None, frozen_weights: bool | None = None, latency_critical: bool | None = None,
+    compute_limited: bool | None = None, few_shot: bool | None = None, max_quality_min_cost: bool | None = None,
+    per_layer_control: bool | None = None, task_type: TaskType | None = None, num_tasks: int | None = None,
+    multi_task: MultiTask | None = None, backbone: str | None = None, all_methods: bool = True,
+    output: str = "recommended.yaml", force: bool = False,
+) -> Recommendation:
+    """Recommend a PEFT method from the design notes' decision tables and write its config.
 
+    The design notes' questions are checked in order, hard constraints first (docs/decision.md has the table); the
+    answer is written as a ready config for your backbone, with the method's exact trainable parameters.
+    Unanswered yes/no questions are asked on a terminal, else count as no.
 
-def main(argv: list[str]) -> None:
-    """Entry point of ``peftlab recommend``."""
-    from peftlab.analysis.params import MethodSpec, build_meta, split_own_args, target_modules_for
+    Args:
+        api_only: Do you only have API access to the model (no weights)?
+        frozen_weights: Must the deployed weights stay unmodified (edge device, frozen / shared deployment)?
+        latency_critical: Is inference latency critical?
+        compute_limited: Is compute extremely limited?
+        few_shot: Is this few-shot learning / do you have very little data (hundreds of examples or fewer)?
+        max_quality_min_cost: Do you want near full fine-tuning quality at the lowest GPU memory cost?
+        per_layer_control: Do you want to choose per layer / module type what is adapted (e.g. only attention
+            or only FFN)?
+        task_type: what the model must learn
+        num_tasks: tasks sharing one backbone (10+ implies hot-swapping)
+        multi_task: combine: one model does several tasks at once; hot_swap: one adapter per task, swapped
+            per request
+        backbone: your model (dir, config.json, shipped shape, packaged:NAME, hub name); default
+            packaged:all-MiniLM-L6-v2, or packaged:SmolLM2-135M-Instruct for generative tasks
+        all_methods: also list every registered method with its preset's exact trainable parameters
+        output: config file to write
+        force: replace --output even if peftlab recommend did not write it
 
-    parser = make_parser()
-    args, rest = split_own_args(parser, argv)
-    if rest:
-        raise PeftLabError(f"peftlab recommend: unknown argument {rest[0]!r}; see peftlab recommend --help")
-    if args.num_tasks is not None and args.num_tasks < 1:
-        raise PeftLabError(f"--num_tasks must be >= 1 (got {args.num_tasks})")
-    fields = {k: getattr(args, k) for k in Answers.__dataclass_fields__}
-    answers = fill_answers(Answers(**fields), interactive=sys.stdin.isatty())
+    Examples:
+        peftlab recommend --task_type code --latency_critical --backbone configs/backbones/llama-2-7b
+        peftlab recommend --few_shot --no-api_only --output few_shot.yaml --force
+    """
+    from peftlab.analysis.params import MethodSpec, build_meta, target_modules_for
+
+    if num_tasks is not None and num_tasks < 1:
+        raise PeftLabError(f"--num_tasks must be >= 1 (got {num_tasks})")
+    answers = Answers(api_only=api_only, frozen_weights=frozen_weights, latency_critical=latency_critical,
+                      compute_limited=compute_limited, few_shot=few_shot, max_quality_min_cost=max_quality_min_cost,
+                      task_type=task_type, num_tasks=num_tasks, multi_task=multi_task,
+                      per_layer_control=per_layer_control)
+    answers = fill_answers(answers, interactive=sys.stdin.isatty())
     rec = recommend(answers)
     out = [f"recommended  {rec.summary}" + (f" ({rec.class_path})" if rec.class_path else "")]
     out.append(f"why          {rec.reason}")
@@ -350,9 +358,9 @@ def main(argv: list[str]) -> None:
     if rec.class_path is None:
         out.append("config       none written: there is nothing to train")
         print("\n".join(out))
-        return
-    backbone = args.backbone or ("packaged:SmolLM2-135M-Instruct" if answers.task_type in GENERATIVE
-                                 else "packaged:all-MiniLM-L6-v2")
+        return rec
+    backbone = backbone or ("packaged:SmolLM2-135M-Instruct" if answers.task_type in GENERATIVE
+                            else "packaged:all-MiniLM-L6-v2")
     task = data_task(answers.task_type, backbone)
     if rec.targets:
         rec.init_args["target_modules"] = target_modules_for(backbone, task or "classification", rec.targets)
@@ -365,13 +373,14 @@ def main(argv: list[str]) -> None:
     under, over = type(module).advice
     out.append(f"underfitting {under}")
     out.append(f"overfitting  {over}")
-    if args.all_methods:
+    if all_methods:
         out.append(f"all methods  (their presets, configs/methods/, on {backbone}; trainable parameters)")
         out += [f"  {line}" for line in method_table(backbone, task or "classification")]
-    write_config(args.output, config_text(rec, backbone, task, answers), args.force)
-    out.append(f"config       wrote {args.output}; train with: peftlab fit --config configs/quickstart.yaml "
-               f"--config {args.output}" + (" --data.source YOUR_DATA ..." if task else ""))
+    write_config(output, config_text(rec, backbone, task, answers), force)
+    out.append(f"config       wrote {output}; train with: peftlab fit --config configs/quickstart.yaml "
+               f"--config {output}" + (" --data.source YOUR_DATA ..." if task else ""))
     print("\n".join(out))
+    return rec
 
 
 def method_table(backbone: str, task: str) -> list[str]:

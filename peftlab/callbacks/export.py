@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
 import lightning as L
-import torch
 
+from peftlab.callbacks.last import model_checkpoint
 from peftlab.export import export_adapter
 
 
 class AdapterExport(L.Callback):
-    """Export the adapter on every checkpoint save (``<dir>/last``) and, at the end of fit, the best one.
+    """Export the adapter at every checkpoint save (``<dir>/last``) and whenever the checkpoint callback finds a
+    new best (``<dir>/best``), plus the final state at the end of fit.
 
     Checkpoints (``.ckpt``) are for resuming: trainable parameters plus optimizer, scheduler and loop state.
-    Exported adapters are for use: see :mod:`peftlab.export` for their format. The best adapter is the
-    checkpoint callback's best by its ``monitor`` (top-k is ModelCheckpoint's ``save_top_k``).
+    Exported adapters are for use: see :mod:`peftlab.export` for their format. The best adapter is written at
+    the moment ``ModelCheckpoint`` saves a new best by its ``monitor`` (it updates ``best_model_path`` just
+    before saving), from the weights in memory, so nothing has to be read back from a checkpoint (which under
+    a sharding strategy is a directory of shards). Under FSDP2 only the trainable parameters are gathered.
 
     Args:
         enabled: export at all.
@@ -28,68 +30,58 @@ class AdapterExport(L.Callback):
         self.enabled = enabled
         self.dirpath = dirpath
         self._exported_step = -1
+        self._best_path = ""  # the checkpoint callback's best_model_path when "best" was last exported
 
-    def _export(self, trainer, module, name, metrics=None):
-        # every rank runs this hook and must ask for trainer.log_dir (a collective under a distributed
-        # strategy), once; only rank 0 reads the config and writes
+    def _export(self, trainer, module, names: list[str], metrics=None):
+        # every rank runs this hook: trainer.log_dir and a sharded model's gathering are collectives; only
+        # rank 0 reads the config and writes
+        from peftlab.export import full_trainable_state, is_sharded
+
         log_dir = trainer.log_dir
         directory = Path(self.dirpath or os.path.join(log_dir or trainer.default_root_dir, "adapter"))
-        with full_parameters(trainer):
-            if trainer.is_global_zero and hasattr(module, "trainable_count"):
-                config = os.path.join(log_dir or "", "config.yaml")
-                config_yaml = Path(config).read_text(encoding="utf-8") if log_dir and os.path.isfile(config) else None
-                labels = getattr(trainer.datamodule, "label_names", None) if trainer.datamodule is not None else None
-                export_adapter(module, directory / name, config_yaml=config_yaml, metrics=metrics,
-                               label_names=labels)
+        if not hasattr(module, "trainable_count") or module.model is None:
+            return
+        state = full_trainable_state(module) if is_sharded(module) else None
+        if not trainer.is_global_zero:
+            return
+        config = os.path.join(log_dir or "", "config.yaml")
+        config_yaml = Path(config).read_text(encoding="utf-8") if log_dir and os.path.isfile(config) else None
+        labels = getattr(trainer.datamodule, "label_names", None) if trainer.datamodule is not None else None
+        for name in names:
+            export_adapter(module, directory / name, config_yaml=config_yaml,
+                           metrics=metrics if name == "best" else None, label_names=labels, state=state)
+
+    def _best_metrics(self, trainer) -> dict:
+        cb = model_checkpoint(trainer)
+        score = getattr(cb, "best_model_score", None)
+        return {cb.monitor: float(score)} if getattr(cb, "monitor", None) and score is not None else {}
+
+    def setup(self, trainer, pl_module, stage):
+        # after a resume the checkpoint callback's best is an earlier save's: not the weights now in memory
+        self._best_path = self._best_path or getattr(model_checkpoint(trainer), "best_model_path", "") or ""
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         # called once per checkpoint file; export once per step
-        if self.enabled and trainer.global_step != self._exported_step:
-            self._exported_step = trainer.global_step
-            self._export(trainer, pl_module, "last")
-
-    def on_fit_end(self, trainer, pl_module):
         if not self.enabled:
             return
-        self._export(trainer, pl_module, "last")
-        cb = trainer.checkpoint_callback
-        with best_weights(trainer, pl_module) as found:
-            if found:
-                metrics = {cb.monitor: cb.best_model_score} if cb.monitor and cb.best_model_score is not None else {}
-                self._export(trainer, pl_module, "best", metrics)
+        names = []
+        if trainer.global_step != self._exported_step:  # once per step, whichever checkpoint is saved first
+            self._exported_step = trainer.global_step
+            names.append("last")
+        best = getattr(model_checkpoint(trainer), "best_model_path", "") or ""
+        if best and best != self._best_path:  # ModelCheckpoint is saving a new best right now
+            self._best_path = best
+            names.append("best")
+        if names:
+            self._export(trainer, pl_module, names, self._best_metrics(trainer))
 
+    def on_fit_end(self, trainer, pl_module):
+        if self.enabled and trainer.global_step != self._exported_step:
+            self._exported_step = trainer.global_step
+            self._export(trainer, pl_module, ["last"])
 
-@contextlib.contextmanager
-def full_parameters(trainer):
-    """Under FSDP, gather the full parameters on rank 0 for the export (a collective: every rank enters).
-    Not exercised on this project's CPU machine (torch's FSDP needs an accelerator); see docs/distributed.md."""
-    strategy = getattr(trainer, "strategy", None)
-    if type(strategy).__name__.endswith("FSDPStrategy"):
-        from torch.distributed.fsdp import FullyShardedDataParallel
+    def state_dict(self) -> dict:
+        return {"best_path": self._best_path}
 
-        with FullyShardedDataParallel.summon_full_params(strategy.model, writeback=False, rank0_only=True):
-            yield
-    else:
-        yield
-
-
-@contextlib.contextmanager
-def best_weights(trainer, module):
-    """Temporarily load the best checkpoint's trainable weights into ``module``; yields whether there was one."""
-    best = getattr(trainer.checkpoint_callback, "best_model_path", "")
-    if not best or not os.path.isfile(best):
-        yield False
-        return
-    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    current = {n: p.detach().clone() for n, p in params.items()}
-    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-    try:
-        with torch.no_grad():
-            for name, value in state.items():
-                if name in params:
-                    params[name].copy_(value)
-        yield True
-    finally:
-        with torch.no_grad():
-            for name, value in current.items():
-                params[name].copy_(value)
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._best_path = state_dict.get("best_path", "")

@@ -6,6 +6,7 @@ The dataset transforms (label encoding, splitting, few-shot sampling) are pure f
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property, partial
@@ -63,7 +64,10 @@ class PeftDataModule(L.LightningDataModule):
         split_seed: seed of those splits (stratified by label for classification), so they are fixed.
         max_train_samples: use only the first N (shuffled by ``split_seed``) training examples.
         max_eval_samples: use only the first N validation and test examples.
-        num_workers: DataLoader workers; 0 is right for most runs because tokenization happens once, up front.
+        num_workers: DataLoader workers (collating in the background); default: 0 without a GPU (tokenization
+            happens once, up front, and a CPU run needs every core for the model), 4 (at most half the cores)
+            with one, so the GPU never waits for a batch.
+        pin_memory: page-locked host memory for faster host-to-GPU copies; default: on when a GPU is present.
         dataset_config: hub dataset configuration name (e.g. ``sst2`` for ``glue``).
         few_shot_k: keep only k training examples per class (classification; stratified). Validation and
             test are untouched. The chosen rows are recorded in ``<run dir>/run.json`` (key ``data.few_shot_ids``).
@@ -71,9 +75,12 @@ class PeftDataModule(L.LightningDataModule):
         few_shot_seed: seed of the few-shot draw (independent of ``split_seed``, so the split stays fixed).
         shuffle: reshuffle the training data every epoch (off: dataset order, e.g. to compare runs batch by batch).
         group_by_length: put examples of similar length in the same training batch (sorted within random
-            groups of 50 batches): on Rotten Tomatoes with MiniLM padding falls from 48% to 2.5% of the tokens
-            and LoRA trains 1.76x faster (docs/benchmarks.md). Off by default until shown not to change
-            results; one process only (ignored under DDP).
+            groups of 50 batches), which removes most padding (docs/benchmarks.md: how much, and the quickstart's test
+            accuracy with and without it). One process only (ignored under DDP).
+        packing: causal_lm only: put several training examples in each row, up to ``max_length`` tokens, each
+            with its own position ids so attention never crosses examples; the loss is unchanged (each
+            example's targets, as unpacked). Methods that add virtual tokens per row (prompt / prefix tuning,
+            P-tuning, P-tuning v2, LoRA + prompt) refuse it. Validation and test stay unpacked.
     """
 
     def __init__(
@@ -97,13 +104,15 @@ class PeftDataModule(L.LightningDataModule):
         split_seed: int = 42,
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | None = None,
+        pin_memory: bool | None = None,
         dataset_config: str | None = None,
         few_shot_k: int | None = None,
         few_shot_n: int | None = None,
         few_shot_seed: int = 0,
         shuffle: bool = True,
-        group_by_length: bool = False,
+        group_by_length: bool = True,
+        packing: bool = False,
     ):
         super().__init__()
         if task not in TASKS:
@@ -144,13 +153,20 @@ class PeftDataModule(L.LightningDataModule):
         self.split_seed = split_seed
         self.max_train_samples = max_train_samples
         self.max_eval_samples = max_eval_samples
-        self.num_workers = num_workers
+        if num_workers is not None and num_workers < 0:
+            raise PeftLabError(f"data.num_workers must be >= 0 (got {num_workers})")
+        gpu = torch.cuda.is_available()
+        self.num_workers = num_workers if num_workers is not None else (min(4, (os.cpu_count() or 2) // 2) if gpu else 0)
+        self.pin_memory = pin_memory if pin_memory is not None else gpu
         self.dataset_config = dataset_config
         self.few_shot_k = few_shot_k
         self.few_shot_n = few_shot_n
         self.few_shot_seed = few_shot_seed
         self.shuffle = shuffle
         self.group_by_length = group_by_length
+        if packing and task != "causal_lm":
+            raise PeftLabError(f"data.packing needs task: causal_lm (got {task!r}); set data.packing false")
+        self.packing = packing
         self._loaded: LoadedData | None = None  # set by load(), the only place that reads the source
         self.datasets: dict = {}  # tokenized splits, set by setup()
 
@@ -292,12 +308,19 @@ class PeftDataModule(L.LightningDataModule):
         self.load()
         if not self.datasets:
             self.datasets = {split: self._tokenize(split) for split in ("train", "validation", "test")}
+            if self.packing:
+                import datasets
+
+                train = self.datasets["train"]
+                self.datasets["train"] = datasets.Dataset.from_dict(
+                    transforms.pack_examples(train["input_ids"], train["labels"], self.max_length))
         if stage == "predict" and "predict" not in self.datasets:
             self.datasets["predict"] = self._tokenize("test", prompt_only=self.task == "causal_lm")
 
     # ------------------------------------------------------------------ loaders
     def collate(self, features, pad_left: bool = False):
-        """Pad a list of tokenized examples to the longest one (labels padded with -100)."""
+        """Pad a list of tokenized examples to the longest one (labels padded with -100). Packed rows
+        (``position_ids``, no attention mask) get padding as one more segment with its own positions."""
         pad_id = self.tokenizer.pad_token_id
         width = max(len(f["input_ids"]) for f in features)
         batch: dict[str, list] = {}
@@ -309,17 +332,30 @@ class PeftDataModule(L.LightningDataModule):
             fill = formats.IGNORE_INDEX if key == "labels" else (pad_id if key == "input_ids" else 0)
             rows = []
             for f in features:
-                pad = [fill] * (label_width - len(f[key]))
+                n = label_width - len(f[key])
+                pad = list(range(n)) if key == "position_ids" else [fill] * n
                 rows.append(pad + list(f[key]) if pad_left else list(f[key]) + pad)
             batch[key] = rows
         return {k: torch.tensor(v) for k, v in batch.items()}
+
+    def target_tokens_per_batch(self) -> float:
+        """The mean number of loss-carrying tokens in a training batch (from the tokenized training split).
+        The model scales its summed causal-LM / seq2seq loss by it (any constant would do; this one keeps
+        the loss at the size of a mean)."""
+        if not self.datasets:
+            self.setup()
+        labels = self.datasets["train"]["labels"]
+        if self.task == "classification" or not labels:
+            return float(self.batch_size)
+        return self.batch_size * sum(sum(t != formats.IGNORE_INDEX for t in row) for row in labels) / len(labels)
 
     def _loader(self, split, batch_size=None, pad_left=False):
         if not self.datasets:
             self.setup()
         dataset = self.datasets[split]
         common = dict(batch_size=batch_size or self.eval_batch_size, collate_fn=partial(self.collate, pad_left=pad_left),
-                      num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                      num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                      pin_memory=self.pin_memory)
         if split == "train":  # resumable mid-epoch, bit-exactly (see peftlab.data.loading)
             lengths = [len(ids) for ids in dataset["input_ids"]] if self.group_by_length else None
             sampler = training_sampler(dataset, self.shuffle, lengths=lengths, batch_size=common["batch_size"])

@@ -125,9 +125,13 @@ class ResumableLoader(DataLoader):
     def state_dict(self) -> dict:
         sampler = self._shuffle_sampler()
         return {"position": self._position, "epoch_seed": sampler.epoch_seed if sampler else None,
-                "rng": rng_state()}
+                "rng": _every_rank(rng_state())}
 
     def load_state_dict(self, state: dict) -> None:
+        rng = state.get("rng")
+        if isinstance(rng, list):  # one state per rank (see _every_rank): this rank's
+            rank = _rank()
+            state = {**state, "rng": rng[rank] if rank < len(rng) else rng[0]}
         self._resume = state
 
     def __iter__(self):
@@ -139,12 +143,15 @@ class ResumableLoader(DataLoader):
             sampler = self._shuffle_sampler()
             if sampler is not None and state["epoch_seed"] is not None:
                 sampler.replay(state["epoch_seed"])
-        elif state is not None:
-            # at an epoch boundary: the next shuffle is drawn from the restored RNG, as it was originally
-            set_rng_state(state["rng"])
-            state = None
         iterator = super().__iter__()
         self._skip = 0
+        if state is not None and position == 0:
+            # at an epoch boundary: the next shuffle is drawn from the restored RNG, as it was originally. Restored
+            # after creating the iterator, which draws DataLoader's worker base seed from the global RNG: the
+            # iterator Lightning creates here is the finished epoch's, and the uninterrupted run drew that seed
+            # before the checkpoint, not after it
+            set_rng_state(state["rng"])
+            state = None
         return self._count(iterator, position, state)
 
     def _count(self, iterator, position, state):
@@ -155,6 +162,25 @@ class ResumableLoader(DataLoader):
                 state = None
             self._position += 1
             yield batch
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _every_rank(state: dict) -> dict | list[dict]:
+    """This process's RNG state, or under several processes every rank's, gathered (a collective: Lightning
+    collects loader states on every rank when it writes a checkpoint, and rank 0 writes them). Each rank draws
+    its own dropout masks from its own stream; restoring rank 0's everywhere would change every other rank's."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return state
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, state)
+    return gathered
 
 
 def training_sampler(dataset, shuffle: bool = True, lengths: list[int] | None = None,

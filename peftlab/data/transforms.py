@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING
 
+from peftlab.data.formats import IGNORE_INDEX
 from peftlab.errors import PeftLabError, did_you_mean
 
 if TYPE_CHECKING:
@@ -215,3 +216,44 @@ def few_shot_sample(
     subset = train.select(chosen)
     ids = list(subset[ROW_COLUMN]) if ROW_COLUMN in train.column_names else list(chosen)
     return subset, ids
+
+
+def pack_examples(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
+                  max_length: int) -> dict[str, list[list[int]]]:
+    """Several tokenized causal-LM examples per row, up to ``max_length`` tokens, for training without padding.
+
+    Rows are filled first-fit in order of decreasing length (deterministic; the training sampler shuffles the
+    rows). Each example keeps its own ``position_ids`` from 0, from which transformers builds a block-diagonal
+    causal mask when no attention mask is given, so no token attends across an example boundary. Each
+    example's first label is ignored: in a packed row the position before it is the previous example's last
+    token, which must not learn to predict it (unpacked, the first token is never a target either).
+
+    Returns:
+        ``{"input_ids", "labels", "position_ids"}``, one list per packed row.
+    """
+    order = sorted(range(len(input_ids)), key=lambda i: (-len(input_ids[i]), i))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(input_ids[i])
+        if n > max_length:
+            raise PeftLabError(f"an example has {n} tokens, more than data.max_length={max_length}, and cannot be packed")
+        for r, free in enumerate(room):
+            if free >= n:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(max_length - n)
+    out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for members in rows:
+        ids, labs, positions = [], [], []
+        for i in sorted(members):  # source order within a row
+            ids += list(input_ids[i])
+            labs += [IGNORE_INDEX] + list(labels[i][1:])
+            positions += list(range(len(input_ids[i])))
+        out["input_ids"].append(ids)
+        out["labels"].append(labs)
+        out["position_ids"].append(positions)
+    return out

@@ -86,7 +86,7 @@ class BottleneckAdapter(PeftModule):
     """Residual bottleneck adapters after the attention and/or feed-forward output projections.
 
     Args:
-        bottleneck: bottleneck size b (the notes' table uses 64).
+        bottleneck: bottleneck size b (64 is the usual start).
         placement: ``houlsby`` (after attention and feed-forward) or ``pfeiffer`` (after feed-forward only).
         target_modules: override the placement with module-name suffixes or regular expressions
             (e.g. ``[output.dense]``); default: the output projections of the backbone's family.

@@ -23,8 +23,9 @@ A method also declares what the rest of peftlab needs to know about it (read by 
 ``params``, ``estimate-memory``, ``recommend`` and the exporters, so adding a method touches no other file):
 ``name`` and its preset config (``configs/methods/<name>.yaml``), whether it merges (:meth:`merged_model`),
 whether its adapters compose by exact weighted sum (``composable``), what its backbone stores quantized
-(:meth:`quantized_weights`), the dtype its trainable parameters train in (``trainable_dtype``), how it is
-exported (:meth:`export`) and advice for under- and overfitting (``advice``). Defining a subclass with a
+(:meth:`quantized_weights`), the dtype its trainable parameters train in (``trainable_dtype``), state it keeps
+besides the optimizer's (:meth:`training_state_bytes`), how it is exported (:meth:`export`), whether its rows can
+be packed (``supports_packing``) and advice for under- and overfitting (``advice``). Defining a subclass with a
 ``name`` registers it (:data:`METHODS`).
 """
 
@@ -43,7 +44,6 @@ from torch import nn
 
 from peftlab.backbones import TASKS, Task, building_on_meta, load_backbone, load_tokenizer
 from peftlab.errors import PeftLabError
-
 
 #: name -> method class, filled by every ``PeftModule`` subclass that sets ``name`` (a subclass defined in a
 #: user's file registers when it is imported). ``peftlab params / estimate-memory / recommend`` list these.
@@ -91,6 +91,11 @@ class PeftModule(L.LightningModule):
         max_new_tokens: generation length for ``predict`` on causal LM / seq2seq tasks.
         gradient_checkpointing: recompute the backbone's activations in backward instead of storing them:
             activation memory drops to about one layer's worth for ~30% more compute.
+        attn_implementation: the backbone's attention kernel: ``sdpa`` (PyTorch's fused attention), ``eager``,
+            ``flash_attention_2`` (needs the flash-attn package and a GPU); default: transformers' choice.
+        matmul_precision: ``torch.set_float32_matmul_precision`` for the run: ``high`` lets fp32 matmuls use TF32
+            on Ampere and newer GPUs (about 2-3x faster, 10-bit mantissa), ``highest`` keeps full fp32; default:
+            leave PyTorch's setting alone.
     """
 
     #: checkpoints hold only trainable parameters; the frozen backbone is rebuilt from the config
@@ -109,6 +114,12 @@ class PeftModule(L.LightningModule):
     #: dtype of the trainable parameters in training: ``float32`` (PEFT: peft keeps adapters in fp32) or
     #: ``precision`` (full fine-tuning: a half-precision working copy under mixed precision); memory estimates
     trainable_dtype: ClassVar[Literal["float32", "precision"]] = "float32"
+    #: activation recomputation (``gradient_checkpointing``) is correct for this method; prefix methods, whose K/V
+    #: prefixes go through the attention cache, set False and are refused in one line
+    supports_gradient_checkpointing: ClassVar[bool] = True
+    #: causal-LM training rows may hold several examples (``data.packing``); methods that add virtual tokens
+    #: per row (prompt / prefix families) cannot share them between packed examples
+    supports_packing: ClassVar[bool] = True
     #: what to try when the method (underfits, overfits); ``peftlab recommend`` prints it
     advice: ClassVar[tuple[str, str]] = ("a larger adapter or a higher learning rate; more steps",
                                          "a smaller adapter; dropout; fewer steps; stop early on validation loss")
@@ -134,6 +145,8 @@ class PeftModule(L.LightningModule):
         revision: str | None = None,
         max_new_tokens: int = 32,
         gradient_checkpointing: bool = False,
+        attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None,
+        matmul_precision: Literal["highest", "high", "medium"] | None = None,
     ):
         super().__init__()
         from peftlab.compat import known_bad_versions
@@ -153,6 +166,12 @@ class PeftModule(L.LightningModule):
                           stacklevel=2)
         if not 0.0 <= warmup_ratio < 1.0:
             raise PeftLabError(f"model.warmup_ratio must be in [0, 1) (got {warmup_ratio})")
+        if gradient_checkpointing and not type(self).supports_gradient_checkpointing:
+            raise PeftLabError(
+                f"model.gradient_checkpointing cannot be used with {type(self).__name__}: its K/V prefixes are "
+                "written into the attention cache, and recomputing a layer in backward would add them a second "
+                "time (peft refuses the combination as well); turn gradient_checkpointing off, or use LoRA"
+            )
         self.save_hyperparameters()
         self.task = task
         self.num_labels = num_labels
@@ -161,6 +180,8 @@ class PeftModule(L.LightningModule):
         self.model: nn.Module | None = None
         self.tokenizer = None
         self.trainable_count = self.total_count = 0
+        self._step_stats: torch.Tensor | None = None  # (loss sum, count) of the optimizer step in progress
+        self._token_scale = 1.0  # see training_step; set from the data at fit start
         self._init_metrics()
 
     # ------------------------------------------------------------------ building
@@ -187,7 +208,20 @@ class PeftModule(L.LightningModule):
         if self.task == "classification" and self.train_head:
             for p in classification_head(model).parameters():
                 p.requires_grad_(True)
+        # trainable parameters train in fp32 whatever the backbone's dtype: a half-precision one (peft's copy of
+        # the head, the new classification head, bottleneck adapters, full fine-tuning of a bf16/fp16 backbone)
+        # would make Lightning's 16-mixed gradient unscaling fail ("Attempting to unscale FP16 gradients") and
+        # lose small updates under bf16; the frozen weights keep the backbone's dtype
+        for p in model.parameters():
+            if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
         self.model = model
+        device = next((p.device for p in model.parameters() if p.device.type not in ("cpu", "meta")), None)
+        if device is not None and self._trainer is None:
+            # a backbone that loading placed on a GPU itself (QLoRA quantizes onto it): record the module's
+            # device, so code without a Trainer (load_run, merge) moves its inputs there; under a Trainer the
+            # strategy places the module
+            self.to(device)
         self.trainable_count, self.total_count = count_parameters(self)
         if self.head_learning_rate is not None and not self.head_parameters():
             raise PeftLabError(
@@ -226,7 +260,13 @@ class PeftModule(L.LightningModule):
         """Load the backbone for ``self.task``. Override to change how it is loaded (e.g. quantized)."""
         h = self.hparams
         return load_backbone(h.backbone, self.task, num_labels=self.num_labels, dtype=h.dtype,
-                             trust_remote_code=h.trust_remote_code, revision=h.revision)
+                             trust_remote_code=h.trust_remote_code, revision=h.revision,
+                             **self.attention_kwargs())
+
+    def attention_kwargs(self) -> dict:
+        """``attn_implementation`` for ``from_pretrained``, when one is set."""
+        implementation = self.hparams.get("attn_implementation")
+        return {"attn_implementation": implementation} if implementation else {}
 
     def attach(self, backbone: nn.Module) -> nn.Module:
         """Add the method's trainable parameters to the frozen ``backbone`` and return the model to train."""
@@ -246,6 +286,16 @@ class PeftModule(L.LightningModule):
             f"({', '.join(sorted(n for n, c in METHODS.items() if c.can_merge()))}) merge. Prompt/prefix tuning "
             "add inputs and adapters add layers; deploy them with the exported adapter instead."
         )
+
+    def merge_refusal(self) -> str | None:
+        """Why this instance cannot merge although its class can (its settings decide, e.g. a stack whose additive
+        part is bottleneck adapters), in one line with the fix; None when it can."""
+        return None
+
+    def training_state_bytes(self) -> int:
+        """Bytes of state kept across steps besides the optimizer's (AdaLoRA's rank allocator); the memory estimate
+        adds them. Default 0."""
+        return 0
 
     def quantized_weights(self) -> dict[int, int]:
         """``{id(parameter): bytes stored}`` for the frozen parameters the backbone keeps quantized (QLoRA's 4-bit
@@ -304,18 +354,72 @@ class PeftModule(L.LightningModule):
         from peftlab.checkpointing import install
 
         install(self.trainer)
+        if self.hparams.get("matmul_precision"):
+            torch.set_float32_matmul_precision(self.hparams.matmul_precision)
+        if stage == "fit":
+            self.check_data(self.trainer.datamodule)  # before the model is built (configure_model comes next)
+            tokens = getattr(self.trainer.datamodule, "target_tokens_per_batch", None)
+            # any constant works (on_before_optimizer_step divides it out); one near the real count keeps the summed
+            # loss at the scale of a mean, which fp16's gradient scaler expects. Deterministic, so a resumed run
+            # computes exactly what the uninterrupted one did.
+            self._token_scale = float(tokens()) if callable(tokens) and self.task != "classification" else 1.0
 
     def training_step(self, batch, batch_idx):
-        loss = self(**batch).loss
-        if not torch.isfinite(loss):
+        """The loss to backpropagate for one micro-batch.
+
+        Classification: the mean over the micro-batch's examples. Causal LM / seq2seq: the *sum* over its target
+        tokens; :meth:`on_before_optimizer_step` divides the accumulated gradient by the number of target tokens
+        of the whole optimizer step (every accumulated micro-batch, every rank), so each token weighs the same
+        whatever the batching (the fix transformers, torchtune and TRL made in late 2024). The loss is checked for
+        NaN / inf once per optimizer step, not here: that check is a host sync.
+        """
+        if self.task == "classification":
+            loss = self(**batch).loss
+            n = len(batch["labels"])
+            self._add_to_step(loss.detach() * n, n)
+            return loss
+        labels = batch["labels"]
+        # no KV cache in training: it would only cost memory, and transformers (5.24) builds the block-diagonal
+        # mask of packed rows (data.packing) only when there is none
+        inputs = {**{k: v for k, v in batch.items() if k != "labels"}, "use_cache": False}
+        if self.task == "seq2seq":  # the decoder reads the shifted targets; the loss is computed here, once
+            inputs["decoder_input_ids"] = decoder_inputs(self.model, labels)
+        nll, count = token_nll(self(**inputs).logits, labels, self.task)
+        self._add_to_step(nll.detach(), count)
+        # Lightning divides what training_step returns by accumulate_grad_batches; multiplying by it first leaves
+        # sum / token_scale, a constant that on_before_optimizer_step replaces by the step's token count
+        return nll * (self.trainer.accumulate_grad_batches / self._token_scale)
+
+    def _add_to_step(self, loss_sum: torch.Tensor, count) -> None:
+        """Accumulate this micro-batch's loss sum and its count (targets or examples) until the optimizer step."""
+        stats = torch.stack([loss_sum.float(), torch.as_tensor(count, dtype=torch.float32, device=loss_sum.device)])
+        self._step_stats = stats if self._step_stats is None else self._step_stats + stats
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Once per optimizer step: sum the step's loss and counts over every rank (one small collective), refuse a
+        non-finite loss before the weights change, turn the causal-LM / seq2seq gradient into the mean over every
+        target token of the step, and log ``train/loss`` (token-weighted for those tasks)."""
+        stats, self._step_stats = self._step_stats, None
+        if stats is None:
+            return
+        strategy = self.trainer.strategy
+        if self.trainer.world_size > 1:
+            stats = strategy.reduce(stats.clone(), reduce_op="sum")
+        total, count = stats[0], stats[1].clamp(min=1.0)
+        if not bool(torch.isfinite(total)):
             # stop before the optimizer applies it, so the weights and the last checkpoint stay good
             raise PeftLabError(
-                f"the training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}, "
-                f"batch {batch_idx}); stopped before updating the weights, so the last checkpoint is good. Lower "
-                "model.learning_rate, set trainer.gradient_clip_val, or use precision 32-true / bf16 instead of fp16"
+                f"the training loss is {float(total / count)} at step {self.global_step} (epoch {self.current_epoch}); "
+                "stopped before updating the weights, so the last checkpoint is good. Lower model.learning_rate, set "
+                "trainer.gradient_clip_val, or use precision 32-true / bf16 instead of fp16"
             )
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
-        return loss
+        if self.task != "classification":
+            # each rank's gradient is sum / token_scale over its micro-batches; data parallelism averages over ranks
+            scale = self._token_scale * self.trainer.world_size / count
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale.to(p.grad.dtype))
+        self.log("train/loss", total / count, prog_bar=True, on_step=True, on_epoch=False, sync_dist=False)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val")
@@ -349,11 +453,10 @@ class PeftModule(L.LightningModule):
             m["loss"].update(out.loss, weight=len(preds))
         else:
             labels = batch["labels"]
-            m["loss"].update(out.loss, weight=(labels != -100).sum())
-            # prompt-learning methods prepend their virtual tokens' positions to the logits: keep the last ones
-            logits = out.logits[:, -labels.shape[1]:]
-            if self.task == "causal_lm":  # position t predicts token t + 1
-                logits, labels = logits[:, :-1], labels[:, 1:]
+            nll, count = token_nll(out.logits, labels, self.task)
+            if count > 0:
+                m["loss"].update(nll / count, weight=count)  # the mean over every target token of the split
+            logits, labels = target_logits(out.logits, labels, self.task)
             target = labels != -100
             right = ((logits.argmax(-1) == labels) | ~target).all(-1)[target.any(-1)]
             if len(right):
@@ -393,8 +496,17 @@ class PeftModule(L.LightningModule):
             probs = self(**batch).logits.float().softmax(-1)
             return {"pred": probs.argmax(-1), "probs": probs}
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-        out = self.model.generate(**inputs, max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
-                                  pad_token_id=self.tokenizer.pad_token_id)
+        # FSDP2 gathers a unit's parameters when that unit's forward is called; generate() reaches the root's
+        # embeddings and head outside the root's forward, so gather the root (not the blocks) around it
+        sharded_root = hasattr(self.model, "unshard") and hasattr(self.model, "reshard")
+        if sharded_root:
+            self.model.unshard()
+        try:
+            out = self.model.generate(**inputs, max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        finally:
+            if sharded_root:
+                self.model.reshard()
         if self.task == "causal_lm":
             out = out[:, inputs["input_ids"].shape[1]:]
         return {"text": self.tokenizer.batch_decode(out, skip_special_tokens=True)}
@@ -429,16 +541,34 @@ class PeftModule(L.LightningModule):
         optimizer = optimizer_class(self.hparams.optimizer)(
             [g for g in groups if g["params"]], lr=self.hparams.learning_rate
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = max(1, int(self.total_optimizer_steps()))
         warmup = int(self.hparams.warmup_ratio * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, _schedule(self.hparams.scheduler, warmup, total)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def total_optimizer_steps(self) -> int | float:
+        """The optimizer steps of this fit (the schedule's length): ``trainer.estimated_stepping_batches``, computed
+        without letting Lightning set up its training loader early.
+
+        Lightning 2.6's ``estimated_stepping_batches`` sets up the train dataloader and creates its iterator when
+        called from ``configure_optimizers``, which runs before a checkpoint is restored; the loader's saved position
+        is then never loaded, and a resumed run starts a fresh epoch instead (Lightning issue #20550, open on
+        2026-11-27; docs/dependencies.md lists it). Here the length comes from a separate loader of the same data
+        (never iterated), with Lightning's formula; without a DataModule, Lightning's own property is used."""
+        trainer = self.trainer
+        datamodule = trainer.datamodule
+        if trainer.max_epochs in (None, -1) or datamodule is None or trainer.train_dataloader is not None:
+            return trainer.estimated_stepping_batches
+        batches = len(datamodule.train_dataloader())
+        limit = trainer.limit_train_batches
+        batches = min(batches, int(limit)) if isinstance(limit, int) else int(batches * float(limit))
+        steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
+        return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
+
     # ------------------------------------------------------------------ reporting and checkpoints
     def on_fit_start(self):
-        self.check_data(self.trainer.datamodule)
         pct = 100.0 * self.trainable_count / self.total_count
         self.print(f"[peftlab] {type(self).__name__} on {self.hparams.backbone}: trainable "
                    f"{self.trainable_count:,} / {self.total_count:,} parameters ({pct:.4f}%)")
@@ -462,6 +592,11 @@ class PeftModule(L.LightningModule):
         task = getattr(datamodule, "task", self.task)
         if task != self.task:
             raise PeftLabError(f"data.task is {task!r} but the model was built for {self.task!r}; make them equal")
+        if getattr(datamodule, "packing", False) and not type(self).supports_packing:
+            raise PeftLabError(
+                f"{type(self).__name__} cannot train on packed rows (data.packing): it adds virtual tokens to each "
+                "row, which the packed examples would share; set data.packing false"
+            )
         num_labels = getattr(datamodule, "num_labels", None)
         if self.task == "classification" and num_labels is not None and num_labels != self.num_labels:
             raise PeftLabError(
@@ -486,8 +621,12 @@ class PeftModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint):
         # strict_loading is off (the backbone is not in the file), so check the adapter part ourselves.
+        if "state_dict" not in checkpoint:
+            # a sharding strategy (FSDP2's distributed checkpoint, DeepSpeed) loaded the weights itself, by name,
+            # before this hook: there is nothing here to compare
+            return
         expected = {n: p.shape for n, p in self.trainable_named_parameters().items()}
-        got = {unwrapped_name(k): v for k, v in checkpoint.get("state_dict", {}).items()}
+        got = {unwrapped_name(k): v for k, v in checkpoint["state_dict"].items()}
         missing = sorted(set(expected) - set(got))
         unexpected = sorted(set(got) - set(expected))
         # under a sharding strategy a rank holds flat shards, not the parameters' shapes: compare names only
@@ -521,7 +660,8 @@ def is_sharded(module: L.LightningModule) -> bool:
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Turn on activation recomputation in the transformers model inside ``model`` (peft-wrapped or not)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(model, "peft_model", model)  # the input-tokens wrapper (P-tuning v2, stacks with input tokens)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     if not getattr(inner, "supports_gradient_checkpointing", False):
         raise PeftLabError(f"model.gradient_checkpointing: {type(inner).__name__} does not support it; turn it off")
     # non-reentrant checkpointing needs no input that requires grad, so it works with a frozen embedding
@@ -581,3 +721,29 @@ def _schedule(name: str, warmup: int, total: int):
         return max(0.0, 1.0 - progress)
 
     return factor
+
+
+def target_logits(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits that predict ``labels`` and the labels, aligned: prompt-learning methods prepend their virtual
+    tokens' positions to the logits (the last ``labels.shape[1]`` are kept); in causal LM position t predicts t + 1."""
+    logits = logits[:, -labels.shape[1]:]
+    if task == "causal_lm":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return logits, labels
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the negative log-likelihood over the target tokens, number of target tokens), in fp32."""
+    logits, labels = target_logits(logits, labels, task)
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                            ignore_index=-100, reduction="sum")
+    return nll, (labels != -100).sum()
+
+
+def decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """A seq2seq model's decoder inputs for ``labels`` (the targets shifted right), through the transformers model
+    inside ``model`` (peft-wrapped or not)."""
+    inner = getattr(model, "peft_model", model)  # the input-tokens wrapper of P-tuning v2 / LoRA + prompt
+    if hasattr(inner, "get_base_model"):  # a peft model
+        inner = inner.get_base_model()
+    return inner.prepare_decoder_input_ids_from_labels(labels=labels)

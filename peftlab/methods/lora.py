@@ -1,13 +1,37 @@
-"""LoRA (Hu et al. 2021) through peft: W' = W + (alpha / r) * B A with A, B of rank r, W frozen."""
+"""LoRA (Hu et al. 2021) through peft: W' = W + (alpha / r) * B A with A, B of rank r, W frozen.
+
+The LoRA variants that change only the update's form, its scaling, its starting point or the optimizer's groups
+are options of :class:`LoRA` (and so of QLoRA where they apply), each carried through merge, compose, export and
+the parameter and memory counts:
+
+* ``use_dora`` (DoRA, Liu et al. 2024): ``W' = m * (W + s B A) / ||W + s B A||_c``, a trainable magnitude vector
+  ``m`` (one value per output feature) on top of LoRA's direction update;
+* ``use_rslora`` (rsLoRA, Kalajdzievski 2023): ``s = alpha / sqrt(r)`` instead of ``alpha / r``;
+* ``init: pissa`` / ``olora`` (PiSSA, Meng et al. 2024; OLoRA, Büyükakyüz 2024): ``B0 A0`` starts as the top-``r``
+  singular (PiSSA) or QR (OLoRA) part of ``W``, and the frozen backbone holds the residual ``W - s B0 A0``;
+  exports and merges are converted back to the original backbone (see :meth:`LoRA.export`);
+* ``loraplus_lr_ratio`` (LoRA+, Hayou et al. 2024): ``B`` trains at ``ratio x`` the learning rate of ``A``.
+
+``peftlab.methods.lora_variants`` registers each as a method of its own (DoRA, RSLoRA, PiSSA, LoRAPlus) with its
+preset, so that ``estimate-memory``, ``recommend`` and the docs list them.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
+from pathlib import Path
 from typing import Literal
 
+import torch
 from torch import nn
 
 from peftlab.errors import PeftLabError, did_you_mean
 from peftlab.methods.peft_backed import PEFT_TASK, PeftBackedMethod
+
+#: inits whose frozen backbone holds W - s B0 A0 instead of W (peft's "mutated" inits)
+RESIDUAL_INITS = ("pissa", "olora")
 
 
 class LoRA(PeftBackedMethod):
@@ -17,13 +41,23 @@ class LoRA(PeftBackedMethod):
 
     Args:
         r: rank of the update matrices.
-        alpha: scaling numerator; the update is scaled by ``alpha / r``.
+        alpha: scaling numerator; the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
         dropout: dropout on the LoRA input path.
         target_modules: module-name suffixes to adapt (``query``, ``value``, ``q_proj``, ``v_proj``, FFN layers
             such as ``intermediate.dense`` / ``up_proj``), or ``all-linear`` for every linear layer but the head.
         bias: which biases to train: ``none``, ``all`` or ``lora_only``.
         modules_to_save: modules trained in full and saved with the adapter; ``None`` lets peft pick the
             classification head (``classifier`` / ``score``) for classification.
+        use_dora: DoRA: split each adapted weight into a trainable magnitude (one value per output feature) and a
+            direction that LoRA updates, ``m * (W + s B A) / ||W + s B A||``. Merges; does not compose.
+        use_rslora: rank-stabilized scaling ``alpha / sqrt(r)`` (rsLoRA) instead of ``alpha / r``.
+        init: start of ``A`` and ``B``: ``default`` (``A`` Kaiming-uniform, ``B`` zero: the update starts at 0),
+            ``gaussian`` (``A`` normal with std ``1/r``), ``pissa`` (the top-``r`` singular vectors of ``W``; the
+            frozen weight becomes the residual) or ``olora`` (a QR decomposition of ``W``, likewise).
+        pissa_niter: with ``init: pissa``: use a randomized SVD with this many subspace iterations (fast on large
+            layers; seeded, so the start is reproducible) instead of the exact SVD; ``null``: exact.
+        loraplus_lr_ratio: LoRA+: train every ``B`` at this multiple of ``learning_rate`` (the paper suggests 16);
+            ``null``: one rate for ``A`` and ``B``.
         **kwargs: the :class:`PeftModule` arguments (backbone, learning rate, ...).
     """
 
@@ -40,6 +74,11 @@ class LoRA(PeftBackedMethod):
         target_modules: list[str] | str = ["query", "value"],  # noqa: B006 - shown as the CLI default
         bias: Literal["none", "all", "lora_only"] = "none",
         modules_to_save: list[str] | None = None,
+        use_dora: bool = False,
+        use_rslora: bool = False,
+        init: Literal["default", "gaussian", "pissa", "olora"] = "default",
+        pissa_niter: int | None = None,
+        loraplus_lr_ratio: float | None = None,
         **kwargs,
     ):
         if r < 1:
@@ -48,27 +87,74 @@ class LoRA(PeftBackedMethod):
             raise PeftLabError(f"model.alpha must be > 0 (got {alpha}); the usual choice is 2 * r")
         if not 0.0 <= dropout < 1.0:
             raise PeftLabError(f"model.dropout must be in [0, 1) (got {dropout})")
+        check_variant_settings(use_dora=use_dora, init=init, pissa_niter=pissa_niter,
+                               loraplus_lr_ratio=loraplus_lr_ratio)
         super().__init__(**kwargs)
+        #: PiSSA / OLoRA: the starting factors (A0, B0) of every adapted layer, by module name; set in attach
+        self._initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ building
+    @property
+    def residual_init(self) -> bool:
+        """Whether the frozen backbone holds ``W - s B0 A0`` (PiSSA / OLoRA) instead of ``W``."""
+        return self.hparams.get("init", "default") in RESIDUAL_INITS
+
+    def init_lora_weights(self):
+        """peft's ``init_lora_weights`` for ``init`` (and ``pissa_niter``)."""
+        from peftlab.backbones import building_on_meta
+
+        h = self.hparams
+        init = h.get("init", "default")
+        if init == "default" or (init in RESIDUAL_INITS and building_on_meta()):
+            return True  # on the meta device (params, estimate-memory) there is nothing to decompose; same shapes
+        if init == "pissa" and h.get("pissa_niter"):
+            return f"pissa_niter_{h.pissa_niter}"
+        return init
 
     def lora_config_args(self) -> dict:
-        """The ``peft.LoraConfig`` arguments of this method's settings (QLoRA and LoRA + prompt reuse them)."""
+        """The ``peft.LoraConfig`` arguments of this method's settings (QLoRA and stacks reuse them)."""
         h = self.hparams
         return dict(r=h.r, lora_alpha=h.alpha, lora_dropout=h.dropout, bias=h.bias,
-                    target_modules=h.target_modules, modules_to_save=h.modules_to_save)
+                    target_modules=h.target_modules, modules_to_save=h.modules_to_save,
+                    use_dora=h.get("use_dora", False), use_rslora=h.get("use_rslora", False),
+                    init_lora_weights=self.init_lora_weights())
 
-    def peft_config(self, backbone: nn.Module):
+    def peft_config(self, backbone: nn.Module, task_type: str | None = "auto"):
+        """``LoraConfig`` for this method; ``task_type`` ``auto`` is the task's (``None``: no task head handling,
+        as a stack uses it when its prompt part owns the head)."""
         from peft import LoraConfig
 
         check_target_modules(backbone, self.hparams.target_modules)
-        return LoraConfig(task_type=PEFT_TASK[self.task], **self.lora_config_args())
+        task = PEFT_TASK[self.task] if task_type == "auto" else task_type
+        return LoraConfig(task_type=task, **self.lora_config_args())
+
+    def attach(self, backbone: nn.Module) -> nn.Module:
+        return self.attach_lora(backbone)
+
+    def attach_lora(self, backbone: nn.Module, task_type: str | None = "auto") -> nn.Module:
+        """Wrap ``backbone`` in a LoRA ``PeftModel`` (its layers are adapted in place); remember PiSSA/OLoRA's start."""
+        from peft import get_peft_model
+
+        config = self.peft_config(backbone, task_type)
+        with seeded_rng(config.init_lora_weights):
+            peft_model = get_peft_model(backbone, config)
+        self._initial_factors = {}
+        if self.residual_init and config.init_lora_weights is not True:
+            for name, layer in lora_layers(peft_model):
+                self._initial_factors[name] = (layer.lora_A["default"].weight.detach().clone(),
+                                               layer.lora_B["default"].weight.detach().clone())
+        return peft_model
 
     def lora_model(self):
-        """The ``peft.PeftModel`` holding the LoRA layers (LoRA + prompt wraps it)."""
+        """The ``peft.PeftModel`` holding the LoRA layers (QLoRA merges through it)."""
         self._require_built("merging")
         return self.model
 
+    # ------------------------------------------------------------------ capabilities
     def merged_model(self, dtype: str = "float32") -> nn.Module:
-        """``W + (alpha / r) B A`` folded into every adapted layer of a copy of the model (peft's merge_and_unload)."""
+        """``W + s B A`` folded into every adapted layer of a copy of the model (peft's merge_and_unload); DoRA's
+        ``m * (W + s B A) / ||W + s B A||``; PiSSA/OLoRA's ``(W - s B0 A0) + s B A``, i.e. the original backbone
+        plus the trained delta ``s (B A - B0 A0)``: a plain model of the original architecture."""
         import copy
 
         from peftlab.merge import DTYPES
@@ -76,6 +162,135 @@ class LoRA(PeftBackedMethod):
         if dtype not in DTYPES:
             raise PeftLabError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         return copy.deepcopy(self.lora_model()).merge_and_unload().to(DTYPES[dtype]).eval()
+
+    def optimizer_groups(self) -> list[dict]:
+        """LoRA+ (``loraplus_lr_ratio``): every ``B`` in a group at ``ratio x learning_rate``; else one group."""
+        ratio = self.hparams.get("loraplus_lr_ratio")
+        if not ratio:
+            return super().optimizer_groups()
+        b = [p for n, p in self.named_parameters() if p.requires_grad and is_lora_b(n)]
+        ids = {id(p) for p in b}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        return [{"params": rest}, {"params": b, "lr": ratio * self.hparams.learning_rate}]
+
+    def trainable_parts(self) -> dict[str, int]:
+        """With DoRA: the LoRA factors, the magnitude vectors (one value per output feature of each adapted layer)
+        and the head; plain LoRA reports no parts."""
+        if not self.hparams.get("use_dora"):
+            return {}
+        parts = {"A, B": 0, "DoRA magnitudes": 0, "head": 0}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                key = "DoRA magnitudes" if "lora_magnitude_vector" in name else "A, B" if "lora_" in name else "head"
+                parts[key] += p.numel()
+        if not parts["head"]:
+            del parts["head"]
+        return parts
+
+    def export(self, directory) -> str:
+        """peft's adapter (``PeftModel.from_pretrained`` loads it; ``use_dora`` / ``use_rslora`` are recorded in
+        its ``adapter_config.json``, so the scaling is read back as trained).
+
+        PiSSA / OLoRA: converted to a plain LoRA of rank ``2r`` on the *original* backbone,
+        ``A' = [A; A0]``, ``B' = [B, -B0]``, so ``s B' A' = s (B A - B0 A0)``, the trained delta (peft's
+        ``path_initial_model_for_weight_conversion`` does the same); ``alpha`` doubles (``x sqrt 2`` with rsLoRA) so
+        the scaling is unchanged. ``peftlab_meta.json`` then describes that plain LoRA, which
+        :func:`peftlab.api.load_run` rebuilds on the original backbone."""
+        if not self.residual_init:
+            return super().export(directory)
+        self.save_converted(directory)
+        return "peft"
+
+    def save_converted(self, directory) -> None:
+        """Write the PiSSA/OLoRA adapter as a plain LoRA on the original backbone (see :meth:`export`)."""
+        import copy
+
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        if not self._initial_factors:
+            raise PeftLabError(f"{type(self).__name__}: the starting factors of init {self.hparams.init!r} are "
+                               "unknown (built on the meta device?); cannot convert the adapter")
+        state = get_peft_model_state_dict(self.model)
+        layers = dict(lora_layers(self.model))
+        out = {}
+        for key, value in state.items():
+            value = value.detach()
+            for part, dim, sign in ((".lora_A.weight", 0, 1.0), (".lora_B.weight", 1, -1.0)):
+                if key.endswith(part):
+                    name = key.removesuffix(part)
+                    a0, b0 = self._initial_factors[name]
+                    start = a0 if part == ".lora_A.weight" else b0
+                    if name not in layers:
+                        raise PeftLabError(f"cannot convert {key}: no LoRA layer {name}")
+                    value = torch.cat([value, sign * start.to(value)], dim=dim)
+            out[key] = value.cpu().contiguous()
+        config = copy.deepcopy(self.model.peft_config["default"])
+        config.init_lora_weights = True
+        config.r *= 2
+        config.lora_alpha *= math.sqrt(2) if config.use_rslora else 2
+        config.inference_mode = True
+        config.save_pretrained(str(directory))
+        save_file(out, str(Path(directory) / "adapter_model.safetensors"), metadata={"format": "pt"})
+        h = self.hparams
+        rewrite_meta(directory, "peftlab.methods.LoRA", {
+            "r": 2 * h.r, "alpha": config.lora_alpha, "init": "default", "pissa_niter": None,
+            "use_rslora": bool(h.get("use_rslora", False)), "use_dora": False})
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def check_variant_settings(*, use_dora: bool, init: str, pissa_niter: int | None,
+                           loraplus_lr_ratio: float | None) -> None:
+    """Refuse, in one line each, LoRA variant settings that do not go together."""
+    if init not in ("default", "gaussian", *RESIDUAL_INITS):
+        raise PeftLabError(f"model.init {init!r} is unknown; choose default, gaussian, pissa or olora")
+    if use_dora and init in RESIDUAL_INITS:
+        raise PeftLabError(f"model.use_dora with init: {init} is not supported: the exported adapter could not be "
+                           "converted to the original backbone exactly; use one of them")
+    if pissa_niter is not None and (init != "pissa" or pissa_niter < 1):
+        raise PeftLabError(f"model.pissa_niter ({pissa_niter}) needs init: pissa and a value >= 1 (null: exact SVD)")
+    if loraplus_lr_ratio is not None and loraplus_lr_ratio <= 0:
+        raise PeftLabError(f"model.loraplus_lr_ratio must be > 0 (got {loraplus_lr_ratio}); LoRA+ suggests 16")
+
+
+def is_lora_b(name: str) -> bool:
+    """Whether a parameter name is a LoRA ``B`` factor (LoRA+ trains these at a higher rate)."""
+    return ".lora_B." in name or ".lora_embedding_B." in name
+
+
+def lora_layers(model: nn.Module):
+    """``(name, layer)`` of every peft LoRA layer in ``model`` (names as in the model)."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+@contextlib.contextmanager
+def seeded_rng(init_lora_weights):
+    """PiSSA's randomized SVD draws from the global RNG: fix it (and leave the caller's RNG untouched), so that the
+    residual backbone is the same every time the method is built (resume, load_run)."""
+    if not (isinstance(init_lora_weights, str) and "_niter_" in init_lora_weights):
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
+
+
+def rewrite_meta(directory, method: str | None = None, init_args: dict | None = None, **extra) -> None:
+    """Update ``peftlab_meta.json`` in an export directory (``export_adapter`` writes it before calling the method's
+    ``export``) so that :func:`peftlab.api.load_run` rebuilds what was exported: ``method`` (a class path) and
+    ``init_args`` updates; the method trained is kept under ``converted_from``. No-op without the file."""
+    path = Path(directory) / "peftlab_meta.json"
+    if not path.is_file():
+        return
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if method and method != meta["method"]:
+        meta["converted_from"] = {"method": meta["method"], "init_args": dict(meta["init_args"])}
+        meta["method"] = method
+    meta["init_args"].update(init_args or {})
+    meta.update(extra)
+    path.write_text(json.dumps(meta, indent=2))
 
 
 def check_target_modules(model: nn.Module, targets: list[str] | str) -> None:

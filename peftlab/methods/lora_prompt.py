@@ -1,82 +1,81 @@
-"""LoRA + prompt tuning trained together (the notes' "Combining methods" example).
+"""LoRA + prompt tuning trained together (the design notes' example of combining methods): a preset of :class:`Stack`.
 
-peft's mixed-adapter model (``PeftMixedModel``) accepts only LoRA-family adapters, not prompt learning,
-so the soft prompt is peftlab's own: an ``N x hidden`` embedding prepended to the inputs of a LoRA
-``PeftModel`` (the same wrapper P-tuning v2 uses). One optimizer covers both parts; the prompt may have
-its own learning rate (soft prompts usually want a larger one).
+peft's mixed-adapter model (``PeftMixedModel``) accepts only LoRA-family adapters, not prompt learning, so the soft
+prompt is peftlab's own: an ``N x hidden`` embedding inserted in the inputs of a LoRA ``PeftModel`` (the wrapper
+P-tuning v2 uses). Since stacks became general (:mod:`peftlab.methods.stack`), this is the stack
+``{additive: {method: lora, ...}, prompt: {method: prompt_tuning, ...}}`` under its earlier name and arguments:
+same model, parameter names, initialisation and outputs as before.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-import torch
-from torch import nn
-
 from peftlab.errors import PeftLabError
 from peftlab.methods.base import PeftModule
-from peftlab.methods.lora import LoRA
-from peftlab.methods.p_tuning_v2 import InputTokensModel, starts_with_cls
-from peftlab.methods.prompt_tuning import check_virtual_tokens
+from peftlab.methods.stack import StackedMethod, parse_part
 
 
-class LoRAPromptTuning(LoRA):
-    """LoRA on the chosen layers plus ``num_virtual_tokens`` trainable input embeddings.
+class LoRAPromptTuning(StackedMethod):
+    """LoRA + prompt tuning: the :class:`Stack` ``{additive: {method: lora, ...}, prompt: {method: prompt_tuning,
+    ...}}`` under its earlier name and arguments (configs/methods/lora_prompt.yaml).
 
-    Trainable: the LoRA count + ``num_virtual_tokens x hidden`` (+ the head for classification).
+    LoRA on the chosen layers plus ``num_virtual_tokens`` trainable input embeddings (after [CLS] for
+    classification). Trainable: the LoRA count + ``num_virtual_tokens x hidden`` (+ the head for classification).
+    Exported in peftlab's format. Not merged: configure the same parts as a :class:`Stack` to merge.
 
     Args:
+        r: LoRA rank.
+        alpha: LoRA scaling numerator (``alpha / r``).
+        dropout: dropout on the LoRA path.
+        target_modules: layers to adapt (as for :class:`LoRA`).
+        bias: ``none``, ``all`` or ``lora_only``.
+        modules_to_save: modules trained in full; ``None`` lets peft pick the classification head.
         num_virtual_tokens: soft-prompt length N.
         prompt_init: ``vocab`` starts each prompt row from a random vocabulary embedding (the scale of real
             inputs; Lester et al. 2021), ``text`` from the embeddings of ``prompt_init_text``.
         prompt_init_text: the text for ``prompt_init: text``.
         prompt_learning_rate: learning rate of the prompt (default: ``learning_rate``).
-        **kwargs: the :class:`LoRA` and :class:`PeftModule` arguments.
+        **kwargs: the :class:`PeftModule` arguments.
     """
 
     name = "lora_prompt"
-    composable = False  # the soft prompt is not a weight update
-    # not mergeable yet: folding the LoRA part in would still need the prompt at inference
+    # not mergeable, as before (tests/test_registry.py): the same parts as a Stack merge
     merged_model = PeftModule.merged_model
-    export = PeftModule.export  # peftlab's format: plain peft has no LoRA + prompt model
 
     def __init__(
         self,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        target_modules: list[str] | str = ["query", "value"],  # noqa: B006 - shown as the CLI default
+        bias: Literal["none", "all", "lora_only"] = "none",
+        modules_to_save: list[str] | None = None,
         num_virtual_tokens: int = 20,
         prompt_init: Literal["vocab", "text"] = "vocab",
         prompt_init_text: str = "Classify the sentiment of this movie review:",
         prompt_learning_rate: float | None = None,
         **kwargs,
     ):
-        check_virtual_tokens(num_virtual_tokens)
         if prompt_learning_rate is not None and prompt_learning_rate <= 0:
             raise PeftLabError(f"model.prompt_learning_rate must be > 0 (got {prompt_learning_rate})")
+        if r < 1:  # the same checks and messages as LoRA's (the part is built later)
+            raise PeftLabError(f"model.r (LoRA rank) must be >= 1 (got {r})")
+        if alpha <= 0:
+            raise PeftLabError(f"model.alpha must be > 0 (got {alpha}); the usual choice is 2 * r")
+        if not 0.0 <= dropout < 1.0:
+            raise PeftLabError(f"model.dropout must be in [0, 1) (got {dropout})")
+        parts = {
+            "additive": parse_part({"method": "lora", "r": r, "alpha": alpha, "dropout": dropout,
+                                    "target_modules": target_modules, "bias": bias,
+                                    "modules_to_save": modules_to_save}, "additive"),
+            "prompt": parse_part({"method": "prompt_tuning", "num_virtual_tokens": num_virtual_tokens,
+                                  "init": prompt_init, "init_text": prompt_init_text,
+                                  **({"learning_rate": prompt_learning_rate} if prompt_learning_rate else {})},
+                                 "prompt"),
+        }
         super().__init__(**kwargs)
-
-    def attach(self, backbone: nn.Module) -> nn.Module:
-        words = backbone.get_input_embeddings().weight
-        prompt = nn.Embedding(self.hparams.num_virtual_tokens, words.shape[1])
-        prompt.to(device=words.device, dtype=words.dtype)
-        with torch.no_grad():
-            prompt.weight.copy_(words[self._init_token_ids(words.shape[0])])
-        return InputTokensModel(super().attach(backbone), prompt, self.task, after_first=starts_with_cls(self))
-
-    def _init_token_ids(self, vocab_size: int) -> list[int]:
-        h = self.hparams
-        n = h.num_virtual_tokens
-        if h.prompt_init == "text" and self.tokenizer is not None:
-            ids = self.tokenizer(h.prompt_init_text, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise PeftLabError("model.prompt_init_text tokenizes to nothing; give a text or use prompt_init: vocab")
-            return (ids * (n // len(ids) + 1))[:n]
-        generator = torch.Generator().manual_seed(0)
-        return torch.randint(0, vocab_size, (n,), generator=generator, device="cpu").tolist()
-
-    def optimizer_groups(self) -> list[dict]:
-        prompt = [self.model.prompt.weight]
-        rest = [p for p in self.parameters() if p.requires_grad and p is not self.model.prompt.weight]
-        lr = self.hparams.prompt_learning_rate
-        return [{"params": rest}, {"params": prompt, **({"lr": lr} if lr else {})}]
+        self._parts = parts
 
     def trainable_parts(self) -> dict[str, int]:
         prompt = self.model.prompt.weight.numel()

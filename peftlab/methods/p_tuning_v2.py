@@ -1,6 +1,6 @@
-"""P-tuning v2 as the design notes describe it: trainable input tokens *and* deep per-layer K/V prefixes.
+"""P-tuning v2 as peftlab's design notes define it: trainable input tokens *and* deep per-layer K/V prefixes.
 
-The notes (001, 004) define P-tuning v2 as: N virtual tokens inserted in the input, and from the *same*
+The design notes define P-tuning v2 as: N virtual tokens inserted in the input, and from the *same*
 N embeddings an MLP generates K/V prefixes for every attention layer, so the method acts on the input
 and on attention. No mainstream library offers exactly that:
 
@@ -55,10 +55,12 @@ def starts_with_cls(module) -> bool:
 
 
 class InputTokensModel(nn.Module):
-    """Wraps a ``PeftModel`` and prepends trainable prompt embeddings to the input on every forward/generate.
+    """Wraps a ``PeftModel`` (or a plain transformers model) and prepends trainable prompt embeddings to the input
+    on every forward/generate.
 
-    Used by P-tuning v2 (the prompt is E, shared with the prefix encoder) and by LoRA + prompt tuning
-    (the inner model is a LoRA ``PeftModel``).
+    Used by P-tuning v2 (the prompt is E, shared with the prefix encoder) and by stacks with an input-token prompt
+    part (:class:`peftlab.methods.Stack`, LoRA + prompt tuning: the inner model is a LoRA ``PeftModel``, the
+    backbone with bottleneck adapters, or the merged backbone).
 
     ``after_first``: insert the prompt after the first token instead of before it. Set for classification
     with tokenizers that start every input with [CLS] (BERT, RoBERTa's <s>, ...), whose head reads position 0:
@@ -77,8 +79,13 @@ class InputTokensModel(nn.Module):
     def num_virtual_tokens(self) -> int:
         return self.prompt.num_embeddings
 
+    def inner_model(self) -> nn.Module:
+        """The transformers model inside (``get_base_model()`` of a peft model, else the wrapped model itself)."""
+        inner = self.peft_model
+        return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
     def _with_prompt(self, input_ids, attention_mask, labels=None, token_type_ids=None):
-        embeds = self.peft_model.get_base_model().get_input_embeddings()(input_ids)
+        embeds = self.inner_model().get_input_embeddings()(input_ids)
         batch, n = embeds.shape[0], self.num_virtual_tokens
         prompt = self.prompt.weight.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         k = 1 if self.after_first else 0  # tokens kept before the prompt
@@ -108,7 +115,7 @@ class InputTokensModel(nn.Module):
         the input tokens need. Returns prompt + new tokens (causal LM) or the decoder tokens (seq2seq),
         like ``transformers``' ``generate``.
         """
-        config = self.peft_model.get_base_model().config
+        config = self.inner_model().config
         eos = config.eos_token_id
         pad = pad_token_id if pad_token_id is not None else (config.pad_token_id or 0)
         if attention_mask is None:
@@ -145,7 +152,7 @@ class PTuningV2(PeftBackedMethod):
     Args:
         num_virtual_tokens: N, the number of input tokens and the prefix length of every layer.
         prefix_hidden_size: hidden size h of the MLP that generates the prefixes.
-        input_tokens: insert E in the input (the notes' definition). ``false`` gives the paper's deep
+        input_tokens: insert E in the input (the design notes' definition, above). ``false`` gives the paper's deep
             prompts only, i.e. prefix tuning; then ``prefix_projection`` chooses the reparameterization.
         prefix_projection: only with ``input_tokens: false``: generate the prefixes through the MLP.
         init: with ``input_tokens``: ``zero`` zeroes the MLP's last layer, so the prefixes start at K = V = 0
@@ -154,6 +161,8 @@ class PTuningV2(PeftBackedMethod):
     """
 
     name = "p_tuning_v2"
+    supports_packing = False  # virtual tokens per row
+    supports_gradient_checkpointing = False  # the prefixes are in the attention cache (see PeftModule)
     advice = ("more virtual tokens (e.g. 64-128) or a larger prefix_hidden_size; or move to LoRA",
               "fewer virtual tokens (10); train fewer epochs; stop early on validation loss")
 

@@ -32,6 +32,7 @@ class PromptTuning(PeftBackedMethod):
     """
 
     name = "prompt_tuning"
+    supports_packing = False  # virtual tokens per row
     advice = ("more virtual tokens (50-100); init: text from a task description; or graduate to LoRA",
               "fewer virtual tokens; train fewer epochs; stop early on validation loss")
 

@@ -12,7 +12,7 @@ from torch import nn
 from peftlab.backbones import load_backbone
 from peftlab.errors import PeftLabError
 from peftlab.methods.base import HEAD_NAMES
-from peftlab.methods.lora import LoRA
+from peftlab.methods.lora import RESIDUAL_INITS, LoRA
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -32,7 +32,9 @@ class QLoRA(LoRA):
     dequantizes blocks to ``compute_dtype``. ``prepare_model_for_kbit_training`` casts the remaining
     small parameters (norms, embeddings) to fp32 and enables input gradients. Works on CPU (bitsandbytes
     >= 0.45) and on CUDA GPUs unchanged. Use ``optimizer: paged_adamw_8bit`` or ``paged_adamw_32bit`` for
-    the paper's paged optimizers.
+    the paper's paged optimizers. LoRA's variant options apply: ``use_dora`` (QDoRA; merged as
+    ``m * (W + dW) / ||W + dW||`` on the dequantized weight), ``use_rslora`` and ``loraplus_lr_ratio``; ``init: pissa``
+    / ``olora`` are refused (the 4-bit backbone could not hold the residual exactly).
 
     Args:
         quant_type: ``nf4`` (4-bit NormalFloat, the paper's) or ``fp4``.
@@ -40,8 +42,8 @@ class QLoRA(LoRA):
         compute_dtype: dtype of the dequantized matmuls: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
         gradient_checkpointing: recompute activations in backward to save memory.
         quant_storage: dtype the packed 4-bit weights are stored in: ``uint8`` (bitsandbytes' default), or
-            ``bfloat16``/``float16``/``float32`` to shard them with FSDP (it needs a float storage dtype equal
-            to the other parameters').
+            ``bfloat16``/``float16``/``float32`` (bitsandbytes' option for sharding 4-bit weights; peftlab's
+            FSDP2Strategy refuses QLoRA, see docs/distributed.md).
         optimizer: see :class:`PeftModule`; QLoRA defaults to the paper's ``paged_adamw_32bit``.
         **kwargs: the :class:`LoRA` arguments (r, alpha, target_modules, ...) and :class:`PeftModule` ones.
     """
@@ -58,6 +60,13 @@ class QLoRA(LoRA):
         optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "paged_adamw_32bit",
         **kwargs,
     ):
+        init = kwargs.get("init", "default")
+        if init in RESIDUAL_INITS:
+            raise PeftLabError(
+                f"QLoRA cannot use init: {init}: it moves the top of each weight into A and B and leaves the residual "
+                "W - s B0 A0 in the backbone, which a 4-bit backbone stores only approximately (the exported adapter "
+                "would not be exact on the original backbone); use peftlab.methods.PiSSA / LoRA in full precision"
+            )
         super().__init__(optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, **kwargs)
 
     def quantization_config(self):
@@ -81,7 +90,8 @@ class QLoRA(LoRA):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         model = load_backbone(h.backbone, self.task, num_labels=self.num_labels, dtype=h.dtype,
                               trust_remote_code=h.trust_remote_code, revision=h.revision,
-                              quantization_config=self.quantization_config(), device_map={"": device})
+                              quantization_config=self.quantization_config(), device_map={"": device},
+                              **self.attention_kwargs())
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 # bitsandbytes repacks 4-bit weights for a bf16 CPU inference kernel on the first eval forward
@@ -103,8 +113,9 @@ class QLoRA(LoRA):
 
     def merged_model(self, dtype: str = "float32") -> nn.Module:
         """Merging into 4-bit weights would requantize ``W + dW`` and lose the update's precision: the backbone is
-        rebuilt in full precision, every 4-bit layer set to dequant(W) (+ its LoRA update), and the result cast to
-        ``dtype``. Not bit-equal to the 4-bit model that was trained (``peftlab merge`` reports the difference)."""
+        rebuilt in full precision, every 4-bit layer set to dequant(W) (+ its LoRA update; with DoRA
+        ``m * (W + dW) / ||W + dW||``), and the result cast to ``dtype``. Not bit-equal to the 4-bit model that was
+        trained (``peftlab merge`` reports the difference)."""
         import bitsandbytes as bnb
         from peft.utils.integrations import dequantize_bnb_weight
 
@@ -127,6 +138,9 @@ class QLoRA(LoRA):
                     lora = peft_model.get_submodule(name.removesuffix(".base_layer"))
                     for adapter in lora.active_adapters:
                         weight = weight + lora.get_delta_weight(adapter).float()
+                        if lora.use_dora.get(adapter, False):  # DoRA: m * (W + dW) / ||W + dW|| per output row
+                            magnitude = lora.lora_magnitude_vector[adapter].weight.float()
+                            weight = (magnitude / torch.linalg.norm(weight, dim=1)).view(-1, 1) * weight
                 dest = plain.get_submodule(target)
                 dest.weight.copy_(weight.to(dest.weight.dtype))
                 if layer.bias is not None:
@@ -181,12 +195,12 @@ def release_checkpoint_mapping(model: nn.Module) -> None:
 
     transformers memory-maps safetensors files; the 4-bit layers get new storage, but tensors kept in the
     checkpoint's own dtype (embeddings and norms of an fp32 checkpoint) still point into the mapping, which
-    keeps the whole fp32 file resident: measured on SmolLM2-135M, 405 MiB of mapped file stayed after
-    loading, so QLoRA used more memory than fp32 LoRA (benchmarks/, docs/benchmarks.md).
+    keeps the whole fp32 file resident, so QLoRA used more memory than fp32 LoRA (measured in
+    docs/benchmarks.md, "Memory"; benchmarks/qlora_mapping.py).
     """
     with torch.no_grad():
         for module in model.modules():
-            for name, param in list(module.named_parameters(recurse=False)):
+            for _name, param in list(module.named_parameters(recurse=False)):
                 if type(param).__name__ != "Params4bit":
                     param.data = param.data.clone()
             for name, buffer in list(module.named_buffers(recurse=False)):

@@ -1,0 +1,203 @@
+"""FSDP2 (``peftlab.strategies.FSDP2Strategy``) on 2 CPU processes over gloo: every method trains the same adapter
+as 1 process with the same global batch, checkpoints hold only the trainable parameters and optimizer state,
+exports gather only the trainable parameters and load with plain peft, and a SIGKILLed run resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_cli import PEFTLAB
+
+from conftest import make_data, tiny_trainer, write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# method class, its settings; each must train under FSDP2 exactly like in one process
+METHODS = {
+    "lora": ("LoRA", {"r": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}),
+    "adapters": ("BottleneckAdapter", {"bottleneck": 8}),
+    "prompt_tuning": ("PromptTuning", {"num_virtual_tokens": 4}),
+    "prefix_tuning": ("PrefixTuning", {"num_virtual_tokens": 4, "init": "random"}),
+    "p_tuning_v2": ("PTuningV2", {"num_virtual_tokens": 4, "prefix_hidden_size": 16}),
+    "lora_prompt": ("LoRAPromptTuning", {"num_virtual_tokens": 4, "r": 4, "target_modules": ["q_proj", "v_proj"]}),
+    "full": ("FullFineTuning", {}),
+}
+STEPS = 3
+
+SCRIPT = '''
+import json, sys
+import torch
+import lightning as L
+sys.path.insert(0, {tests!r})
+from conftest import make_data
+import peftlab.methods as methods
+from peftlab.callbacks import AdapterExport
+from peftlab.strategies import FSDP2Strategy
+from torch.distributed.tensor import DTensor
+
+gathered = []  # sizes of every tensor an export gathers: the trainable parameters only
+full_tensor = DTensor.full_tensor
+def counting(self, *args, **kwargs):
+    gathered.append(self.numel())
+    return full_tensor(self, *args, **kwargs)
+DTensor.full_tensor = counting
+
+out = {out!r}
+report = {{}}
+for name, (cls, kwargs) in json.loads({methods!r}).items():
+    L.seed_everything(0)
+    dm = make_data({source!r}, "causal_lm", {backbone!r}, batch_size=4, shuffle=False, group_by_length=False,
+                   max_length=48)
+    module = getattr(methods, cls)(backbone={backbone!r}, task="causal_lm", learning_rate=1e-2, **kwargs)
+    gathered.clear()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=FSDP2Strategy(), max_steps={steps}, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[AdapterExport(dirpath=out + "/" + name)])
+    trainer.fit(module, datamodule=dm)
+    if trainer.is_global_zero:
+        report[name] = {{"gathered": sum(gathered), "trainable": module.trainable_count}}
+if torch.distributed.get_rank() == 0:
+    open(out + "/report.json", "w").write(json.dumps(report))
+'''
+
+
+@pytest.fixture(scope="module")
+def fsdp2_runs(tmp_path_factory, tiny_llama, generation_jsonl):
+    """All methods trained under FSDP2 by one 2-process launch (one start-up for all of them)."""
+    out = tmp_path_factory.mktemp("fsdp2")
+    script = out / "train.py"
+    script.write_text(SCRIPT.format(tests=str(ROOT / "tests"), out=str(out), methods=json.dumps(METHODS),
+                                    source=generation_jsonl, backbone=tiny_llama, steps=STEPS))
+    result = subprocess.run([sys.executable, str(script)], cwd=out, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return out, json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_fsdp2_on_two_processes_trains_what_one_process_trains(name, fsdp2_runs, tiny_llama, generation_jsonl):
+    out, report = fsdp2_runs
+    cls_name, kwargs = METHODS[name]
+    import lightning as L
+
+    import peftlab.methods as methods
+    from peftlab.export import trainable_state
+
+    L.seed_everything(0)
+    dm = make_data(generation_jsonl, "causal_lm", tiny_llama, batch_size=8, shuffle=False, group_by_length=False,
+                   max_length=48)
+    module = getattr(methods, cls_name)(backbone=tiny_llama, task="causal_lm", learning_rate=1e-2, **kwargs)
+    tiny_trainer(max_steps=STEPS, limit_val_batches=0).fit(module, datamodule=dm)
+    expected = trainable_state(module)
+    exported = load_file(str(out / name / "last/adapter_model.safetensors"))
+    got = _as_trainable_names(module, out / name / "last", exported)
+    assert got.keys() == expected.keys()
+    moved = 0
+    # the same global batch of 8: the same adapter up to summation order. Adam divides each gradient by its own
+    # running scale, so an element whose gradient is ~1e-9 (many, in full fine-tuning's embeddings and blocks)
+    # turns a last-bit difference of the sum into a visible one: 1e-3 of the tensor's scale there
+    atol = 1e-3 if name == "full" else 1e-4
+    for key in expected:
+        scale = float(expected[key].abs().max())
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=atol * scale)
+        moved += 1
+    assert moved
+    # the export gathered the trainable parameters, not the frozen backbone
+    assert report[name]["gathered"] == report[name]["trainable"] == module.trainable_count
+
+
+def _as_trainable_names(module, directory: Path, tensors: dict) -> dict:
+    """The exported tensors under the module's trainable-parameter names (peft's files use peft's own names)."""
+    config = json.loads((directory / "adapter_config.json").read_text())
+    if config.get("format") == "peftlab":
+        return tensors
+    from peftlab.api import load_run
+    from peftlab.export import trainable_state
+
+    return trainable_state(load_run(str(directory)).module)
+
+
+def test_fsdp2_exports_load_with_plain_peft_to_the_same_outputs(fsdp2_runs, tiny_llama):
+    out, _ = fsdp2_runs
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.api import load_run
+
+    directory = out / "lora" / "last"
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    plain = PeftModel.from_pretrained(base, str(directory)).eval()
+    ours = load_run(str(directory)).module.eval()
+    ids = torch.randint(5, 500, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, ours(input_ids=ids).logits)
+
+
+def test_fsdp2_checkpoint_holds_trainable_state_and_a_killed_run_resumes_exactly(tmp_path, tiny_llama,
+                                                                                 generation_jsonl):
+    """The CLI with configs/strategies/fsdp2.yaml's strategy: distributed checkpoints sized like the adapter and
+    its optimizer state (not the backbone), and SIGKILL + --ckpt_path last ends where an uninterrupted run ends."""
+    (tmp_path / "killer.py").write_text(
+        "import os, signal\nfrom lightning.pytorch.callbacks import Callback\n\n\nclass KillAt(Callback):\n"
+        "    def __init__(self, step: int = 0):\n        self.step = step\n\n"
+        "    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):\n"
+        "        if self.step and trainer.global_step >= self.step:\n            os.kill(os.getpid(), signal.SIGKILL)\n")
+
+    def config(name, kill):
+        return write_config(
+            tmp_path, tiny_llama, generation_jsonl, runs=name, name=f"{name}.yaml",
+            model={"dropout": 0.1, "warmup_ratio": 0.3, "target_modules": ["q_proj", "v_proj"]},
+            data={"task": "causal_lm", "batch_size": 4, "max_length": 48},
+            trainer={"max_steps": 8, "devices": 2, "val_check_interval": 3, "limit_val_batches": 2,
+                     "strategy": {"class_path": "peftlab.strategies.FSDP2Strategy"}},
+            callbacks=[{"class_path": "killer.KillAt", "init_args": {"step": kill}}])
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(tmp_path)}
+
+    def fit(cfg, *extra):
+        return subprocess.run([PEFTLAB, "fit", "--config", cfg, "--test_after_fit", "false", *extra], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=600)
+
+    result = fit(config("reference", 0))
+    assert result.returncode == 0, result.stderr[-3000:]
+    killed = config("killed", 4)
+    assert fit(killed).returncode == -9
+    (run,) = (tmp_path / "killed/r").glob("version_*")
+    last = run / "checkpoints/last.ckpt"
+    assert last.is_dir()  # a distributed checkpoint: one shard per rank
+    from torch.distributed.checkpoint import FileSystemReader
+
+    stored = FileSystemReader(str(last)).read_metadata().state_dict_metadata
+    weights = {k for k in stored if k.startswith("state_dict.")}
+    # 2 layers x (q_proj, v_proj) x (A, B): the adapter and nothing of the backbone
+    assert len(weights) == 8 and all(".lora_" in k for k in weights), sorted(weights)
+    numel = sum(m.size.numel() for k, m in stored.items() if k.startswith("state_dict."))
+    assert numel == 1792  # the trainable count
+    assert {k.split(".")[0] for k in stored} == {"state_dict", "optimizer_0"}
+    result = fit(killed, "--ckpt_path", "last", "--trainer.callbacks.init_args.step", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (ref_run,) = (tmp_path / "reference/r").glob("version_*")
+    expected = load_file(str(ref_run / "adapter/last/adapter_model.safetensors"))
+    got = load_file(str(run / "adapter/last/adapter_model.safetensors"))
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_qlora_is_refused_by_fsdp2_in_one_line():
+    from peftlab.errors import PeftLabError
+    from peftlab.strategies import FSDP2Strategy
+
+    class Fake:
+        model = torch.nn.Linear(2, 2)
+
+    Fake.model.weight.__class__ = type("Params4bit", (torch.nn.Parameter,), {})
+    strategy = FSDP2Strategy()
+    with pytest.raises(PeftLabError, match="QLoRA's 4-bit weights cannot be sharded by FSDP2Strategy.*use strategy ddp"):
+        strategy.shard(Fake())
