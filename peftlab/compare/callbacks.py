@@ -1,0 +1,363 @@
+"""Lightning callbacks of ``peftlab compare`` runs.
+
+* :class:`GeneratedTextMetrics` (usable in any ``peftlab fit``: ``--trainer.callbacks+=peftlab.compare.
+  GeneratedTextMetrics``): generates each validation/test example's answer greedily (``max_new_tokens``) from its
+  prompt and logs ``{val,test}/gen_exact_match``, ``rougeL`` and ``bleu`` on the generated text (torchmetrics'
+  ROUGEScore and BLEUScore), beside the teacher-forced ``exact_match`` the model logs itself;
+* :class:`TestOutcomes`: the per-example outcomes of the test split (correct / loss / confusion cell, or the
+  target tokens' loss, teacher-forced exact match and the generated-text scores), which the bootstrap of the
+  report resamples; optionally the loss on a reference corpus before and after training (forgetting) and the
+  forward latency of a test batch;
+* :class:`TrialReporter`: reports the validation metric to an Optuna trial at every validation (successive
+  halving prunes on it: the run stops), prints progress, and remembers the best value.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+
+import lightning as L
+import torch
+
+from peftlab.compare import stats
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+class GeneratedTextMetrics(L.Callback):
+    """Score generated text: greedy decoding of up to ``max_new_tokens`` from each example's prompt, compared with
+    its reference (the response / target), logged as ``<stage>/gen_exact_match`` (whitespace-normalised equality),
+    ``<stage>/rougeL`` (F-measure) and ``<stage>/bleu`` (corpus BLEU-4).
+
+    Args:
+        max_new_tokens: tokens generated per example
+        stages: where to generate: ``test``, ``val`` or both (generation on a CPU is slow: validation only when a
+            study selects on a generated-text metric)
+    """
+
+    def __init__(self, max_new_tokens: int = 32, stages: list[str] | tuple[str, ...] = ("val", "test")):
+        super().__init__()
+        self.max_new_tokens = int(max_new_tokens)
+        self.stages = tuple(stages)
+        self.examples: dict[str, list[dict]] = {"val": [], "test": []}
+        self._metrics: dict[str, dict] = {}
+
+    # -------------------------------------------------------------- prompts and references of an eval batch
+    @staticmethod
+    def prompts_and_references(batch: dict, task: str, pad_id: int) -> tuple[dict, list[list[int]]]:
+        """(left-padded generation inputs, reference token ids per example) of an evaluation batch."""
+        labels = batch["labels"]
+        refs = [[int(t) for t in row[row != -100]] for row in labels]
+        if task == "seq2seq":
+            return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, refs
+        prompts = []
+        for ids, mask, row in zip(batch["input_ids"], batch["attention_mask"], labels):
+            targets = (row != -100).nonzero()
+            end = int(targets[0]) if len(targets) else int(mask.sum())
+            prompts.append(ids[:end][mask[:end].bool()])
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), pad_id, dtype=batch["input_ids"].dtype)
+        attention = torch.zeros((len(prompts), width), dtype=batch["attention_mask"].dtype)
+        for i, p in enumerate(prompts):
+            if len(p):
+                input_ids[i, width - len(p):] = p
+                attention[i, width - len(p):] = 1
+        device = batch["input_ids"].device
+        return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}, refs
+
+    def generate(self, pl_module, batch: dict) -> tuple[list[str], list[str]]:
+        """(generated texts, reference texts) of an evaluation batch."""
+        tok = pl_module.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        inputs, refs = self.prompts_and_references(batch, pl_module.task, pad_id)
+        out = pl_module.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                       pad_token_id=pad_id)
+        if pl_module.task == "causal_lm":
+            out = out[:, inputs["input_ids"].shape[1]:]
+        preds = tok.batch_decode(out, skip_special_tokens=True)
+        return preds, tok.batch_decode(refs, skip_special_tokens=True)
+
+    # -------------------------------------------------------------- hooks
+    def _start(self, stage: str) -> None:
+        from torchmetrics.text import BLEUScore, ROUGEScore
+
+        self.examples[stage] = []
+        self._metrics[stage] = {"rouge": ROUGEScore(rouge_keys="rougeL"), "bleu": BLEUScore(n_gram=stats.BLEU_N)}
+
+    def _batch(self, stage: str, pl_module, batch) -> None:
+        if stage not in self.stages or pl_module.task == "classification":
+            return
+        from torchmetrics.functional.text import rouge_score
+
+        preds, refs = self.generate(pl_module, batch)
+        metrics = self._metrics[stage]
+        for pred, ref in zip(preds, refs):
+            row = {"gen_exact_match": float(_normalise(pred) == _normalise(ref)),
+                   "rougeL": float(rouge_score(pred, ref, rouge_keys="rougeL")["rougeL_fmeasure"]),
+                   **stats.bleu_stats(pred, ref)}
+            if len(self.examples[stage]) < 5:
+                row["sample"] = {"generated": pred, "reference": ref}
+            self.examples[stage].append(row)
+        metrics["rouge"].update(preds, refs)
+        metrics["bleu"].update(preds, [[r] for r in refs])
+
+    def _end(self, stage: str, trainer, pl_module) -> None:
+        if stage not in self.stages or pl_module.task == "classification" or not self.examples[stage]:
+            return
+        rows, metrics = self.examples[stage], self._metrics[stage]
+        pl_module.log_dict({
+            f"{stage}/gen_exact_match": sum(r["gen_exact_match"] for r in rows) / len(rows),
+            f"{stage}/rougeL": float(metrics["rouge"].compute()["rougeL_fmeasure"]),
+            f"{stage}/bleu": float(metrics["bleu"].compute()),
+        }, prog_bar=False)
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self._start("val")
+
+    def on_test_epoch_start(self, trainer, pl_module):
+        self._start("test")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self._batch("val", pl_module, batch)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._batch("test", pl_module, batch)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._end("val", trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer, pl_module):
+        self._end("test", trainer, pl_module)
+
+
+class TestOutcomes(L.Callback):
+    """Per-example outcomes of the test split, from the logits the model computes in its own test step (a forward
+    hook on the trained model: no second forward pass). ``result`` holds them after ``trainer.test``:
+    ``{"columns": {name: [per-example values]}, "metrics": {...}, ...}``.
+
+    Args:
+        generation: the run's :class:`GeneratedTextMetrics`, whose per-example scores join the columns
+        forgetting: ``{source, text_column, max_samples, max_length, batch_size}``: the LM loss on that corpus before training
+            (on_fit_start) and after (the tested checkpoint, on_test_end)
+        latency: ``{repeats, warmup}``: median forward time of the first test batch
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, generation: GeneratedTextMetrics | None = None, forgetting: dict | None = None,
+                 latency: dict | None = None):
+        super().__init__()
+        self.generation = generation
+        self.forgetting = forgetting
+        self.latency = latency
+        self.result: dict = {}
+        self._rows: list[dict] = []
+        self._captured = None
+        self._handle = None
+        self._first_batch = None
+        self._before: float | None = None
+
+    # -------------------------------------------------------------- forgetting
+    def _reference_loss(self, pl_module) -> float:
+        from peftlab.data import PeftDataModule
+        from peftlab.methods.base import token_nll
+
+        cfg = self.forgetting
+        data = PeftDataModule(source=cfg["source"], task="causal_lm", tokenizer=pl_module.hparams.backbone,
+                              prompt_template="{" + cfg.get("text_column", "text") + "}", response_template="",
+                              loss_on="all",
+                              max_length=int(cfg["max_length"]), batch_size=int(cfg["batch_size"]),
+                              max_eval_samples=int(cfg["max_samples"]))
+        was_training = pl_module.training
+        pl_module.eval()
+        total = count = 0.0
+        try:
+            with torch.no_grad():
+                for batch in data.test_dataloader():
+                    batch = {k: v.to(pl_module.device) for k, v in batch.items()}
+                    labels = batch.pop("labels")
+                    nll, n = token_nll(pl_module(**batch, use_cache=False).logits, labels, "causal_lm")
+                    total += float(nll)
+                    count += float(n)
+        finally:
+            pl_module.train(was_training)
+        return total / max(count, 1.0)
+
+    def on_fit_start(self, trainer, pl_module):
+        if self.forgetting:
+            self._before = self._reference_loss(pl_module)
+
+    # -------------------------------------------------------------- test outcomes
+    def on_test_epoch_start(self, trainer, pl_module):
+        self._rows = []
+
+        def hook(module, args, kwargs, output):
+            if self._captured is None:
+                self._captured = output.logits.detach()
+
+        self._handle = pl_module.model.register_forward_hook(hook, with_kwargs=True)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._captured = None
+        if batch_idx == 0 and self.latency:
+            self._first_batch = {k: v for k, v in batch.items()}
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        logits, labels = self._captured, batch["labels"]
+        if logits is None:
+            raise RuntimeError("peftlab compare: the test step did not call the model's forward")
+        if pl_module.task == "classification":
+            ce = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+            for p, t, c in zip(logits.argmax(-1).tolist(), labels.tolist(), ce.tolist()):
+                self._rows.append({"pred": p, "label": t, "ce": c})
+            return
+        from peftlab.methods.base import target_logits
+
+        lg, lb = target_logits(logits, labels, pl_module.task)
+        nll = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), lb.reshape(-1),
+                                                ignore_index=-100, reduction="none").view(lb.shape)
+        target = lb != -100
+        right = ((lg.argmax(-1) == lb) | ~target).all(-1)
+        for i in range(len(lb)):
+            has = bool(target[i].any())
+            self._rows.append({"nll": float(nll[i].sum()), "tokens": float(target[i].sum()),
+                               "tf_exact": float(right[i]) if has else 0.0, "has_target": float(has)})
+
+    def on_test_epoch_end(self, trainer, pl_module):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def on_test_end(self, trainer, pl_module):
+        rows = self._rows
+        if pl_module.task == "classification":
+            columns = {k: [float(v) for v in vals] for k, vals in stats.classification_columns(
+                [r["pred"] for r in rows], [r["label"] for r in rows], [r["ce"] for r in rows],
+                int(pl_module.num_labels or 2)).items() if not k.startswith("cm_")}
+            columns.update(pred=[float(r["pred"]) for r in rows], label=[float(r["label"]) for r in rows])
+        else:
+            columns = {k: [r[k] for r in rows] for k in ("nll", "tokens", "tf_exact", "has_target")}
+            columns["n"] = [1.0] * len(rows)
+            gen = self.generation.examples.get("test") if self.generation else None
+            samples = []
+            if gen:
+                if len(gen) != len(rows):
+                    raise RuntimeError(f"generated {len(gen)} test examples but scored {len(rows)}")
+                for key in gen[0]:
+                    if key == "sample":
+                        continue
+                    columns[key] = [float(g[key]) for g in gen]
+                samples = [g["sample"] for g in gen if "sample" in g]
+            self.result["samples"] = samples
+        self.result.update(columns={k: [round(v, 6) for v in vals] for k, vals in columns.items()},
+                           num_labels=int(pl_module.num_labels or 0) if pl_module.task == "classification" else None,
+                           task=pl_module.task, examples=len(rows))
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        self.result["metrics"] = metrics
+        if self.forgetting:
+            after = self._reference_loss(pl_module)
+            self.result["forgetting"] = {"before": self._before, "after": after,
+                                         "delta": after - self._before if self._before is not None else None,
+                                         "source": self.forgetting["source"]}
+        if self.latency and self._first_batch is not None:
+            self.result["latency"] = self._measure_latency(pl_module)
+
+    def _measure_latency(self, pl_module) -> dict:
+        batch = {k: v.to(pl_module.device) for k, v in self._first_batch.items() if k != "labels"}
+        cuda = pl_module.device.type == "cuda"
+        was_training = pl_module.training
+        pl_module.eval()
+        times = []
+        try:
+            with torch.inference_mode():
+                for i in range(int(self.latency["warmup"]) + int(self.latency["repeats"])):
+                    if cuda:
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    pl_module(**batch)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    if i >= int(self.latency["warmup"]):
+                        times.append(time.perf_counter() - start)
+        finally:
+            pl_module.train(was_training)
+        rows = int(batch["input_ids"].shape[0])
+        return {"ms_per_batch": 1000 * statistics.median(times), "batch_size": rows,
+                "tokens": int(batch["input_ids"].shape[1]), "repeats": len(times)}
+
+
+class TrialReporter(L.Callback):
+    """Reports ``monitor`` to an Optuna ``trial`` after every validation and stops the run when the pruner says so;
+    prints one progress line per validation through ``say``. ``best`` / ``history`` / ``pruned_at`` after fit."""
+
+    def __init__(self, monitor: str, mode: str, say, trial=None, label: str = ""):
+        super().__init__()
+        self.monitor, self.mode, self.say, self.trial, self.label = monitor, mode, say, trial, label
+        self.history: list[tuple[int, float]] = []
+        self.pruned_at: int | None = None
+        self.trainable: int | None = None
+        self.total: int | None = None
+
+    @property
+    def best(self) -> float | None:
+        values = [v for _, v in self.history if stats.finite(v)]
+        if not values:
+            return None
+        return min(values) if self.mode == "minimize" else max(values)
+
+    def on_fit_start(self, trainer, pl_module):
+        self.trainable, self.total = int(pl_module.trainable_count), int(pl_module.total_count)
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            raise RuntimeError(f"{self.monitor} was not logged by the validation (logged: "
+                               f"{', '.join(sorted(trainer.callback_metrics))})")
+        value, step = float(value), int(trainer.global_step)
+        self.history.append((step, value))
+        line = f"step {step}/{trainer.max_steps if trainer.max_steps > 0 else '?'}  {self.monitor} {value:.4f}"
+        if self.trial is not None:
+            self.trial.report(value, step)
+            if self.trial.should_prune():
+                self.pruned_at = step
+                trainer.should_stop = True
+                line += "  -> pruned (successive halving)"
+        self.say(f"    {self.label}{line}")
+
+
+class Heartbeat:
+    """Records an Optuna RDB heartbeat for a running trial every ``interval`` seconds (a thread), so other workers
+    can tell a trial whose process died from one still running (``RDBStorage(heartbeat_interval=...)``)."""
+
+    def __init__(self, storage, trial_id: int, interval: float):
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception:  # noqa: BLE001 - a missed heartbeat must not kill the run
+                pass
+
+    def __enter__(self):
+        try:
+            self.storage.record_heartbeat(self.trial_id)
+        except Exception:  # noqa: BLE001
+            pass
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return False

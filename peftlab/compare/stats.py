@@ -1,0 +1,229 @@
+"""Test metrics from per-example outcomes, and their bootstrap confidence intervals.
+
+Every test metric peftlab reports is a function of *sums over test examples* of a few per-example columns:
+accuracy is ``sum(correct) / sum(1)``, the causal-LM loss ``sum(nll) / sum(tokens)``, macro F1 a function of the
+confusion counts, corpus BLEU a function of the clipped n-gram matches and lengths. A seed run saves those
+columns for every test example (:mod:`peftlab.compare.callbacks`), so the metric of any resample of the examples
+is the same function of *weighted* sums, the weights being how often each example was drawn. That makes the
+bootstrap exact for every metric (not an average of per-example scores where the metric is not one) and fast.
+
+The interval is a two-level percentile bootstrap: each replicate draws the seeds with replacement and the test
+examples with replacement (the same examples for every seed), computes the metric per drawn seed and averages
+over them. The paired difference of two methods draws the same seeds and the same examples for both, so the
+spread of the test set itself, shared by both methods, cancels. The RNG is seeded (``rng_seed``), so a report is
+reproducible to the last digit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+#: BLEU: n-gram orders, as torchmetrics' BLEUScore (n_gram=4, uniform weights, no smoothing)
+BLEU_N = 4
+
+
+# ---------------------------------------------------------------------------------------------- columns
+def classification_columns(pred: Sequence[int], label: Sequence[int], ce: Sequence[float],
+                           num_classes: int) -> dict[str, np.ndarray]:
+    """The per-example columns of a classification test: count, correctness, loss and one-hot confusion cells."""
+    pred, label = np.asarray(pred, dtype=np.int64), np.asarray(label, dtype=np.int64)
+    cols = {"n": np.ones(len(pred)), "correct": (pred == label).astype(float), "ce": np.asarray(ce, dtype=float)}
+    for p in range(num_classes):
+        for t in range(num_classes):
+            cols[f"cm_{p}_{t}"] = ((pred == p) & (label == t)).astype(float)
+    return cols
+
+
+def macro_f1(sums: Mapping[str, np.ndarray], num_classes: int) -> np.ndarray:
+    """Macro F1 from confusion sums, as torchmetrics' ``F1Score(task="multiclass", average="macro")``: classes that
+    are neither predicted nor present count as absent (left out of the mean), an undefined F1 is 0."""
+    f1s, present = [], []
+    for c in range(num_classes):
+        tp = sums[f"cm_{c}_{c}"]
+        predicted = sum(sums[f"cm_{c}_{t}"] for t in range(num_classes))
+        actual = sum(sums[f"cm_{p}_{c}"] for p in range(num_classes))
+        fp, fn = predicted - tp, actual - tp
+        denom = 2 * tp + fp + fn
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1s.append(np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0))
+        present.append((tp + fp + fn) > 0)
+    f1s, present = np.stack(f1s), np.stack(present)
+    count = present.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, (f1s * present).sum(0) / np.where(count > 0, count, 1), 0.0)
+
+
+def bleu_stats(pred: str, reference: str, n_gram: int = BLEU_N) -> dict[str, float]:
+    """One example's BLEU sufficient statistics, tokenized as torchmetrics' BLEUScore does (whitespace): clipped
+    n-gram matches ``bleu_m{n}``, candidate n-grams ``bleu_t{n}``, and both lengths. Summed over a corpus they give
+    exactly torchmetrics' corpus BLEU (:func:`corpus_bleu`)."""
+    p, r = pred.split() if pred else [], reference.split() if reference else []
+
+    def grams(tokens: list[str]) -> Counter:
+        return Counter(tuple(tokens[j:j + i]) for i in range(1, n_gram + 1) for j in range(len(tokens) - i + 1))
+
+    pc, clipped = grams(p), grams(p) & grams(r)
+    out = {f"bleu_m{n}": 0.0 for n in range(1, n_gram + 1)} | {f"bleu_t{n}": 0.0 for n in range(1, n_gram + 1)}
+    for gram, count in clipped.items():
+        out[f"bleu_m{len(gram)}"] += count
+    for gram, count in pc.items():
+        out[f"bleu_t{len(gram)}"] += count
+    out.update(bleu_pred_len=float(len(p)), bleu_ref_len=float(len(r)))
+    return out
+
+
+def corpus_bleu(sums: Mapping[str, np.ndarray], n_gram: int = BLEU_N) -> np.ndarray:
+    """Corpus BLEU from summed :func:`bleu_stats` (torchmetrics' formula: 0 if any order has no match)."""
+    matches = np.stack([np.asarray(sums[f"bleu_m{n}"], dtype=float) for n in range(1, n_gram + 1)])
+    totals = np.stack([np.asarray(sums[f"bleu_t{n}"], dtype=float) for n in range(1, n_gram + 1)])
+    pred_len, ref_len = np.asarray(sums["bleu_pred_len"], float), np.asarray(sums["bleu_ref_len"], float)
+    ok = matches.min(0) > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        log_p = np.where(ok, np.log(np.where(ok, matches, 1) / np.where(totals > 0, totals, 1)), 0.0).mean(0)
+        bp = np.where(pred_len > ref_len, 1.0, np.exp(1 - ref_len / np.where(pred_len > 0, pred_len, 1)))
+    return np.where(ok, bp * np.exp(log_p), 0.0)
+
+
+def _ratio(num: str, den: str) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
+    def value(sums):
+        d = np.asarray(sums[den], dtype=float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(d > 0, np.asarray(sums[num], dtype=float) / np.where(d > 0, d, 1), np.nan)
+    return value
+
+
+def metric_function(metric: str, task: str, num_classes: int = 2) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
+    """``sums of per-example columns -> value`` for a test metric (``test/acc``, ``test/loss``, ...), vectorized
+    over any leading dimensions of the sums."""
+    name = metric.split("/", 1)[-1]
+    if task == "classification":
+        if name == "acc":
+            return _ratio("correct", "n")
+        if name == "loss":
+            return _ratio("ce", "n")
+        if name == "f1":
+            return lambda sums: macro_f1(sums, num_classes)
+    else:
+        if name == "loss":
+            return _ratio("nll", "tokens")
+        if name == "ppl":
+            loss = _ratio("nll", "tokens")
+            return lambda sums: np.exp(np.minimum(loss(sums), 50.0))
+        if name == "exact_match":
+            return _ratio("tf_exact", "has_target")
+        if name in ("gen_exact_match", "rougeL"):
+            return _ratio(name, "n")
+        if name == "bleu":
+            return corpus_bleu
+    raise KeyError(f"no per-example form of {metric} for task {task}")
+
+
+# ---------------------------------------------------------------------------------------------- bootstrap
+@dataclass
+class Interval:
+    """A point estimate (the mean over seeds of the metric on the whole test set) and its percentile interval."""
+
+    mean: float
+    low: float
+    high: float
+    seeds: int
+    examples: int
+    per_seed: list[float]
+
+    def as_dict(self) -> dict:
+        return {"mean": self.mean, "low": self.low, "high": self.high, "seeds": self.seeds,
+                "examples": self.examples, "per_seed": self.per_seed}
+
+
+def _matrix(runs: Sequence[Mapping[str, Sequence[float]]], columns: Sequence[str]) -> np.ndarray:
+    """(seeds, examples, columns) array of the given per-example columns."""
+    lengths = {len(run[columns[0]]) for run in runs}
+    if len(lengths) != 1:
+        raise ValueError(f"the seed runs have different numbers of test examples: {sorted(lengths)}")
+    return np.stack([np.stack([np.asarray(run[c], dtype=float) for c in columns], -1) for run in runs])
+
+
+def _draws(n_seeds: int, n_examples: int, reps: int, rng_seed: int, chunk: int = 250):
+    """Who is drawn in each replicate, in chunks of ``chunk`` replicates (bounded memory): (seed indices
+    (chunk, seeds), example weights (chunk, examples)), from one seeded generator."""
+    rng = np.random.default_rng(rng_seed)
+    for start in range(0, reps, chunk):
+        size = min(chunk, reps - start)
+        seeds = rng.integers(0, n_seeds, size=(size, n_seeds))
+        picks = rng.integers(0, n_examples, size=(size, n_examples))
+        weights = np.zeros((size, n_examples))
+        np.add.at(weights, (np.arange(size)[:, None], picks), 1.0)
+        yield seeds, weights
+
+
+def _replicates(x: np.ndarray, columns: Sequence[str], fn, seeds: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    sums = np.einsum("snk,bn->bsk", x, weights)  # (reps, seeds, columns): every seed under every example draw
+    drawn = np.take_along_axis(sums, seeds[:, :, None], axis=1)  # the drawn seeds
+    values = np.asarray(fn({c: drawn[..., i] for i, c in enumerate(columns)}), dtype=float)  # (reps, seeds)
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(values, axis=1) if values.size else values
+
+
+def _point(x: np.ndarray, columns: Sequence[str], fn) -> tuple[float, list[float]]:
+    sums = x.sum(1)
+    per_seed = np.asarray(fn({c: sums[:, i] for i, c in enumerate(columns)}), dtype=float)
+    return float(np.nanmean(per_seed)), [float(v) for v in per_seed]
+
+
+def bootstrap(runs: Sequence[Mapping[str, Sequence[float]]], fn, columns: Sequence[str], *, reps: int = 2000,
+              rng_seed: int = 0, level: float = 0.95) -> Interval:
+    """Percentile bootstrap interval of ``fn`` (sums -> metric) over seeds and test examples.
+
+    ``runs``: one mapping per seed of per-example columns (equal lengths: the same test examples, in the same order).
+    """
+    x = _matrix(runs, columns)
+    mean, per_seed = _point(x, columns, fn)
+    values = np.concatenate([_replicates(x, columns, fn, s, w)
+                             for s, w in _draws(x.shape[0], x.shape[1], reps, rng_seed)])
+    low, high = np.nanpercentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return Interval(mean, float(low), float(high), x.shape[0], x.shape[1], per_seed)
+
+
+def paired_bootstrap(runs_a: Sequence[Mapping[str, Sequence[float]]], runs_b: Sequence[Mapping[str, Sequence[float]]],
+                     fn, columns: Sequence[str], *, reps: int = 2000, rng_seed: int = 0,
+                     level: float = 0.95) -> Interval:
+    """Interval of ``metric(A) - metric(B)``, paired by seed (``runs_a[i]`` and ``runs_b[i]`` share seed i) and by
+    test example (the same draw of examples for both)."""
+    if len(runs_a) != len(runs_b):
+        raise ValueError("paired runs need the same seeds for both methods")
+    xa, xb = _matrix(runs_a, columns), _matrix(runs_b, columns)
+    if xa.shape[1] != xb.shape[1]:
+        raise ValueError(f"paired runs need the same test examples ({xa.shape[1]} vs {xb.shape[1]})")
+    diff = np.concatenate([_replicates(xa, columns, fn, s, w) - _replicates(xb, columns, fn, s, w)
+                           for s, w in _draws(xa.shape[0], xa.shape[1], reps, rng_seed)])
+    ma, pa = _point(xa, columns, fn)
+    mb, pb = _point(xb, columns, fn)
+    low, high = np.nanpercentile(diff, [50 * (1 - level), 50 * (1 + level)])
+    return Interval(ma - mb, float(low), float(high), xa.shape[0], xa.shape[1], [a - b for a, b in zip(pa, pb)])
+
+
+def columns_for(metric: str, task: str, num_classes: int = 2) -> list[str]:
+    """The per-example columns :func:`metric_function` reads for ``metric``."""
+    name = metric.split("/", 1)[-1]
+    if task == "classification":
+        if name == "f1":
+            return [f"cm_{p}_{t}" for p in range(num_classes) for t in range(num_classes)]
+        return {"acc": ["correct", "n"], "loss": ["ce", "n"]}[name]
+    if name in ("loss", "ppl"):
+        return ["nll", "tokens"]
+    if name == "exact_match":
+        return ["tf_exact", "has_target"]
+    if name in ("gen_exact_match", "rougeL"):
+        return [name, "n"]
+    if name == "bleu":
+        return [f"bleu_{k}{n}" for k in "mt" for n in range(1, BLEU_N + 1)] + ["bleu_pred_len", "bleu_ref_len"]
+    raise KeyError(metric)
+
+
+def finite(value: float) -> bool:
+    return value is not None and not (isinstance(value, float) and (math.isnan(value) or math.isinf(value)))

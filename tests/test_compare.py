@@ -1,0 +1,504 @@
+"""``peftlab compare``: study-file checks, a tiny study end to end (tuning with pruning, seeds, report), resuming,
+two workers on one SQLite study, the bootstrap intervals on data with known answers, and generated-text metrics.
+
+Everything runs on the tiny models of conftest.py with budgets of a few steps (each run is a real `peftlab fit`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_main(argv, capsys):
+    from peftlab.cli import main
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tiny_study(tmp_path, backbone, data, *, task="classification", name="study.yaml", **changes):
+    """A small study file on the tiny models: LoRA vs prompt tuning, 3 trials, 2 seeds, 4 steps per run."""
+    trainer = {"max_steps": 4, "limit_val_batches": 2, "limit_test_batches": 2, "log_every_n_steps": 1}
+    data_cfg = {} if task == "classification" else {"task": task, "prompt_template": "{prompt}",
+                                                    "response_template": "{response}", "max_length": 48}
+    targets = {"classification": ["query", "value"], "causal_lm": ["q_proj", "v_proj"]}[task]
+    base = write_config(tmp_path, backbone, data, trainer=trainer, data=data_cfg, model={"target_modules": targets},
+                        name=f"base-{name}")
+    study = {
+        "name": "tiny",
+        "base": [base],
+        "budget": {"max_steps": 4, "val_check_interval": 1},
+        "seeds": [0, 1],
+        "tuning": {"trials": 3, "reduction_factor": 2, "seed": 0},
+        "select": "val/acc" if task == "classification" else "val/loss",
+        "report": ["test/acc", "test/f1", "test/loss"] if task == "classification" else ["test/loss",
+                                                                                         "test/exact_match"],
+        "baseline": "lora",
+        "bootstrap": {"reps": 300},
+        "search": {"learning_rate": [1e-3, 1e-1]},
+        "methods": {
+            "lora": {},
+            "prompt": {"overrides": {"model": "peftlab.methods.PromptTuning", "num_virtual_tokens": 4,
+                                     "init": "random"}},
+        },
+    }
+    for key, value in changes.items():
+        study[key] = value
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def runs_log(study_dir: Path) -> list[dict]:
+    path = study_dir / "runs.log"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def starts(study_dir: Path) -> Counter:
+    return Counter(e["run"] for e in runs_log(study_dir) if e["event"] == "start")
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("change, expected", [
+    ({"methods": {"lora": {"config": "configs/methods/nope.yaml"}}}, "method layer configs/methods/nope.yaml does not exist"),
+    ({"methods": {"lora": {"overrides": {"model": "peftlab.methods.NoSuchMethod"}}}}, "NoSuchMethod"),
+    ({"methods": {"lora": {"search": {"num_virtual_tokens": [2, 8]}}}}, "LoRA has no argument 'num_virtual_tokens'"),
+    ({"methods": {"lora": {"search": {"learning_rte": [1e-4, 1e-2]}}}}, "Did you mean 'learning_rate'"),
+    ({"select": "val/accuracy"}, "select metric 'val/accuracy' is never logged for classification"),
+    ({"report": ["test/bleu"]}, "report metric 'test/bleu' is never logged for classification"),
+    ({"select": "test/acc"}, "uses the val split"),
+    ({"baseline": "full"}, "baseline: 'full' is not one of the methods"),
+    ({"search": {"learning_rate": [1e-2, 1e-4]}}, "low must be below high"),
+    ({"budget": {"max_steps": 5, "val_check_interval": 2}}, "must be a multiple of val_check_interval"),
+    ({"tuning": {"trials": 0}}, "tuning.trials: must be an integer >= 1"),
+    ({"methdos": {}}, "unknown key 'methdos'"),
+])
+def test_study_file_errors_are_one_line_before_any_run(tmp_path, tiny_bert, sentiment_csv, capsys, change, expected):
+    study = tiny_study(tmp_path, tiny_bert, sentiment_csv, **change)
+    code, out, err = run_main(["compare", "--config", str(study), "--study_dir", str(tmp_path / "sd")], capsys)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("peftlab: error: "), err
+    assert expected in lines[0], lines[0]
+    assert not (tmp_path / "sd").exists()  # no study directory, no run directory
+
+
+def test_head_learning_rate_search_needs_classification(tmp_path, tiny_llama, generation_jsonl, capsys):
+    study = tiny_study(tmp_path, tiny_llama, generation_jsonl, task="causal_lm",
+                       search={"learning_rate": [1e-3, 1e-1], "head_learning_rate": [1e-3, 1e-1]})
+    code, _, err = run_main(["compare", "--config", str(study), "--study_dir", str(tmp_path / "sd")], capsys)
+    assert code == 2 and "head_learning_rate only exists for classification" in err
+    assert not (tmp_path / "sd").exists()
+
+
+@pytest.mark.parametrize("url", ["nosuchdriver://x/y", "sqlite:////nonexistent-dir/x/study.db"])
+def test_a_storage_that_cannot_be_opened_is_one_line(tmp_path, tiny_bert, sentiment_csv, capsys, url):
+    study = tiny_study(tmp_path, tiny_bert, sentiment_csv)
+    code, _, err = run_main(["compare", "--config", str(study), "--study_dir", str(tmp_path / "sd"),
+                             "--storage", url], capsys)
+    assert code == 2 and err.count("\n") == 1 and f"storage {url!r} cannot be opened" in err, err
+    assert not (tmp_path / "sd").exists()
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def test_tiny_study_end_to_end_then_a_rerun_does_nothing(tmp_path, tiny_bert, sentiment_csv, capsys):
+    study = tiny_study(tmp_path, tiny_bert, sentiment_csv)
+    sd = tmp_path / "sd"
+    code, out, err = run_main(["compare", "--config", str(study), "--study_dir", str(sd)], capsys)
+    assert code == 0, err[-3000:]
+    assert "tuning trial 1/3" in out and "seed 1 (2/2)" in out  # progress is shown
+    ran = starts(sd)
+    # 2 methods x (3 trials + 2 seeds), each run once
+    assert len(ran) == 10 and set(ran.values()) == {1}, ran
+    results = json.loads((sd / "results.json").read_text())
+    assert (sd / "report.md").is_file() and (sd / "pareto.png").is_file()
+    report = (sd / "report.md").read_text()
+    assert "test/acc mean [95% CI]" in report and "Δtest/acc vs lora" in report
+    part = results["parts"][0]
+    for m in part["methods"]:
+        assert m["trainable"] > 0 and m["total"] > m["trainable"] and m["memory"]["total"] > 0
+        assert m["best"] is not None and "learning_rate" in m["best"]["params"]
+        assert len(m["trials"]) == 3
+        assert [s["seed"] for s in m["seeds"]] == [0, 1] and all("metrics" in s for s in m["seeds"])
+        for metric in ("test/acc", "test/f1", "test/loss"):
+            iv = m["test"][metric]
+            assert iv["seeds"] == 2 and iv["examples"] == 12
+            assert iv["low"] <= iv["mean"] <= iv["high"], (metric, iv)
+        # the per-example outcomes reproduce what the run logged
+        for s, per_seed in zip(m["seeds"], m["test"]["test/acc"]["per_seed"]):
+            assert per_seed == pytest.approx(s["metrics"]["test/acc"], abs=1e-6)
+            assert m["test"]["test/f1"]["per_seed"][m["seeds"].index(s)] == pytest.approx(s["metrics"]["test/f1"],
+                                                                                          abs=1e-5)
+        if m["name"] == "lora":
+            assert m["vs_baseline"] == {}
+        else:
+            d = m["vs_baseline"]["test/acc"]
+            assert d["low"] <= d["mean"] <= d["high"]
+    # the tuning runs never looked at the test split: no test metrics in their logs
+    for metrics_csv in (sd / "runs").rglob("tune-*/metrics.csv"):
+        assert "test/" not in metrics_csv.read_text()
+    trial_runs = sorted(p.name for p in (sd / "runs" / "main" / "lora").iterdir())
+    assert trial_runs == ["seed-0", "seed-1", "tune-000", "tune-001", "tune-002"]
+    assert not list((sd / "runs").rglob("*.ckpt"))  # checkpoints cleaned once a run finished
+
+    code, out, err = run_main(["compare", "--config", str(study), "--study_dir", str(sd)], capsys)
+    assert code == 0, err
+    assert starts(sd) == ran and "nothing was left to do" in out
+    assert json.loads((sd / "results.json").read_text())["parts"] == results["parts"]
+
+
+def test_successive_halving_stops_a_poor_trial(tmp_path, tiny_bert, sentiment_csv, capsys):
+    """Trial 0 at a rate too small to move the model, then a rate so large that the validation loss gets worse at
+    once: the second is pruned at the first rung (successive halving keeps the better half)."""
+    study = tiny_study(tmp_path, tiny_bert, sentiment_csv, seeds=[0], select="val/loss",
+                       tuning={"trials": 2, "reduction_factor": 2, "sampler": "random"},
+                       methods={"lora": {"search": {"learning_rate": {"choices": [1e-9, 0.3]}}}})
+    import optuna
+
+    sd = tmp_path / "sd"
+    code, out, err = run_main(["compare", "--config", str(study), "--study_dir", str(sd), "--check"], capsys)
+    assert code == 0, err
+    # fix the order of the two rates: enqueue them as the first trials
+    storage = optuna.storages.RDBStorage(f"sqlite:///{sd / 'study.db'}")
+    tune = optuna.create_study(storage=storage, study_name="tiny/main/lora/tune", direction="minimize",
+                               load_if_exists=True)
+    tune.enqueue_trial({"learning_rate": 1e-9})
+    tune.enqueue_trial({"learning_rate": 0.3})
+    del storage
+    code, out, err = run_main(["compare", "--config", str(study), "--study_dir", str(sd)], capsys)
+    assert code == 0, err[-3000:]
+    trials = json.loads((sd / "results.json").read_text())["parts"][0]["methods"][0]["trials"]
+    assert [t["state"] for t in trials] == ["complete", "pruned"], trials
+    assert trials[1]["validations"] < 4 and "pruned (successive halving)" in out
+
+
+# ---------------------------------------------------------------------------------------------- resuming, workers
+def _worker_cmd(study, sd, *extra):
+    return [sys.executable, "-m", "peftlab", "compare", "--config", str(study), "--study_dir", str(sd), *extra]
+
+
+def test_two_workers_share_one_sqlite_study_and_no_trial_runs_twice(tmp_path, tiny_bert, sentiment_csv):
+    study = tiny_study(tmp_path, tiny_bert, sentiment_csv, tuning={"trials": 4, "reduction_factor": 2},
+                       methods={"lora": {}})
+    sd = tmp_path / "sd"
+    proc = subprocess.run(_worker_cmd(study, sd, "--workers", "2"), capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = runs_log(sd)
+    ran = starts(sd)
+    assert len(ran) == 4 + 2 and set(ran.values()) == {1}, ran  # every trial and seed exactly once
+    assert len({e["pid"] for e in log}) == 2, "both workers trained"
+    assert "[w1]" in proc.stdout and "[w2]" in proc.stdout
+    results = json.loads((sd / "results.json").read_text())
+    for m in results["parts"][0]["methods"]:
+        assert len(m["trials"]) == 4 and len(m["seeds"]) == 2 and all("metrics" in s for s in m["seeds"])
+
+
+def test_an_interrupted_study_continues_where_it_stopped(tmp_path, tiny_bert, sentiment_csv, capsys, monkeypatch):
+    """Ctrl-C in the middle of the third run: the next invocation runs that one again and nothing finished."""
+    import lightning as L
+
+    from peftlab.compare import runner
+
+    class Interrupt(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 2:
+                raise KeyboardInterrupt
+
+    calls = []
+    real = runner.run_fit
+
+    def flaky(args, callbacks, log_path):
+        calls.append(log_path.name)
+        return real(args, [*callbacks, Interrupt()] if len(calls) == 3 else callbacks, log_path)
+
+    study = tiny_study(tmp_path, tiny_bert, sentiment_csv, methods={"lora": {}}, seeds=[0, 1])
+    sd = tmp_path / "sd"
+    monkeypatch.setattr(runner, "run_fit", flaky)
+    code, out, _ = run_main(["compare", "--config", str(study), "--study_dir", str(sd)], capsys)
+    assert code == 130 and "the same command continues the study" in out
+    first = starts(sd)
+    assert list(first) == ["main/lora/tune-000", "main/lora/tune-001", "main/lora/tune-002"]
+    monkeypatch.setattr(runner, "run_fit", real)
+    code, out, err = run_main(["compare", "--config", str(study), "--study_dir", str(sd)], capsys)
+    assert code == 0, err[-3000:]
+    ran = starts(sd)
+    assert ran == {"main/lora/tune-000": 1, "main/lora/tune-001": 1, "main/lora/tune-002": 2,
+                   "main/lora/seed-0": 1, "main/lora/seed-1": 1}, ran
+    m = json.loads((sd / "results.json").read_text())["parts"][0]["methods"][0]
+    assert [t["state"] for t in m["trials"]][-1] != "running" and len(m["seeds"]) == 2
+
+
+@pytest.mark.slow
+def test_a_killed_study_resumes_without_rerunning_finished_work(tmp_path, tiny_bert, sentiment_csv, capsys):
+    """SIGKILL a worker in the middle of a run; the next invocation redoes that run only."""
+    study = tiny_study(tmp_path, tiny_bert, sentiment_csv, budget={"max_steps": 40, "val_check_interval": 4},
+                       methods={"lora": {}}, seeds=[0], tuning={"trials": 3, "pruner": "none"})
+    sd = tmp_path / "sd"
+    proc = subprocess.Popen(_worker_cmd(study, sd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until one run finished and the next one started
+        events = runs_log(sd)
+        if sum(e["event"] == "end" for e in events) >= 1 and sum(e["event"] == "start" for e in events) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = runs_log(sd)
+    finished = {e["run"] for e in before if e["event"] == "end"}
+    started = {e["run"] for e in before if e["event"] == "start"}
+    interrupted = started - finished
+    assert finished and interrupted, before
+
+    code, out, err = run_main(["compare", "--config", str(study), "--study_dir", str(sd)], capsys)
+    assert code == 0, err[-3000:]
+    assert "left running by a worker that ended" in out
+    ran = starts(sd)
+    assert all(ran[r] == 1 for r in finished), ran  # finished work is not repeated
+    assert all(ran[r] == 2 for r in interrupted), ran  # the killed run ran again, once
+    results = json.loads((sd / "results.json").read_text())
+    m = results["parts"][0]["methods"][0]
+    assert sum(t["state"] == "complete" for t in m["trials"]) == 3 and m["seeds"][0].get("metrics")
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def test_bootstrap_interval_matches_the_known_answer():
+    from peftlab.compare import stats
+
+    rng = np.random.default_rng(0)
+    n, p = 4000, 0.7
+    correct = (rng.random(n) < p).astype(float)
+    run = {"correct": correct, "n": np.ones(n)}
+    iv = stats.bootstrap([run], stats.metric_function("test/acc", "classification"), ["correct", "n"], reps=2000)
+    half = 1.96 * np.sqrt(correct.mean() * (1 - correct.mean()) / n)
+    assert iv.mean == pytest.approx(correct.mean())
+    assert iv.low == pytest.approx(iv.mean - half, abs=0.25 * half)
+    assert iv.high == pytest.approx(iv.mean + half, abs=0.25 * half)
+    # fixed RNG seed: the same interval every time
+    again = stats.bootstrap([run], stats.metric_function("test/acc", "classification"), ["correct", "n"], reps=2000)
+    assert (again.low, again.high) == (iv.low, iv.high)
+    # everything right: no uncertainty left
+    all_right = {"correct": np.ones(50), "n": np.ones(50)}
+    iv = stats.bootstrap([all_right], stats.metric_function("test/acc", "classification"), ["correct", "n"])
+    assert (iv.low, iv.mean, iv.high) == (1.0, 1.0, 1.0)
+
+
+def test_bootstrap_over_seeds_widens_with_the_spread_between_seeds():
+    from peftlab.compare import stats
+
+    rng = np.random.default_rng(1)
+    fn, cols = stats.metric_function("test/acc", "classification"), ["correct", "n"]
+    n = 2000
+    same = [{"correct": (rng.random(n) < 0.8).astype(float), "n": np.ones(n)} for _ in range(4)]
+    spread = [{"correct": (rng.random(n) < p).astype(float), "n": np.ones(n)} for p in (0.6, 0.7, 0.8, 0.9)]
+    a, b = stats.bootstrap(same, fn, cols), stats.bootstrap(spread, fn, cols)
+    assert (b.high - b.low) > 3 * (a.high - a.low)
+    assert b.low <= b.mean <= b.high and b.mean == pytest.approx(np.mean(b.per_seed))
+
+
+def test_paired_difference_cancels_what_both_methods_share():
+    from peftlab.compare import stats
+
+    rng = np.random.default_rng(2)
+    fn, cols = stats.metric_function("test/acc", "classification"), ["correct", "n"]
+    n = 1000
+    base = (rng.random(n) < 0.5).astype(float)
+    better = base.copy()
+    flip = np.flatnonzero(base == 0)[:50]  # B gets 50 more examples right: +0.05 exactly, on every resample > 0
+    better[flip] = 1.0
+    a, b = [{"correct": better, "n": np.ones(n)}], [{"correct": base, "n": np.ones(n)}]
+    d = stats.paired_bootstrap(a, b, fn, cols)
+    assert d.mean == pytest.approx(0.05)
+    assert 0 < d.low <= d.mean <= d.high < 0.08
+    unpaired_width = stats.bootstrap(a, fn, cols).high - stats.bootstrap(a, fn, cols).low
+    assert (d.high - d.low) < 0.5 * unpaired_width
+    same = stats.paired_bootstrap(b, b, fn, cols)
+    assert (same.low, same.mean, same.high) == (0.0, 0.0, 0.0)
+
+
+def test_bootstrap_coverage_is_about_95_percent():
+    from peftlab.compare import stats
+
+    rng = np.random.default_rng(3)
+    fn, cols = stats.metric_function("test/acc", "classification"), ["correct", "n"]
+    hits = 0
+    for i in range(120):
+        c = (rng.random(300) < 0.6).astype(float)
+        iv = stats.bootstrap([{"correct": c, "n": np.ones(300)}], fn, cols, reps=400, rng_seed=i)
+        hits += iv.low <= 0.6 <= iv.high
+    assert 0.88 <= hits / 120 <= 0.99
+
+
+def test_per_example_metrics_equal_torchmetrics():
+    import torch
+    import torchmetrics
+    from torchmetrics.text import BLEUScore
+
+    from peftlab.compare import stats
+
+    rng = np.random.default_rng(4)
+    pred, label = rng.integers(0, 3, 200), rng.integers(0, 3, 200)
+    cols = stats.classification_columns(pred, label, np.zeros(200), 3)
+    sums = {k: v.sum() for k, v in cols.items()}
+    expected = torchmetrics.functional.f1_score(torch.tensor(pred), torch.tensor(label), task="multiclass",
+                                                num_classes=3, average="macro")
+    assert float(stats.macro_f1(sums, 3)) == pytest.approx(float(expected), abs=1e-6)
+    preds = ["the cat sat on the mat", "a dog ran in the park today", "hello there", ""]
+    refs = ["the cat sat on a mat", "the dog ran in the park", "hello there my friend", "nothing"]
+    rows = [stats.bleu_stats(p, r) for p, r in zip(preds, refs)]
+    summed = {k: sum(r[k] for r in rows) for k in rows[0]}
+    bleu = BLEUScore()
+    bleu.update(preds, [[r] for r in refs])
+    assert float(stats.corpus_bleu(summed)) == pytest.approx(float(bleu.compute()), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- generated text
+def test_generated_text_metrics_on_a_tiny_causal_lm(tmp_path, tiny_llama, generation_jsonl, capsys):
+    from torchmetrics.text import BLEUScore, ROUGEScore
+
+    from peftlab.compare.callbacks import GeneratedTextMetrics
+
+    cfg = write_config(tmp_path, tiny_llama, generation_jsonl,
+                       model={"target_modules": ["q_proj", "v_proj"]},
+                       data={"task": "causal_lm", "max_length": 48},
+                       trainer={"max_steps": 2, "val_check_interval": 2, "limit_test_batches": 1,
+                                "limit_val_batches": 1})
+    code, out, err = run_main(["fit", "--config", cfg, "--trainer.callbacks+=peftlab.compare.GeneratedTextMetrics",
+                               "--trainer.callbacks.max_new_tokens=3"], capsys)
+    assert code == 0, err[-3000:]
+    metrics = next((tmp_path / "runs").rglob("metrics.csv")).read_text().splitlines()[0]
+    for name in ("val/gen_exact_match", "val/rougeL", "val/bleu", "test/gen_exact_match", "test/rougeL", "test/bleu"):
+        assert name in metrics
+
+    # the prompts given to generate are the prompts alone, left-padded; the references are the responses
+    from peftlab.data import PeftDataModule
+    from peftlab.methods import LoRA
+
+    data = PeftDataModule(source=generation_jsonl, task="causal_lm", tokenizer=tiny_llama, max_length=128,
+                          batch_size=4)
+    batch = next(iter(data.test_dataloader()))
+    tok = data.tokenizer
+    inputs, refs = GeneratedTextMetrics.prompts_and_references(batch, "causal_lm", tok.pad_token_id)
+    rows = data.raw["test"]
+    for i in range(4):
+        prompt = tok.decode(inputs["input_ids"][i][inputs["attention_mask"][i].bool()], skip_special_tokens=True)
+        # the prompt (its end, where max_length cut a long review), without the response
+        assert len(prompt.strip()) > 20 and rows[i]["prompt"].strip().endswith(prompt.strip())
+        assert tok.decode(refs[i], skip_special_tokens=True).strip() == rows[i]["response"].strip()
+        assert inputs["attention_mask"][i][-1] == 1  # left padding: the prompt ends at the last position
+    model = LoRA(backbone=tiny_llama, task="causal_lm", r=4, target_modules=["q_proj", "v_proj"]).build().eval()
+    callback = GeneratedTextMetrics(max_new_tokens=4, stages=("test",))
+    callback._start("test")
+    import torch
+
+    with torch.no_grad():
+        callback._batch("test", model, batch)
+        preds, references = callback.generate(model, batch)
+    assert len(callback.examples["test"]) == 4 and len(preds) == 4
+    rouge, bleu = ROUGEScore(rouge_keys="rougeL"), BLEUScore()
+    rouge.update(preds, references)
+    bleu.update(preds, [[r] for r in references])
+    per_example = callback.examples["test"]
+    assert np.mean([r["rougeL"] for r in per_example]) == pytest.approx(float(rouge.compute()["rougeL_fmeasure"]),
+                                                                        abs=1e-5)
+    from peftlab.compare import stats
+
+    summed = {k: sum(r[k] for r in per_example) for k in per_example[0] if k.startswith("bleu_")}
+    assert float(stats.corpus_bleu(summed)) == pytest.approx(float(bleu.compute()), abs=1e-6)
+    # an exact answer scores 1 on every metric
+    right = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+    assert GeneratedTextMetrics.prompts_and_references(right, "causal_lm", tok.pad_token_id)[1] == refs
+
+
+def test_causal_lm_study_with_generation_and_forgetting(tmp_path, tiny_llama, generation_jsonl, capsys):
+    study = tiny_study(tmp_path, tiny_llama, generation_jsonl, task="causal_lm", seeds=[0],
+                       tuning={"trials": 2, "reduction_factor": 2},
+                       report=["test/loss", "test/gen_exact_match", "test/rougeL", "test/bleu"],
+                       generation={"max_new_tokens": 3},
+                       forgetting={"source": generation_jsonl, "text_column": "prompt", "max_samples": 8,
+                                   "max_length": 32},
+                       methods={"lora": {}})
+    sd = tmp_path / "sd"
+    code, out, err = run_main(["compare", "--config", str(study), "--study_dir", str(sd), "--latency"], capsys)
+    assert code == 0, err[-3000:]
+    m = json.loads((sd / "results.json").read_text())["parts"][0]["methods"][0]
+    for metric in ("test/loss", "test/gen_exact_match", "test/rougeL", "test/bleu"):
+        iv = m["test"][metric]
+        assert iv["low"] <= iv["mean"] <= iv["high"], (metric, iv)
+        assert iv["mean"] == pytest.approx(m["seeds"][0]["metrics"][metric], abs=1e-5), metric
+    f = m["forgetting"]
+    assert f["before"] > 0 and f["after"] > 0 and f["delta"] == pytest.approx(f["after"] - f["before"])
+    assert m["latency"]["ms_per_batch"] > 0
+    report = (sd / "report.md").read_text()
+    assert "reference loss before → after" in report and "Generated text" in report
+
+
+# ---------------------------------------------------------------------------------------------- shipped studies
+STUDIES = sorted(ROOT.glob("experiments/*/study*.yaml"))
+
+
+def _readme_study(tmp_path) -> Path:
+    """The minimal study file shown in the README (the first ```yaml block after '## Comparing methods')."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Comparing methods"):]
+    block = section[section.index("```yaml") + len("```yaml"):]
+    path = tmp_path / "readme_study.yaml"
+    path.write_text(block[:block.index("```")])
+    return path
+
+
+@pytest.mark.parametrize("smoke", [False, True], ids=["full", "smoke"])
+@pytest.mark.parametrize("study", [*STUDIES, "README"], ids=lambda p: p if p == "README" else f"{p.parent.name}/{p.name}")
+def test_shipped_study_files_pass_the_checks(study, smoke, tmp_path, capsys, monkeypatch):
+    """Every study file under experiments/ and the README's minimal one parse, and every method, search space and
+    metric in them exists (``--check`` builds nothing and trains nothing)."""
+    monkeypatch.chdir(ROOT)
+    path = _readme_study(tmp_path) if study == "README" else study
+    argv = ["compare", "--config", str(path), "--check", "--study_dir", str(tmp_path / "sd")]
+    code, out, err = run_main(argv + (["--smoke"] if smoke else []), capsys)
+    assert code == 0, err
+    assert ": ok (" in out and "method(s)" in out
+
+
+def test_quality_vs_params_study_smoke_runs_end_to_end(tmp_path, capsys, monkeypatch):
+    """The CI run of #22: part (a)'s study file with --smoke (MiniLM, the packaged reviews), through the real CLI,
+    to a report with intervals and the exact trainable-parameter counts."""
+    monkeypatch.chdir(ROOT)
+    sd = tmp_path / "sd"
+    code, out, err = run_main(["compare", "--config", "experiments/quality_vs_params/study.yaml", "--smoke",
+                               "--study_dir", str(sd)], capsys)
+    assert code == 0, err[-3000:]
+    results = json.loads((sd / "results.json").read_text())
+    methods = {m["name"]: m for m in results["parts"][0]["methods"]}
+    assert set(methods) == {"full", "lora r=8"}
+    # all-MiniLM-L6-v2 (22,713,216 parameters) + a 2-class head (384 x 2 + 2 = 770); LoRA r=8 on query and value
+    # of 6 layers: 6 x 2 x (384 x 8 + 8 x 384) = 73,728, plus the head
+    assert methods["full"]["trainable"] == methods["full"]["total"] == 22_713_216 + 770
+    assert methods["lora r=8"]["trainable"] == 73_728 + 770
+    # peft keeps the original head beside its trainable copy (modules_to_save): the model holds the head twice
+    assert methods["lora r=8"]["total"] == 22_713_216 + 2 * 770 + 73_728
+    for m in methods.values():
+        iv = m["test"]["test/acc"]
+        assert iv["low"] <= iv["mean"] <= iv["high"] and iv["seeds"] == 1
+    assert "[95% CI]" in (sd / "report.md").read_text()
