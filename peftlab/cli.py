@@ -314,6 +314,37 @@ def top_level_help() -> str:
                       *(f"  {name:<19} {summary}" for name, summary in rows), "", TOP_LEVEL_EXAMPLES])
 
 
+def run_cli(argv: list[str], *, callbacks: list | tuple = ()):
+    """Run a Lightning command (``fit``, ``validate``, ``test``, ``predict``) through peftlab's LightningCLI, as
+    the ``peftlab`` command does; ``callbacks`` are added to the trainer's (``peftlab compare`` adds its own).
+    Returns the LightningCLI object; errors raise (``main`` turns user errors into one line)."""
+    _quiet_libraries()
+    from peftlab.data import PeftDataModule
+    from peftlab.methods import PeftModule
+
+    cli_class = _make_cli_class()
+    # LightningCLI reads sys.argv (it warns when given both), so hand it argv that way
+    saved, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "peftlab", *argv]
+    try:
+        return cli_class(
+            PeftModule,
+            PeftDataModule,
+            subclass_mode_model=True,
+            save_config_callback=cli_class.save_config_class,
+            save_config_kwargs={"overwrite": True},
+            # parse errors raise (instead of printing the whole usage), and main() prints one line for them
+            parser_kwargs={"default_env": False, "prog": "peftlab", "description": _description(),
+                           "exit_on_error": False,
+                           **{c: {"exit_on_error": False} for c in LIGHTNING_COMMANDS}},
+            auto_configure_optimizers=False,
+            # peftlab prints trainable / total parameters itself; Lightning's table adds a FLOPs column that
+            # reads 0 for every run (--trainer.enable_model_summary true brings it back)
+            trainer_defaults={"enable_model_summary": False, **({"callbacks": list(callbacks)} if callbacks else {})},
+        )
+    finally:
+        sys.argv = saved
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``peftlab`` console script."""
     argv = list(sys.argv[1:] if args is None else args)
@@ -342,31 +373,7 @@ def main(args: list[str] | None = None) -> None:
 
             run_command(argv[0], argv[1:])
             return None
-        _quiet_libraries()
-        from peftlab.data import PeftDataModule
-        from peftlab.methods import PeftModule
-
-        cli_class = _make_cli_class()
-        # LightningCLI reads sys.argv (it warns when given both), so hand it argv that way
-        saved, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "peftlab", *argv]
-        try:
-            cli_class(
-                PeftModule,
-                PeftDataModule,
-                subclass_mode_model=True,
-                save_config_callback=cli_class.save_config_class,
-                save_config_kwargs={"overwrite": True},
-                # parse errors raise (instead of printing the whole usage), and main() prints one line for them
-                parser_kwargs={"default_env": False, "prog": "peftlab", "description": _description(),
-                               "exit_on_error": False,
-                               **{c: {"exit_on_error": False} for c in LIGHTNING_COMMANDS}},
-                auto_configure_optimizers=False,
-                # peftlab prints trainable / total parameters itself; Lightning's table adds a FLOPs column that
-                # reads 0 for every run (--trainer.enable_model_summary true brings it back)
-                trainer_defaults={"enable_model_summary": False},
-            )
-        finally:
-            sys.argv = saved
+        run_cli(argv)
     except Exception as err:  # noqa: BLE001 - only user errors are turned into a message, the rest re-raises
         from peftlab.cli_errors import user_error
 

@@ -166,22 +166,11 @@ def _isolated(log_path: Path):
 def run_fit(args: list[str], callbacks: list, log_path: Path) -> None:
     """``peftlab fit ARGS`` in this process, with ``callbacks`` added to the trainer's; output goes to ``log_path``.
     Raises what the run raises (a PeftLabError for the user's errors, as the CLI would print)."""
-    from peftlab.cli import LIGHTNING_COMMANDS, _make_cli_class, _quiet_libraries
-    from peftlab.data import PeftDataModule
-    from peftlab.methods import PeftModule
+    from peftlab.cli import run_cli
 
     with _isolated(log_path) as log:
-        _quiet_libraries()
         print(f"$ peftlab fit {' '.join(args)}", file=log, flush=True)
-        cli_class = _make_cli_class()
-        cli = cli_class(
-            PeftModule, PeftDataModule, subclass_mode_model=True, save_config_callback=cli_class.save_config_class,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"default_env": False, "prog": "peftlab", "exit_on_error": False,
-                           **{c: {"exit_on_error": False} for c in LIGHTNING_COMMANDS}},
-            auto_configure_optimizers=False,
-            trainer_defaults={"enable_model_summary": False, "callbacks": list(callbacks)},
-            args=["fit", *args])
+        cli = run_cli(["fit", *args], callbacks=callbacks)
         interrupted = cli.trainer.interrupted
         del cli
     if interrupted:  # Lightning turns Ctrl-C into a quiet stop; for the study it is an unfinished run
