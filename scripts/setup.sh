@@ -32,7 +32,8 @@ if ! "$vpy" -c "import torch" 2>/dev/null; then
     echo "[setup] installing torch==$locked_torch (CPU)"
     quiet $pip install -q "torch==$locked_torch"
 fi
-torch_version="$("$vpy" -c "import torch; print(torch.__version__.split('+')[0])")"
+# (importlib.metadata, not `import torch`: before numpy is installed torch warns "Failed to initialize NumPy")
+torch_version="$("$vpy" -c "import importlib.metadata as m; print(m.version('torch').split('+')[0])")"
 platform="$("$vpy" -c "import platform, sys; print(f'{sys.implementation.name}{sys.version_info[0]}.{sys.version_info[1]}-{platform.system()}-{platform.machine()}')")"
 if [ "$lock" = "none" ]; then
     echo "[setup] installing the newest releases pyproject.toml allows (no lock)"
