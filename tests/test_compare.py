@@ -426,9 +426,14 @@ def test_generated_text_metrics_on_a_tiny_causal_lm(tmp_path, tiny_llama, genera
 
     summed = {k: sum(r[k] for r in per_example) for k in per_example[0] if k.startswith("bleu_")}
     assert float(stats.corpus_bleu(summed)) == pytest.approx(float(bleu.compute()), abs=1e-6)
-    # an exact answer scores 1 on every metric
-    right = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
-    assert GeneratedTextMetrics.prompts_and_references(right, "causal_lm", tok.pad_token_id)[1] == refs
+    # an exact answer (the reference itself, with other spacing) scores 1 on exact match and ROUGE-L
+    exact = GeneratedTextMetrics(max_new_tokens=4, stages=("test",))
+    exact._start("test")
+    exact.generate = lambda module, b: ([f"  {r}  " for r in references], list(references))
+    exact._batch("test", model, batch)
+    assert [r["gen_exact_match"] for r in exact.examples["test"]] == [1.0] * 4
+    assert [r["rougeL"] for r in exact.examples["test"]] == pytest.approx([1.0] * 4)
+    assert any(r["gen_exact_match"] == 0.0 for r in per_example)  # the untrained model's text is not the answer
 
 
 def test_causal_lm_study_with_generation_and_forgetting(tmp_path, tiny_llama, generation_jsonl, capsys):
@@ -502,3 +507,74 @@ def test_quality_vs_params_study_smoke_runs_end_to_end(tmp_path, capsys, monkeyp
         iv = m["test"]["test/acc"]
         assert iv["low"] <= iv["mean"] <= iv["high"] and iv["seeds"] == 1
     assert "[95% CI]" in (sd / "report.md").read_text()
+
+
+def test_claims_on_a_sqlite_study_are_serialised_between_processes(tmp_path):
+    """SQLite does not make Optuna's WAITING -> RUNNING claim atomic (two workers both claimed seed 0 and trained
+    it in one directory, in CI): claiming happens under claim_lock. A second process must not enter while the
+    first holds it: its entry comes after the first one's exit."""
+    from peftlab.compare.runner import claim_lock
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    held, released = tmp_path / "held", tmp_path / "released"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time, pathlib\n"
+        "from peftlab.compare.runner import claim_lock\n"
+        f"with claim_lock({url!r}):\n"
+        f"    pathlib.Path({str(held)!r}).write_text('1')\n"
+        "    time.sleep(1.5)\n"
+        f"    pathlib.Path({str(released)!r}).write_text(repr(time.time()))\n")])
+    deadline = time.time() + 120
+    while not held.exists():
+        assert time.time() < deadline and holder.poll() is None, "the holder process did not take the lock"
+        time.sleep(0.05)
+    with claim_lock(url):
+        entered = time.time()
+    assert holder.wait(timeout=120) == 0
+    assert entered >= float(released.read_text())  # waited for the holder's exit
+    with claim_lock("postgresql://user@host/db"):  # other databases lock rows themselves: no lock file
+        pass
+    assert [p.name for p in tmp_path.glob("*.lock")] == ["study.db.claims.lock"]
+
+
+def test_a_changed_config_layer_is_refused_instead_of_mixing_results(tmp_path, tiny_bert, sentiment_csv, capsys):
+    """The stored results remember what the config layers said (their contents, not their paths): editing the
+    base config under a finished study is refused in one line before anything trains."""
+    study = tiny_study(tmp_path, tiny_bert, sentiment_csv, methods={"lora": {}}, seeds=[0], tuning={"trials": 1},
+                       budget={"max_steps": 2, "val_check_interval": 1})
+    sd = tmp_path / "sd"
+    code, _, err = run_main(["compare", "--config", str(study), "--study_dir", str(sd)], capsys)
+    assert code == 0, err[-3000:]
+    base = tmp_path / "base-study.yaml"
+    base.write_text(base.read_text().replace("max_length: 32", "max_length: 24"))
+    code, _, err = run_main(["compare", "--config", str(study), "--study_dir", str(sd)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "made from a different study file" in err, err
+    assert sorted(starts(sd).values()) == [1, 1]  # nothing ran the second time
+
+
+def test_tuning_runs_use_a_seed_no_seed_run_uses(tmp_path, tiny_bert, sentiment_csv):
+    from peftlab.compare.study import fit_args, load_study
+
+    study = tiny_study(tmp_path, tiny_bert, sentiment_csv, seeds=[0, 1, 2], tuning={"trials": 2})
+    part = load_study(study).parts[0]
+    assert part.tuning_seed == 3 and part.tuning_seed not in part.seeds
+    args = fit_args(part, part.methods["lora"], seed=part.tuning_seed, kind="tune")
+    assert "--seed_everything=3" in args and "--test_after_fit=false" in args
+
+
+def test_forgetting_keeps_the_loss_measured_before_training_across_a_resume(monkeypatch):
+    """A seed run resumed from its checkpoint restores the reference loss measured before its first step instead
+    of measuring a partly trained model again."""
+    from peftlab.compare.callbacks import TestOutcomes
+
+    first = TestOutcomes(forgetting={"source": "x"})
+    monkeypatch.setattr(TestOutcomes, "_reference_loss", lambda self, module: 4.25)
+    first.on_fit_start(None, None)
+    saved = first.state_dict()
+    assert saved == {"reference_loss_before": 4.25}
+
+    resumed = TestOutcomes(forgetting={"source": "x"})
+    resumed.load_state_dict(saved)
+    monkeypatch.setattr(TestOutcomes, "_reference_loss", lambda self, module: pytest.fail("measured again"))
+    resumed.on_fit_start(None, None)
+    assert resumed.state_dict() == saved

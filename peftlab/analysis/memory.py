@@ -561,6 +561,7 @@ def estimate_memory_command(
         chosen = stack.enter_context(size_backbone(size)) if size else backbone
         results = []
         specs = specs_from_args(args, fit_args, chosen)
+        skipped: list[tuple[str, Exception]] = []
         for spec in specs:
             data, trainer, model = spec.data, spec.trainer, spec.init_args
             try:
@@ -574,14 +575,20 @@ def estimate_memory_command(
                 gradient_checkpointing=bool(gradient_checkpointing if gradient_checkpointing is not None
                                             else model.get("gradient_checkpointing", False)),
                 attention=attention, num_labels=num_labels)
-            except PeftLabError as err:
+            except Exception as err:  # noqa: BLE001 - a plugin method may fail to build with any error type
                 if len(specs) == 1:
                     raise
                 # --method all: a registered method that does not apply to this backbone (e.g. BitFit on a model
-                # without biases) is named and skipped, not allowed to sink the whole table
-                print(f"estimate-memory: skipped {spec.name}: {err}", file=sys.stderr)
+                # without biases, a plugin targeting modules it lacks) is named and skipped, not allowed to sink
+                # the whole table; an error every method hits (a bad option) is raised below
+                skipped.append((spec.name, err))
                 continue
             results.append(result)
+        if skipped and not results:
+            raise skipped[0][1]
+        for name, err in skipped:
+            print(f"estimate-memory: skipped {name}: {type(err).__name__ + ': ' if not isinstance(err, PeftLabError) else ''}"
+                  f"{' '.join(str(err).split())[:300]}", file=sys.stderr)
         if size:
             for r_ in results:
                 r_.backbone = f"{size} ({SIZES[size.lower()]})"

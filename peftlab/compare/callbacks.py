@@ -190,8 +190,16 @@ class TestOutcomes(L.Callback):
         return total / max(count, 1.0)
 
     def on_fit_start(self, trainer, pl_module):
-        if self.forgetting:
+        # a resumed run restored the loss measured before its first step (state_dict): measuring now would
+        # measure a partly trained model
+        if self.forgetting and self._before is None:
             self._before = self._reference_loss(pl_module)
+
+    def state_dict(self) -> dict:
+        return {"reference_loss_before": self._before}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._before = state_dict.get("reference_loss_before")
 
     # -------------------------------------------------------------- test outcomes
     def on_test_epoch_start(self, trainer, pl_module):

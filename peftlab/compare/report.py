@@ -136,7 +136,7 @@ def collect(study: Study, worker) -> dict:
             "select": part.select, "direction": part.direction, "report": part.report, "baseline": part.baseline,
             "seeds": part.seeds, "budget": part.budget, "base": part.base,
             "overrides": {k: v for k, v in part.overrides.items()},
-            "tuning": {k: v for k, v in part.tuning.items()}, "generation": part.generation,
+            "tuning": {**part.tuning, "seed": part.tuning_seed}, "generation": part.generation,
             "forgetting": part.forgetting, "bootstrap": part.bootstrap, "expected_duration": part.expected_duration,
             "methods": methods})
     return {"study": study.name, "title": study.title, "description": study.description,
@@ -311,8 +311,8 @@ def _render_part(part: dict, out_dir: Path, image_prefix: str, several: bool) ->
         + (f", tuning runs with {', '.join(f'`{k}={v}`' for k, v in t['overrides'].items())}" if t.get("overrides")
            else "") + "; the test split is never used to select.",
         f"Then every seed ({', '.join(str(s) for s in part['seeds'])}) trains at the best trial's settings and is "
-        f"tested (best checkpoint on validation). Intervals: {level}% percentile bootstrap over seeds and test "
-        f"examples ({part['bootstrap']['reps']} resamples, RNG seed {part['bootstrap']['seed']}); differences are "
+        f"tested (at the checkpoint the base config's ModelCheckpoint selects on validation). Intervals: {level}% "
+        f"percentile bootstrap over seeds and test examples ({part['bootstrap']['reps']} resamples, RNG seed {part['bootstrap']['seed']}); differences are "
         f"paired by seed and example" + (f" against **{part['baseline']}**" if part["baseline"] else "") + ".",
         ""]
     if part.get("expected_duration"):

@@ -8,8 +8,9 @@ Every (part, method) has two Optuna studies in the study's storage:
   pruned, running or waiting); a trial that finds ``tuning.trials`` live trials numbered below it (another worker
   asked at the same moment) is closed unrun as ``surplus``, so exactly ``tuning.trials`` trials train;
 * ``<study>/<part>/<method>/seeds``: one enqueued (WAITING) trial per seed, at the best tuning trial's parameters.
-  A worker claims one by moving it from WAITING to RUNNING, which the storage does for one caller only (the same
-  call Optuna's own ``ask`` uses for enqueued trials).
+  A worker claims one by moving it from WAITING to RUNNING (the same call Optuna's own ``ask`` uses for enqueued
+  trials). PostgreSQL and MySQL make that claim atomic; SQLite does not, so on a SQLite study every claim (and
+  the recovery of dead workers' trials) happens under a file lock beside the database (:func:`claim_lock`).
 
 A run whose worker died stays RUNNING in the storage: it is found by its heartbeat (Optuna's RDB heartbeat, for
 workers on other machines) or, on this machine, because its process is gone; it is then marked FAIL and enqueued
@@ -177,6 +178,30 @@ def run_fit(args: list[str], callbacks: list, log_path: Path) -> None:
         raise KeyboardInterrupt("the run was interrupted")
 
 
+@contextlib.contextmanager
+def claim_lock(url: str):
+    """Serialise claiming work (asking a trial, moving a WAITING trial to RUNNING, failing and re-queueing a dead
+    worker's trial) between processes that share a SQLite study.
+
+    Optuna claims a trial with a read-then-write that PostgreSQL and MySQL make atomic (``SELECT ... FOR
+    UPDATE``) but SQLite does not (it ignores the row lock and starts its transaction at the write): two workers
+    could both move one WAITING trial to RUNNING and train the same run in the same directory (seen in CI). SQLite
+    works on one machine only, so an exclusive file lock beside the database closes that window; other databases
+    need nothing here. Training itself happens outside the lock."""
+    path = url.split(":///", 1)[1] if url.startswith("sqlite:///") else None
+    if not path:
+        yield
+        return
+    import fcntl
+
+    with open(path + ".claims.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 # ---------------------------------------------------------------------------------------------- the worker
 class Worker:
     """Runs the study's missing trials and seed runs, one at a time, until none is left to claim."""
@@ -197,7 +222,14 @@ class Worker:
             return self._studies[key]
         prefix = f"{self.study.name}/{part.slug}/{method.slug}"
         tcfg = part.tuning
-        seed = part.tuning_seed + 7919 * self.index  # distinct per worker: equal seeds would sample equal points
+        # distinct per worker process, per resumption and per machine (equal seeds would suggest equal points:
+        # a resumed study would repeat its first trials, machines sharing a database each other's); still the same
+        # on every fresh single-worker run of a study on one machine
+        existing = 0
+        with contextlib.suppress(KeyError):
+            existing = len(optuna.load_study(study_name=f"{prefix}/tune", storage=self.storage).trials)
+        host = 0 if str(self.storage.url).startswith("sqlite") else zlib.crc32(HOST.encode())
+        seed = (part.tuning_seed + 7919 * self.index + 104729 * existing + host) % 2**31
         if tcfg["sampler"] == "random":
             sampler = optuna.samplers.RandomSampler(seed=seed)
         elif tcfg["sampler"] == "qmc":
@@ -296,7 +328,8 @@ class Worker:
             for method in part.methods.values():
                 tune, seeds = self.studies(part, method)
                 for s in (tune, seeds):
-                    self.recover(s)
+                    with claim_lock(str(self.storage.url)):
+                        self.recover(s)
                     count += len(s.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
         return count
 
@@ -305,40 +338,62 @@ class Worker:
         from optuna.trial import TrialState
 
         tune, seeds = self.studies(part, method)
-        self.recover(tune)
-        trials = tune.get_trials(deepcopy=False)
-        live = [t for t in trials if t.state.name in LIVE]
-        if any(t.state == TrialState.WAITING for t in trials) or len(live) < part.trials:
-            return self.tune(part, method, tune)
-        if any(t.state == TrialState.RUNNING for t in trials):
-            return False  # another worker is still tuning this method
-        best = best_trial(tune)
-        if best is None:
-            if not tune.user_attrs.get("no_best"):
-                tune.set_user_attr("no_best", True)
-                self.say(f"{label(part, method)}: no tuning trial completed (all pruned or diverged); no seed runs")
-            return False
-        self.recover(seeds)
-        self.enqueue_seeds(part, seeds, best.params)
-        return self.run_seed(part, method, seeds, best)
+        with claim_lock(str(self.storage.url)):  # claiming is serialised; the run itself happens after
+            self.recover(tune)
+            trials = tune.get_trials(deepcopy=False)
+            live = [t for t in trials if t.state.name in LIVE]
+            if any(t.state == TrialState.WAITING for t in trials) or len(live) < part.trials:
+                claimed = self.claim_tuning_trial(part, tune)
+                if claimed is None:
+                    return False
+                kind = "tune"
+            elif any(t.state == TrialState.RUNNING for t in trials):
+                return False  # another worker is still tuning this method
+            else:
+                best = best_trial(tune)
+                if best is None:
+                    if not tune.user_attrs.get("no_best"):
+                        tune.set_user_attr("no_best", True)
+                        self.say(f"{label(part, method)}: no tuning trial completed (all pruned or diverged); "
+                                 "no seed runs")
+                    return False
+                self.recover(seeds)
+                self.enqueue_seeds(part, seeds, best.params)
+                claimed = self.claim_seed(seeds)
+                if claimed is None:
+                    return False
+                kind = "seed"
+        if kind == "tune":
+            return self.tune(part, method, tune, *claimed)
+        trial, waiting = claimed
+        self._run_seed(part, method, seeds, trial, waiting, waiting.user_attrs["seed"], best)
+        return True
 
     # -------------------------------------------------------------- tuning
-    def tune(self, part: Part, method: Method, study) -> bool:
+    def claim_tuning_trial(self, part: Part, study):
+        """Ask the next tuning trial (a re-queued one first) and claim it for this worker; None when the budget
+        of trials is already full. Called under :func:`claim_lock`."""
         from optuna.trial import TrialState
 
         trial = study.ask()
         number = trial.number
         frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
-        attrs = frozen.user_attrs
-        if "retry_of" not in attrs:
+        if "retry_of" not in frozen.user_attrs:
             earlier = [t for t in study.get_trials(deepcopy=False)
                        if t.number < number and t.state.name in LIVE and not t.user_attrs.get("surplus")]
-            if len(earlier) >= part.trials:  # another worker asked at the same moment and filled the budget
+            if len(earlier) >= part.trials:  # (another database's worker asked at the same moment)
                 study.set_user_attr("surplus_seen", True)
                 trial.set_user_attr("surplus", True)
                 study.tell(trial, state=TrialState.FAIL)
-                return False
+                return None
         self._claim_attrs(trial._trial_id)
+        return trial, frozen
+
+    def tune(self, part: Part, method: Method, study, trial, frozen) -> bool:
+        from optuna.trial import TrialState
+
+        number = trial.number
+        attrs = frozen.user_attrs
         params = {p.name: p.suggest(trial) for p in method.search}
         run = attrs.get("run") or f"tune-{number:03d}"
         trial.set_user_attr("run", run)
@@ -386,19 +441,25 @@ class Worker:
 
     # -------------------------------------------------------------- seeds
     def enqueue_seeds(self, part: Part, study, params: dict) -> None:
-        """One WAITING trial per seed not yet queued (a seed queued twice by two workers runs once: see run_seed)."""
+        """One WAITING trial per seed not yet queued (a seed queued twice by two workers runs once: see claim_seed)."""
         have = {t.user_attrs.get("seed") for t in study.get_trials(deepcopy=False) if done_or_live(t)}
         for seed in part.seeds:
             if seed not in have:
                 study.enqueue_trial(params, user_attrs={"seed": seed, "run": f"seed-{seed}"})
 
-    def run_seed(self, part: Part, method: Method, study, best) -> bool:
+    def claim_seed(self, study):
+        """Claim the first WAITING seed trial for this worker: (trial, its frozen record), or None when none is
+        left. Called under :func:`claim_lock`."""
         import optuna
+        from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
         for waiting in sorted(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)), key=lambda t: t.number):
-            if not self.storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING):
-                continue  # another worker claimed it first
+            try:
+                if not self.storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING):
+                    continue  # another worker claimed it first
+            except UpdateFinishedTrialError:
+                continue  # closed (as a duplicate) by another worker since the list was read
             seed = waiting.user_attrs["seed"]
             rivals = [t for t in study.get_trials(deepcopy=False)
                       if t.user_attrs.get("seed") == seed and t.number < waiting.number and done_or_live(t)]
@@ -407,10 +468,8 @@ class Worker:
                 self.storage.set_trial_state_values(waiting._trial_id, TrialState.FAIL)
                 continue
             self._claim_attrs(waiting._trial_id)
-            trial = optuna.trial.Trial(study, waiting._trial_id)
-            self._run_seed(part, method, study, trial, waiting, seed, best)
-            return True
-        return False
+            return optuna.trial.Trial(study, waiting._trial_id), waiting
+        return None
 
     def _run_seed(self, part, method, study, trial, frozen, seed: int, best) -> None:
         from optuna.trial import TrialState

@@ -133,13 +133,19 @@ class Part:
 
     @property
     def tuning_seed(self) -> int:
-        return int(self.tuning.get("seed", self.seeds[0]))
+        # by default a seed none of the seed runs uses: a seed run equal to the tuning run that won (same
+        # initialisation and data order) would carry the selection's luck into the test results
+        return int(self.tuning.get("seed", max(self.seeds) + 1))
 
     def fingerprint(self, method: Method) -> str:
         """What a method's stored results depend on: a different value means the study file changed under them."""
-        data = {"base": self.base, "overrides": self.overrides, "budget": self.budget, "select": self.select,
-                "tuning": {k: v for k, v in self.tuning.items()}, "generation": self.generation,
-                "forgetting": self.forgetting, "latency": self.latency, "configs": method.configs,
+        def contents(paths: list[str]) -> list[str]:  # what the config layers say, not where they are
+            return [Path(p).read_text(encoding="utf-8") if os.path.isfile(p) else p for p in paths]
+
+        data = {"base": contents(self.base), "overrides": self.overrides, "budget": self.budget,
+                "select": self.select, "tuning": {k: v for k, v in self.tuning.items()},
+                "generation": self.generation, "forgetting": self.forgetting, "latency": self.latency,
+                "configs": contents(method.configs),
                 "method_overrides": method.overrides, "search": [vars(p) for p in method.search]}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -451,6 +457,8 @@ def fit_args(part: Part, method: Method, *, seed: int, params: dict[str, Any] | 
         args.append(f"--trainer.logger={json.dumps(logger)}")
     if kind == "tune":
         args += ["--test_after_fit=false", "--adapter_export.enabled=false", "--last_checkpoint.enabled=false"]
+    else:  # a seed run is tested, whatever the base config says (its outcomes are the study's results)
+        args.append("--test_after_fit=true")
     return args
 
 
