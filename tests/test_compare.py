@@ -92,6 +92,9 @@ def starts(study_dir: Path) -> Counter:
     ({"budget": {"max_steps": 5, "val_check_interval": 2}}, "must be a multiple of val_check_interval"),
     ({"tuning": {"trials": 0}}, "tuning.trials: must be an integer >= 1"),
     ({"methdos": {}}, "unknown key 'methdos'"),
+    ({"tuning": {"trials": 2, "overrides": {"data.max_eval_smples": 8}}}, "(tuning runs)"),
+    ({"tuning": {"trials": 2, "reduction_factor": 1}}, "tuning.reduction_factor: must be an integer >= 2"),
+    ({"budget": {"max_steps": 4, "val_check_interval": 0.5}}, "set tuning.min_resource"),
 ])
 def test_study_file_errors_are_one_line_before_any_run(tmp_path, tiny_bert, sentiment_csv, capsys, change, expected):
     study = tiny_study(tmp_path, tiny_bert, sentiment_csv, **change)

@@ -96,8 +96,8 @@ def collect(study: Study, worker) -> dict:
             seed_rows, runs = [], {}
             trainable = total = None
             for t in sorted(seeds.get_trials(deepcopy=False), key=lambda t: t.number):
-                if t.user_attrs.get("duplicate") or not done_or_live(t):
-                    continue
+                if t.user_attrs.get("duplicate") or not done_or_live(t) or t.user_attrs.get("seed") not in part.seeds:
+                    continue  # (a seed since removed from the study file is not reported)
                 seed = t.user_attrs.get("seed")
                 row: dict[str, Any] = {"seed": seed, "state": t.state.name.lower(),
                                        "seconds": t.user_attrs.get("seconds")}

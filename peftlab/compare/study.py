@@ -512,6 +512,15 @@ def check_methods(study: Study, log=lambda message: None) -> None:
                     if rest not in section:
                         raise _fail(f"{mwhere}.search", f"{p.key} is not a {root} setting."
                                     f"{did_you_mean(rest, sorted(section))}")
+            # the tuning runs' own arguments too (tuning.overrides, a value from every search dimension): a
+            # mistake there must stop the study here, not fail every tuning run the same way
+            tune_args = fit_args(part, method, seed=part.tuning_seed, kind="tune",
+                                 params={p.name: midpoint(p) for p in method.search})
+            try:
+                parse_fit_config(tune_args, prog="peftlab compare")
+            except PeftLabError as err:
+                raise _fail(f"{mwhere} (tuning runs)", str(err).replace(
+                    " (in the config files or overrides given to peftlab compare; ", " (")) from err
         if len(set(tasks.values())) > 1:
             raise _fail(where, f"the methods of a comparison must share one task (got {tasks})")
         part.task = next(iter(tasks.values()))
@@ -556,9 +565,20 @@ def _check_options(where: str, part: Part) -> None:
             raise _fail(f"{where}: generation.max_new_tokens", "must be an integer >= 1")
     if part.forgetting is not None and part.task != "causal_lm":
         raise _fail(f"{where}: forgetting", "the loss on a reference corpus needs a causal_lm task (an LM head)")
-    if part.tuning.get("pruner") == "successive_halving" and part.budget.get("val_check_interval") is None:
-        raise _fail(f"{where}: budget", "successive halving needs validations during a run: set "
-                    "budget.val_check_interval (steps), or tuning.pruner: none")
+    if part.tuning.get("pruner") == "successive_halving":
+        vci = part.budget.get("val_check_interval")
+        if vci is None:
+            raise _fail(f"{where}: budget", "successive halving needs validations during a run: set "
+                        "budget.val_check_interval (steps), or tuning.pruner: none")
+        if isinstance(vci, float) and not part.tuning.get("min_resource"):
+            raise _fail(f"{where}: tuning", f"successive halving counts validation steps: with val_check_interval "
+                        f"{vci} (a fraction of an epoch) set tuning.min_resource (the steps before the first rung)")
+        rf = part.tuning.get("reduction_factor", 3)
+        if not isinstance(rf, int) or rf < 2:
+            raise _fail(f"{where}: tuning.reduction_factor", f"must be an integer >= 2 (got {rf!r})")
+        mr = part.tuning.get("min_resource")
+        if mr is not None and (not isinstance(mr, int) or mr < 1):
+            raise _fail(f"{where}: tuning.min_resource", f"must be an integer >= 1 (got {mr!r})")
     level = part.bootstrap.get("level", 0.95)
     if not 0 < float(level) < 1:
         raise _fail(f"{where}: bootstrap.level", f"must be in (0, 1) (got {level})")
