@@ -314,6 +314,18 @@ def top_level_help() -> str:
                       *(f"  {name:<19} {summary}" for name, summary in rows), "", TOP_LEVEL_EXAMPLES])
 
 
+def _destroy_process_group() -> None:
+    """After a successful multi-process run, tear the process group down while the interpreter is alive.
+
+    Lightning leaves it to the process's exit, where gloo's worker threads can outlive the interpreter and abort
+    the process (SIGABRT, "terminate called without an active exception": pytorch/pytorch#190489, #179291) after
+    the run finished and saved everything: a DDP run then ends with a non-zero status. Only after success, as
+    torchtitan does: after an error on one rank, a collective teardown could wait forever for the others."""
+    torch_distributed = sys.modules.get("torch.distributed")
+    if torch_distributed is not None and torch_distributed.is_available() and torch_distributed.is_initialized():
+        torch_distributed.destroy_process_group()
+
+
 def run_cli(argv: list[str], *, callbacks: list | tuple = ()):
     """Run a Lightning command (``fit``, ``validate``, ``test``, ``predict``) through peftlab's LightningCLI, as
     the ``peftlab`` command does; ``callbacks`` are added to the trainer's (``peftlab compare`` adds its own).
@@ -374,6 +386,7 @@ def main(args: list[str] | None = None) -> None:
             run_command(argv[0], argv[1:])
             return None
         run_cli(argv)
+        _destroy_process_group()
     except Exception as err:  # noqa: BLE001 - only user errors are turned into a message, the rest re-raises
         from peftlab.cli_errors import user_error
 
