@@ -30,7 +30,7 @@ MARK = "[bench-startup] "
 CONFIGS = {"quickstart (all-MiniLM-L6-v2)": "configs/quickstart.yaml",
            "causal_lm_lora (SmolLM2-135M)": "configs/causal_lm_lora.yaml"}
 HEAVY = ["torch", "torch._dynamo", "lightning", "torchmetrics", "transformers", "jsonargparse", "peft",
-         "datasets", "peftlab.methods", "peftlab.data"]
+         "bitsandbytes", "datasets", "peftlab.methods", "peftlab.data"]
 
 
 class FirstStep(Callback):
@@ -77,10 +77,36 @@ def help_time(repeats: int, importtime: bool = True, args: tuple[str, ...] = ("-
             "imports_ms": import_times(args) if importtime else None}
 
 
+#: issue #19: counting a 70B model's parameters answers in under 5 s
+PARAMS_ARGS = ("params", "--config", "configs/causal_lm_lora.yaml", "--backbone", "llama-2-70b")
+
+
+def params_time(repeats: int, smoke: bool = False) -> dict:
+    """``peftlab params`` on llama-2-70b in a fresh process: median of ``repeats`` runs, with Python's bytecode cache
+    on (as on a user's machine) and, for reference, once more without it (``PYTHONDONTWRITEBYTECODE=1``, as this
+    project's sandbox sets: every peftlab module is then compiled from source at each start)."""
+    def once(env) -> float:
+        start = time.perf_counter()
+        proc = subprocess.run([*peftlab_command(), *PARAMS_ARGS], cwd=ROOT, capture_output=True, text=True, env=env)
+        took = time.perf_counter() - start
+        if proc.returncode != 0 or "trainable" not in proc.stdout:
+            raise RuntimeError(f"peftlab {' '.join(PARAMS_ARGS)} failed: {proc.stderr[-2000:]}")
+        return took
+
+    cached = {k: v for k, v in _env().items() if k != "PYTHONDONTWRITEBYTECODE"}
+    if smoke:  # one run: that it works
+        return {"command": "peftlab " + " ".join(PARAMS_ARGS), "seconds": summary([once(cached)])}
+    once(cached)  # writes the bytecode cache
+    times = [once(cached) for _ in range(repeats)]
+    uncached = [once(dict(_env(), PYTHONDONTWRITEBYTECODE="1")) for _ in range(max(1, repeats // 2))]
+    return {"command": "peftlab " + " ".join(PARAMS_ARGS), "seconds": summary(times),
+            "seconds_without_bytecode_cache": summary(uncached), "imports_ms": import_times(PARAMS_ARGS)}
+
+
 def import_times(args: tuple[str, ...] = ("--help",)) -> dict:
     """Cumulative import time (ms) of the heavy packages during one ``peftlab ARGS`` (-X importtime)."""
-    code = (f"import sys; from peftlab.cli import main; sys.argv = ['peftlab', *{list(args)!r}]; "
-            f"main({list(args)!r})")
+    # main() reads sys.argv, as the console script does (so meta-only commands skip bitsandbytes, as there)
+    code = f"import sys; from peftlab.cli import main; sys.argv = ['peftlab', *{list(args)!r}]; main()"
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env=_env())
@@ -126,6 +152,9 @@ def bench_startup(smoke: bool) -> dict:
     log(f"startup: peftlab fit --help x{repeats}")  # LightningCLI's full help: Lightning must be imported
     out["fit_help"] = help_time(repeats, importtime=not smoke, args=("fit", "--help"))
     log(f"  median {out['fit_help']['seconds']['median']:.2f} s")
+    log(f"startup: peftlab {' '.join(PARAMS_ARGS)} x{repeats}")
+    out["params_70b"] = params_time(repeats, smoke)
+    log(f"  median {out['params_70b']['seconds']['median']:.2f} s")
     for label, config in configs.items():
         runs = []
         for i in range(fit_repeats):

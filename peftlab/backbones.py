@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from typing import Literal
 
 from peftlab.assets import is_packaged, resolve_model
@@ -34,7 +35,21 @@ def _load_error(what: str, name: str, err: Exception) -> PeftLabError:
     return PeftLabError(f"could not load {what} {name!r}: {first}. {hint}")
 
 
-_META = {"active": False}
+_META = {"active": False, "hide_bitsandbytes": False}
+
+
+def hide_bitsandbytes_during_meta_builds() -> None:
+    """Let the meta-device builds of this process (:func:`meta_backbones`) run without importing bitsandbytes.
+
+    For a process that only counts on the meta device and then exits (``peftlab params``, ``estimate-memory``,
+    ``recommend`` run from the console): peft imports bitsandbytes whenever it is installed (``peft.helpers`` at
+    import, the LoRA dispatch at injection), and bitsandbytes probes its native backends at import, about 0.8 s of
+    the ~5 s such a command takes (docs/benchmarks.md, section 6). Nothing built on the meta device is quantized (a
+    QLoRA backbone counts its 4-bit weights analytically, :meth:`QLoRA.quantized_weights`), so the counts are the
+    same (``tests/test_analysis.py`` compares both ways). Not for a process that goes on to train: peft and
+    transformers cache "bitsandbytes is not installed" for the rest of the process, so ``main()`` enables this only
+    for the console script's meta-only commands, never for in-process calls."""
+    _META["hide_bitsandbytes"] = True
 
 
 @contextlib.contextmanager
@@ -44,10 +59,17 @@ def meta_backbones():
     to count parameters of any backbone size through the same code path as training."""
     previous = _META["active"]
     _META["active"] = True
+    # sys.modules[name] = None makes `import name` fail and importlib.util.find_spec(name) answer None, which is
+    # how peft and transformers ask whether bitsandbytes is installed; an already imported bitsandbytes stays
+    hide = _META["hide_bitsandbytes"] and "bitsandbytes" not in sys.modules
+    if hide:
+        sys.modules["bitsandbytes"] = None
     try:
         yield
     finally:
         _META["active"] = previous
+        if hide and sys.modules.get("bitsandbytes", 0) is None:
+            del sys.modules["bitsandbytes"]
 
 
 def building_on_meta() -> bool:

@@ -41,6 +41,9 @@ class Command(NamedTuple):
 
     target: str  # "module:function"
     summary: str
+    #: builds methods only on the meta device, then exits: run from the console, it skips importing bitsandbytes
+    #: (:func:`peftlab.backbones.hide_bitsandbytes_during_meta_builds`)
+    meta_only: bool = False
 
 
 COMMANDS: dict[str, Command] = {
@@ -50,11 +53,13 @@ COMMANDS: dict[str, Command] = {
                        "Combine trained LoRA adapters by weighted sum into one adapter (or a merged model)."),
     "plot": Command("peftlab.plot:plot_command", "Plot a run's learning curves (metrics.csv) to a PNG."),
     "params": Command("peftlab.analysis.params:params_command",
-                      "Exact trainable/total parameters and adapter file size of a config, without loading weights."),
+                      "Exact trainable/total parameters and adapter file size of a config, without loading weights.",
+                      meta_only=True),
     "estimate-memory": Command("peftlab.analysis.memory:estimate_memory_command",
-                               "Training memory of a method by component, without loading weights."),
+                               "Training memory of a method by component, without loading weights.", meta_only=True),
     "recommend": Command("peftlab.analysis.recommend:recommend_command",
-                         "Recommend a PEFT method from the design notes' decision tables and write its config."),
+                         "Recommend a PEFT method from the design notes' decision tables and write its config.",
+                         meta_only=True),
     "compare": Command("peftlab.compare:compare_command",
                        "Tune, train and test several methods fairly from a study file; report intervals and Pareto plots."),
 }
