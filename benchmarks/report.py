@@ -50,6 +50,9 @@ def targets(results: dict) -> list[tuple[str, str, str, str]]:
     if st:
         s = st["help"]["seconds"]
         rows.append(("`peftlab --help` wall time (s)", _r(s, 2), "< 2 s", verdict(s, 2.0, False)))
+        if st.get("params_70b"):
+            s = st["params_70b"]["seconds"]
+            rows.append(("`peftlab params` on llama-2-70b, wall time (s)", _r(s, 2), "< 5 s", verdict(s, 5.0, False)))
     return rows
 
 
@@ -79,7 +82,7 @@ def render(results: dict) -> str:
         f"Machine: {m.get('cpu')}, {m.get('cores')} cores ({m.get('torch_threads')} torch threads), "
         f"{'GPU ' + m['gpu'] if m.get('gpu') else 'no GPU'}; Python {m.get('python')}, torch {m.get('torch')}, "
         f"transformers {m.get('transformers')}, peft {m.get('peft')}, lightning {m.get('lightning')}. "
-        f"Measured {meta.get('date')}, seed {meta.get('seed')} (model init, dropout and the pinned shuffle). "
+        f"Latest run {meta.get('date')}, seed {meta.get('seed')} (model init, dropout and the pinned shuffle). "
         f"In-process benchmarks ran with {meta.get('threads', m.get('torch_threads'))} torch thread(s) "
         "(`--threads`): the machine was shared with another engineer's test runs, and with 2 intra-op threads "
         "on 2 cores every parallel region stalls while the other process holds a core (a first attempt at 2 "
@@ -92,7 +95,12 @@ def render(results: dict) -> str:
     commands = sorted(set(meta.get("commands", {}).values()))
     if commands:
         out += ["Commands that produced these results: " + ", ".join(f"`{c}`" for c in commands) + ".", ""]
-    rows = targets(results)
+    measured = meta.get("measured", {})
+    if len({(v["date"], v["machine"].get("cpu")) for v in measured.values()}) > 1:  # merged from several runs
+        out += ["Each section was measured on its own date and machine (`--only` runs merge into earlier results): "
+                + "; ".join(f"{name} {v['date']} on {v['machine'].get('cpu')} (transformers "
+                            f"{v['machine'].get('transformers')})" for name, v in measured.items()) + ".", ""]
+    rows = targets(results) + (defaults_targets(defaults_results()) if not smoke else [])
     if rows:
         out += ["## Targets", "", "| what | measured: median (min-max) | target | verdict |", "|---|---|---|---|"]
         out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
@@ -106,8 +114,73 @@ def render(results: dict) -> str:
     if findings.is_file() and not smoke:
         out += [findings.read_text().strip(), ""]
     out += _throughput(results) + _breakdown(results) + _padding(results) + _inference(results) + \
-        _memory(results) + _startup(results)
+        _memory(results) + _startup(results) + _defaults(defaults_results() if not smoke else None)
     return "\n".join(out).rstrip() + "\n"
+
+
+def defaults_results() -> dict | None:
+    """``benchmarks/defaults.json`` (``python benchmarks/defaults.py``), if it was run."""
+    import json
+
+    path = HERE / "defaults.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def defaults_targets(d: dict | None) -> list[tuple[str, str, str, str]]:
+    """Issue #21's goals, from ``benchmarks/defaults.json``."""
+    rows = []
+    r = (d or {}).get("defaults", {}).get("ratios", {})
+    for key, what, goal in (("peftlab/hand_random", "hand-written loop, random batches", 1.5),
+                            ("peftlab/hf_trainer_default", "HF Trainer with its defaults", 1.5),
+                            ("peftlab/hf_trainer_grouped", "HF Trainer with `group_by_length=True`", 0.97)):
+        if key in r:
+            rows.append((f"quickstart, peftlab's defaults / {what} (samples/s)", _r(r[key]), f">= {goal:g}",
+                         verdict(r[key], goal, True)))
+    pk = (d or {}).get("packing", {}).get("ratio_target_tokens_per_s")
+    if pk:
+        rows.append(("SmolLM2 causal LM, packed / padded random batches (target tokens/s)", _r(pk), ">= 1.8",
+                     verdict(pk, 1.8, True)))
+    return rows
+
+
+def _defaults(d: dict | None) -> list[str]:
+    if not d:
+        return []
+    m = d.get("machine", {})
+    out = ["## 7. Defaults: length-grouped batches, packing, torch.compile", "",
+           f"`{d.get('command')}`, measured {d.get('measured')} on {m.get('cpu')}, {m.get('cores')} cores "
+           f"({m.get('torch_threads')} torch thread(s)), torch {m.get('torch')}, transformers {m.get('transformers')}, "
+           f"peft {m.get('peft')}, lightning {m.get('lightning')}. Repeats interleaved; median (min-max) of the "
+           "per-repeat ratios. Results: `benchmarks/defaults.json`.", ""]
+    rows = defaults_targets(d)
+    if rows:
+        out += ["| what | measured: median (min-max) | goal | verdict |", "|---|---|---|---|"]
+        out += [f"| {a} | {b} | {c} | {e} |" for a, b, c, e in rows] + [""]
+    df = d.get("defaults")
+    if df:
+        out += ["Quickstart (all-MiniLM-L6-v2, LoRA, batch 32), samples/s per variant (median over repeats): "
+                + "; ".join(f"{name} {_r(v['samples_per_s'], 1)}" for name, v in df["variants"].items())
+                + f". Padding share of the token positions: random batches {df['padding']['random']:.1%}, "
+                f"length-grouped {df['padding']['grouped']:.1%}.", ""]
+    pk = d.get("packing")
+    if pk:
+        runs = pk["runs"]
+        out += [f"Packing (SmolLM2-135M, `packaged:rotten_tomatoes_plots`, every token a target): "
+                f"{pk['packed_examples_per_row']:.2f} examples per packed row. Validation loss per token after "
+                f"the same {pk['budget']['steps']} optimizer steps: padded "
+                + ", ".join(f"{r['val_loss_per_token']:.4f}" for r in runs["padded"]) + "; packed "
+                + ", ".join(f"{r['val_loss_per_token']:.4f}" for r in runs["packed"])
+                + f" (per repeat). {pk['note'][0].upper() + pk['note'][1:]}.", ""]
+    cp = d.get("compile")
+    if cp:
+        out += [f"`torch.compile` (quickstart model, {len(cp['eager']['losses'])} steps on the same batches): "
+                f"eager {cp['eager']['step_ms']:.0f} ms/step, compiled {cp['compiled']['step_ms']:.0f} ms/step "
+                f"(speed-up {cp['speedup']:.2f}x; first compiled step {cp['compiled']['first_step_s']:.1f} s); "
+                f"largest loss difference {cp['max_loss_difference']:.2e}. "
+                + ("Correct (loss within 1e-4) and > 1.05x faster here, so it passes the bar for an opt-in "
+                   "`model.compile`; the option is not in peftlab yet (the findings above say why)." if cp["ship"] else
+                   "Not shipped as an option: it must be correct (loss within 1e-4) and > 1.05x faster here."), ""]
+    return out
 
 
 def _throughput(results):
@@ -269,6 +342,15 @@ def _startup(results):
         h = fh
     if h.get("imports_ms"):
         out += _imports(h["imports_ms"])
+    if st.get("params_70b", {}).get("imports_ms"):
+        p = st["params_70b"]
+        out += [f"`{p['command']}` (exact counts of a 70B model, built on the meta device): {_r(p['seconds'], 2)} s "
+                f"over {p['seconds']['n']} runs with Python's bytecode cache, "
+                f"{_r(p['seconds_without_bytecode_cache'], 2)} s without it (`PYTHONDONTWRITEBYTECODE=1`, as this "
+                "project's sandbox sets: every peftlab module is compiled from source at each start). Run from the "
+                "console, the meta-only commands skip importing bitsandbytes (`peftlab.backbones."
+                "hide_bitsandbytes_during_meta_builds`).", ""]
+        out += _imports(p["imports_ms"])
     if st.get("fit"):
         out += _startup_fit(st["fit"])
     return out

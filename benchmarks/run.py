@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
             results[name] = benchmark(name)(args.smoke)
             results["meta"].setdefault("seconds", {})[name] = time.time() - start
             results["meta"]["commands"][name] = command
+            # --only merges into older results: each benchmark keeps the date and machine it was measured on
+            results["meta"].setdefault("measured", {})[name] = {"date": results["meta"]["date"],
+                                                               "machine": results["meta"]["machine"]}
             log(f"=== {name} done in {time.time() - start:.0f} s ===")
             results_path.write_text(json.dumps(results, indent=1))  # keep what finished if a later one fails
         results_path.write_text(json.dumps(results, indent=1))

@@ -59,6 +59,7 @@ def test_benchmarks_smoke(tmp_path):
     assert {"lora_fp32", "qlora_nf4_dq"} <= set(results["memory"])
     assert results["memory"]["qlora_nf4_dq"]["backbone_bytes"] < results["memory"]["lora_fp32"]["backbone_bytes"]
     assert results["startup"]["help"]["seconds"]["median"] > 0 and results["startup"]["fit"]
+    assert results["startup"]["params_70b"]["seconds"]["median"] > 0
 
     for name in run.NAMES:
         numbers = list(_numbers(results[name]))
@@ -103,6 +104,12 @@ def test_defaults_and_packing_benchmarks_smoke():
     assert record["packing"]["packed_examples_per_row"] > 1  # several plot summaries per row
     assert record["packing"]["ratio_target_tokens_per_s"]["median"] > 0
     assert all(math.isfinite(x) for x in _numbers(record["packing"]))
+    from benchmarks.report import _defaults, defaults_targets
+
+    # docs/benchmarks.md's section 7 and its goal rows come from this record
+    assert [row[0].split(",")[0] for row in defaults_targets(record)] == ["quickstart"] * 3 + ["SmolLM2 causal LM"]
+    text = "\n".join(_defaults(record))
+    assert "## 7. Defaults" in text and record["command"] in text and "examples per packed row" in text
 
 
 @pytest.mark.slow

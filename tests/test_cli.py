@@ -190,7 +190,7 @@ def test_debug_flag_shows_traceback(tmp_path, tiny_bert, sentiment_csv):
 
 # lines a user could not act on, once printed by every quickstart run (issue: reproducible installs)
 NOISE = ("gemm_4bit_forward", "is_gradient_checkpointing", "litlogger", "litmodels", "LeafSpec", "v_num",
-         "Total FLOPs", "Traceback")
+         "Total FLOPs", "Traceback", "weights_only")
 
 
 def test_console_script_quickstart_end_to_end(tmp_path):

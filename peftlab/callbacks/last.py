@@ -79,7 +79,7 @@ class LastCheckpoint(Checkpoint):
         self._saved_step = trainer.global_step  # part of this callback's state, so set before saving
         self._last_time = time.monotonic()
         self._pending = False
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state: a resume needs the optimizer
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not self.enabled or not self._at_step_boundary(trainer, batch_idx):
