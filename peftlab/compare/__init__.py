@@ -4,7 +4,7 @@ For each method of the study: tune its search space on the validation metric (Op
 trials), then train every seed at the best settings and test them; the test split is never used to select.
 Results live in the study's storage (SQLite in the study directory, or any database URL that several processes
 or machines share); re-running the command skips what is finished. The report gives each method's exact trainable
-parameters, chosen settings, test metrics with 95% bootstrap intervals over seeds and test examples, the paired
+parameters, chosen settings, test metrics with 95% intervals over seeds (t) and test examples (bootstrap), the paired
 difference to a baseline, estimated training memory and Pareto plots. docs/compare.md has the study-file format.
 
 Importing this package imports nothing heavy (``peftlab --help`` lists it without loading Lightning).

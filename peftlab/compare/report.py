@@ -312,7 +312,8 @@ def _render_part(part: dict, out_dir: Path, image_prefix: str, several: bool) ->
            else "") + "; the test split is never used to select.",
         f"Then every seed ({', '.join(str(s) for s in part['seeds'])}) trains at the best trial's settings and is "
         f"tested (at the checkpoint the base config's ModelCheckpoint selects on validation). Intervals: {level}% "
-        f"percentile bootstrap over seeds and test examples ({part['bootstrap']['reps']} resamples, RNG seed {part['bootstrap']['seed']}); differences are "
+        f"mean +- t x standard error over seeds (Student's t, seeds - 1 degrees of freedom), the test examples' part "
+        f"by bootstrap ({part['bootstrap']['reps']} resamples, RNG seed {part['bootstrap']['seed']}); differences are "
         f"paired by seed and example" + (f" against **{part['baseline']}**" if part["baseline"] else "") + ".",
         ""]
     if part.get("expected_duration"):
