@@ -497,6 +497,23 @@ def test_causal_lm_study_with_generation_and_forgetting(tmp_path, tiny_llama, ge
 # ---------------------------------------------------------------------------------------------- shipped studies
 STUDIES = sorted(ROOT.glob("experiments/*/study*.yaml"))
 
+PUBLISHED = [s for s in STUDIES if s.with_suffix(".results.json").is_file()]
+
+
+@pytest.mark.parametrize("study", PUBLISHED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_published_study_pages_are_what_their_results_give(study, tmp_path):
+    """A study run to its end publishes a docs page and ``<study>.results.json``; the committed page must be what
+    those results render to (so a page edited by hand, or results changed without the page, fails here)."""
+    import yaml
+
+    from peftlab.compare.report import render
+
+    page = ROOT / yaml.safe_load(study.read_text())["publish"]
+    results = json.loads(study.with_suffix(".results.json").read_text())
+    # the plots go to tmp_path (a test writes nothing into the repository); the page links them by name
+    assert page.read_text() == render(results, tmp_path, image_prefix=page.stem + "-"), \
+        f"regenerate: python -c \"from peftlab.compare.report import rerender ...\" or re-run peftlab compare {study}"
+
 
 def _readme_study(tmp_path) -> Path:
     """The minimal study file shown in the README (the first ```yaml block after '## Comparing methods')."""

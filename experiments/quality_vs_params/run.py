@@ -4,7 +4,6 @@
     python experiments/quality_vs_params/run.py --part head  # part (a'): (a) with the head at 1e-2, < 1 h
     python experiments/quality_vs_params/run.py --part gen   # part (b): SmolLM2-135M, 1 seed, < 1 h on 2 cores
     python experiments/quality_vs_params/run.py --part gen --seeds 1   # + seed 1, as in the committed results
-    python experiments/quality_vs_params/run.py --part variants  # part (c): LoRA variants and stacks, 3 seeds
     python experiments/quality_vs_params/run.py --smoke      # a few steps per method (CI)
     python experiments/quality_vs_params/run.py --full       # the complete version (GPU): all data, 3 epochs
     python experiments/quality_vs_params/run.py --report     # rewrite the report from saved results
@@ -14,8 +13,8 @@
     (model.head_learning_rate): at their own rate the head barely moves in 250 steps;
 (b) generation: the same reviews phrased as "... Answer: fresh/rotten" on SmolLM2-135M, test loss on the
     answer tokens and exact_match (greedy decoding returns the right answer and stops);
-(c) the LoRA variants (DoRA, rsLoRA, PiSSA, LoRA+, AdaLoRA) and two stacks (LoRA + prefix tuning, adapters +
-    P-tuning v2) on the task and budget of (a), against LoRA r=8 re-run alongside them.
+(c) the LoRA variants and two stacks moved to a study file of `peftlab compare`, each method with its own tuned
+    rates: experiments/quality_vs_params/study_variants.yaml (docs/results/quality_vs_params_variants.md).
 Writes docs/results/quality_vs_params.md and quality_vs_params.png; raw results in results_<part>.json.
 """
 
@@ -66,35 +65,6 @@ CLS_METHODS = {
 # for time (LoRA r=8 stands for them)
 HEAD_METHODS = {name: CLS_METHODS[name] for name in
                 ["full", "prefix+mlp", "p-tuning v2", "lora r=8", "adapters b=64", "lora+prompt"]}
-# part (c): every variant at LoRA r=8's settings and its tuned rate (common.CLS_LR, 2e-3); nothing here was tuned for
-# the variant itself. The stacks give each part the rate tuned for its method alone in part (a) (prefix 3e-2,
-# adapters 3e-3, P-tuning v2 3e-4); the stack's own rate (the head's; (c) trains the head at it, as (a) does) is the
-# additive part's. LoRA r=8 is re-run with them, so the comparison is at the same code.
-LORA_RATE = ["--model.init_args.learning_rate", "2e-3"]
-
-
-def _part(**spec) -> str:
-    return json.dumps(spec)
-
-
-VARIANT_METHODS = {
-    "lora r=8": (f"{M}/lora.yaml", LORA_RATE),
-    "dora r=8": (f"{M}/dora.yaml", LORA_RATE),
-    "rslora r=8": (f"{M}/rslora.yaml", LORA_RATE),
-    "pissa r=8": (f"{M}/pissa.yaml", LORA_RATE),
-    "lora+ r=8": (f"{M}/lora_plus.yaml", LORA_RATE),
-    "adalora 12-8": (f"{M}/adalora.yaml", LORA_RATE),
-    "lora+prefix": (f"{M}/stack.yaml", [
-        *LORA_RATE,
-        "--model.init_args.additive", _part(method="lora", r=8, alpha=16, dropout=0.1,
-                                            target_modules=["query", "value"], learning_rate=2e-3),
-        "--model.init_args.prompt", _part(method="prefix_tuning", num_virtual_tokens=20, learning_rate=3e-2)]),
-    "adapters+p-tuning v2": (f"{M}/stack_adapters_p_tuning_v2.yaml", [
-        "--model.init_args.learning_rate", "3e-3",
-        "--model.init_args.additive", _part(method="adapters", bottleneck=64, placement="houlsby", learning_rate=3e-3),
-        "--model.init_args.prompt", _part(method="p_tuning_v2", num_virtual_tokens=20, prefix_hidden_size=512,
-                                          learning_rate=3e-4)]),
-}
 GEN_METHODS = {  # learning rates not tuned (part (a) was): the configs' values
     "full": ["--model", "peftlab.methods.FullFineTuning", "--model.init_args.learning_rate", "2e-5"],
     "prompt": ["--model", "peftlab.methods.PromptTuning", "--model.init_args.learning_rate", "3e-3"],
@@ -118,13 +88,12 @@ PARTS = {
     "head": {"title": f"(a') the same, classification head at {HEAD_LR:g}", "metrics": ["test/acc"]},
     "gen": {"title": "(b) generative sentiment, SmolLM2-135M-Instruct",
             "metrics": ["test/exact_match", "test/loss"]},
-    "variants": {"title": "(c) LoRA variants and stacks, all-MiniLM-L6-v2 (as (a))", "metrics": ["test/acc"]},
 }
 
 
 def settings(part: str, mode: str) -> tuple[list[int], list[str]]:
     """Seeds and overrides of the budget: smoke (CI), default (2-core CPU, < 1 h), full (GPU)."""
-    if part in ("cls", "head", "variants"):
+    if part in ("cls", "head"):
         # batch 16 and the learning rates of common.CLS_LR; the CPU budget is 250 steps on 4,000 reviews, in
         # length-grouped batches (1.76x faster, docs/benchmarks.md), tested on all 1,281 test reviews
         base = ["--config", "configs/quickstart.yaml", "--data.batch_size", "16"]
@@ -147,10 +116,10 @@ def run(part: str, mode: str, only: list[str] | None, path: Path, seeds: list[in
     log = logger(f"quality_vs_params/{part}")
     default_seeds, common = settings(part, mode)
     seeds = seeds or default_seeds
-    methods = {"cls": CLS_METHODS, "head": HEAD_METHODS, "gen": GEN_METHODS, "variants": VARIANT_METHODS}[part]
+    methods = {"cls": CLS_METHODS, "head": HEAD_METHODS, "gen": GEN_METHODS}[part]
     if mode == "smoke" and not only:  # CI: a representative subset, each kind of method once
         only = {"cls": ["lora r=8", "prompt", "p-tuning v2", "adapters b=64"], "head": ["p-tuning v2"],
-                "gen": ["lora r=8", "prefix"], "variants": ["adalora 12-8", "lora+prefix"]}[part]
+                "gen": ["lora r=8", "prefix"]}[part]
     # seed-major order and a save after every run: an interrupted study still covers every method
     todo = [(n, s) for s in seeds for n in methods if not only or n in only]
     # --only / --seeds re-run those methods / seeds and keep the saved results of the others
@@ -164,9 +133,6 @@ def run(part: str, mode: str, only: list[str] | None, path: Path, seeds: list[in
             # (a) trains the head at the method's own rate, also where a method config sets a head rate
             head = head_learning_rate(name) if part == "head" else ["--model.init_args.head_learning_rate", "null"]
             args = [*common, "--config", config, *extra, *cls_learning_rate(name), *head]
-        elif part == "variants":  # (c): the rates are in VARIANT_METHODS; the head at the method's rate, as in (a)
-            config, extra = methods[name]
-            args = [*common, "--config", config, *extra, "--model.init_args.head_learning_rate", "null"]
         else:
             args = [*common, *methods[name]]
         args += ["--seed_everything", str(seed)]
@@ -223,7 +189,7 @@ def report(all_results: dict[str, list[dict]], mode: str) -> str:
                          + f" | {len(ok)} | {t:.0f} |")
         # always answering the majority class (fresh): 0.578 of the 1,281 test reviews (stratified split);
         # 0.575 of the 160 that part (b)'s default budget tests on (other budgets: not counted)
-        majority = {"cls": 0.578, "head": 0.578, "variants": 0.578, "gen": 0.575 if mode == "default" else None}[part]
+        majority = {"cls": 0.578, "head": 0.578, "gen": 0.575 if mode == "default" else None}[part]
         if majority is not None:
             lines += ["", f"Always answering the majority class (fresh) scores {majority} on this test set."]
             ax.axhline(majority, color="grey", linestyle=":", label="majority class")
@@ -235,6 +201,10 @@ def report(all_results: dict[str, list[dict]], mode: str) -> str:
         ax.set_xlabel("trainable parameters (log)")
         ax.set_ylabel(metrics[0])
         ax.set_title(PARTS[part]["title"], fontsize=9)
+    lines += ["## (c) LoRA variants and stacks", "",
+              "Measured by `peftlab compare --config experiments/quality_vs_params/study_variants.yaml`, every method "
+              "at its own tuned learning rates, with 95% intervals: "
+              "[quality_vs_params_variants.md](quality_vs_params_variants.md).", ""]
     lines += [save_figure(fig, "quality_vs_params", "quality vs parameters"), ""]
     pilot = HERE / "lr_pilot.txt"
     if "cls" in all_results and pilot.is_file():
@@ -258,7 +228,7 @@ def report(all_results: dict[str, list[dict]], mode: str) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["cls", "head", "gen", "variants", "all"], default="cls")
+    parser.add_argument("--part", choices=["cls", "head", "gen", "all"], default="cls")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--smoke", action="store_true")
     group.add_argument("--full", action="store_true")
@@ -267,13 +237,13 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", nargs="*", type=int, help="run only these seeds (default: the budget's)")
     args = parser.parse_args(argv)
     mode = "smoke" if args.smoke else "full" if args.full else "default"
-    parts = ["cls", "head", "gen", "variants"] if args.part == "all" else [args.part]
+    parts = ["cls", "head", "gen"] if args.part == "all" else [args.part]
     suffix = "_smoke" if args.smoke else ""
     if not args.report:
         for part in parts:
             run(part, mode, args.only, HERE / f"results_{part}{suffix}.json", args.seeds)
     saved = {p: json.loads((HERE / f"results_{p}{suffix}.json").read_text())
-             for p in ("cls", "head", "gen", "variants") if (HERE / f"results_{p}{suffix}.json").is_file()}
+             for p in ("cls", "head", "gen") if (HERE / f"results_{p}{suffix}.json").is_file()}
     if args.smoke:
         fail_on_failed_runs([r for rs in saved.values() for r in rs])
         return
