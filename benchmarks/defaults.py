@@ -2,6 +2,7 @@
 
     python benchmarks/defaults.py                 # everything (about 30 min on 2 idle CPU cores)
     python benchmarks/defaults.py --only packing  # one part
+    python benchmarks/defaults.py --only packing --packing_max_length 256  # packing at another length (packing_256)
     python benchmarks/defaults.py --smoke         # a few steps each (CI: tests/test_benchmarks.py)
 
 1. ``defaults``: the quickstart (MiniLM, LoRA, batch 32) with peftlab's defaults (length-grouped batches) against
@@ -140,13 +141,13 @@ def _validation_loss(module, dm) -> float:
     return total / count
 
 
-def bench_packing(smoke: bool) -> dict:
+def bench_packing(smoke: bool, max_length: int = 128) -> dict:
     from benchmarks.throughput import peftlab_module as build
 
     b = {"warmup": 1, "steps": 2, "repeats": 1} if smoke else {"warmup": 2, "steps": 24, "repeats": 3}
     # smoke keeps max_length 128: at 32 tokens every plot summary fills a row and nothing packs
     overrides = dict(batch_size=4, max_train_samples=64, max_eval_samples=16) if smoke else \
-        dict(max_eval_samples=64)
+        dict(max_eval_samples=64, max_length=max_length)
     log("packing: building data (padded random batches vs packed rows)")
     padded = datamodule(PLOTS, group_by_length=False, **overrides)
     packed = datamodule(PLOTS, group_by_length=False, packing=True, **overrides)
@@ -165,7 +166,7 @@ def bench_packing(smoke: bool) -> dict:
             log(f"  repeat {i + 1}/{b['repeats']} {name}: {run['target_tokens_per_s']:.0f} target tokens/s, "
                 f"validation loss {run['val_loss_per_token']:.4f} after {run['tokens']} target tokens")
             del module
-    return {"budget": b, **rows,
+    return {"budget": b, "max_length": overrides.get("max_length", PLOTS["data"]["max_length"]), **rows,
             "ratio_target_tokens_per_s": ratio_summary([r["target_tokens_per_s"] for r in results["packed"]],
                                                        [r["target_tokens_per_s"] for r in results["padded"]]),
             "runs": results,
@@ -217,6 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", nargs="+", choices=list(PARTS), default=list(PARTS))
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: robust to other load)")
+    parser.add_argument("--packing_max_length", type=int, default=128,
+                        help="max_length of the packing part (other than 128: recorded as packing_<N>)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = ROOT / ("benchmarks/defaults_smoke.json" if args.smoke else "benchmarks/defaults.json")
@@ -225,8 +228,14 @@ def main(argv: list[str] | None = None) -> dict:
                   machine=machine(), measured=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     for part in args.only:
         log(f"== {part}")
+        key = part
         with contextlib.redirect_stderr(open(os.devnull, "w")):
-            record[part] = PARTS[part](args.smoke)
+            if part == "packing" and args.packing_max_length != 128:
+                key = f"packing_{args.packing_max_length}"
+                record[key] = bench_packing(args.smoke, args.packing_max_length)
+            else:
+                record[part] = PARTS[part](args.smoke)
+        record.setdefault("commands", {})[key] = f"{record['command']} ({record['measured']})"
         path.write_text(json.dumps(record, indent=2, default=str))
     return record
 
