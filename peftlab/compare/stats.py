@@ -22,6 +22,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -208,26 +209,17 @@ def _interval(mean: float, per_seed: Sequence[float], example_replicates: np.nda
 
     The seed part is the usual standard error of a mean over seeds, with Student's t quantile for ``seeds - 1``
     degrees of freedom: resampling 2-3 seeds (a percentile bootstrap over seeds) cannot see how far seeds spread
-    and gave intervals that covered the truth 63% (2 seeds) / 78% (3 seeds) of the time at a nominal 95%
-    (tests/test_compare.py simulates it). The example part is the bootstrap over the test examples (all seeds see
+    and gave intervals that covered the truth 63% (2 seeds) / 78% (3 seeds) of the time at a nominal 95% (a
+    simulation made in a review; tests/test_compare.py simulates the coverage of this interval). The example part is the bootstrap over the test examples (all seeds see
     the same draw, so what is shared by the seeds is counted once). One seed: normal quantile, examples only."""
     with np.errstate(invalid="ignore"):
         var_examples = float(np.nanvar(example_replicates)) if example_replicates.size else 0.0
     seeds = np.asarray([v for v in per_seed if finite(v)], dtype=float)
     var_seeds = float(np.var(seeds, ddof=1)) / len(seeds) if len(seeds) > 1 else 0.0
     q = student_t_quantile((1 + level) / 2, len(seeds) - 1) if len(seeds) > 1 else \
-        float(np.sqrt(2) * _erfinv(level))
+        NormalDist().inv_cdf((1 + level) / 2)
     half = q * math.sqrt(var_examples + var_seeds)
     return mean - half, mean + half
-
-
-def _erfinv(y: float) -> float:
-    """Inverse error function by bisection (for the normal quantile; no scipy)."""
-    low, high = 0.0, 6.0
-    while high - low > 1e-10:
-        mid = (low + high) / 2
-        low, high = (mid, high) if math.erf(mid) < y else (low, mid)
-    return (low + high) / 2
 
 
 def bootstrap(runs: Sequence[Mapping[str, Sequence[float]]], fn, columns: Sequence[str], *, reps: int = 2000,
