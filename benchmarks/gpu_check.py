@@ -12,7 +12,10 @@ Steps, each recorded as passed / failed with its numbers in DIR/gpu_check.json (
    with paged 8-bit AdamW, prefix tuning and P-tuning v2, a few dozen steps each: the loss must fall and every
    trainable parameter must be fp32; then ``peftlab predict`` (generation), and ``peftlab merge`` for QLoRA with the
    merged model's largest logit difference;
-3. peftlab's training throughput against the hand-written loop of ``benchmarks/throughput.py`` on the same batches,
+3. ``peftlab fit`` with ``configs/strategies/fsdp2.yaml`` (FSDP2 through ``ModelParallelStrategy``, one process on
+   one GPU over NCCL; the CPU tests run two processes over gloo): LoRA's loss must fall, the checkpoint must be a
+   directory of trainable state only, and the exported adapter must load;
+4. peftlab's training throughput against the hand-written loop of ``benchmarks/throughput.py`` on the same batches,
    as a samples/s ratio (interleaved repeats).
 
 Nothing here is needed on a CPU; ``--smoke`` exists so that the script itself is tested (tests/test_benchmarks.py).
@@ -109,21 +112,27 @@ def write_data(path: Path, n: int) -> Path:
 
 
 def peftlab(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    command = [str(Path(sys.executable).parent / "peftlab"), *args]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    script = Path(sys.executable).parent / "peftlab"  # the console script; `python -m peftlab` where not installed
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "peftlab"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([*command, *args], cwd=cwd, capture_output=True, text=True, env=env)
 
 
-def fit_method(name: str, backbone: Path, data: Path, work: Path, smoke: bool) -> dict:
-    import csv
-
-    steps = 6 if smoke else 40
+def fit_args(name: str, backbone: Path, data: Path, work: Path, smoke: bool, steps: int) -> list[str]:
+    """``peftlab fit`` arguments: the causal-LM config, configs/gpu.yaml (its CPU-runnable part in smoke mode), the
+    method's settings, the check's data and a short budget."""
     runs = work / "runs"
     common = ["--config", str(ROOT / "configs/causal_lm_lora.yaml")]
     if not smoke:
         common += ["--config", str(ROOT / "configs/gpu.yaml")]
     else:  # configs/gpu.yaml's settings the CPU can run (no TF32 / bf16 kernels needed)
         common += ["--model.init_args.dtype", "bfloat16", "--trainer.precision", "bf16-mixed"]
-    args = ["fit", *common, *METHODS[name], "--model.init_args.backbone", str(backbone),
+    method = "lora" if name == "fsdp2" else name
+    settings = METHODS[method]
+    if smoke and method in ("lora", "qlora"):  # 6 steps on a tiny random model: 2e-4 moves the loss by < 1e-3
+        settings = [*settings, "--model.learning_rate", "1e-2"]
+    return ["fit", *common, *settings, "--model.init_args.backbone", str(backbone),
             "--data.source", str(data), "--data.prompt_template", "{prompt}", "--data.response_template", "{response}",
             "--data.max_length", "64", "--data.batch_size", "4" if smoke else "16",
             "--data.max_train_samples", "400" if not smoke else "48", "--data.max_eval_samples", "32",
@@ -131,6 +140,26 @@ def fit_method(name: str, backbone: Path, data: Path, work: Path, smoke: bool) -
             "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2",
             "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
             "--trainer.logger.init_args.save_dir", str(runs), "--trainer.logger.init_args.name", name]
+
+
+def losses_of(run: Path) -> list[float]:
+    import csv
+
+    with open(run / "metrics.csv", encoding="utf-8") as f:
+        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def trainable_fp32(directory: Path) -> bool:
+    from peftlab.api import load_run
+
+    module = load_run(str(directory)).module
+    return all(p.dtype.is_floating_point and p.dtype.itemsize == 4 for p in module.parameters() if p.requires_grad)
+
+
+def fit_method(name: str, backbone: Path, data: Path, work: Path, smoke: bool) -> dict:
+    steps = 6 if smoke else 40
+    runs = work / "runs"
+    args = fit_args(name, backbone, data, work, smoke, steps)
     if name == "qlora" and smoke:
         args += ["--model.optimizer", "adamw"]  # paged optimizers need CUDA
     start = time.perf_counter()
@@ -140,7 +169,7 @@ def fit_method(name: str, backbone: Path, data: Path, work: Path, smoke: bool) -
         record["error"] = (result.stderr or result.stdout)[-1500:]
         return record
     (run,) = sorted((runs / name).glob("version_*"))
-    losses = [float(r["train/loss"]) for r in csv.DictReader(open(run / "metrics.csv")) if r.get("train/loss")]
+    losses = losses_of(run)
     record.update(first_loss=losses[0], last_loss=losses[-1], loss_fell=losses[-1] < losses[0])
     record["passed"] = record["loss_fell"]
     predict = peftlab(["predict", "--config", str(run / "config.yaml"), "--ckpt_path",
@@ -158,12 +187,41 @@ def fit_method(name: str, backbone: Path, data: Path, work: Path, smoke: bool) -
         else:
             record["merge_error"] = (merged.stderr or merged.stdout)[-800:]
         record["passed"] = record["passed"] and record["merge"]
-    from peftlab.api import load_run
-
-    module = load_run(str(run)).module
-    record["trainable_fp32"] = all(p.dtype.is_floating_point and p.dtype.itemsize == 4
-                                   for p in module.parameters() if p.requires_grad)
+    record["trainable_fp32"] = trainable_fp32(run)
     record["passed"] = record["passed"] and record["trainable_fp32"]
+    return record
+
+
+def fit_fsdp2(backbone: Path, data: Path, work: Path, smoke: bool) -> dict:
+    """LoRA under configs/strategies/fsdp2.yaml on one device: the sharded code path (fully_shard in
+    configure_model, distributed checkpoints, the gathering export) on a real accelerator and its process group."""
+    steps = 6 if smoke else 40
+    args = [*fit_args("fsdp2", backbone, data, work, smoke, steps),
+            "--config", str(ROOT / "configs/strategies/fsdp2.yaml"), "--trainer.devices", "1"]
+    if smoke:
+        args += ["--trainer.accelerator", "cpu"]
+    start = time.perf_counter()
+    result = peftlab(args, work)
+    record = {"method": "fsdp2", "seconds": round(time.perf_counter() - start, 1), "passed": result.returncode == 0}
+    if result.returncode != 0:
+        record["error"] = (result.stderr or result.stdout)[-1500:]
+        return record
+    (run,) = sorted((work / "runs/fsdp2").glob("version_*"))
+    losses = losses_of(run)
+    record.update(first_loss=losses[0], last_loss=losses[-1], loss_fell=losses[-1] < losses[0])
+    last = run / "checkpoints/last.ckpt"
+    record["checkpoint_is_sharded_directory"] = last.is_dir()
+    if last.is_dir():
+        from torch.distributed.checkpoint import FileSystemReader
+
+        stored = FileSystemReader(str(last)).read_metadata().state_dict_metadata
+        weights = [k for k in stored if k.startswith("state_dict.")]
+        record["checkpoint_adapter_only"] = bool(weights) and all(".lora_" in k for k in weights)
+    record["export_loads"] = (run / "adapter/last/adapter_model.safetensors").is_file()
+    if record["export_loads"]:
+        record["trainable_fp32"] = trainable_fp32(run / "adapter/last")
+    record["passed"] = all(record.get(k) for k in ("loss_fell", "checkpoint_is_sharded_directory",
+                                                   "checkpoint_adapter_only", "export_loads", "trainable_fp32"))
     return record
 
 
@@ -252,11 +310,25 @@ def throughput(backbone: Path, data: Path, smoke: bool) -> dict:
             "ratio_values": ratio, "steps": steps, "warmup": warmup}
 
 
+def run_step(record: dict, out: Path, name: str, step) -> None:
+    """One step, its failure recorded rather than raised, the results so far written after it (a device session
+    cut short still returns what ran)."""
+    start = time.perf_counter()
+    try:
+        result = step()
+    except Exception as err:  # noqa: BLE001 - recorded, the other steps still run
+        result = {"method": name, "passed": False, "seconds": round(time.perf_counter() - start, 1),
+                  "error": f"{type(err).__name__}: {err}"}
+    record["steps"].append(result)
+    log(f"  {'passed' if result['passed'] else 'FAILED'} in {result['seconds']} s")
+    (out / "gpu_check.json").write_text(json.dumps(record, indent=2, default=str))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for the results (gpu_check.json, gpu_check.md)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script itself")
-    parser.add_argument("--only", nargs="+", choices=[*METHODS, "throughput"], default=None)
+    parser.add_argument("--only", nargs="+", choices=[*METHODS, "fsdp2", "throughput"], default=None)
     args = parser.parse_args(argv)
     import torch
 
@@ -277,9 +349,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.only and name not in args.only:
             continue
         log(f"peftlab fit / predict{' / merge' if name == 'qlora' else ''}: {name}")
-        step = fit_method(name, backbone, data, work, args.smoke)
-        record["steps"].append(step)
-        log(f"  {'passed' if step['passed'] else 'FAILED'} in {step['seconds']} s")
+        run_step(record, out, name, lambda name=name: fit_method(name, backbone, data, work, args.smoke))
+    if not args.only or "fsdp2" in args.only:
+        log("peftlab fit under FSDP2 (configs/strategies/fsdp2.yaml, 1 device): lora")
+        run_step(record, out, "fsdp2", lambda: fit_fsdp2(backbone, data, work, args.smoke))
     if not args.only or "throughput" in args.only:
         log("throughput: peftlab vs the hand-written loop")
         try:
@@ -294,7 +367,9 @@ def main(argv: list[str] | None = None) -> dict:
         numbers = (f"loss {step.get('first_loss', float('nan')):.3f} -> {step.get('last_loss', float('nan')):.3f}, "
                    f"{step['seconds']} s" + (f", merge max logit diff {step.get('merge_max_logit_difference')}"
                                             if step["method"] == "qlora" else ""))
-        lines.append(f"| {step['method']} fit + generate{' + merge' if step['method'] == 'qlora' else ''} | "
+        what = {"qlora": "fit + generate + merge", "fsdp2": "LoRA fit under FSDP2 + export"}.get(step["method"],
+                                                                                              "fit + generate")
+        lines.append(f"| {step['method']} {what} | "
                      f"{'passed' if step['passed'] else 'failed'} | {numbers} |")
     if "throughput" in record:
         t = record["throughput"]

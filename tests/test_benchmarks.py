@@ -123,10 +123,10 @@ def test_group_by_length_quality_and_gpu_check_scripts_run(tmp_path):
     record = json.loads((tmp_path / "gbl_smoke.json").read_text())
     assert {r["group_by_length"] for r in record["runs"]} == {True, False}
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_check.py"), "--smoke", "--out",
-                             str(tmp_path / "gpu"), "--only", "lora", "qlora", "throughput"],
+                             str(tmp_path / "gpu"), "--only", "lora", "qlora", "fsdp2", "throughput"],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads((tmp_path / "gpu/gpu_check.json").read_text())
-    assert [s["method"] for s in record["steps"]] == ["lora", "qlora"]
+    assert [s["method"] for s in record["steps"]] == ["lora", "qlora", "fsdp2"]
     assert all(s["passed"] for s in record["steps"]), record["steps"]
     assert record["throughput"]["ratio_median"] > 0
