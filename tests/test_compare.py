@@ -515,6 +515,21 @@ def test_published_study_pages_are_what_their_results_give(study, tmp_path):
         f"regenerate: python -c \"from peftlab.compare.report import rerender ...\" or re-run peftlab compare {study}"
 
 
+def test_a_single_part_does_not_repeat_the_study_title_and_description(tmp_path):
+    """A study with one unnamed part: its title and description appear once (as the page's), not again as a part
+    heading; a study of several parts keeps one heading per part."""
+    from peftlab.compare.report import render
+
+    results = json.loads((ROOT / "experiments/quality_vs_params/study_variants.results.json").read_text())
+    text = render(results, tmp_path)
+    assert text.count(results["title"]) == 1 and text.count(results["description"]) == 1
+    assert text.startswith(f"# {results['title']}") and "\n## " not in text
+    two = {**results, "parts": [{**results["parts"][0], "name": "a", "title": "part A"},
+                                {**results["parts"][0], "name": "b", "title": "part B"}]}
+    text = render(two, tmp_path)
+    assert "\n## part A\n" in text and "\n## part B\n" in text
+
+
 def _readme_study(tmp_path) -> Path:
     """The minimal study file shown in the README (the first ```yaml block after '## Comparing methods')."""
     text = (ROOT / "README.md").read_text()

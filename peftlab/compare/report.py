@@ -284,17 +284,22 @@ def render(results: dict, out_dir: Path, image_prefix: str = "") -> str:
         lines += ["", "**Smoke run**: a few steps per run, to check the study runs end to end; the numbers mean "
                   "nothing."]
     lines.append("")
+    several = len(results["parts"]) > 1
     for part in results["parts"]:
-        lines += _render_part(part, out_dir, image_prefix, several=len(results["parts"]) > 1)
+        # a single part that repeats the study's own title and description is not introduced a second time
+        echo = not several and part["title"] == results["title"]
+        lines += _render_part(part, out_dir, image_prefix, several=several, heading=not echo,
+                              description=part.get("description") != results.get("description"))
     lines += _render_summary(results)
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _render_part(part: dict, out_dir: Path, image_prefix: str, several: bool) -> list[str]:
+def _render_part(part: dict, out_dir: Path, image_prefix: str, several: bool, heading: bool = True,
+                 description: bool = True) -> list[str]:
     lines = []
-    if several or part["title"]:
+    if heading and (several or part["title"]):
         lines += [f"## {part['title'] or part['name']}", ""]
-    if part.get("description"):
+    if description and part.get("description"):
         lines += [part["description"], ""]
     b, t = part["budget"], part["tuning"]
     budget = ", ".join(f"{k} {v}" for k, v in b.items())
