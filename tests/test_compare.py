@@ -320,6 +320,38 @@ def test_bootstrap_over_seeds_widens_with_the_spread_between_seeds():
     assert b.low <= b.mean <= b.high and b.mean == pytest.approx(np.mean(b.per_seed))
 
 
+def test_intervals_are_cut_to_the_metric_range():
+    """Two seeds far apart near the top of [0, 1]: the t-interval (t = 12.7) would pass 1; the report's interval is
+    cut at 1 (and a difference at +-1), while an unbounded metric keeps its whole interval."""
+    from peftlab.compare import stats
+
+    fn, cols = stats.metric_function("test/acc", "classification"), ["correct", "n"]
+    n = 200
+    right = {"correct": np.ones(n), "n": np.ones(n)}
+    most = {"correct": (np.arange(n) % 5 != 0).astype(float), "n": np.ones(n)}  # 0.8
+    wrong = {"correct": np.zeros(n), "n": np.ones(n)}
+    uncut = stats.bootstrap([right, most], fn, cols)
+    assert uncut.high > 1.0  # what the cut is for
+    iv = stats.bootstrap([right, most], fn, cols, bounds=stats.metric_range("test/acc"))
+    assert uncut.low < 0.0 and (iv.low, iv.high) == (0.0, 1.0) and iv.mean == pytest.approx(0.9)
+    d = stats.paired_bootstrap([right, wrong], [wrong, right], fn, cols, bounds=stats.metric_range("test/acc"))
+    assert d.mean == 0.0 and (d.low, d.high) == (-1.0, 1.0)
+    assert stats.metric_range("test/loss") == (0.0, float("inf")) and stats.metric_range("test/f1") == (0.0, 1.0)
+
+
+def test_seeds_that_agree_leave_only_the_examples_uncertainty():
+    """Two seeds with the same outcomes: the seed part is 0, so the interval is the one-seed interval (the examples'
+    bootstrap with the normal quantile), not 12.7 (t, 1 degree of freedom) times it."""
+    from peftlab.compare import stats
+
+    rng = np.random.default_rng(3)
+    fn, cols = stats.metric_function("test/acc", "classification"), ["correct", "n"]
+    run = {"correct": (rng.random(640) < 0.58).astype(float), "n": np.ones(640)}
+    one, two = stats.bootstrap([run], fn, cols), stats.bootstrap([run, run], fn, cols)
+    assert (two.low, two.high) == pytest.approx((one.low, one.high), abs=1e-12)
+    assert two.high - two.low < 0.1  # 640 examples: about +-0.04
+
+
 def test_paired_difference_cancels_what_both_methods_share():
     from peftlab.compare import stats
 
@@ -528,6 +560,27 @@ def test_a_single_part_does_not_repeat_the_study_title_and_description(tmp_path)
                                 {**results["parts"][0], "name": "b", "title": "part B"}]}
     text = render(two, tmp_path)
     assert "\n## part A\n" in text and "\n## part B\n" in text
+
+
+def test_parts_do_not_inherit_the_study_title_description_and_duration(tmp_path):
+    """A study of several parts: the page gives the study's title, description and duration once; each part is
+    headed by its own name; plot files are named by the part's slug (no spaces in links)."""
+    from peftlab.compare.report import render
+    from peftlab.compare.study import load_study
+
+    study = load_study(ROOT / "experiments/few_shot/study.yaml")
+    assert [(p.title, p.description, p.expected_duration) for p in study.parts] == \
+        [(name, "", None) for name in ("k=8", "k=16", "k=64", "k=all (2000)")]
+    assert study.expected_duration and study.description
+    results = json.loads((ROOT / "experiments/quality_vs_params/study_variants.results.json").read_text())
+    part = {**results["parts"][0], "description": "", "expected_duration": None}
+    several = {**results, "expected_duration": "1 min", "parts": [{**part, "name": "k=8", "title": "k=8"},
+                                                                   {**part, "name": "k=all (2000)",
+                                                                    "title": "k=all (2000)"}]}
+    text = render(several, tmp_path)
+    assert text.count(results["title"]) == 1 and text.count("Duration of the default budget: 1 min.") == 1
+    assert "\n## k=8\n" in text and "\n## k=all (2000)\n" in text
+    assert "(pareto-k=all_2000.png)" in text and (tmp_path / "pareto-k=all_2000.png").is_file()
 
 
 def _readme_study(tmp_path) -> Path:

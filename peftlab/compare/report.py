@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from peftlab.compare import stats
-from peftlab.compare.study import Part, Study
+from peftlab.compare.study import Part, Study, slug
 
 PCT = 100.0
 
@@ -140,7 +140,8 @@ def collect(study: Study, worker) -> dict:
             "forgetting": part.forgetting, "bootstrap": part.bootstrap, "expected_duration": part.expected_duration,
             "methods": methods})
     return {"study": study.name, "title": study.title, "description": study.description,
-            "study_file": str(study.path), "smoke": study.smoke, "machine": machine(), "parts": parts}
+            "expected_duration": study.expected_duration, "study_file": str(study.path), "smoke": study.smoke,
+            "machine": machine(), "parts": parts}
 
 
 def _intervals(part: Part, methods: list[dict], runs_by_method: dict[str, dict[int, dict]]) -> None:
@@ -163,8 +164,9 @@ def _intervals(part: Part, methods: list[dict], runs_by_method: dict[str, dict[i
                 continue
             if not all(c in columns[seeds[0]] for c in cols):
                 continue
+            bounds = stats.metric_range(metric)
             m["test"][metric] = stats.bootstrap([columns[s] for s in seeds], fn, cols, reps=reps, rng_seed=rng_seed,
-                                                level=level).as_dict()
+                                                level=level, bounds=bounds).as_dict()
             if part.baseline and m["name"] != part.baseline and base_runs:
                 shared = [s for s in seeds if s in base_runs]
                 if not shared:
@@ -175,7 +177,7 @@ def _intervals(part: Part, methods: list[dict], runs_by_method: dict[str, dict[i
                     continue
                 m["vs_baseline"][metric] = stats.paired_bootstrap(
                     [columns[s] for s in shared], [base_cols[s] for s in shared], fn, cols, reps=reps,
-                    rng_seed=rng_seed, level=level).as_dict()
+                    rng_seed=rng_seed, level=level, bounds=bounds).as_dict()
         forgetting = [r["forgetting"] for r in runs.values() if r.get("forgetting")]
         if forgetting:
             m["forgetting"] = {key: float(np.mean([f[key] for f in forgetting if f.get(key) is not None]))
@@ -228,7 +230,7 @@ def _pareto(points: list[tuple[float, float]], maximize: bool) -> list[int]:
     return front
 
 
-def plot_part(part: dict, path: Path) -> bool:
+def plot_part(part: dict, path: Path, title: str | None = None) -> bool:
     """Quality (the first report metric, with its interval) against trainable parameters and against estimated
     training memory, both log scale; the Pareto front dashed. False when there is nothing to plot."""
     import matplotlib
@@ -264,7 +266,7 @@ def plot_part(part: dict, path: Path) -> bool:
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{metric} (mean, 95% CI)")
-    fig.suptitle(part["title"] or "quality vs cost", fontsize=10)
+    fig.suptitle(title or part["title"] or "quality vs cost", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -283,19 +285,31 @@ def render(results: dict, out_dir: Path, image_prefix: str = "") -> str:
     if results["smoke"]:
         lines += ["", "**Smoke run**: a few steps per run, to check the study runs end to end; the numbers mean "
                   "nothing."]
+    elif results.get("expected_duration"):
+        lines += ["", f"Duration of the default budget: {results['expected_duration']}."]
     lines.append("")
     several = len(results["parts"]) > 1
     for part in results["parts"]:
         # a single part that repeats the study's own title and description is not introduced a second time
         echo = not several and part["title"] == results["title"]
         lines += _render_part(part, out_dir, image_prefix, several=several, heading=not echo,
-                              description=part.get("description") != results.get("description"))
+                              description=part.get("description") != results.get("description"),
+                              plot_title=None if several else results["title"])
     lines += _render_summary(results)
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _t_note(part: dict) -> str:
+    """The t quantile the seeds give, so that a reader sees why 2 seeds give wide intervals."""
+    n = len(part["seeds"])
+    if n < 2:
+        return ""
+    q = stats.student_t_quantile((1 + float(part["bootstrap"]["level"])) / 2, n - 1)
+    return f": t = {q:.2f} for {n} seeds"
+
+
 def _render_part(part: dict, out_dir: Path, image_prefix: str, several: bool, heading: bool = True,
-                 description: bool = True) -> list[str]:
+                 description: bool = True, plot_title: str | None = None) -> list[str]:
     lines = []
     if heading and (several or part["title"]):
         lines += [f"## {part['title'] or part['name']}", ""]
@@ -317,9 +331,11 @@ def _render_part(part: dict, out_dir: Path, image_prefix: str, several: bool, he
            else "") + "; the test split is never used to select.",
         f"Then every seed ({', '.join(str(s) for s in part['seeds'])}) trains at the best trial's settings and is "
         f"tested (at the checkpoint the base config's ModelCheckpoint selects on validation). Intervals: {level}% "
-        f"mean +- t x standard error over seeds (Student's t, seeds - 1 degrees of freedom), the test examples' part "
-        f"by bootstrap ({part['bootstrap']['reps']} resamples, RNG seed {part['bootstrap']['seed']}); differences are "
-        f"paired by seed and example" + (f" against **{part['baseline']}**" if part["baseline"] else "") + ".",
+        f"mean +- sqrt((t x standard error over seeds)^2 + (z x standard error over test examples)^2) (Student's t, "
+        f"seeds - 1 degrees of freedom{_t_note(part)}; the examples' part by bootstrap, "
+        f"{part['bootstrap']['reps']} resamples, RNG seed {part['bootstrap']['seed']}), cut to the metric's range "
+        f"(e.g. [0, 1] for accuracy); differences are paired by seed and example"
+        + (f" against **{part['baseline']}**" if part["baseline"] else "") + ".",
         ""]
     if part.get("expected_duration"):
         lines += [f"Expected duration of the default budget: {part['expected_duration']}.", ""]
@@ -359,8 +375,8 @@ def _render_part(part: dict, out_dir: Path, image_prefix: str, several: bool, he
                   f"{n_trials} ({n_pruned})"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    name = f"{image_prefix}pareto{'-' + part['name'] if part['name'] != 'main' else ''}.png"
-    if plot_part(part, out_dir / name):
+    name = f"{image_prefix}pareto{'-' + slug(part['name']) if part['name'] != 'main' else ''}.png"
+    if plot_part(part, out_dir / name, plot_title):
         lines += [f"![{part['report'][0]} against trainable parameters and estimated memory]({name})", ""]
     lines += ["Trainable parameters are exact (counted in the trained module); memory is `peftlab estimate-memory`'s "
               "estimate for the runs' batch, length, precision and optimizer (weights + gradients + optimizer states "

@@ -126,6 +126,17 @@ def metric_function(metric: str, task: str, num_classes: int = 2) -> Callable[[M
     raise KeyError(f"no per-example form of {metric} for task {task}")
 
 
+def metric_range(metric: str) -> tuple[float, float]:
+    """The values ``metric`` can take: intervals are cut to it (the true value lies inside, so cutting keeps the
+    coverage; an uncut t-interval over 2 seeds can reach an accuracy above 1)."""
+    name = metric.split("/", 1)[-1]
+    if name in ("acc", "f1", "exact_match", "gen_exact_match", "rougeL", "bleu"):
+        return 0.0, 1.0
+    if name in ("loss", "ppl"):
+        return 0.0, math.inf
+    return -math.inf, math.inf
+
+
 # ---------------------------------------------------------------------------------------------- bootstrap
 @dataclass
 class Interval:
@@ -205,42 +216,48 @@ def student_t_quantile(p: float, df: int) -> float:
 
 
 def _interval(mean: float, per_seed: Sequence[float], example_replicates: np.ndarray, level: float) -> tuple[float, float]:
-    """``mean`` +- q * SE, SE^2 = (variance between seeds) / seeds + (variance of the seed mean over example draws).
+    """``mean`` +- sqrt(t^2 * v_seeds + z^2 * v_examples): each part of the uncertainty with its own quantile.
 
-    The seed part is the usual standard error of a mean over seeds, with Student's t quantile for ``seeds - 1``
-    degrees of freedom: resampling 2-3 seeds (a percentile bootstrap over seeds) cannot see how far seeds spread
-    and gave intervals that covered the truth 63% (2 seeds) / 78% (3 seeds) of the time at a nominal 95% (a
-    simulation made in a review; tests/test_compare.py simulates the coverage of this interval). The example part is the bootstrap over the test examples (all seeds see
-    the same draw, so what is shared by the seeds is counted once). One seed: normal quantile, examples only."""
+    The seed part ``v_seeds`` is the usual squared standard error of a mean over seeds, estimated from
+    ``seeds - 1`` degrees of freedom, hence Student's t: resampling 2-3 seeds (a percentile bootstrap over seeds)
+    cannot see how far seeds spread and gave intervals that covered the truth 63% (2 seeds) / 78% (3 seeds) of the
+    time at a nominal 95% (a simulation made in a review). The example part ``v_examples`` is the bootstrap variance
+    over the test examples (all seeds see the same draw, so what is shared by the seeds is counted once), estimated
+    from hundreds of examples, hence the normal quantile. One t for the sum (the first version) made two agreeing
+    seeds look hopeless (t = 12.7 times the examples' well-known part); tests/test_compare.py simulates the coverage
+    (>= 95% for 2, 3 and 5 seeds whatever their spread). One seed: the examples' part alone."""
     with np.errstate(invalid="ignore"):
         var_examples = float(np.nanvar(example_replicates)) if example_replicates.size else 0.0
     seeds = np.asarray([v for v in per_seed if finite(v)], dtype=float)
     var_seeds = float(np.var(seeds, ddof=1)) / len(seeds) if len(seeds) > 1 else 0.0
-    q = student_t_quantile((1 + level) / 2, len(seeds) - 1) if len(seeds) > 1 else \
-        NormalDist().inv_cdf((1 + level) / 2)
-    half = q * math.sqrt(var_examples + var_seeds)
+    t = student_t_quantile((1 + level) / 2, len(seeds) - 1) if len(seeds) > 1 else 0.0
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    half = math.sqrt(t * t * var_seeds + z * z * var_examples)
     return mean - half, mean + half
 
 
 def bootstrap(runs: Sequence[Mapping[str, Sequence[float]]], fn, columns: Sequence[str], *, reps: int = 2000,
-              rng_seed: int = 0, level: float = 0.95) -> Interval:
+              rng_seed: int = 0, level: float = 0.95,
+              bounds: tuple[float, float] = (-math.inf, math.inf)) -> Interval:
     """Interval of ``fn`` (sums -> metric) over training seeds and test examples: :func:`_interval` (a t-interval
     over seeds plus a bootstrap over the test examples).
 
     ``runs``: one mapping per seed of per-example columns (equal lengths: the same test examples, in the same order).
+    ``bounds``: the metric's range (:func:`metric_range`); the interval is cut to it.
     """
     x = _matrix(runs, columns)
     mean, per_seed = _point(x, columns, fn)
     values = np.concatenate([_replicates(x, columns, fn, w) for w in _example_draws(x.shape[1], reps, rng_seed)])
     low, high = _interval(mean, per_seed, values, level)
-    return Interval(mean, float(low), float(high), x.shape[0], x.shape[1], per_seed)
+    return Interval(mean, float(max(low, bounds[0])), float(min(high, bounds[1])), x.shape[0], x.shape[1], per_seed)
 
 
 def paired_bootstrap(runs_a: Sequence[Mapping[str, Sequence[float]]], runs_b: Sequence[Mapping[str, Sequence[float]]],
                      fn, columns: Sequence[str], *, reps: int = 2000, rng_seed: int = 0,
-                     level: float = 0.95) -> Interval:
+                     level: float = 0.95, bounds: tuple[float, float] = (-math.inf, math.inf)) -> Interval:
     """Interval of ``metric(A) - metric(B)``, paired by seed (``runs_a[i]`` and ``runs_b[i]`` share seed i: the seed
-    part is the spread of the per-seed differences) and by test example (the same draw of examples for both)."""
+    part is the spread of the per-seed differences) and by test example (the same draw of examples for both).
+    ``bounds``: the metric's range; a difference lies within +-(its width), and the interval is cut to that."""
     if len(runs_a) != len(runs_b):
         raise ValueError("paired runs need the same seeds for both methods")
     xa, xb = _matrix(runs_a, columns), _matrix(runs_b, columns)
@@ -252,7 +269,8 @@ def paired_bootstrap(runs_a: Sequence[Mapping[str, Sequence[float]]], runs_b: Se
     mb, pb = _point(xb, columns, fn)
     per_seed = [a - b for a, b in zip(pa, pb)]
     low, high = _interval(ma - mb, per_seed, diff, level)
-    return Interval(ma - mb, float(low), float(high), xa.shape[0], xa.shape[1], per_seed)
+    width = bounds[1] - bounds[0]
+    return Interval(ma - mb, float(max(low, -width)), float(min(high, width)), xa.shape[0], xa.shape[1], per_seed)
 
 
 def columns_for(metric: str, task: str, num_classes: int = 2) -> list[str]:

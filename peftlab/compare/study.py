@@ -161,6 +161,7 @@ class Study:
     smoke: bool
     parts: list[Part]
     raw: dict = field(default_factory=dict)
+    expected_duration: str | None = None
 
     def method_count(self) -> int:
         return sum(len(p.methods) for p in self.parts)
@@ -286,7 +287,9 @@ def load_study(path: str | os.PathLike, *, smoke: bool = False, study_dir: str |
     top = _check_keys(str(path), raw, TOP_KEYS)
     smoke_top = _check_keys(f"{path}: smoke", top.get("smoke"), (PART_KEYS - {"smoke"}) | SMOKE_ONLY)
     name = str(top.get("name") or path.parent.name or path.stem)
-    common = {k: v for k, v in top.items() if k not in ("parts", "smoke", "study_dir", "publish", "name")}
+    # the study's own title, description and duration are the page's: a part has its own or none
+    common = {k: v for k, v in top.items() if k not in ("parts", "smoke", "study_dir", "publish", "name", "title",
+                                                        "description", "expected_duration")}
     parts_raw = top.get("parts")
     if parts_raw is None:
         parts_raw = {"main": {}}
@@ -317,7 +320,7 @@ def load_study(path: str | os.PathLike, *, smoke: bool = False, study_dir: str |
     publish = Path(top["publish"]) if top.get("publish") else None
     return Study(name=name, path=path, title=str(top.get("title") or name),
                  description=str(top.get("description") or "").strip(), study_dir=chosen_dir, publish=publish,
-                 smoke=smoke, parts=parts, raw=raw)
+                 smoke=smoke, parts=parts, raw=raw, expected_duration=top.get("expected_duration"))
 
 
 def _part(where: str, name: str, raw: dict, study_path: Path, keep: list | None) -> Part:
