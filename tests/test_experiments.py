@@ -1,6 +1,7 @@
 """Every experiment runner in its smoke mode (a few steps), so the studies never rot.
 
-The studies' real results (docs/results/) come from their default runs; see each runner's docstring.
+The studies' real results (docs/results/) come from their default runs; see each runner's docstring. Studies that
+are `peftlab compare` study files (experiments/*/study*.yaml) are tested in tests/test_compare.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = [
     ["experiments/quality_vs_params/run.py", "--smoke", "--part", "all"],
-    ["experiments/few_shot/run.py", "--smoke"],
     ["experiments/inference_overhead/run.py", "--smoke"],
     ["experiments/multi_lora/run.py", "--smoke"],
 ]
@@ -30,7 +30,6 @@ def test_study_smoke(study):
 
 REPORTS = {  # report -> the runner that writes it from its committed results
     "quality_vs_params": "experiments/quality_vs_params/run.py",
-    "few_shot": "experiments/few_shot/run.py",
     "inference_overhead": "experiments/inference_overhead/run.py",
     "multi_lora": "experiments/multi_lora/run.py",
 }
