@@ -23,42 +23,6 @@ RESULTS = Path(os.environ.get("PEFTLAB_RESULTS_DIR") or ROOT / "docs" / "results
 PEFTLAB = [sys.executable, "-m", "peftlab"]
 
 
-# Learning rates of the classification studies (all-MiniLM-L6-v2 on Rotten Tomatoes, batch 16, 250 steps).
-# The configs/methods/ defaults are conservative: with them no PEFT method left the majority class within the
-# first CPU budget (63 steps). Each value here was picked on seed 0's validation accuracy (ties: loss) by
-# experiments/quality_vs_params/lr_pilot.sh, whose output is in docs/results/quality_vs_params.md.
-CLS_LR: dict[str, dict[str, float]] = {
-    "full": {"learning_rate": 5e-5},
-    "prompt": {"learning_rate": 1e-1},
-    "p-tuning": {"learning_rate": 1e-2},
-    "prefix": {"learning_rate": 3e-2},
-    "prefix+mlp": {"learning_rate": 3e-4},
-    "p-tuning v2": {"learning_rate": 3e-4},
-    "lora r=4": {"learning_rate": 2e-3},
-    "lora r=8": {"learning_rate": 2e-3},
-    "lora r=16": {"learning_rate": 2e-3},
-    "qlora r=8": {"learning_rate": 2e-3},
-    "adapters b=64": {"learning_rate": 3e-3},
-    "lora+prompt": {"learning_rate": 2e-3, "prompt_learning_rate": 1e-1},
-}
-
-
-# the classification head's rate (model.head_learning_rate) where a method's own rate is below it: MiniLM's pooled
-# features are ~0.05 in size, so a new head trained at, say, 3e-4 barely depends on the input after a few hundred
-# steps (P-tuning v2 stayed at the majority class; quality_vs_params part (a'), head_lr_pilot.txt)
-HEAD_LR = 1e-2
-
-
-def head_learning_rate(label: str) -> list[str]:
-    """CLI override training the head at HEAD_LR, for the methods of ``CLS_LR`` whose own rate is below it."""
-    return ["--model.init_args.head_learning_rate", str(HEAD_LR)] if CLS_LR[label]["learning_rate"] < HEAD_LR else []
-
-
-def cls_learning_rate(label: str) -> list[str]:
-    """CLI overrides setting the learning rate(s) of ``CLS_LR[label]``."""
-    return [arg for key, value in CLS_LR[label].items() for arg in (f"--model.init_args.{key}", str(value))]
-
-
 def machine() -> str:
     import torch
 
@@ -109,14 +73,6 @@ def read_metrics(path: Path) -> dict:
     return out
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    import statistics
-
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def save_json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1))
@@ -140,10 +96,3 @@ def publish(name: str, text: str) -> None:
     """Write a study's report to ``docs/results/<name>.md`` and print it."""
     (RESULTS / f"{name}.md").write_text(text)
     print(text)
-
-
-def fail_on_failed_runs(rows: list[dict]) -> None:
-    """End a smoke run with an error naming the runs that failed (each row: ``name``, ``failed`` if it did)."""
-    failed = [r["name"] for r in rows if "failed" in r]
-    if failed:
-        raise SystemExit(f"smoke runs failed: {failed}")

@@ -15,7 +15,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = [
-    ["experiments/quality_vs_params/run.py", "--smoke", "--part", "all"],
     ["experiments/inference_overhead/run.py", "--smoke"],
     ["experiments/multi_lora/run.py", "--smoke"],
 ]
@@ -29,7 +28,6 @@ def test_study_smoke(study):
 
 
 REPORTS = {  # report -> the runner that writes it from its committed results
-    "quality_vs_params": "experiments/quality_vs_params/run.py",
     "inference_overhead": "experiments/inference_overhead/run.py",
     "multi_lora": "experiments/multi_lora/run.py",
 }
