@@ -560,7 +560,10 @@ def test_a_single_part_does_not_repeat_the_study_title_and_description(tmp_path)
     """A study with one unnamed part: its title and description appear once (as the page's), not again as a part
     heading; a study of several parts keeps one heading per part."""
     from peftlab.compare.report import render
+    from peftlab.compare.study import load_study
 
+    (part,) = load_study(ROOT / "experiments/quality_vs_params/study_variants.yaml").parts
+    assert (part.title, part.description, part.expected_duration) == ("", "", None)
     results = json.loads((ROOT / "experiments/quality_vs_params/study_variants.results.json").read_text())
     text = render(results, tmp_path)
     assert text.count(results["title"]) == 1 and text.count(results["description"]) == 1

@@ -290,10 +290,7 @@ def render(results: dict, out_dir: Path, image_prefix: str = "") -> str:
     lines.append("")
     several = len(results["parts"]) > 1
     for part in results["parts"]:
-        # a single part that repeats the study's own title and description is not introduced a second time
-        echo = not several and part["title"] == results["title"]
-        lines += _render_part(part, out_dir, image_prefix, several=several, heading=not echo,
-                              description=part.get("description") != results.get("description"),
+        lines += _render_part(part, out_dir, image_prefix, several=several,
                               plot_title=None if several else results["title"])
     lines += _render_summary(results)
     return "\n".join(lines).rstrip() + "\n"
@@ -308,12 +305,12 @@ def _t_note(part: dict) -> str:
     return f": t = {q:.2f} for {n} seeds"
 
 
-def _render_part(part: dict, out_dir: Path, image_prefix: str, several: bool, heading: bool = True,
-                 description: bool = True, plot_title: str | None = None) -> list[str]:
+def _render_part(part: dict, out_dir: Path, image_prefix: str, several: bool,
+                 plot_title: str | None = None) -> list[str]:
     lines = []
-    if heading and (several or part["title"]):
+    if several or part["title"]:
         lines += [f"## {part['title'] or part['name']}", ""]
-    if description and part.get("description"):
+    if part.get("description"):
         lines += [part["description"], ""]
     b, t = part["budget"], part["tuning"]
     budget = ", ".join(f"{k} {v}" for k, v in b.items())
