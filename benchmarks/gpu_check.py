@@ -119,9 +119,10 @@ def peftlab(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([*command, *args], cwd=cwd, capture_output=True, text=True, env=env)
 
 
-def fit_args(name: str, backbone: Path, data: Path, work: Path, smoke: bool, steps: int) -> list[str]:
+def fit_args(name: str, backbone: Path, data: Path, work: Path, smoke: bool) -> list[str]:
     """``peftlab fit`` arguments: the causal-LM config, configs/gpu.yaml (its CPU-runnable part in smoke mode), the
-    method's settings, the check's data and a short budget."""
+    method's settings, the check's data and a short budget (40 steps, 6 in smoke mode)."""
+    steps = 6 if smoke else 40
     runs = work / "runs"
     common = ["--config", str(ROOT / "configs/causal_lm_lora.yaml")]
     if not smoke:
@@ -156,21 +157,28 @@ def trainable_fp32(directory: Path) -> bool:
     return all(p.dtype.is_floating_point and p.dtype.itemsize == 4 for p in module.parameters() if p.requires_grad)
 
 
-def fit_method(name: str, backbone: Path, data: Path, work: Path, smoke: bool) -> dict:
-    steps = 6 if smoke else 40
-    runs = work / "runs"
-    args = fit_args(name, backbone, data, work, smoke, steps)
-    if name == "qlora" and smoke:
-        args += ["--model.optimizer", "adamw"]  # paged optimizers need CUDA
+def fit(name: str, args: list[str], work: Path) -> tuple[dict, Path | None]:
+    """``peftlab fit ARGS``, timed: the step's record (error, or first/last loss and whether it fell) and the run
+    directory (None when the fit failed)."""
     start = time.perf_counter()
     result = peftlab(args, work)
     record = {"method": name, "seconds": round(time.perf_counter() - start, 1), "passed": result.returncode == 0}
     if result.returncode != 0:
         record["error"] = (result.stderr or result.stdout)[-1500:]
-        return record
-    (run,) = sorted((runs / name).glob("version_*"))
+        return record, None
+    (run,) = sorted((work / "runs" / name).glob("version_*"))
     losses = losses_of(run)
     record.update(first_loss=losses[0], last_loss=losses[-1], loss_fell=losses[-1] < losses[0])
+    return record, run
+
+
+def fit_method(name: str, backbone: Path, data: Path, work: Path, smoke: bool) -> dict:
+    args = fit_args(name, backbone, data, work, smoke)
+    if name == "qlora" and smoke:
+        args += ["--model.optimizer", "adamw"]  # paged optimizers need CUDA
+    record, run = fit(name, args, work)
+    if run is None:
+        return record
     record["passed"] = record["loss_fell"]
     predict = peftlab(["predict", "--config", str(run / "config.yaml"), "--ckpt_path",
                        str(run / "checkpoints/last.ckpt"), "--predictions_file", str(work / f"{name}.jsonl")], work)
@@ -195,20 +203,13 @@ def fit_method(name: str, backbone: Path, data: Path, work: Path, smoke: bool) -
 def fit_fsdp2(backbone: Path, data: Path, work: Path, smoke: bool) -> dict:
     """LoRA under configs/strategies/fsdp2.yaml on one device: the sharded code path (fully_shard in
     configure_model, distributed checkpoints, the gathering export) on a real accelerator and its process group."""
-    steps = 6 if smoke else 40
-    args = [*fit_args("fsdp2", backbone, data, work, smoke, steps),
+    args = [*fit_args("fsdp2", backbone, data, work, smoke),
             "--config", str(ROOT / "configs/strategies/fsdp2.yaml"), "--trainer.devices", "1"]
     if smoke:
         args += ["--trainer.accelerator", "cpu"]
-    start = time.perf_counter()
-    result = peftlab(args, work)
-    record = {"method": "fsdp2", "seconds": round(time.perf_counter() - start, 1), "passed": result.returncode == 0}
-    if result.returncode != 0:
-        record["error"] = (result.stderr or result.stdout)[-1500:]
+    record, run = fit("fsdp2", args, work)
+    if run is None:
         return record
-    (run,) = sorted((work / "runs/fsdp2").glob("version_*"))
-    losses = losses_of(run)
-    record.update(first_loss=losses[0], last_loss=losses[-1], loss_fell=losses[-1] < losses[0])
     last = run / "checkpoints/last.ckpt"
     record["checkpoint_is_sharded_directory"] = last.is_dir()
     if last.is_dir():
