@@ -29,7 +29,9 @@ from peftlab.errors import PeftLabError
 
 def user_error(err: BaseException, argv: list[str]) -> PeftLabError | None:
     """The one-line error for ``err`` raised while running ``peftlab ARGV``, or None to show the traceback."""
-    return find_user_error(err) or out_of_memory(err) or argument_error(err, argv)
+    from peftlab.trackers import missing_tracker
+
+    return find_user_error(err) or missing_tracker(err) or out_of_memory(err) or argument_error(err, argv)
 
 
 # ---------------------------------------------------------------------------------------------- fit & co.
