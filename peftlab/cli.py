@@ -41,6 +41,13 @@ def _quiet_libraries() -> None:
     # Tokenization happens once in prepare_data, so loader workers buy nothing on small CPU machines.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*The number of training batches.*is smaller than the logging.*")
+    # test/predict from a fit checkpoint: LastCheckpoint is a fit-only callback, nothing to restore there
+    warnings.filterwarnings("ignore", message=r".*Please add the following callbacks: \['LastCheckpoint'\]\.$")
+    # MLflow's SQLite store announces its table migrations at INFO on every new run directory
+    import logging
+
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _make_cli_class():
@@ -364,6 +371,59 @@ TOP_LEVEL_EXAMPLES = """examples:
 Errors print one line; add --debug for the traceback. Docs: docs/index.md."""
 
 
+FIT_HELP = """usage: peftlab fit [--config FILE] [--OPTION VALUE ...]
+
+Train a method (then test it with the best checkpoint). Settings come from --config files (later ones override
+earlier ones) and --KEY VALUE overrides, keys as in the YAML (--trainer.max_epochs 3 is trainer: max_epochs: 3).
+The common options; `peftlab fit --help-all` lists all of them (about 700 lines).
+
+general:
+  --config FILE                    a run config (configs/quickstart.yaml; a run's saved config.yaml)
+  --print_config                   print the complete resolved config and exit (save it to reproduce a run)
+  --seed_everything SEED           random seed of the run
+  --test_after_fit BOOL            test the best checkpoint after fit (default true)
+  --trackers [mlflow,wandb,...]    experiment trackers besides metrics.csv (docs/trackers.md)
+  --ckpt_path PATH|last            resume from a checkpoint (last: this config's newest last.ckpt)
+
+trainer: (Lightning's Trainer)
+  --trainer.max_epochs N           epochs to train
+  --trainer.max_steps N            optimizer steps to train (given alone, it also lifts the config's max_epochs)
+  --trainer.accelerator NAME       auto, cpu, gpu, ...
+  --trainer.devices N              devices (GPUs) to use
+  --trainer.precision P            32-true, bf16-mixed, 16-mixed, ...
+  --trainer.accumulate_grad_batches N  micro-batches per optimizer step
+  --trainer.gradient_clip_val V    clip gradients to this norm
+  --trainer.val_check_interval V   validate every V steps (int) or fraction of an epoch (float)
+  --trainer.log_every_n_steps N    log the training loss every N steps
+  --trainer.enable_progress_bar BOOL  the bar in a terminal, plain lines when stdout is a file
+  --trainer.logger CLASS           the logger (default in the configs: CSVLogger under runs/)
+  --trainer.default_root_dir DIR   where runs go when no logger names a directory
+
+model: (the method; its own arguments: `peftlab fit --model.help LoRA`, docs/methods.md)
+  --model CLASS                    peftlab.methods.LoRA, QLoRA, PromptTuning, FullFineTuning, ...
+  --model.backbone NAME            a Hugging Face model id, a local path or packaged:SmolLM2-135M
+  --model.learning_rate LR         learning rate of the trainable parameters
+  --model.r R                      (LoRA, QLoRA) rank of the update matrices
+  --model.target_modules [A,B]     (LoRA, QLoRA) the linear layers to adapt, or all-linear
+  --model.dtype DTYPE              float32, bfloat16, float16, auto
+  --model.gradient_checkpointing BOOL  trade compute for activation memory
+
+data: (peftlab.data.PeftDataModule)
+  --data.source SOURCE             a file (.csv, .jsonl, .parquet), a Hugging Face dataset id or packaged:NAME
+  --data.task TASK                 classification, causal_lm or seq2seq
+  --data.text_column NAME          (classification) the input text column
+  --data.label_column NAME         (classification) the label column
+  --data.prompt_template TEXT      (causal_lm, seq2seq) the prompt, with {column} fields
+  --data.response_template TEXT    (causal_lm, seq2seq) the target, with {column} fields
+  --data.max_length N              maximum tokens per input (longer inputs are truncated)
+  --data.batch_size N              training batch size
+  --data.max_train_samples N       use at most N training rows
+
+Every option with its type and default: `peftlab fit --help-all`, and docs/reference.md.
+A method's arguments: `peftlab fit --model.help CLASS` (e.g. LoRA). Errors print one line; --debug shows the
+traceback."""
+
+
 def top_level_help() -> str:
     """``peftlab --help``: the commands of LightningCLI and of the command table, without importing either."""
     names = [*LIGHTNING_COMMANDS, *COMMANDS]
@@ -433,6 +493,12 @@ def main(args: list[str] | None = None) -> None:
         if not argv:
             sys.exit(2)
         return None
+    if argv[:1] == ["fit"] and argv[1:] in (["-h"], ["--help"]):
+        # the common options, without importing Lightning or building its 700-line parser (--help-all)
+        print(FIT_HELP)
+        return None
+    if argv[:1] == ["fit"] and "--help-all" in argv:
+        argv[argv.index("--help-all")] = "--help"
     try:
         from peftlab.compat import unmet_requirements
 

@@ -95,7 +95,7 @@ class PlainProgress(_WithoutVersion, ProgressBar):
         print("[peftlab] " + "  ".join(p for p in parts if p), flush=True)
 
     def on_validation_end(self, trainer, pl_module):
-        if not self._enabled or not trainer.is_global_zero or trainer.sanity_checking or not trainer.training:
+        if not self._enabled or not trainer.is_global_zero or trainer.sanity_checking or trainer.state.fn != "fit":
             return
         metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val")}
         if metrics:
