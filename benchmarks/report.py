@@ -345,7 +345,7 @@ def _startup(results):
            f"(bare `python -c pass`: {h['python_startup_seconds']['median']:.2f} s).", ""]
     if st.get("fit_help"):
         fh = st["fit_help"]
-        out += [f"`peftlab fit --help` (LightningCLI's complete help, which needs Lightning): "
+        out += [f"`peftlab fit --help-all` (LightningCLI's complete help, which needs Lightning): "
                 f"{_r(fh['seconds'], 2)} s over {fh['seconds']['n']} runs.", ""]
         h = fh
     if h.get("imports_ms"):
