@@ -94,7 +94,7 @@ def arrange(trainer, names: list[str] | tuple[str, ...] = ()) -> None:
             # in one save_dir would write version_0 and version_1. Only the constructor takes these, and the
             # configured logger is built before the run directory is known.
             logger._root_dir, logger._name, logger._version = csv.save_dir, csv.name, csv.version
-    csv.experiment  # creates the run directory first: the CSV logger warns about one that trackers created
+    _ = csv.experiment  # creates the run directory first: the CSV logger warns about one that trackers created
     present = {type(lg).__name__ for lg in loggers}
     for name in names:
         if TRACKERS[name].logger.rsplit(".", 1)[-1] not in present:
@@ -106,7 +106,7 @@ def build(name: str, csv) -> object:
     """The Lightning logger of tracker ``name``, writing under the CSV logger ``csv``'s run directory."""
     check_available([name])
     run_dir = Path(csv.log_dir)
-    version = Path(csv.log_dir).name
+    version = run_dir.name
     if name == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -115,8 +115,13 @@ def build(name: str, csv) -> object:
         from lightning.pytorch.loggers import MLFlowLogger
 
         uri = os.environ.get("MLFLOW_TRACKING_URI") or local_mlflow_uri(run_dir)
-        return MLFlowLogger(experiment_name=csv.name or DEFAULT_NAME, run_name=version, tracking_uri=uri,
-                            artifact_location=(run_dir / "mlflow" / "artifacts").resolve().as_uri())
+        experiment, artifacts = csv.name or DEFAULT_NAME, (run_dir / "mlflow" / "artifacts").resolve().as_uri()
+        import mlflow
+
+        client = mlflow.MlflowClient(uri)
+        if client.get_experiment_by_name(experiment) is None:  # else the logger warns that it creates one
+            client.create_experiment(experiment, artifact_location=artifacts)
+        return MLFlowLogger(experiment_name=experiment, run_name=version, tracking_uri=uri, artifact_location=artifacts)
     from lightning.pytorch.loggers import WandbLogger
 
     online = os.environ.get("WANDB_MODE") == "online" or (
@@ -129,5 +134,6 @@ def build(name: str, csv) -> object:
 
 
 def local_mlflow_uri(run_dir: Path) -> str:
-    """MLflow's tracking store inside the run directory: a SQLite file (MLflow 3 deprecates the file store)."""
+    """MLflow's tracking store inside the run directory: a SQLite file (MLflow 3 refuses the file store)."""
+    (run_dir / "mlflow").mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(run_dir / 'mlflow' / 'mlflow.db').resolve()}"
