@@ -12,6 +12,13 @@ from peftlab.errors import PeftLabError
 
 Task = Literal["classification", "causal_lm", "seq2seq"]
 TASKS = ("classification", "causal_lm", "seq2seq")
+DataTask = Literal["classification", "causal_lm", "seq2seq", "chat"]
+DATA_TASKS = (*TASKS, "chat")
+
+
+def model_task(data_task: str) -> str:
+    """The model task a data task trains: chat data trains a causal LM (its turns rendered by a chat template)."""
+    return "causal_lm" if data_task == "chat" else data_task
 
 
 def _auto_class(task: str):

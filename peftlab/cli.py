@@ -79,8 +79,12 @@ def _make_cli_class():
                                 help="after fit, run the test split with the best checkpoint and print its metrics")
             parser.add_argument("--predictions_file", type=str | None, default=None,
                                 help="predict: where to write predictions, .jsonl or .csv (default: <log_dir>/predictions.jsonl)")
+            from peftlab.backbones import model_task
             from peftlab.callbacks import AdapterExport, LastCheckpoint
+            from peftlab.generation import GenerationSettings
 
+            # predict: how text is generated (--generation.max_new_tokens 64 --generation.do_sample true ...)
+            parser.add_class_arguments(GenerationSettings, "generation")
             # on by default: exported adapters under <run dir>/adapter/{last,best} (--adapter_export.enabled false)
             parser.add_lightning_class_args(AdapterExport, "adapter_export")
             # on by default in fit: <run dir>/checkpoints/last.ckpt is the newest state (--last_checkpoint.enabled
@@ -88,7 +92,7 @@ def _make_cli_class():
             # which Lightning refuses beside trainer.enable_checkpointing false
             parser.add_class_arguments(LastCheckpoint, "last_checkpoint")
             # the model is built for the data's task; the data tokenizes with the backbone's tokenizer
-            parser.link_arguments("data.task", "model.init_args.task", apply_on="parse")
+            parser.link_arguments("data.task", "model.init_args.task", compute_fn=model_task, apply_on="parse")
             parser.link_arguments("model.init_args.backbone", "data.tokenizer", apply_on="parse")
             # num_labels is read from the data, so it is never written twice
             parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
@@ -194,6 +198,7 @@ def _make_cli_class():
 
         def before_predict(self):
             self.model.check()
+            self.model.generation = self.config_init[self.subcommand].get("generation")
 
         def _resolve_last_checkpoint(self):
             """Resume into the run a checkpoint came from. ``--ckpt_path last`` picks the newest

@@ -90,6 +90,7 @@ def load_source(source: str | dict[str, str], config_name: str | None = None):
             kwargs.update(extra)
         if len(formats) > 1:
             raise PeftLabError(f"data files mix formats {sorted(formats)}; give all splits in one format")
+        formats_read = set(formats)
         try:
             # datasets logs its own report (with a traceback) before raising; peftlab's message replaces it
             with _quiet_logger("datasets"):
@@ -97,7 +98,10 @@ def load_source(source: str | dict[str, str], config_name: str | None = None):
         except Exception as err:  # noqa: BLE001 - pyarrow/pandas/json raise many kinds
             msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             cause = err.__cause__ or err.__context__
-            if "corresponds to no data" in msg:
+            bad_line = _first_bad_json_line(files.values()) if "json" in formats_read else None
+            if bad_line is not None:
+                msg = bad_line
+            elif "corresponds to no data" in msg:
                 msg = "the file has no rows (only a header?)"
             elif isinstance(err, UnicodeDecodeError) or isinstance(cause, UnicodeDecodeError) or "utf-8" in msg.lower():
                 msg = "the file is not valid UTF-8 text; re-encode it as UTF-8"  # e.g. iconv -f latin1 -t utf-8
@@ -113,6 +117,24 @@ def load_source(source: str | dict[str, str], config_name: str | None = None):
                 "dataset name (needs internet)."
             ) from err
     return _normalise(ds, source)
+
+
+def _first_bad_json_line(paths) -> str | None:
+    """Where a JSON-lines file stops being valid JSON ("line 7 of f.jsonl is not valid JSON: ..."), or ``None``."""
+    import json
+
+    for path in paths:
+        if not str(path).lower().endswith(".jsonl"):
+            continue
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    json.loads(line)
+                except ValueError as err:
+                    return f"line {number} of {path} is not valid JSON ({err}); fix or delete that line"
+    return None
 
 
 def _normalise_split(name: str) -> str | None:
