@@ -188,6 +188,10 @@ def _make_cli_class():
             self._started = time.time()
             self.model.check()  # settings errors in seconds, before anything is written or loaded
             self.model.check_data(self.datamodule)  # a model/data mismatch (task, labels, packing), as early
+            if callable(getattr(self.datamodule, "load", None)):
+                self.datamodule.load()  # bad rows (null targets, unknown roles...) in one line, before training
+                if getattr(self.datamodule, "task", None) == "chat":
+                    self.datamodule.chat_template_text  # noqa: B018 - a tokenizer without a template: refused now
             self._resolve_last_checkpoint()
 
         def before_validate(self):
@@ -198,7 +202,9 @@ def _make_cli_class():
 
         def before_predict(self):
             self.model.check()
-            self.model.generation = self.config_init[self.subcommand].get("generation")
+            from peftlab.generation import GenerationSettings
+
+            self.model.generation = GenerationSettings.coerce(self.config_init[self.subcommand].get("generation"))
 
         def _resolve_last_checkpoint(self):
             """Resume into the run a checkpoint came from. ``--ckpt_path last`` picks the newest

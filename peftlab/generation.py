@@ -53,8 +53,17 @@ class GenerationSettings:
             raise PeftLabError(f"generation.repetition_penalty must be > 0 (got {self.repetition_penalty})")
 
     @classmethod
+    def coerce(cls, value) -> GenerationSettings | None:
+        """``value`` as settings: settings, ``None``, or the dict / namespace a command line parsed."""
+        if value is None or isinstance(value, cls):
+            return value
+        items = value.as_dict() if hasattr(value, "as_dict") else dict(value)
+        return cls.from_kwargs(None, **items)
+
+    @classmethod
     def from_kwargs(cls, base: GenerationSettings | None = None, **kwargs) -> GenerationSettings:
         """``base`` (default settings if ``None``) with the given fields replaced; unknown names are refused."""
+        base = cls.coerce(base)
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:

@@ -128,6 +128,17 @@ def check_trainable(messages: list[dict], where: str) -> None:
                            "reply or drop the last turn")
 
 
+def check_conversations(ds, fmt_of, *, roles: Mapping[str, str] | None = None) -> None:
+    """Read every conversation of every split (``fmt_of(columns)`` gives its format) and refuse the first bad
+    one in one line, before any tokenizing: unknown roles, null turns, no or empty replies, a trailing user turn."""
+    for split, d in ds.items():
+        fmt = fmt_of(d.column_names)
+        columns = [c for c in ("messages", "conversations", "instruction", "input", "output") if c in d.column_names]
+        for i, values in enumerate(zip(*(d[c] for c in columns))):
+            where = f"row {i} of {split}"
+            check_trainable(to_messages(dict(zip(columns, values)), fmt, roles=roles, where=where), where)
+
+
 def render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool = False) -> str:
     try:
         return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,

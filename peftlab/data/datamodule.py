@@ -157,7 +157,11 @@ class PeftDataModule(L.LightningDataModule):
             raise PeftLabError(f"data.few_shot_n must be >= 1 (got {few_shot_n})")
         if val_fraction + test_fraction >= 1.0:
             raise PeftLabError("data.val_fraction + data.test_fraction must leave some training data (< 1)")
-        self.save_hyperparameters()
+        # Lightning refuses a key that model and data both log with different values: chat data's model task is
+        # causal_lm, so the data logs its task as chat_task instead
+        self.save_hyperparameters(ignore=["task"] if task == "chat" else None)
+        if task == "chat":
+            self.hparams["chat_task"] = task
         self.source = source
         self.task = task
         self.model_task = model_task(task)  # what the model trains: chat data trains a causal LM
@@ -229,6 +233,8 @@ class PeftDataModule(L.LightningDataModule):
             if self.task == "classification":
                 default = PACKAGED_LABELS.get(self.source if isinstance(self.source, str) else "")
                 ds, names = transforms.encode_labels(ds, self.label_column, self._labels or default)
+            elif self.task == "chat":  # every conversation read once, so a bad row fails here in one line
+                chat.check_conversations(ds, self._chat_format_of, roles=self.chat_roles)
             elif self.task in ("causal_lm", "seq2seq") and self.response_template:
                 transforms.check_targets(ds, self.response_template)
             if self.group_column:
