@@ -105,7 +105,7 @@ def to_messages(row: Mapping, fmt: str, *, roles: Mapping[str, str] | None = Non
             messages.append(message)
     for m in messages:
         if m["content"] is None and not m.get("tool_calls"):
-            raise PeftLabError(f"{where}: a {m['role']} turn has content null (JSON null would train the word "
+            raise PeftLabError(f"{where}: the {m['role']} turn has content null (JSON null would train the word "
                                "'None'); fill it or drop the row")
         if m["content"] is not None:
             m["content"] = str(m["content"])
