@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_cli import run_main
 
-from conftest import chat_rows, make_data, tiny_trainer, write_config, write_jsonl
+from conftest import chat_rows, make_data, write_config, write_jsonl
 from peftlab.data.formats import IGNORE_INDEX
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,6 +141,15 @@ def test_packing_keeps_whole_conversations_and_the_same_targets(chat_jsonl, chat
     for row in packed.datasets["train"]:  # each conversation restarts its positions (no attention across them)
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
         assert [row["input_ids"][i] for i in starts] == [packed.tokenizer.convert_tokens_to_ids("<|im_start|>")] * len(starts)
+
+
+def test_length_grouping_batches_conversations_of_similar_length(chat_jsonl, chat_tokenizer_dir):
+    dm = make_data(chat_jsonl, "chat", str(chat_tokenizer_dir), max_length=256, batch_size=4, group_by_length=True)
+    dm.setup()
+    lengths = [int(n) for batch in dm.train_dataloader() for n in batch["attention_mask"].sum(1)]
+    # one group of 50 batches holds this whole epoch: sorted longest first, every conversation once
+    assert lengths == sorted(lengths, reverse=True)
+    assert sorted(lengths) == sorted(len(ids) for ids in dm.datasets["train"]["input_ids"])
 
 
 def test_splits_never_share_a_group(tmp_path, chat_tokenizer_dir):
@@ -316,18 +325,50 @@ def _renamed(tmp_path, generation_jsonl):
                                                 for r in rows])
 
 
+@pytest.mark.slow
 def test_shipped_chat_config_trains_smollm2_through_the_cli(tmp_path, capsys):
-    """configs/chat_lora.yaml through ``python -m peftlab fit`` on the real SmolLM2-135M-Instruct, a few steps."""
+    """configs/chat_lora.yaml through ``python -m peftlab fit`` on the real SmolLM2-135M-Instruct, one step."""
     import subprocess
     import sys
 
     run = subprocess.run(
         [sys.executable, "-m", "peftlab", "fit", "--config", str(ROOT / "configs/chat_lora.yaml"),
-         "--trainer.max_steps", "2", "--trainer.logger.init_args.save_dir", str(tmp_path), "--data.max_train_samples",
-         "16", "--data.max_eval_samples", "4", "--data.max_length", "256", "--trainer.limit_val_batches", "1",
-         "--trainer.limit_test_batches", "1", "--trainer.val_check_interval", "1", "--trainer.accelerator", "cpu"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+         "--trainer.max_steps", "1", "--trainer.logger.init_args.save_dir", str(tmp_path), "--data.max_train_samples",
+         "8", "--data.max_eval_samples", "2", "--data.batch_size", "2", "--data.max_length", "160",
+         "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1", "--trainer.val_check_interval", "1",
+         "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"],
+        capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     meta = json.loads(next(tmp_path.rglob("adapter/last/peftlab_meta.json")).read_text())
     assert "<|im_start|>" in meta["prompt_format"]["chat_template"]
-    assert torch.isfinite(torch.tensor(float(next(l for l in run.stdout.splitlines() if "test/loss" in l).split()[-1])))
+    assert torch.isfinite(torch.tensor(float(next(line for line in run.stdout.splitlines() if "test/loss" in line).split()[-1])))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_chat_data_trains_the_same_adapter_on_two_processes(tmp_path, tiny_chat_llama, chat_jsonl, strategy):
+    """DDP and FSDP2 (2 CPU processes over gloo, global batch 8) train what one process trains on chat data."""
+    import subprocess
+
+    from safetensors.torch import load_file
+    from test_cli import PEFTLAB
+
+    def fit(name, devices, batch_size):
+        cfg = write_config(tmp_path, tiny_chat_llama, chat_jsonl, name=f"{name}.yaml", runs=name, callbacks=[],
+                           trainer={"max_steps": 3, "devices": devices, "limit_val_batches": 0},
+                           data={"task": "chat", "max_length": 256, "batch_size": batch_size, "shuffle": False,
+                                 "group_by_length": False},
+                           model={"target_modules": ["q_proj", "v_proj"], "dropout": 0.0})
+        argv = [PEFTLAB, "fit", "--config", cfg, "--test_after_fit", "false"]
+        if devices > 1:
+            argv[3:3] = (["--config", str(ROOT / "configs/strategies/fsdp2.yaml"),
+                          "--trainer.strategy.init_args.mixed_precision", "null"]
+                         if strategy == "fsdp2" else ["--trainer.strategy", "ddp"])
+        run = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        return load_file(str(next((tmp_path / name).rglob("adapter/last/adapter_model.safetensors"))))
+
+    one, two = fit("one", 1, 8), fit("two", 2, 4)
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-4 * float(one[key].abs().max()))

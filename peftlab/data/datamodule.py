@@ -265,11 +265,13 @@ class PeftDataModule(L.LightningDataModule):
 
     @property
     def label_names(self) -> list[str] | None:
-        """Class names in index order (classification): ``labels`` when given (without reading the source, so
-        predicting on ``predict_source`` needs no training file), else read from the data."""
+        """Class names in index order (classification), read from the data or ``labels``; with ``predict_source``
+        and ``labels`` the source is not read (predicting on a file of inputs needs no training file)."""
         if self.task != "classification":
             return None
-        return [str(n) for n in self._labels] if self._labels else list(self.load().label_names)
+        if self._labels and self.predict_source is not None:
+            return [str(n) for n in self._labels]
+        return list(self.load().label_names)
 
     @property
     def num_labels(self) -> int | None:
