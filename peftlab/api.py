@@ -4,6 +4,10 @@
     run = load_run("runs/quickstart/version_0")          # or .../adapter/best, or any exported adapter
     run.predict(["A moving, beautifully shot film.", "Dull and far too long."])
     # [{'label': 'fresh', 'probs': {'rotten': 0.08, 'fresh': 0.92}}, ...]
+
+Generative runs answer in the format they were trained in (the chat template, or the prompt template), with
+generation settings from :mod:`peftlab.generation`; chat runs also answer whole conversations
+(``run.chat(messages)``). See docs/chat.md.
 """
 
 from __future__ import annotations
@@ -177,9 +181,11 @@ class Run:
             for start in range(0, len(prompts), batch_size):
                 chunk = [str(p) for p in prompts[start:start + batch_size]]
                 tok.padding_side = "left" if pad_left else "right"
+                # an over-long prompt loses its start, never the end that generation continues
+                tok.truncation_side = "left" if module.task == "causal_lm" else "right"
                 batch = tok(chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
                             add_special_tokens=special)
-                tok.padding_side = "right"
+                tok.padding_side = tok.truncation_side = "right"
                 batch = {k: v.to(module.device) for k, v in batch.items()}
                 if module.task == "classification":
                     probs = module(**batch).logits.float().softmax(-1).cpu()
@@ -207,8 +213,10 @@ class Run:
         from peftlab.generation import generate
 
         module, tok = self.module, self.module.tokenizer
+        tok.truncation_side = "left"  # a long conversation loses its oldest tokens, never the generation prompt
         batch = tok([self.format_prompt(list(messages))], add_special_tokens=False, return_tensors="pt",
                     truncation=True, max_length=self.max_length)
+        tok.truncation_side = "right"
         settings_ = GenerationSettings.from_kwargs(generation, **settings)
         if not settings_.max_new_tokens:
             settings_ = GenerationSettings.from_kwargs(settings_, max_new_tokens=module.hparams.max_new_tokens)

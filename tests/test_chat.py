@@ -182,11 +182,14 @@ def test_over_long_conversations_drop_their_oldest_turns_and_are_counted(chat_js
     assert "examples are longer than data.max_length=40" in out
     for example in dm.datasets["train"]:
         assert len(example["input_ids"]) <= 40
-    # a conversation whose second exchange fits keeps the system prompt (when it has one) and that exchange
+    # the oldest exchange goes first: what is left starts with the system prompt (if any), then the newest exchange
+    kept = 0
     for example, row in zip(dm.datasets["train"], _splits_by_id(dm)["train"]):
         text = dm.tokenizer.decode(example["input_ids"])
-        if row["messages"][0]["role"] == "system" and "And this one?" in text:
-            assert text.startswith("<|im_start|>system\nYou judge film reviews.<|im_end|>\n<|im_start|>user\nAnd")
+        head = "<|im_start|>system\nYou judge film reviews.<|im_end|>\n" if row["messages"][0]["role"] == "system" else ""
+        assert text.startswith(head + "<|im_start|>user\nAnd this one?")
+        kept += bool(head)
+    assert kept
 
 
 def test_tokenizer_without_chat_template_is_refused_naming_the_option(chat_jsonl, tiny_llama):
