@@ -508,6 +508,8 @@ class PeftDataModule(L.LightningDataModule):
         """Every input column of the predicted rows (ids, ``text_pair``, gold labels...), to write beside each
         prediction; peftlab's own columns (``_row``, encoded ``labels``) are left out."""
         rows = self.predict_rows()
-        keep = [c for c in rows.column_names if c not in (transforms.ROW_COLUMN, transforms.LABELS_COLUMN)]
+        # classification's text column is the written "input" already
+        skip = (transforms.ROW_COLUMN, transforms.LABELS_COLUMN, self.text_column if self.task == "classification" else "")
+        keep = [c for c in rows.column_names if c not in skip]
         return rows.select_columns(keep).to_list() if keep else [{} for _ in range(len(rows))]
 
