@@ -12,6 +12,20 @@ from peftlab.errors import PeftLabError
 
 Task = Literal["classification", "causal_lm", "seq2seq"]
 TASKS = ("classification", "causal_lm", "seq2seq")
+#: the weight dtypes peftlab takes by name (``torch.<name>``), and the short names trainer precisions use
+DTYPES = ("float32", "bfloat16", "float16")
+SHORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def torch_dtype(name: str):
+    """The ``torch.dtype`` called ``name`` (a name of :data:`DTYPES` or :data:`SHORT_DTYPES`), or one line listing
+    the choices."""
+    key = SHORT_DTYPES.get(name, name)
+    if key not in DTYPES:
+        raise PeftLabError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    import torch
+
+    return getattr(torch, key)
 
 
 def _auto_class(task: str):
@@ -140,7 +154,7 @@ def load_backbone(
     import torch
 
     dtype = kwargs.pop("dtype", "float32")
-    kwargs["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    kwargs["dtype"] = dtype if dtype == "auto" else torch_dtype(dtype) if isinstance(dtype, str) else dtype
     path = resolve_model(name)
     check_remote_code(name, path, trust_remote_code)
     try:
