@@ -132,6 +132,22 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False, revision: str 
     return tok
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' load report and weight-loading bar off for one load (restored after it)."""
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
 def load_backbone(
     name: str,
     task: str,
@@ -181,9 +197,19 @@ def load_backbone(
             model = auto.from_config(config, trust_remote_code=trust_remote_code)
         return model
     try:
-        model = auto.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision, **kwargs)
+        with _quiet_transformers():
+            model, info = auto.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision,
+                                               output_loading_info=True, **kwargs)
     except Exception as err:  # noqa: BLE001
         raise _load_error("backbone", name, err) from err
+    # transformers reports the task head as MISSING on every load (it is new, or comes from the adapter next);
+    # a missing weight of the backbone itself is a real problem, said in one line
+    missing = [k for k in info.get("missing_keys", ()) if k.startswith(f"{model.base_model_prefix}.")]
+    if missing:
+        import warnings
+
+        warnings.warn(f"backbone {name!r}: {len(missing)} of its weights are not in the checkpoint and were newly "
+                      f"initialised ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})", stacklevel=2)
     if task == "classification" and model.config.pad_token_id is None:
         # decoder-only classifiers find the last token through pad_token_id
         tok = load_tokenizer(name, trust_remote_code=trust_remote_code, revision=revision)
