@@ -43,7 +43,15 @@ import torchmetrics
 from torch import nn
 
 from peftlab.adapters import unwrapped_name, write_peftlab_adapter
-from peftlab.backbones import TASKS, Task, building_on_meta, load_backbone, load_tokenizer
+from peftlab.backbones import (
+    TASKS,
+    Task,
+    building_on_meta,
+    load_backbone,
+    load_tokenizer,
+    sharded_start,
+    sharding_at_start,
+)
 from peftlab.errors import PeftLabError
 from peftlab.methods.registry import METHODS, PRESETS_DIR, load_plugins, register  # noqa: F401 - re-exported
 
@@ -177,7 +185,13 @@ class PeftModule(L.LightningModule):
             return self
         h = self.hparams
         self.tokenizer = load_tokenizer(h.backbone, trust_remote_code=h.trust_remote_code, revision=h.revision)
-        backbone = self.load_backbone()
+        if sharding_at_start() and self.attach_reads_backbone_weights():
+            self.print(f"[peftlab] {type(self).__name__} reads the backbone's weights while attaching: the "
+                           "backbone loads in full on every process before sharding (no sharded start)")
+            with sharded_start(False):
+                backbone = self.load_backbone()
+        else:
+            backbone = self.load_backbone()
         backbone.requires_grad_(False)
         # from_pretrained returns eval mode; train like the HF Trainer does (dropout on), Lightning flips to
         # eval for validation/test/predict by itself. On the meta device (params, estimate-memory) the
@@ -277,6 +291,12 @@ class PeftModule(L.LightningModule):
         """Bytes of state kept across steps besides the optimizer's (AdaLoRA's rank allocator); the memory estimate
         adds them. Default 0."""
         return 0
+
+    def attach_reads_backbone_weights(self) -> bool:
+        """Whether :meth:`attach` reads the frozen weights' values (DoRA's magnitudes, PiSSA's SVD, a prompt started
+        from vocabulary embeddings). Such a method's backbone loads in full even under ``FSDP2Strategy``'s sharded
+        start, whose placeholders hold no values until after sharding. Default: no."""
+        return False
 
     def quantized_weights(self) -> dict[int, int]:
         """``{id(parameter): bytes stored}`` for the frozen parameters the backbone keeps quantized (QLoRA's 4-bit

@@ -146,6 +146,10 @@ class LoRA(PeftBackedMethod):
                                                layer.lora_B["default"].weight.detach().clone())
         return peft_model
 
+    def attach_reads_backbone_weights(self) -> bool:
+        """DoRA's magnitudes are the adapted weights' norms; PiSSA / OLoRA decompose the weights."""
+        return bool(self.hparams.get("use_dora")) or self.residual_init
+
     def lora_model(self):
         """The ``peft.PeftModel`` holding the LoRA layers (QLoRA merges through it)."""
         self._require_built("merging")

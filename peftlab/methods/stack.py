@@ -144,6 +144,13 @@ class StackedMethod(PeftModule):
         part.tokenizer = self.tokenizer
         return part
 
+    def attach_reads_backbone_weights(self) -> bool:
+        """A prompt_tuning part starts from vocabulary embeddings; other parts answer for themselves."""
+        prompt = self._parts["prompt"]
+        if prompt and prompt["method"] == "prompt_tuning":
+            return True
+        return any(part.attach_reads_backbone_weights() for part in map(self._part_module, self._parts) if part)
+
     def attach(self, backbone: nn.Module) -> nn.Module:
         from peftlab.methods.lora import LoRA
         from peftlab.methods.p_tuning_v2 import InputTokensModel, starts_with_cls
