@@ -12,15 +12,13 @@ generation settings from :mod:`peftlab.generation`; chat runs also answer whole 
 
 from __future__ import annotations
 
-import importlib
-import json
 from pathlib import Path
 
 import torch
 
+from peftlab.adapters import load_weights, read_meta
 from peftlab.backbones import is_decoder_only
 from peftlab.errors import PeftLabError
-from peftlab.export import load_adapter_weights, read_adapter_config
 from peftlab.generation import GenerationSettings
 
 
@@ -33,19 +31,6 @@ def _adapter_dir(path: Path) -> Path:
     raise PeftLabError(f"{path} is neither an exported adapter nor a run directory with adapter/best or adapter/last")
 
 
-def _method_class(path: str):
-    module_name, _, cls_name = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise PeftLabError(f"cannot import the adapter's method {path!r}: {err}") from err
-    from peftlab.methods import PeftModule
-
-    if not (isinstance(cls, type) and issubclass(cls, PeftModule)):
-        raise PeftLabError(f"the adapter's method {path!r} is not a PeftModule subclass; refusing to build it")
-    return cls
-
-
 def build_module(meta: dict, backbone: str | None = None):
     """Rebuild the (untrained) method module described by an adapter's ``peftlab_meta.json``."""
     init_args = dict(meta["init_args"])
@@ -53,7 +38,9 @@ def build_module(meta: dict, backbone: str | None = None):
     init_args["num_labels"] = meta.get("num_labels")
     if backbone:
         init_args["backbone"] = backbone
-    cls = _method_class(meta["method"])
+    from peftlab.methods.registry import import_method
+
+    cls = import_method(meta["method"], "the adapter's method")
     try:
         return cls(**init_args).build()
     except TypeError as err:  # a field the method does not take: a hand-edited or foreign peftlab_meta.json
@@ -63,58 +50,6 @@ def build_module(meta: dict, backbone: str | None = None):
             raise PeftLabError(f"the adapter was trained on {meta.get('backbone')!r} and does not fit backbone "
                                f"{backbone!r}: {err}") from err
         raise
-
-
-def load_weights(module, directory) -> None:
-    """Load an exported adapter's weights into ``module`` (shapes and names checked)."""
-    config = read_adapter_config(directory)
-    weights = load_adapter_weights(directory)
-    if config.get("format") == "peftlab":
-        expected = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
-        missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-        wrong = [k for k in set(weights) & set(expected) if weights[k].shape != expected[k].shape]
-        if missing or unexpected or wrong:
-            raise PeftLabError(
-                f"adapter {directory} does not fit this {type(module).__name__} model "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]}); "
-                "was it trained on another backbone or with other settings?"
-            )
-        with torch.no_grad():
-            for name, value in weights.items():
-                expected[name].copy_(value)
-        return
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-    unknown = sorted(set(config) - _peft_config_fields(config))
-    if unknown:
-        raise PeftLabError(f"adapter {directory}: adapter_config.json has fields peft does not know: {unknown[:5]}; "
-                           "it was written by another peft version or edited by hand")
-    expected = get_peft_model_state_dict(module.model)
-    wrong = sorted(k for k in set(weights) & set(expected) if weights[k].shape != expected[k].shape)
-    missing = sorted(set(expected) - set(weights))
-    if wrong or missing:
-        raise PeftLabError(
-            f"adapter {directory} does not fit this {type(module).__name__} model (wrong shape {wrong[:3]}, "
-            f"missing {missing[:3]}); was it trained on another backbone or with other settings?"
-        )
-    result = set_peft_model_state_dict(module.model, weights)
-    # prompt learning: peft loads `prompt_embeddings` into the prompt encoder itself, then reports the key as
-    # unexpected when it loads the rest into the model
-    unexpected = [k for k in getattr(result, "unexpected_keys", None) or [] if k != "prompt_embeddings"]
-    if unexpected:
-        raise PeftLabError(f"adapter {directory} has weights this model does not: {unexpected[:3]}")
-
-
-def _peft_config_fields(config: dict) -> set[str]:
-    """Every field the adapter's peft config class (by ``peft_type``) accepts."""
-    import dataclasses
-
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(str(config.get("peft_type")))
-    if cls is None:
-        raise PeftLabError(f"adapter_config.json has an unknown peft_type {config.get('peft_type')!r}")
-    return {f.name for f in dataclasses.fields(cls)} | {"peft_type", "auto_mapping", "task_type"}
 
 
 class Run:
@@ -237,10 +172,7 @@ def load_run(path: str, backbone: str | None = None) -> Run:
         backbone: use this backbone instead of the recorded one (e.g. a local copy of a hub model).
     """
     directory = _adapter_dir(Path(path))
-    meta_path = directory / "peftlab_meta.json"
-    if not meta_path.is_file():
-        raise PeftLabError(f"{directory} has no peftlab_meta.json; it was not exported by peftlab")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta = read_meta(directory)
     module = build_module(meta, backbone)
     load_weights(module, directory)
     return Run(module, meta.get("label_names"), directory, prompt_format=meta.get("prompt_format"))
