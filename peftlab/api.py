@@ -41,8 +41,8 @@ def _method_class(path: str):
     return cls
 
 
-def build_module(meta: dict, backbone: str | None = None):
-    """Rebuild the (untrained) method module described by an adapter's ``peftlab_meta.json``."""
+def configured_module(meta: dict, backbone: str | None = None):
+    """The method module described by an adapter's ``peftlab_meta.json``, constructed but not built."""
     init_args = dict(meta["init_args"])
     init_args["task"] = meta["task"]
     init_args["num_labels"] = meta.get("num_labels")
@@ -50,9 +50,17 @@ def build_module(meta: dict, backbone: str | None = None):
         init_args["backbone"] = backbone
     cls = _method_class(meta["method"])
     try:
-        return cls(**init_args).build()
+        return cls(**init_args)
     except TypeError as err:  # a field the method does not take: a hand-edited or foreign peftlab_meta.json
         raise PeftLabError(f"peftlab_meta.json does not fit {cls.__name__}: {err}; export the adapter again") from err
+
+
+def build_module(meta: dict, backbone: str | None = None, shared=None):
+    """Rebuild the (untrained) method module described by an adapter's ``peftlab_meta.json``; ``shared``: attach it to
+    this already loaded backbone (an adapter set's) instead of loading one."""
+    module = configured_module(meta, backbone)
+    try:
+        return module.build(shared)
     except PeftLabError as err:
         if backbone and backbone != meta.get("backbone"):
             raise PeftLabError(f"the adapter was trained on {meta.get('backbone')!r} and does not fit backbone "
@@ -92,12 +100,32 @@ def load_weights(module, directory) -> None:
             f"adapter {directory} does not fit this {type(module).__name__} model (wrong shape {wrong[:3]}, "
             f"missing {missing[:3]}); was it trained on another backbone or with other settings?"
         )
+    if "prompt_embeddings" in weights:
+        _inference_prompt(module, weights["prompt_embeddings"])
     result = set_peft_model_state_dict(module.model, weights)
     # prompt learning: peft loads `prompt_embeddings` into the prompt encoder itself, then reports the key as
     # unexpected when it loads the rest into the model
     unexpected = [k for k in getattr(result, "unexpected_keys", None) or [] if k != "prompt_embeddings"]
     if unexpected:
         raise PeftLabError(f"adapter {directory} has weights this model does not: {unexpected[:3]}")
+
+
+def _inference_prompt(module, value: torch.Tensor) -> None:
+    """peft saves a prompt-learning adapter's *output* (P-tuning's encoder output, prefix tuning's projected K/V):
+    load it as peft's ``from_pretrained`` does, in inference mode (peft then reads ``embedding.weight`` directly), so
+    the method's untrained encoder is not applied on top of it (which gave random outputs for P-tuning and a shape
+    error for projected prefixes). The encoder's reparameterization (MLP / LSTM), unused from then on, is dropped."""
+    from peftlab.methods.base import count_parameters
+
+    model = module.model
+    name = model.active_adapter
+    encoder = model.prompt_encoder[name]
+    model.peft_config[name].inference_mode = True
+    weight = encoder.embedding.weight
+    for child in [n for n in encoder._modules if n != "embedding"]:
+        delattr(encoder, child)
+    encoder.embedding = torch.nn.Embedding(*value.shape, device=weight.device, dtype=weight.dtype)
+    module.trainable_count, module.total_count = count_parameters(module)
 
 
 def _peft_config_fields(config: dict) -> set[str]:
@@ -156,6 +184,28 @@ def _generate(module, batch, max_new_tokens):
         module.hparams.max_new_tokens = saved
 
 
+def read_meta(directory: Path) -> dict:
+    """The ``peftlab_meta.json`` of an adapter directory."""
+    meta_path = directory / "peftlab_meta.json"
+    if not meta_path.is_file():
+        raise PeftLabError(f"{directory} has no peftlab_meta.json; it was not exported by peftlab")
+    return json.loads(meta_path.read_text(encoding="utf-8"))
+
+
+def load_adapters(adapters: dict, backbone: str | None = None, device: str | None = None):
+    """Load several trained runs or exported adapters onto **one** shared backbone: an
+    :class:`~peftlab.adapter_set.AdapterSet` (``predict(texts, adapter="name")``, ``switch``, ``add``, ``remove``).
+
+    Args:
+        adapters: ``{name: run directory, adapter directory or a loaded Run}``.
+        backbone: use this backbone instead of the recorded one (as in :func:`load_run`).
+        device: where the backbone and adapters live (default: where loading put them, usually the CPU).
+    """
+    from peftlab.adapter_set import AdapterSet
+
+    return AdapterSet(adapters, backbone=backbone, device=device)
+
+
 def load_run(path: str, backbone: str | None = None) -> Run:
     """Load a run directory or an exported adapter directory for inference.
 
@@ -164,10 +214,7 @@ def load_run(path: str, backbone: str | None = None) -> Run:
         backbone: use this backbone instead of the recorded one (e.g. a local copy of a hub model).
     """
     directory = _adapter_dir(Path(path))
-    meta_path = directory / "peftlab_meta.json"
-    if not meta_path.is_file():
-        raise PeftLabError(f"{directory} has no peftlab_meta.json; it was not exported by peftlab")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta = read_meta(directory)
     module = build_module(meta, backbone)
     load_weights(module, directory)
     return Run(module, meta.get("label_names"), directory)

@@ -163,6 +163,14 @@ class LoRA(PeftBackedMethod):
             raise PeftLabError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         return copy.deepcopy(self.lora_model()).merge_and_unload().to(DTYPES[dtype]).eval()
 
+    def adapter_set_refusal(self) -> str | None:
+        """PiSSA / OLoRA rewrite the frozen weights into their residual, which a shared backbone cannot hold."""
+        if not self.residual_init:
+            return None
+        return (f"init: {self.hparams.init} rewrites the backbone's weights (W - s B0 A0), so it cannot share a "
+                "backbone; add the run's exported adapter, which peftlab converts to a plain LoRA on the original "
+                "backbone (peftlab export)")
+
     def optimizer_groups(self) -> list[dict]:
         """LoRA+ (``loraplus_lr_ratio``): every ``B`` in a group at ``ratio x learning_rate``; else one group."""
         ratio = self.hparams.get("loraplus_lr_ratio")
