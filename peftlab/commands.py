@@ -60,6 +60,8 @@ COMMANDS: dict[str, Command] = {
     "recommend": Command("peftlab.analysis.recommend:recommend_command",
                          "Recommend a PEFT method from the design notes' decision tables and write its config.",
                          meta_only=True),
+    "serve": Command("peftlab.serve:serve_command",
+                     "Serve trained adapters on one backbone over an OpenAI-compatible HTTP API (model = adapter name)."),
     "compare": Command("peftlab.compare:compare_command",
                        "Tune, train and test several methods fairly from a study file; report intervals and Pareto plots."),
 }
