@@ -14,10 +14,19 @@ an adapter's outputs in the set are those of the same run loaded alone. A method
 backbone (:meth:`~peftlab.methods.PeftModule.adapter_set_refusal`) and what its backbone depends on
 (:meth:`~peftlab.methods.PeftModule.shared_backbone_key`); the set asks, it never checks a method's name.
 
-Mixed batches (rows naming different adapters, or ``None`` for the plain backbone) are **grouped per adapter inside
-the batch**: each adapter's rows run through its module tree as one sub-batch and the results go back in row order.
-That is exact for every family; it is not peft's single-pass ``adapter_names`` routing, so a batch over k adapters
-costs about k smaller forward passes (docs/multi-adapter.md, benchmarks/multi_adapter.py).
+Mixed batches (rows naming different adapters, or ``None`` for the plain backbone):
+
+* **per row, in one pass** for the adapters whose method gives a per-row config
+  (:meth:`~peftlab.methods.PeftModule.per_row_config`: the LoRA family, DoRA and QLoRA included): they are also
+  loaded, under their own names, into one peft model on another shared copy of the backbone (the *pool*), their
+  weights tied to the adapters' own (no copy), and peft's ``adapter_names`` sends each row through its LoRA while the
+  backbone runs once for the whole batch; rows with no adapter go through ``__base__``;
+* **grouped per adapter inside the batch** for the others (prompt tuning, P-tuning, prefix tuning, P-tuning v2,
+  bottleneck adapters, stacks) and for classification adapters whose label count is not the backbone's: each
+  adapter's rows run through its own module tree as one sub-batch.
+
+Either way the results come back in row order and equal each row run alone (tests/test_adapter_set.py).
+:meth:`AdapterSet.routing` says which adapter is routed how.
 """
 
 from __future__ import annotations
@@ -74,6 +83,44 @@ def _untie_trainable(model: nn.Module, shared: set[int]) -> None:
                 module._parameters[name] = nn.Parameter(param.detach().clone())
 
 
+#: peft's name for "no adapter" in ``adapter_names``
+BASE_PEFT = "__base__"
+
+
+class _Routed(nn.Module):
+    """The pool, with ``adapter_names`` (one per row of the next batch) passed to its forward and generate."""
+
+    def __init__(self, pool: nn.Module):
+        super().__init__()
+        self.pool = pool
+        self.adapter_names: list[str] = []
+
+    @property
+    def config(self):
+        return self.pool.config
+
+    def forward(self, **batch):
+        return self.pool(**batch, adapter_names=self.adapter_names)
+
+    def generate(self, **kwargs):
+        return self.pool.generate(**kwargs, adapter_names=self.adapter_names)
+
+
+def _tie(pool: nn.Module, model: nn.Module, name: str) -> None:
+    """Make adapter ``name``'s parameters in the pool the very tensors of its own model (peft names them with the
+    adapter's name where the adapter's own model, built alone, says ``default``)."""
+    pool_params = dict(pool.named_parameters())
+    own = {n.replace(".default.", f".{name}."): p for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(own) - set(pool_params))
+    untied = sorted(n for n in pool_params if f".{name}." in n and n not in own)
+    if missing or untied:  # never silently: a pool adapter with random weights would answer wrong
+        raise PeftLabError(f"adapter {name!r} does not map onto the per-row model (missing {missing[:2]}, untied "
+                           f"{untied[:2]}); this is a peftlab bug, please report it")
+    for key, param in own.items():
+        owner, _, leaf = key.rpartition(".")
+        pool.get_submodule(owner)._parameters[leaf] = param
+
+
 def _source_directory(source) -> Path:
     from peftlab.api import Run, _adapter_dir
 
@@ -103,6 +150,7 @@ class AdapterSet:
         self.key: dict | None = None
         self.runs: dict = {}  # name -> peftlab.api.Run on a shared copy of the backbone
         self._base = None
+        self._pool_cache = None  # (peft model or None, member names, router Run); rebuilt after add / remove
         self.active: str | None = None
         for name, source in (adapters or {}).items():
             self.add(name, source)
@@ -142,6 +190,7 @@ class AdapterSet:
             module.to(self.device)
         load_weights(module, directory)
         self.runs[name] = Run(module, meta.get("label_names"), directory)
+        self._pool_cache = None
 
     def _load_backbone(self, module, key: dict) -> None:
         from peftlab.backbones import load_tokenizer
@@ -158,6 +207,7 @@ class AdapterSet:
         """Drop adapter ``name``; its parameters are freed, the shared backbone stays."""
         self._run(name)
         del self.runs[name]
+        self._pool_cache = None
         if self.active == name:
             self.active = None
 
@@ -197,12 +247,64 @@ class AdapterSet:
             self._base = Run(base, None, None)
         return self._base
 
+    # ------------------------------------------------------------------ per-row routing (the pool)
+    def _pool(self):
+        """(peft model holding every per-row adapter, their names, a Run over it), built on first use."""
+        if self._pool_cache is not None:
+            return self._pool_cache
+        from peft import get_peft_model
+
+        from peftlab.api import Run
+        from peftlab.methods.base import PeftModule
+
+        members = {name: run for name, run in self.runs.items()
+                   if run.module.num_labels == self._template.num_labels and run.module.per_row_config() is not None}
+        # the pool's own adapter names: a user's name could be a module's ("q_proj") or start like peft's keys
+        inner = {name: f"set{i}" for i, name in enumerate(members)}
+        pool = None
+        for name, run in members.items():
+            config = copy.deepcopy(run.module.per_row_config())
+            config.inference_mode = True
+            if pool is None:
+                pool = get_peft_model(shared_copy(self.backbone), config, adapter_name=inner[name])
+            else:
+                pool.add_adapter(inner[name], config)
+        router = None
+        if pool is not None:
+            for name, run in members.items():
+                _tie(pool, run.module.model, inner[name])
+            h = self._template.hparams
+            module = PeftModule(backbone=h.backbone, task=self._template.task, num_labels=self._template.num_labels,
+                                max_new_tokens=h.max_new_tokens)
+            module.model, module.tokenizer = _Routed(pool), self.tokenizer
+            router = Run(module, None, None)
+        self._pool_cache = (pool, inner, router)
+        return self._pool_cache
+
+    def routing(self) -> dict[str, str]:
+        """How each adapter's rows of a mixed batch run: ``per row`` (one pass, peft's ``adapter_names``) or
+        ``grouped`` (a sub-batch of their own)."""
+        members = self._pool()[1] if self.runs else set()
+        return {name: "per row" if name in members else "grouped" for name in self.runs}
+
+    def _groups(self, adapter: list) -> list[tuple[str | None, list[int]]]:
+        """(adapter name or ``"*routed"``, row indices) of a mixed batch, in first-seen order."""
+        members = self._pool()[1]
+        routed = [i for i, a in enumerate(adapter) if a in members or a in (None, BASE)]
+        if len({adapter[i] or BASE for i in routed}) < 2 or not members:
+            routed = []  # one adapter only: its own module, no routing
+        groups = [("*routed", routed)] if routed else []
+        rest = [i for i in range(len(adapter)) if i not in set(routed)]
+        for name in dict.fromkeys(adapter[i] for i in rest):
+            groups.append((name, [i for i in rest if adapter[i] == name]))
+        return groups
+
     # ------------------------------------------------------------------ inference
     def predict(self, texts: list[str], adapter=None, batch_size: int = 32,
                 max_new_tokens: int | None = None) -> list[dict]:
         """:meth:`peftlab.api.Run.predict` through adapter ``adapter`` (default: the one :meth:`switch` chose), or a
-        **mixed batch**: a list with one adapter name (or ``None`` for the plain backbone) per text. The rows of
-        each adapter run together as one sub-batch; the results come back in the order of ``texts``."""
+        **mixed batch**: a list with one adapter name (or ``None`` for the plain backbone) per text, routed per row or
+        grouped per adapter (module docstring); the results come back in the order of ``texts``."""
         texts = list(texts)
         if adapter is None or isinstance(adapter, str):
             return self._run(adapter or self.active).predict(texts, batch_size=batch_size,
@@ -211,32 +313,61 @@ class AdapterSet:
         if len(adapter) != len(texts):
             raise PeftLabError(f"predict got {len(texts)} texts but {len(adapter)} adapter names; give one per text "
                                "(None for the plain backbone)")
+        for name in set(adapter):
+            self._run(name)  # an unknown name fails before anything runs
         out: list[dict | None] = [None] * len(texts)
-        for name in dict.fromkeys(adapter):  # first-seen order
-            rows = [i for i, a in enumerate(adapter) if a == name]
-            results = self._run(name).predict([texts[i] for i in rows], batch_size=batch_size,
-                                              max_new_tokens=max_new_tokens)
+        for name, rows in self._groups(adapter):
+            if name == "*routed":
+                results = self._routed_predict([texts[i] for i in rows], [adapter[i] for i in rows], batch_size,
+                                               max_new_tokens)
+            else:
+                results = self._run(name).predict([texts[i] for i in rows], batch_size=batch_size,
+                                                  max_new_tokens=max_new_tokens)
             for i, result in zip(rows, results):
                 out[i] = result
         return out
 
+    def _peft_names(self, names: list) -> list[str]:
+        inner = self._pool()[1]
+        return [BASE_PEFT if n in (None, BASE) else inner[n] for n in names]
+
+    def _routed_predict(self, texts, names, batch_size, max_new_tokens) -> list[dict]:
+        router = self._pool()[2]
+        out = []
+        for start in range(0, len(texts), batch_size):
+            chunk = names[start:start + batch_size]
+            router.module.model.adapter_names = self._peft_names(chunk)
+            results = router.predict(texts[start:start + batch_size], batch_size=batch_size,
+                                     max_new_tokens=max_new_tokens)
+            for name, result in zip(chunk, results):
+                labels = self._run(name).label_names
+                if "probs" in result and labels:  # the router knows no label names: each row gets its adapter's
+                    result = {"label": labels[int(result["label"])],
+                              "probs": {labels[int(k)]: v for k, v in result["probs"].items()}}
+                out.append(result)
+        return out
+
     @torch.no_grad()
     def forward(self, batch: dict, adapter) -> torch.Tensor:
-        """Logits of a tokenized ``batch`` through ``adapter`` (a name, or one name / ``None`` per row, grouped per
-        adapter as in :meth:`predict`)."""
+        """Logits of a tokenized ``batch`` through ``adapter`` (a name, or one name / ``None`` per row, routed or
+        grouped as in :meth:`predict`)."""
         if adapter is None or isinstance(adapter, str):
             return self._run(adapter).module(**batch).logits
         adapter = list(adapter)
         out = None
-        for name in dict.fromkeys(adapter):
-            rows = torch.tensor([i for i, a in enumerate(adapter) if a == name])
-            logits = self._run(name).module(**{k: v[rows] for k, v in batch.items()}).logits
+        for name, rows in self._groups(adapter):
+            index = torch.tensor(rows)
+            sub = {k: v[index] for k, v in batch.items()}
+            if name == "*routed":
+                logits = self._pool()[0](**sub, adapter_names=self._peft_names([adapter[i] for i in rows])).logits
+            else:
+                logits = self._run(name).module(**sub).logits
             if out is None:
                 out = logits.new_zeros((len(adapter), *logits.shape[1:]))
             if logits.shape[1:] != out.shape[1:]:
                 raise PeftLabError("forward over a mixed batch needs adapters with outputs of one shape (prompt "
                                    "methods add virtual positions); call predict, or one adapter at a time")
-            out[rows] = logits
+            out[index] = logits
         return out
 
     # ------------------------------------------------------------------ reporting
@@ -246,7 +377,8 @@ class AdapterSet:
         import math
 
         seen: dict[int, nn.Parameter] = {}
-        for module in [self.backbone, *(run.module for run in self.runs.values())]:
+        pool = self._pool_cache[0] if self._pool_cache else None  # its LoRA weights are the adapters' own
+        for module in [self.backbone, pool, *(run.module for run in self.runs.values())]:
             if module is not None:
                 for p in module.parameters():
                     seen.setdefault(id(p), p)

@@ -92,6 +92,7 @@ def test_memory_is_one_backbone_plus_the_adapters(causal_set, tiny_llama):
     paths, adapters, _ = causal_set
     backbone = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_llama).parameters())
     alone = {name: load_run(path).module.total_count for name, path in paths.items()}
+    assert "per row" in adapters.routing().values()  # the per-row pool is built and counted, and holds no copy
     assert adapters.parameter_count() == backbone + sum(total - backbone for total in alone.values())
     # the backbone's weights are the set's one copy, in every adapter's model
     weight = adapters.backbone.get_submodule("model.layers.0.self_attn.q_proj").weight
@@ -137,6 +138,8 @@ def test_add_remove_switch_at_run_time(tmp_path, tiny_llama, monkeypatch):
 def test_classification_adapters_with_their_own_heads(tmp_path, tiny_bert):
     two, three = ["rotten", "fresh"], ["neg", "mixed", "pos"]
     paths = {"lora2": exported(tmp_path, "l2", LoRA, tiny_bert, "classification", 1, two, r=2),
+             "other2": exported(tmp_path, "o2", LoRA, tiny_bert, "classification", 4, ["no", "yes"], r=4,
+                                target_modules=["value"]),
              "bottleneck3": exported(tmp_path, "b3", BottleneckAdapter, tiny_bert, "classification", 2, three,
                                      bottleneck=4),
              "prompt3": exported(tmp_path, "p3", PromptTuning, tiny_bert, "classification", 3, three,
@@ -148,16 +151,27 @@ def test_classification_adapters_with_their_own_heads(tmp_path, tiny_bert):
         for g, w in zip(got, want):
             assert list(g["probs"]) == list(w["probs"])
             assert max(abs(g["probs"][k] - w["probs"][k]) for k in g["probs"]) < 1e-5
+    # a mixed batch: the two-label LoRAs routed per row (each row with its own head and label names), the rest grouped
+    assert adapters.routing() == {"lora2": "per row", "other2": "per row", "bottleneck3": "grouped",
+                                  "prompt3": "grouped"}
+    names = ["lora2", "other2", "bottleneck3", "other2", "prompt3", "lora2"]
+    texts = [TEXTS[i % len(TEXTS)] for i in range(len(names))]
+    for got, text, name in zip(adapters.predict(texts, adapter=names), texts, names):
+        want = adapters.predict([text], adapter=name)[0]
+        assert got["label"] == want["label"] and list(got["probs"]) == list(want["probs"])
+        assert max(abs(got["probs"][k] - want["probs"][k]) for k in got["probs"]) < 1e-5
 
 
 def test_mixed_batch_equals_each_row_alone(causal_set):
     _, adapters, _ = causal_set
+    # peft routes LoRA rows in one pass (not DoRA's: peft refuses adapter_names with DoRA); the rest are grouped
+    assert {n for n, how in adapters.routing().items() if how == "per row"} == {"lora"}
     names = ["lora", None, "prompt", "prefix", "ptv2", "lora", "bottleneck", "stack", "dora", "ptuning"]
     texts = [TEXTS[i % len(TEXTS)] for i in range(len(names))]
     mixed = adapters.predict(texts, adapter=names, max_new_tokens=4)
     assert mixed == [adapters.predict([t], adapter=n, max_new_tokens=4)[0] for t, n in zip(texts, names)]
     # logits of rows of one length (no padding), families whose logits have the input's positions
-    same = ["lora", None, "prefix", "bottleneck", "lora", "stack"]
+    same = ["lora", None, "prefix", "bottleneck", "lora", "stack", None, "dora"]
     batch = tokenized(adapters.run("lora"), ["one two three four"] * len(same))
     rows = adapters.forward(batch, same)
     for i, name in enumerate(same):

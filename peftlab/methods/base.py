@@ -306,6 +306,12 @@ class PeftModule(L.LightningModule):
         backbone's own weights), in one line with the fix; None when it can (every method that only adds parts)."""
         return None
 
+    def per_row_config(self):
+        """The peft config under which this built adapter can join one peft model with others and be chosen per row
+        of a batch (peft's ``adapter_names``, inference only); None (default): an adapter set runs its rows as a
+        group of their own (:mod:`peftlab.adapter_set`)."""
+        return None
+
     def training_state_bytes(self) -> int:
         """Bytes of state kept across steps besides the optimizer's (AdaLoRA's rank allocator); the memory estimate
         adds them. Default 0."""

@@ -171,6 +171,12 @@ class LoRA(PeftBackedMethod):
                 "backbone; add the run's exported adapter, which peftlab converts to a plain LoRA on the original "
                 "backbone (peftlab export)")
 
+    def per_row_config(self):
+        """LoRA's peft config: peft routes each row of a batch to its own LoRA (``adapter_names``); not DoRA's, which
+        peft 0.21 refuses there ("Cannot pass `adapter_names` when DoRA is enabled"): DoRA's rows are grouped."""
+        self._require_built("per-row routing")
+        return None if self.hparams.get("use_dora") else self.lora_model().peft_config["default"]
+
     def optimizer_groups(self) -> list[dict]:
         """LoRA+ (``loraplus_lr_ratio``): every ``B`` in a group at ``ratio x learning_rate``; else one group."""
         ratio = self.hparams.get("loraplus_lr_ratio")
