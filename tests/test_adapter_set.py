@@ -206,3 +206,45 @@ def test_refusals_are_one_line(tmp_path, tiny_llama, tiny_bert):
                   prompt={"method": "prefix_tuning", "num_virtual_tokens": 2})
     assert "additive part" in stack.adapter_set_refusal()
     assert adapters.names == ["lora"]
+
+
+def test_recommend_for_many_tasks_points_at_adapter_sets_and_serve(tmp_path, tiny_bert, capsys):
+    import peftlab.api
+    from peftlab.commands import COMMANDS
+    from test_cli import run_main
+
+    code, out, err = run_main(["recommend", "--num_tasks", "12", "--backbone", tiny_bert, "--output",
+                               str(tmp_path / "rec.yaml")], capsys)
+    assert code == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("serving"))
+    assert "peftlab.api.load_adapters(" in line and "peftlab serve task_a=" in line and "docs/multi-adapter.md" in line
+    assert hasattr(peftlab.api, "load_adapters") and "serve" in COMMANDS  # the advice names real commands
+
+
+@pytest.mark.slow  # 4-bit matmuls on the CPU: ~50 s on the shared 2-core machine
+def test_qlora_adapters_share_one_4bit_backbone(tmp_path, tiny_llama):
+    pytest.importorskip("bitsandbytes")
+    from peftlab.methods import QLoRA
+
+    kw = dict(r=2, target_modules=["q_proj", "v_proj"], compute_dtype="float32")
+    paths = {"a": exported(tmp_path, "a", QLoRA, tiny_llama, seed=1, **kw),
+             "b": exported(tmp_path, "b", QLoRA, tiny_llama, seed=2, **kw)}
+    adapters = load_adapters(paths)
+    assert type(adapters.backbone.get_submodule("model.layers.0.self_attn.q_proj")).__name__ == "Linear4bit"
+    assert adapters.routing() == {"a": "per row", "b": "per row"}
+    names = ["a", "b", None, "b"]
+    mixed = adapters.predict(TEXTS, adapter=names, max_new_tokens=3)
+    for text, name, got in zip(TEXTS, names, mixed):
+        if name:
+            assert got == load_run(paths[name]).predict([text], max_new_tokens=3)[0]
+    batch = tokenized(adapters.run("a"), ["one two three four"] * 4)
+    rows = adapters.forward(batch, names)
+    for i, name in enumerate(names):
+        alone = load_run(paths[name]).module if name else None
+        with torch.no_grad():
+            want = alone(**{k: v[i:i + 1] for k, v in batch.items()}).logits if alone else \
+                adapters.forward({k: v[i:i + 1] for k, v in batch.items()}, None)
+        torch.testing.assert_close(rows[i:i + 1], want, rtol=0, atol=1e-5, msg=str(name))
+    lora = exported(tmp_path, "lora", LoRA, tiny_llama, r=2, target_modules=["q_proj"])
+    with pytest.raises(PeftLabError, match="needs a different backbone: quantization None"):
+        adapters.add("lora", lora)
