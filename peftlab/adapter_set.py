@@ -184,7 +184,7 @@ class AdapterSet:
         model = shared_copy(self.backbone)
         if module.task == "classification" and module.num_labels:
             _fit_head(model, module.num_labels)
-        module.build(model)
+        module.build(model, self.tokenizer)  # one tokenizer for the set: same backbone, and loading it is most of add
         _untie_trainable(module.model, {id(p) for p in self.backbone.parameters()})
         if self.device:
             module.to(self.device)

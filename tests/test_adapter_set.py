@@ -209,9 +209,10 @@ def test_refusals_are_one_line(tmp_path, tiny_llama, tiny_bert):
 
 
 def test_recommend_for_many_tasks_points_at_adapter_sets_and_serve(tmp_path, tiny_bert, capsys):
+    from test_cli import run_main
+
     import peftlab.api
     from peftlab.commands import COMMANDS
-    from test_cli import run_main
 
     code, out, err = run_main(["recommend", "--num_tasks", "12", "--backbone", tiny_bert, "--output",
                                str(tmp_path / "rec.yaml")], capsys)

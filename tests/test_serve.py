@@ -16,8 +16,9 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from peftlab.serve import Batcher, Server, create_app  # noqa: E402
 from test_adapter_set import exported  # noqa: E402
+
+from peftlab.serve import Batcher, Server, create_app  # noqa: E402
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")

@@ -189,15 +189,16 @@ class PeftModule(L.LightningModule):
         """Lightning's hook (once per process, in the strategy's init context): build the model."""
         self.build()
 
-    def build(self, backbone: nn.Module | None = None):
+    def build(self, backbone: nn.Module | None = None, tokenizer=None):
         """Load the tokenizer and the frozen backbone, :meth:`attach` the method and count parameters; return
         ``self``. Idempotent. Lightning calls it through ``configure_model``; call it yourself without a Trainer.
-        ``backbone``: attach to this already loaded backbone instead (an adapter set's shared one, see
+        ``backbone`` / ``tokenizer``: use these, already loaded, instead (an adapter set's shared ones, see
         :mod:`peftlab.adapter_set`)."""
         if self.model is not None:
             return self
         h = self.hparams
-        self.tokenizer = load_tokenizer(h.backbone, trust_remote_code=h.trust_remote_code, revision=h.revision)
+        self.tokenizer = tokenizer or load_tokenizer(h.backbone, trust_remote_code=h.trust_remote_code,
+                                                     revision=h.revision)
         backbone = self.load_backbone() if backbone is None else backbone
         backbone.requires_grad_(False)
         # from_pretrained returns eval mode; train like the HF Trainer does (dropout on), Lightning flips to
