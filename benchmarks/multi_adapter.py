@@ -5,12 +5,12 @@ adapters (20 virtual tokens) exported to a temporary directory and loaded into o
 
 * ``switch``: ``load_run`` of an exported adapter (a backbone loaded from disk) vs ``AdapterSet.switch`` (no load) and
   vs ``AdapterSet.add`` (the adapter's weights onto the shared backbone);
-* ``mixed``: forward throughput (rows/s, 64-token rows) of one batch whose rows name all 8 adapters (2 rows each),
+* ``mixed``: forward throughput (rows/s, 32-token rows) of one batch whose rows name all 8 adapters (2 rows each),
   vs the same rows through one adapter (a batch of one adapter, the goal is >= 0.8x) and vs the loop over the
   adapters, one sub-batch of its 2 rows at a time (what hot-swapping without mixed batches costs). LoRA rows are
   routed per row by peft (``adapter_names``); prompt-tuning rows are grouped per adapter inside the batch;
 * ``server``: ``peftlab serve`` over the LoRA set: requests/s of 16 concurrent clients vs one client at a time
-  (16 requests of 8 new tokens each; the requests of the concurrent clients are batched).
+  (16 requests of 4 new tokens each; the requests of the concurrent clients are batched).
 
 Rounds are interleaved (variant a, b, c, a, b, c, ...); each ratio is the median over rounds of the per-round ratio.
 """
@@ -120,7 +120,7 @@ def bench_multi_adapter(smoke: bool) -> dict:
     from peftlab.methods import LoRA, PromptTuning
 
     count = 2 if smoke else 8
-    rounds = 2 if smoke else 6
+    rounds = 2 if smoke else 4
     out = {"backbone": BACKBONE, "adapters": count}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -144,7 +144,7 @@ def bench_multi_adapter(smoke: bool) -> dict:
         log(f"  load_run {out['switch']['seconds']['load_run']['median']:.2f} s, add "
             f"{out['switch']['seconds']['add']['median'] * 1000:.0f} ms, switch "
             f"{out['switch']['seconds']['switch']['median'] * 1e6:.0f} us")
-        length = 16 if smoke else 64
+        length = 16 if smoke else 32
         with torch.inference_mode():
             out["mixed_lora"] = _mixed(adapters, names, 2, length, rounds)
             log("  LoRA mixed: " + _ratios(out["mixed_lora"]))
@@ -152,7 +152,7 @@ def bench_multi_adapter(smoke: bool) -> dict:
             out["mixed_prompt"] = _mixed(prompts, list(prompt), 2, length, rounds)
             log("  prompt mixed: " + _ratios(out["mixed_prompt"]))
             del prompts
-        out["server"] = _server(adapters, names, 4 if smoke else 16, 1 if smoke else 3, 2 if smoke else 8)
+        out["server"] = _server(adapters, names, 4 if smoke else 16, 1 if smoke else 2, 2 if smoke else 4)
         log(f"  server: 16 clients / one client {out['server']['ratio']['16_clients/one_client']['median']:.2f}x "
             f"(mean batch {out['server']['mean_batch']:.1f})")
     return out
