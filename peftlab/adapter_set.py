@@ -32,12 +32,18 @@ Either way the results come back in row order and equal each row run alone (test
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from peftlab.adapters import adapter_directory, load_weights, read_meta
+from peftlab.backbones import load_tokenizer
 from peftlab.errors import PeftLabError
+from peftlab.methods.base import PeftModule, classification_head
+from peftlab.methods.registry import construct_from_meta
 
 #: the ``adapter`` value that names the plain backbone (also ``None``)
 BASE = "base"
@@ -53,8 +59,6 @@ def shared_copy(backbone: nn.Module) -> nn.Module:
 def _fit_head(model: nn.Module, num_labels: int) -> None:
     """Give a classification backbone copy a head with ``num_labels`` outputs (the adapter's trained head is loaded
     into it, so its start does not matter); the shared backbone keeps its own."""
-    from peftlab.methods.base import classification_head
-
     head = classification_head(model)
     old = model.config.num_labels
     if old == num_labels:
@@ -122,15 +126,13 @@ def _tie(pool: nn.Module, model: nn.Module, name: str) -> None:
 
 
 def _source_directory(source) -> Path:
-    from peftlab.api import Run, _adapter_dir
-
-    if isinstance(source, Run):
-        return source.directory
+    if getattr(source, "directory", None) is not None and hasattr(source, "predict"):  # a loaded Run
+        return Path(source.directory)
     path = Path(source)
     if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise PeftLabError(f"{path} is a merged model (its update is folded into the backbone's weights), which "
                            "cannot share a backbone; add the adapter it was merged from instead")
-    return _adapter_dir(path)
+    return adapter_directory(path)
 
 
 class AdapterSet:
@@ -141,9 +143,14 @@ class AdapterSet:
         adapters: ``{name: run directory, adapter directory or a loaded Run}``.
         backbone: use this backbone instead of the recorded one.
         device: where the backbone and adapters live (default: where loading put them).
+        make_run: ``(module, peftlab_meta, directory) -> Run``: how :mod:`peftlab.api` makes the Run of a loaded
+            module (``load_adapters`` passes :func:`peftlab.api.run_of`), so an adapter in the set predicts exactly
+            as ``load_run`` does.
     """
 
-    def __init__(self, adapters: dict | None = None, backbone: str | None = None, device: str | None = None):
+    def __init__(self, adapters: dict | None = None, backbone: str | None = None, device: str | None = None, *,
+                 make_run: Callable):
+        self.make_run = make_run
         self.backbone_override = backbone
         self.device = device
         self.backbone: nn.Module | None = None  # the shared, frozen backbone (None until the first adapter)
@@ -160,8 +167,6 @@ class AdapterSet:
         """Load the run / export ``source`` onto the shared backbone as adapter ``name`` (no backbone is loaded
         again, none is copied). Refused in one line: a taken name, a method that changes the backbone, another
         backbone."""
-        from peftlab.api import Run, configured_module, load_weights, read_meta
-
         if not isinstance(name, str) or not name or name == BASE:
             raise PeftLabError(f"adapter name {name!r} is not allowed: give a non-empty name other than {BASE!r} "
                                "(which names the plain backbone)")
@@ -169,7 +174,7 @@ class AdapterSet:
             raise PeftLabError(f"adapter {name!r} is already in the set; remove('{name}') first to replace it")
         directory = _source_directory(source)
         meta = read_meta(directory)
-        module = configured_module(meta, self.backbone_override)
+        module = construct_from_meta(meta, self.backbone_override)
         reason = module.adapter_set_refusal()
         if reason:
             raise PeftLabError(f"adapter {name!r} ({directory}) cannot join the set: {reason}")
@@ -189,12 +194,10 @@ class AdapterSet:
         if self.device:
             module.to(self.device)
         load_weights(module, directory)
-        self.runs[name] = Run(module, meta.get("label_names"), directory)
+        self.runs[name] = self.make_run(module, meta, directory)
         self._pool_cache = None
 
     def _load_backbone(self, module, key: dict) -> None:
-        from peftlab.backbones import load_tokenizer
-
         backbone = module.load_backbone()  # the method's own loading (QLoRA's 4-bit), once for the whole set
         backbone.requires_grad_(False)
         self.backbone = backbone.to(self.device).eval() if self.device else backbone.eval()
@@ -234,9 +237,6 @@ class AdapterSet:
 
     def base_run(self):
         """A :class:`peftlab.api.Run` over the plain shared backbone (rows that name no adapter)."""
-        from peftlab.api import Run
-        from peftlab.methods.base import PeftModule
-
         if self.backbone is None:
             raise PeftLabError("the adapter set is empty; add an adapter first")
         if self._base is None:
@@ -244,7 +244,7 @@ class AdapterSet:
             base = PeftModule(backbone=h.backbone, task=self._template.task, num_labels=self._template.num_labels,
                               max_new_tokens=h.max_new_tokens)
             base.model, base.tokenizer = self.backbone, self.tokenizer
-            self._base = Run(base, None, None)
+            self._base = self.make_run(base, {}, None)
         return self._base
 
     # ------------------------------------------------------------------ per-row routing (the pool)
@@ -252,10 +252,7 @@ class AdapterSet:
         """(peft model holding every per-row adapter, their names, a Run over it), built on first use."""
         if self._pool_cache is not None:
             return self._pool_cache
-        from peft import get_peft_model
-
-        from peftlab.api import Run
-        from peftlab.methods.base import PeftModule
+        from peft import get_peft_model  # peft is imported by the methods anyway; here only when a pool is built
 
         members = {name: run for name, run in self.runs.items()
                    if run.module.num_labels == self._template.num_labels and run.module.per_row_config() is not None}
@@ -277,7 +274,7 @@ class AdapterSet:
             module = PeftModule(backbone=h.backbone, task=self._template.task, num_labels=self._template.num_labels,
                                 max_new_tokens=h.max_new_tokens)
             module.model, module.tokenizer = _Routed(pool), self.tokenizer
-            router = Run(module, None, None)
+            router = self.make_run(module, {}, None)
         self._pool_cache = (pool, inner, router)
         return self._pool_cache
 
@@ -374,8 +371,6 @@ class AdapterSet:
     def parameter_count(self) -> int:
         """Parameters held by the set: each tensor counted once (the shared backbone once, plus every adapter);
         4-bit packed weights count as their unpacked number, as in :func:`peftlab.methods.base.count_parameters`."""
-        import math
-
         seen: dict[int, nn.Parameter] = {}
         pool = self._pool_cache[0] if self._pool_cache else None  # its LoRA weights are the adapters' own
         for module in [self.backbone, pool, *(run.module for run in self.runs.values())]:

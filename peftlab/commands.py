@@ -282,7 +282,8 @@ def build_parser(name: str):
     if examples:
         epilog = "examples:\n" + textwrap.indent(examples, "  ") + ("\n\n" + epilog if epilog else "")
     parser = ArgumentParser(prog=f"peftlab {name}", description=description, epilog=epilog or None,
-                            formatter_class=Formatter, exit_on_error=False, default_env=False)
+                            formatter_class=Formatter, exit_on_error=False, default_env=False,
+                            allow_abbrev=False)  # an abbreviated option is refused, not silently widened
     parser.add_function_arguments(fn, as_group=False, skip={*sig.positionals, FIT_ARGS})
     for positional in sig.positionals:
         parser.add_argument(positional, type=sig.hints.get(positional, str), help=params.get(positional),

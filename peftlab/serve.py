@@ -27,11 +27,14 @@ import json
 import threading
 import time
 import uuid
+from contextlib import asynccontextmanager
 from typing import Any, Literal
 
+from peftlab.api import load_adapters
 from peftlab.errors import PeftLabError
 
 try:  # the `serve` extra
+    import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -150,8 +153,6 @@ def create_app(adapters, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, 
     """The FastAPI application serving ``adapters`` (an :class:`~peftlab.adapter_set.AdapterSet`)."""
     if FastAPI is None:
         raise PeftLabError("peftlab serve needs FastAPI and uvicorn: pip install 'peftlab[serve]'")
-    from contextlib import asynccontextmanager
-
     state: dict[str, Any] = {}
 
     @asynccontextmanager
@@ -304,8 +305,6 @@ class Server:
     """uvicorn serving an app on a background thread (tests, benchmarks, notebooks); ``url`` once started."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
-        import uvicorn
-
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -342,10 +341,8 @@ def serve_command(adapters: list[str], /, host: str = "127.0.0.1", port: int = 8
     Examples:
         peftlab serve sentiment=runs/sentiment/version_0 topics=exports/topics --port 8000
     """
-    import uvicorn
-
-    from peftlab.adapter_set import AdapterSet
-
+    if FastAPI is None:
+        raise PeftLabError("peftlab serve needs FastAPI and uvicorn: pip install 'peftlab[serve]'")
     pairs = {}
     for item in adapters:
         name, sep, path = item.partition("=")
@@ -356,7 +353,7 @@ def serve_command(adapters: list[str], /, host: str = "127.0.0.1", port: int = 8
         pairs[name] = path
     if not pairs:
         raise PeftLabError("give at least one adapter as NAME=PATH")
-    app = create_app(AdapterSet(pairs, device=device), max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+    app = create_app(load_adapters(pairs, device=device), max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                      max_queue=max_queue, timeout_s=timeout_s)
     print(f"[peftlab] serving {', '.join(pairs)} (and base) on http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -6,8 +6,9 @@ The dataset transforms (label encoding, splitting, few-shot sampling) are pure f
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property, partial
 from typing import Any, Literal
@@ -17,11 +18,27 @@ import torch
 
 from peftlab.backbones import TASKS, Task, is_decoder_only, load_tokenizer
 from peftlab.data import formats, transforms
-from peftlab.data.loading import ResumableLoader, eval_generator, training_sampler
+from peftlab.data.loading import ResumableLoader, _rank, eval_generator, training_sampler
 from peftlab.data.sources import PACKAGED_LABELS, load_source
 from peftlab.errors import PeftLabError
 
 FEW_SHOT_IDS_NOTE = "row positions in the source's train split (packaged: after keeping fresh/rotten)"
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """No datasets progress bars while peftlab reads and tokenizes: its steps (generating, filtering, casting,
+    tokenizing) take under a second on the data sizes PEFT runs use, and :meth:`PeftDataModule.summary` says
+    what came out of them in one line."""
+    import datasets
+
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
 
 
 @dataclass(frozen=True)
@@ -189,28 +206,32 @@ class PeftDataModule(L.LightningDataModule):
         so ``num_labels`` works right after construction (the CLI passes it to the model then).
         """
         if self._loaded is None:
-            ds = load_source(self.source, self.dataset_config)
-            transforms.check_columns(ds["train"].column_names, self._required_columns(), self.source)
-            names = None
-            if self.task == "classification":
-                default = PACKAGED_LABELS.get(self.source if isinstance(self.source, str) else "")
-                ds, names = transforms.encode_labels(ds, self.label_column, self._labels or default)
-            ds = transforms.split_dataset(
-                ds, val_fraction=self.val_fraction, test_fraction=self.test_fraction, split_seed=self.split_seed,
-                stratify_by=transforms.LABELS_COLUMN if self.task == "classification" else None,
-                max_train_samples=self.max_train_samples, max_eval_samples=self.max_eval_samples,
-            )
-            ids = None
-            if self.few_shot_k or self.few_shot_n:
-                ds["train"], ids = transforms.few_shot_sample(
-                    ds["train"], k=self.few_shot_k, n=self.few_shot_n, seed=self.few_shot_seed, label_names=names
-                )
-            self._loaded = LoadedData(
-                splits=ds,
-                label_names=tuple(names) if names is not None else None,
-                few_shot_ids=tuple(ids) if ids is not None else None,
-            )
+            with quiet_progress():
+                self._loaded = self._load()
         return self._loaded
+
+    def _load(self) -> LoadedData:
+        ds = load_source(self.source, self.dataset_config)
+        transforms.check_columns(ds["train"].column_names, self._required_columns(), self.source)
+        names = None
+        if self.task == "classification":
+            default = PACKAGED_LABELS.get(self.source if isinstance(self.source, str) else "")
+            ds, names = transforms.encode_labels(ds, self.label_column, self._labels or default)
+        ds = transforms.split_dataset(
+            ds, val_fraction=self.val_fraction, test_fraction=self.test_fraction, split_seed=self.split_seed,
+            stratify_by=transforms.LABELS_COLUMN if self.task == "classification" else None,
+            max_train_samples=self.max_train_samples, max_eval_samples=self.max_eval_samples,
+        )
+        ids = None
+        if self.few_shot_k or self.few_shot_n:
+            ds["train"], ids = transforms.few_shot_sample(
+                ds["train"], k=self.few_shot_k, n=self.few_shot_n, seed=self.few_shot_seed, label_names=names
+            )
+        return LoadedData(
+            splits=ds,
+            label_names=tuple(names) if names is not None else None,
+            few_shot_ids=tuple(ids) if ids is not None else None,
+        )
 
     @property
     def raw(self):
@@ -294,7 +315,8 @@ class PeftDataModule(L.LightningDataModule):
                          response_template=self.response_template, max_length=self.max_length,
                          max_target_length=self.max_target_length)
         try:
-            return ds.map(fn, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {split}")
+            with quiet_progress():
+                return ds.map(fn, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {split}")
         except (KeyError, IndexError) as err:
             raise PeftLabError(f"could not format {split} rows with the templates: {err}") from err
 
@@ -308,6 +330,8 @@ class PeftDataModule(L.LightningDataModule):
         self.load()
         if not self.datasets:
             self.datasets = {split: self._tokenize(split) for split in ("train", "validation", "test")}
+            if _rank() == 0:
+                print(f"[peftlab] data {self.summary()}", flush=True)
             if self.packing:
                 import datasets
 
@@ -316,6 +340,16 @@ class PeftDataModule(L.LightningDataModule):
                     transforms.pack_examples(train["input_ids"], train["labels"], self.max_length))
         if stage == "predict" and "predict" not in self.datasets:
             self.datasets["predict"] = self._tokenize("test", prompt_only=self.task == "causal_lm")
+
+    def summary(self) -> str:
+        """One line about the tokenized data: rows per split, the labels, and how many training rows reach
+        ``max_length`` (cut there, or exactly that long)."""
+        rows = ", ".join(f"{split} {len(self.datasets[split])}" for split in ("train", "validation", "test"))
+        names = self.load().label_names
+        full = sum(len(ids) >= self.max_length for ids in self.datasets["train"]["input_ids"])
+        labels = f"; labels {', '.join(names)}" if names else ""
+        return (f"{rows} rows{labels}; {full} of {len(self.datasets['train'])} training rows at max_length "
+                f"{self.max_length} (truncated)")
 
     # ------------------------------------------------------------------ loaders
     def collate(self, features, pad_left: bool = False):

@@ -42,28 +42,18 @@ import torch
 import torchmetrics
 from torch import nn
 
-from peftlab.backbones import TASKS, Task, building_on_meta, load_backbone, load_tokenizer
+from peftlab.adapters import unwrapped_name, write_peftlab_adapter
+from peftlab.backbones import (
+    TASKS,
+    Task,
+    building_on_meta,
+    load_backbone,
+    load_tokenizer,
+    sharded_start,
+    sharding_at_start,
+)
 from peftlab.errors import PeftLabError
-
-#: name -> method class, filled by every ``PeftModule`` subclass that sets ``name`` (a subclass defined in a
-#: user's file registers when it is imported). ``peftlab params / estimate-memory / recommend`` list these.
-METHODS: dict[str, type[PeftModule]] = {}
-
-#: configs/methods/ of the repository: the preset (the one source of hyperparameters) of each shipped method
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "methods"
-
-
-def load_plugins() -> None:
-    """Import the methods that installed packages declare under the entry-point group ``peftlab.methods``
-    (``[project.entry-points."peftlab.methods"] bitfit = "mypkg.bitfit:BitFit"``), which registers them. A
-    method in a file of your own registers when it is imported (``--config`` with its class_path does that)."""
-    from importlib.metadata import entry_points
-
-    for entry in entry_points(group="peftlab.methods"):
-        try:
-            entry.load()
-        except Exception as err:  # noqa: BLE001 - a broken plugin must not break peftlab's own commands
-            warnings.warn(f"peftlab method plugin {entry.name!r} ({entry.value}) failed to load: {err}", stacklevel=2)
+from peftlab.methods.registry import METHODS, PRESETS_DIR, load_plugins, register  # noqa: F401 - re-exported
 
 
 class PeftModule(L.LightningModule):
@@ -126,8 +116,7 @@ class PeftModule(L.LightningModule):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.__dict__.get("name"):
-            METHODS[cls.name] = cls  # a re-definition (re-import, a test) replaces the earlier class
+        register(cls)
 
     def __init__(
         self,
@@ -199,7 +188,15 @@ class PeftModule(L.LightningModule):
         h = self.hparams
         self.tokenizer = tokenizer or load_tokenizer(h.backbone, trust_remote_code=h.trust_remote_code,
                                                      revision=h.revision)
-        backbone = self.load_backbone() if backbone is None else backbone
+        if backbone is not None:  # already loaded (an adapter set's shared backbone)
+            pass
+        elif sharding_at_start() and self.attach_reads_backbone_weights():
+            self.print(f"[peftlab] {type(self).__name__} reads the backbone's weights while attaching: the "
+                           "backbone loads in full on every process before sharding (no sharded start)")
+            with sharded_start(False):
+                backbone = self.load_backbone()
+        else:
+            backbone = self.load_backbone()
         backbone.requires_grad_(False)
         # from_pretrained returns eval mode; train like the HF Trainer does (dropout on), Lightning flips to
         # eval for validation/test/predict by itself. On the meta device (params, estimate-memory) the
@@ -318,6 +315,12 @@ class PeftModule(L.LightningModule):
         adds them. Default 0."""
         return 0
 
+    def attach_reads_backbone_weights(self) -> bool:
+        """Whether :meth:`attach` reads the frozen weights' values (DoRA's magnitudes, PiSSA's SVD, a prompt started
+        from vocabulary embeddings). Such a method's backbone loads in full even under ``FSDP2Strategy``'s sharded
+        start, whose placeholders hold no values until after sharding. Default: no."""
+        return False
+
     def quantized_weights(self) -> dict[int, int]:
         """``{id(parameter): bytes stored}`` for the frozen parameters the backbone keeps quantized (QLoRA's 4-bit
         linear weights); also answers on the meta device, where nothing is actually quantized. Default: none."""
@@ -330,17 +333,7 @@ class PeftModule(L.LightningModule):
         Default: ``adapter_model.safetensors`` with the trainable parameters and an ``adapter_config.json`` with
         ``"format": "peftlab"``, which :func:`peftlab.api.load_run` reads. peft-backed methods write peft's own
         format instead (``PeftModel.from_pretrained`` loads it)."""
-        import json
-
-        from safetensors.torch import save_file
-
-        from peftlab.export import method_path, trainable_state
-
-        save_file(trainable_state(self), str(Path(directory) / "adapter_model.safetensors"))
-        (Path(directory) / "adapter_config.json").write_text(json.dumps(
-            {"format": "peftlab", "method": method_path(self), "base_model_name_or_path": self.hparams.backbone,
-             "task": self.task}, indent=2))
-        return "peftlab"
+        return write_peftlab_adapter(self, directory)
 
     @classmethod
     def preset_path(cls) -> Path | None:
@@ -660,16 +653,6 @@ class PeftModule(L.LightningModule):
                 f"checkpoint does not match this {type(self).__name__} model ({detail}); it was written by "
                 "another method, backbone or setting. Resume with the config the checkpoint was trained with."
             )
-
-
-WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def unwrapped_name(name: str) -> str:
-    """``name`` without the path segments that FSDP, activation checkpointing and torch.compile insert."""
-    for segment in WRAPPER_SEGMENTS:
-        name = name.replace(segment, "")
-    return name
 
 
 def is_sharded(module: L.LightningModule) -> bool:

@@ -2,7 +2,8 @@
 
 from torch import nn
 
-from peftlab.methods.base import PRESETS_DIR, PeftModule
+from peftlab.methods.base import PeftModule
+from peftlab.methods.registry import PRESETS_DIR
 
 
 class FullFineTuning(PeftModule):

@@ -9,12 +9,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from peftlab.backbones import load_backbone
+from peftlab.backbones import load_backbone, torch_dtype
 from peftlab.errors import PeftLabError
 from peftlab.methods.base import HEAD_NAMES
 from peftlab.methods.lora import RESIDUAL_INITS, LoRA
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def compute_dtype(name: str) -> torch.dtype:
@@ -22,7 +20,7 @@ def compute_dtype(name: str) -> torch.dtype:
     if name == "auto":
         cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else torch.float32
-    return DTYPES[name]
+    return torch_dtype(name)
 
 
 class QLoRA(LoRA):
@@ -125,10 +123,7 @@ class QLoRA(LoRA):
         import bitsandbytes as bnb
         from peft.utils.integrations import dequantize_bnb_weight
 
-        from peftlab.merge import DTYPES
-
-        if dtype not in DTYPES:
-            raise PeftLabError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        out_dtype = torch_dtype(dtype)
         h = self.hparams
         plain = load_backbone(h.backbone, self.task, num_labels=self.num_labels, dtype="float32",
                               trust_remote_code=h.trust_remote_code, revision=h.revision)
@@ -156,7 +151,7 @@ class QLoRA(LoRA):
                 if param.requires_grad and ".modules_to_save.default." in name:
                     target = name.removeprefix(prefix).replace(".modules_to_save.default.", ".")
                     plain.get_parameter(target).copy_(param)
-        return plain.to(DTYPES[dtype]).eval()
+        return plain.to(out_dtype).eval()
 
     def quantized_weights(self) -> dict[int, int]:
         """The frozen linear weights bitsandbytes stores in 4 bits (all but the skipped modules: the classification
