@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from typing import Literal
 
 from peftlab.assets import is_packaged, resolve_model
@@ -219,8 +220,6 @@ def load_backbone(
     # a missing weight of the backbone itself is a real problem, said in one line
     missing = [k for k in info.get("missing_keys", ()) if k.startswith(f"{model.base_model_prefix}.")]
     if missing:
-        import warnings
-
         warnings.warn(f"backbone {name!r}: {len(missing)} of its weights are not in the checkpoint and were newly "
                       f"initialised ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})", stacklevel=2)
     return _with_pad_token(model, name, task, trust_remote_code, revision)

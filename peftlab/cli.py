@@ -12,6 +12,7 @@ exit with status 2; ``--debug`` shows the traceback.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -44,8 +45,6 @@ def _quiet_libraries() -> None:
     # test/predict from a fit checkpoint: LastCheckpoint is a fit-only callback, nothing to restore there
     warnings.filterwarnings("ignore", message=r".*Please add the following callbacks: \['LastCheckpoint'\]\.$")
     # MLflow's SQLite store announces its table migrations at INFO on every new run directory
-    import logging
-
     for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -104,16 +104,14 @@ def arrange(trainer, names: list[str] | tuple[str, ...] = ()) -> None:
 
 def build(name: str, csv) -> object:
     """The Lightning logger of tracker ``name``, writing under the CSV logger ``csv``'s run directory."""
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+
     check_available([name])
     run_dir = Path(csv.log_dir)
     version = run_dir.name
     if name == "tensorboard":
-        from lightning.pytorch.loggers import TensorBoardLogger
-
         return TensorBoardLogger(csv.save_dir, name=csv.name, version=csv.version)
     if name == "mlflow":
-        from lightning.pytorch.loggers import MLFlowLogger
-
         uri = os.environ.get("MLFLOW_TRACKING_URI") or local_mlflow_uri(run_dir)
         experiment, artifacts = csv.name or DEFAULT_NAME, (run_dir / "mlflow" / "artifacts").resolve().as_uri()
         import mlflow
@@ -122,8 +120,6 @@ def build(name: str, csv) -> object:
         if client.get_experiment_by_name(experiment) is None:  # else the logger warns that it creates one
             client.create_experiment(experiment, artifact_location=artifacts)
         return MLFlowLogger(experiment_name=experiment, run_name=version, tracking_uri=uri, artifact_location=artifacts)
-    from lightning.pytorch.loggers import WandbLogger
-
     online = os.environ.get("WANDB_MODE") == "online" or (
         bool(os.environ.get("WANDB_API_KEY")) and os.environ.get("WANDB_MODE") not in ("offline", "disabled"))
     run_dir.mkdir(parents=True, exist_ok=True)  # W&B writes <save_dir>/wandb and wants save_dir to exist
