@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -91,8 +92,23 @@ class PeftModule(L.LightningModule):
     name: ClassVar[str | None] = None
     #: the preset config (a YAML with a ``model:`` section); default ``configs/methods/<name>.yaml``
     preset: ClassVar[str | None] = None
-    #: trained adapters combine exactly as a weighted sum of their weight updates (``peftlab compose``)
+    #: the trained update folds into the backbone's weights (``peftlab merge``): the class provides
+    #: :meth:`merged_model` (peft-backed methods get peft's ``merge_and_unload`` from ``PeftBackedMethod``)
+    mergeable: ClassVar[bool] = False
+    #: trained adapters combine exactly as a weighted sum of their weight updates (``peftlab compose``);
+    #: :meth:`compose_refusal` refines it per exported adapter
     composable: ClassVar[bool] = False
+    #: the part of a :class:`~peftlab.methods.Stack` this method can be: ``additive`` (a weight update or added
+    #: layers, attached in place) or ``prompt`` (virtual tokens / prefixes); None: not stackable
+    stack_role: ClassVar[Literal["additive", "prompt"] | None] = None
+    #: the size knobs of ``params`` / ``estimate-memory`` / ``recommend`` (``r``, ``num_virtual_tokens``,
+    #: ``bottleneck``) that set the init argument of the same name in this method's preset
+    scaled_knobs: ClassVar[tuple[str, ...]] = ()
+    #: with ``r`` in ``scaled_knobs``: ``--r`` also sets ``alpha = alpha_per_r * r``; None: alpha is left alone
+    alpha_per_r: ClassVar[float | None] = None
+    #: the preset's ``target_modules`` name layers of the backbone it was written for; on another backbone they
+    #: become the same projections there (:func:`peftlab.analysis.params.adapt_targets`)
+    adapts_targets: ClassVar[bool] = False
     #: dtype of the trainable parameters in training: ``float32`` (PEFT: peft keeps adapters in fp32) or
     #: ``precision`` (full fine-tuning: a half-precision working copy under mixed precision); memory estimates
     trainable_dtype: ClassVar[Literal["float32", "precision"]] = "float32"
@@ -256,8 +272,39 @@ class PeftModule(L.LightningModule):
     # ------------------------------------------------------------------ capabilities (see the module docstring)
     @classmethod
     def can_merge(cls) -> bool:
-        """Whether the method's update folds into the backbone's weights (it overrides :meth:`merged_model`)."""
-        return cls.merged_model is not PeftModule.merged_model
+        """Whether the method's update folds into the backbone's weights (``mergeable``)."""
+        return cls.mergeable
+
+    @classmethod
+    def compose_refusal(cls, config: dict, task: str | None) -> str | None:
+        """Why an exported adapter of this method (its ``adapter_config.json``, its task) cannot join a weighted sum
+        (``peftlab compose``), worded to follow the adapter's path; None when it can."""
+        if not cls.composable:
+            names = ", ".join(n for n, c in METHODS.items() if c.composable)
+            return f"is a {cls.__name__} adapter, which does not compose by weighted sum; only {names} compose"
+        if task == "classification":
+            return "is a classification adapter: its trained heads cannot be summed; compose adapters of generative tasks"
+        return None
+
+    @classmethod
+    def scaled_preset(cls, args: dict[str, Any], fit_targets: Callable[[list[str]], Any] | None = None,
+                      **knobs: Any) -> dict[str, Any]:
+        """``args`` (preset init arguments) with the size ``knobs`` this method declares applied (``scaled_knobs``,
+        ``alpha_per_r``; others are ignored) and, with ``adapts_targets``, its ``target_modules`` list passed through
+        ``fit_targets`` (the preset's layers on another backbone). Changes and returns ``args``."""
+        for knob, value in knobs.items():
+            if value is not None and knob in cls.scaled_knobs:
+                args[knob] = value
+                if knob == "r" and cls.alpha_per_r is not None:
+                    args["alpha"] = cls.alpha_per_r * value
+        if fit_targets is not None and cls.adapts_targets and isinstance(args.get("target_modules"), list):
+            args["target_modules"] = fit_targets(args["target_modules"])
+        return args
+
+    @classmethod
+    def describe(cls, args: dict[str, Any]) -> str:
+        """A short description of the method with init arguments ``args`` (``peftlab recommend``'s summary)."""
+        return cls.__name__
 
     def merged_model(self, dtype: str = "float32") -> nn.Module:
         """A plain transformers model with the trained update folded into its weights (``self`` unchanged).

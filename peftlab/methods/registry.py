@@ -13,6 +13,7 @@ import warnings
 import weakref
 from pathlib import Path
 
+from peftlab.adapters import META_FILE, PEFT_TASK, read_meta
 from peftlab.errors import PeftLabError, did_you_mean
 
 #: name -> method class, filled by every ``PeftModule`` subclass that sets ``name`` (a subclass defined in a
@@ -80,3 +81,17 @@ def import_method(path: str, what: str = "model.class_path") -> type:
     if not (isinstance(cls, type) and cls in _CLASSES):
         raise PeftLabError(f"{what} {path!r} is not a PeftModule subclass; refusing to build it")
     return cls
+
+
+def adapter_method(directory, config: dict) -> tuple[type | None, str | None]:
+    """(method class, task) of an exported adapter with ``adapter_config.json`` ``config``: from its
+    ``peftlab_meta.json``, else (saved by plain peft) the first registered method of its ``peft_type``; the class
+    is None when neither names one."""
+    if (Path(directory) / META_FILE).is_file():
+        meta = read_meta(directory)
+        return import_method(meta["method"], "the adapter's method"), meta.get("task")
+    task = next((t for t, peft_task in PEFT_TASK.items() if peft_task == config.get("task_type")), None)
+    peft_type = config.get("peft_type")
+    cls = next((METHODS[n] for n in method_names() if peft_type and getattr(METHODS[n], "peft_type", None) == peft_type),
+               None)
+    return cls, task
