@@ -13,8 +13,8 @@ import functools
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "peftlab"
-#: function-local imports of peftlab/ (any module) after issue #29's refactor; lower it when you remove some
-LOCAL_IMPORTS_MAX = 210
+#: function-local imports of peftlab/ (any module) after issue #29's refactor (222 before it); lower it when you remove some
+LOCAL_IMPORTS_MAX = 208
 
 
 def modules() -> dict[str, Path]:
