@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -44,7 +45,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from peftlab.adapters import unwrapped_name, write_peftlab_adapter
+from peftlab.adapters import unwrapped_name, write_peftlab_adapter  # noqa: F401 - unwrapped_name re-exported
 from peftlab.backbones import (  # noqa: F401 - the backbone helpers, also importable from here
     HEAD_NAMES,
     TASKS,
@@ -55,15 +56,25 @@ from peftlab.backbones import (  # noqa: F401 - the backbone helpers, also impor
     enable_gradient_checkpointing,
     load_backbone,
     load_tokenizer,
+    sharded_start,
+    sharding_at_start,
 )
 from peftlab.errors import PeftLabError
+from peftlab.generation import GenerationSettings, generate
+from peftlab.methods.checkpoints import AdapterCheckpoints
 from peftlab.methods.loss import TokenWeightedLoss, decoder_inputs, target_logits, token_nll  # noqa: F401
 from peftlab.methods.optim import Optimization, _schedule, optimizer_class  # noqa: F401
-from peftlab.methods.registry import METHODS, PRESETS_DIR, load_plugins, register  # noqa: F401 - re-exported
-from peftlab.strategies import is_sharded
+from peftlab.methods.registry import (  # noqa: F401 - re-exported
+    METHODS,
+    PRESETS_DIR,
+    load_plugins,
+    preset_args,
+    preset_path,
+    register,
+)
 
 
-class PeftModule(TokenWeightedLoss, Optimization, L.LightningModule):
+class PeftModule(TokenWeightedLoss, Optimization, AdapterCheckpoints, L.LightningModule):
     """Base of all peftlab methods.
 
     Args:
@@ -200,14 +211,25 @@ class PeftModule(TokenWeightedLoss, Optimization, L.LightningModule):
         """Lightning's hook (once per process, in the strategy's init context): build the model."""
         self.build()
 
-    def build(self):
+    def build(self, backbone: nn.Module | None = None, tokenizer=None):
         """Load the tokenizer and the frozen backbone, :meth:`attach` the method and count parameters; return
-        ``self``. Idempotent. Lightning calls it through ``configure_model``; call it yourself without a Trainer."""
+        ``self``. Idempotent. Lightning calls it through ``configure_model``; call it yourself without a Trainer.
+        ``backbone`` / ``tokenizer``: use these, already loaded, instead (an adapter set's shared ones, see
+        :mod:`peftlab.adapter_set`)."""
         if self.model is not None:
             return self
         h = self.hparams
-        self.tokenizer = load_tokenizer(h.backbone, trust_remote_code=h.trust_remote_code, revision=h.revision)
-        backbone = self.load_backbone()
+        self.tokenizer = tokenizer or load_tokenizer(h.backbone, trust_remote_code=h.trust_remote_code,
+                                                     revision=h.revision)
+        if backbone is not None:  # already loaded (an adapter set's shared backbone)
+            pass
+        elif sharding_at_start() and self.attach_reads_backbone_weights():
+            self.print(f"[peftlab] {type(self).__name__} reads the backbone's weights while attaching: the "
+                           "backbone loads in full on every process before sharding (no sharded start)")
+            with sharded_start(False):
+                backbone = self.load_backbone()
+        else:
+            backbone = self.load_backbone()
         backbone.requires_grad_(False)
         # from_pretrained returns eval mode; train like the HF Trainer does (dropout on), Lightning flips to
         # eval for validation/test/predict by itself. On the meta device (params, estimate-memory) the
@@ -256,10 +278,6 @@ class PeftModule(TokenWeightedLoss, Optimization, L.LightningModule):
         with warnings.catch_warnings(), meta_backbones():
             warnings.simplefilter("ignore")
             type(self)(**args).build()
-
-    @property
-    def built(self) -> bool:
-        return self.model is not None
 
     def _require_built(self, what: str) -> None:
         if self.model is None:
@@ -334,10 +352,34 @@ class PeftModule(TokenWeightedLoss, Optimization, L.LightningModule):
         part is bottleneck adapters), in one line with the fix; None when it can."""
         return None
 
+    def shared_backbone_key(self) -> dict[str, Any]:
+        """What the loaded backbone depends on: two adapters whose keys are equal can share one backbone in an
+        adapter set (:mod:`peftlab.adapter_set`). Methods that load it differently (QLoRA's 4-bit) add their settings."""
+        h = self.hparams
+        return {"backbone": h.backbone, "revision": h.revision, "task": self.task, "dtype": h.dtype,
+                "trust_remote_code": h.trust_remote_code, "attn_implementation": h.get("attn_implementation")}
+
+    def adapter_set_refusal(self) -> str | None:
+        """Why this instance cannot join an adapter set on a shared, unchanged backbone (it trains or rewrites the
+        backbone's own weights), in one line with the fix; None when it can (every method that only adds parts)."""
+        return None
+
+    def per_row_config(self):
+        """The peft config under which this built adapter can join one peft model with others and be chosen per row
+        of a batch (peft's ``adapter_names``, inference only); None (default): an adapter set runs its rows as a
+        group of their own (:mod:`peftlab.adapter_set`)."""
+        return None
+
     def training_state_bytes(self) -> int:
         """Bytes of state kept across steps besides the optimizer's (AdaLoRA's rank allocator); the memory estimate
         adds them. Default 0."""
         return 0
+
+    def attach_reads_backbone_weights(self) -> bool:
+        """Whether :meth:`attach` reads the frozen weights' values (DoRA's magnitudes, PiSSA's SVD, a prompt started
+        from vocabulary embeddings). Such a method's backbone loads in full even under ``FSDP2Strategy``'s sharded
+        start, whose placeholders hold no values until after sharding. Default: no."""
+        return False
 
     def quantized_weights(self) -> dict[int, int]:
         """``{id(parameter): bytes stored}`` for the frozen parameters the backbone keeps quantized (QLoRA's 4-bit
@@ -356,26 +398,12 @@ class PeftModule(TokenWeightedLoss, Optimization, L.LightningModule):
     @classmethod
     def preset_path(cls) -> Path | None:
         """The preset config file: ``preset``, else ``configs/methods/<name>.yaml`` if it exists."""
-        if cls.preset:
-            return Path(cls.preset)
-        path = PRESETS_DIR / f"{cls.name}.yaml"
-        return path if cls.name and path.is_file() else None
+        return preset_path(cls)
 
     @classmethod
     def preset_args(cls) -> dict[str, Any]:
         """``init_args`` of the preset config (empty without one), minus the backbone it was written for."""
-        import yaml
-
-        path = cls.preset_path()
-        if path is None:
-            return {}
-        try:
-            model = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model") or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise PeftLabError(f"preset config {path} of method {cls.name!r} cannot be read: {err}") from err
-        args = dict(model.get("init_args") or {})
-        args.pop("backbone", None)
-        return args
+        return preset_args(cls)
 
     # ------------------------------------------------------------------ training
     def forward(self, **batch):
@@ -409,14 +437,18 @@ class PeftModule(TokenWeightedLoss, Optimization, L.LightningModule):
         if sharded_root:
             self.model.unshard()
         try:
-            out = self.model.generate(**inputs, max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
-                                      pad_token_id=self.tokenizer.pad_token_id)
+            text = generate(self.model, self.tokenizer, inputs["input_ids"], inputs["attention_mask"],
+                            self.generation_settings(), continues=self.task == "causal_lm")
         finally:
             if sharded_root:
                 self.model.reshard()
-        if self.task == "causal_lm":
-            out = out[:, inputs["input_ids"].shape[1]:]
-        return {"text": self.tokenizer.batch_decode(out, skip_special_tokens=True)}
+        return {"text": text}
+
+    def generation_settings(self) -> GenerationSettings:
+        """How ``predict_step`` generates: ``self.generation`` when set (``peftlab predict --generation.*``,
+        ``Run.predict``), else greedy decoding of ``max_new_tokens`` tokens."""
+        settings = getattr(self, "generation", None) or GenerationSettings()
+        return settings if settings.max_new_tokens else replace(settings, max_new_tokens=self.hparams.max_new_tokens)
 
     # ------------------------------------------------------------------ reporting and checkpoints
     def on_fit_start(self):
@@ -440,7 +472,7 @@ class PeftModule(TokenWeightedLoss, Optimization, L.LightningModule):
         """Refuse a DataModule whose task or label count does not match this model."""
         if datamodule is None:
             return
-        task = getattr(datamodule, "task", self.task)
+        task = getattr(datamodule, "model_task", getattr(datamodule, "task", self.task))  # chat data: causal_lm
         if task != self.task:
             raise PeftLabError(f"data.task is {task!r} but the model was built for {self.task!r}; make them equal")
         if getattr(datamodule, "packing", False) and not type(self).supports_packing:
@@ -458,35 +490,3 @@ class PeftModule(TokenWeightedLoss, Optimization, L.LightningModule):
     def trainable_parts(self) -> dict[str, int]:
         """Trainable parameters per part of the method (e.g. P-tuning v2's embedding and MLP), if it has parts."""
         return {}
-
-    def trainable_named_parameters(self) -> dict[str, nn.Parameter]:
-        """Trainable parameters by their checkpoint names: without the ``_fsdp_wrapped_module.`` (and
-        activation-checkpointing / ``torch.compile``) segments that wrappers insert into module paths."""
-        return {unwrapped_name(n): p for n, p in self.named_parameters() if p.requires_grad}
-
-    def on_save_checkpoint(self, checkpoint):
-        # Only trainable parameters: a LoRA checkpoint is the size of the adapter, not of the backbone.
-        names = set(self.trainable_named_parameters())
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if unwrapped_name(k) in names}
-        checkpoint["peftlab"] = {"method": type(self).__name__, "trainable_only": True}
-
-    def on_load_checkpoint(self, checkpoint):
-        # strict_loading is off (the backbone is not in the file), so check the adapter part ourselves.
-        if "state_dict" not in checkpoint:
-            # a sharding strategy (FSDP2's distributed checkpoint, DeepSpeed) loaded the weights itself, by name,
-            # before this hook: there is nothing here to compare
-            return
-        expected = {n: p.shape for n, p in self.trainable_named_parameters().items()}
-        got = {unwrapped_name(k): v for k, v in checkpoint["state_dict"].items()}
-        missing = sorted(set(expected) - set(got))
-        unexpected = sorted(set(got) - set(expected))
-        # under a sharding strategy a rank holds flat shards, not the parameters' shapes: compare names only
-        wrong = [] if is_sharded(self) else sorted(k for k in set(got) & set(expected)
-                                                   if tuple(got[k].shape) != tuple(expected[k]))
-        if missing or unexpected or wrong:
-            detail = "; ".join(f"{what}: {keys[:3]}{' ...' if len(keys) > 3 else ''}" for what, keys in
-                               (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
-            raise PeftLabError(
-                f"checkpoint does not match this {type(self).__name__} model ({detail}); it was written by "
-                "another method, backbone or setting. Resume with the config the checkpoint was trained with."
-            )

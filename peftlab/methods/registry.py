@@ -40,6 +40,31 @@ def register(cls: type) -> None:
         METHODS[cls.name] = cls
 
 
+def preset_path(cls: type) -> Path | None:
+    """The preset config file of method class ``cls``: its ``preset``, else ``configs/methods/<name>.yaml`` if it
+    exists."""
+    if cls.preset:
+        return Path(cls.preset)
+    path = PRESETS_DIR / f"{cls.name}.yaml"
+    return path if cls.name and path.is_file() else None
+
+
+def preset_args(cls: type) -> dict:
+    """``init_args`` of ``cls``'s preset config (empty without one), minus the backbone it was written for."""
+    import yaml
+
+    path = cls.preset_path()
+    if path is None:
+        return {}
+    try:
+        model = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model") or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise PeftLabError(f"preset config {path} of method {cls.name!r} cannot be read: {err}") from err
+    args = dict(model.get("init_args") or {})
+    args.pop("backbone", None)
+    return args
+
+
 def load_plugins() -> None:
     """Import the methods that installed packages declare under the entry-point group ``peftlab.methods``
     (``[project.entry-points."peftlab.methods"] bitfit = "mypkg.bitfit:BitFit"``), which registers them. A
@@ -95,3 +120,18 @@ def adapter_method(directory, config: dict) -> tuple[type | None, str | None]:
     cls = next((METHODS[n] for n in method_names() if peft_type and getattr(METHODS[n], "peft_type", None) == peft_type),
                None)
     return cls, task
+
+
+def construct_from_meta(meta: dict, backbone: str | None = None):
+    """The method an adapter's ``peftlab_meta.json`` describes, constructed (settings checked) but not built;
+    ``backbone``: another backbone than the recorded one."""
+    init_args = dict(meta["init_args"])
+    init_args["task"] = meta["task"]
+    init_args["num_labels"] = meta.get("num_labels")
+    if backbone:
+        init_args["backbone"] = backbone
+    cls = import_method(meta["method"], "the adapter's method")
+    try:
+        return cls(**init_args)
+    except TypeError as err:  # a field the method does not take: a hand-edited or foreign peftlab_meta.json
+        raise PeftLabError(f"peftlab_meta.json does not fit {cls.__name__}: {err}; export the adapter again") from err

@@ -147,6 +147,13 @@ class StackedMethod(PeftModule):
         part.tokenizer = self.tokenizer
         return part
 
+    def attach_reads_backbone_weights(self) -> bool:
+        """A prompt_tuning part starts from vocabulary embeddings; other parts answer for themselves."""
+        prompt = self._parts["prompt"]
+        if prompt and prompt["method"] == "prompt_tuning":
+            return True
+        return any(part.attach_reads_backbone_weights() for part in map(self._part_module, self._parts) if part)
+
     def attach(self, backbone: nn.Module) -> nn.Module:
         from peftlab.methods.lora import LoRA
         from peftlab.methods.p_tuning_v2 import InputTokensModel, starts_with_cls
@@ -253,6 +260,12 @@ class StackedMethod(PeftModule):
         return out
 
     # ------------------------------------------------------------------ merging
+    def adapter_set_refusal(self) -> str | None:
+        """The additive part decides (PiSSA / OLoRA rewrite the backbone's weights)."""
+        part = self._part_module("additive")
+        reason = part.adapter_set_refusal() if part is not None else None
+        return f"{type(self).__name__}'s additive part: {reason}" if reason else None
+
     def merge_refusal(self) -> str | None:
         """Why this stack cannot merge (its parts decide: only a LoRA-family additive part folds into the weights), or
         None; ``peftlab merge`` and ``LoRAMerge`` ask before training / loading anything else."""
