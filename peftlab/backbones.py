@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import warnings
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from peftlab.assets import is_packaged, resolve_model
 from peftlab.errors import PeftLabError
+
+if TYPE_CHECKING:  # torch loads only when a backbone does
+    from torch import nn
 
 Task = Literal["classification", "causal_lm", "seq2seq"]
 TASKS = ("classification", "causal_lm", "seq2seq")
@@ -243,6 +247,50 @@ def is_decoder_only(name: str, *, trust_remote_code: bool = False) -> bool:
     except Exception as err:  # noqa: BLE001
         raise _load_error("backbone", name, err) from err
     return not getattr(config, "is_encoder_decoder", False) and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+HEAD_NAMES = ("classifier", "score", "classification_head")
+
+
+def classification_head(model: nn.Module) -> nn.Module:
+    """The classification head of a ``*ForSequenceClassification`` model (``classifier``, ``score``, ...)."""
+    from torch import nn
+
+    for name in HEAD_NAMES:
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise PeftLabError(
+        f"cannot find the classification head of {type(model).__name__} (looked for {', '.join(HEAD_NAMES)}); "
+        "set train_head = False on the method and make the head trainable in attach()"
+    )
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on activation recomputation in the transformers model inside ``model`` (peft-wrapped or not)."""
+    inner = getattr(model, "peft_model", model)  # the input-tokens wrapper (P-tuning v2, stacks with input tokens)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise PeftLabError(f"model.gradient_checkpointing: {type(inner).__name__} does not support it; turn it off")
+    # non-reentrant checkpointing needs no input that requires grad, so it works with a frozen embedding
+    kwargs = {"use_reentrant": False}
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers 5.x's name (the old one warns)
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights count as their unpacked number."""
+    trainable = total = 0
+    for p in module.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state") and p.quant_state is not None:  # bitsandbytes Params4bit packs 2 per byte
+            n = math.prod(p.quant_state.shape)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
 
 
 # ---------------------------------------------------------------------------------------------- sharded start

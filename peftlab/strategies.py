@@ -35,9 +35,16 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from peftlab.backbones import torch_dtype
 from peftlab.errors import PeftLabError
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module``'s trainable parameters are sharded across processes (FSDP2 DTensors): a rank then holds
+    shards, and gathering them is a collective."""
+    return any(isinstance(p, DTensor) for p in module.parameters() if p.requires_grad)
 
 
 def transformer_block_classes(model: nn.Module) -> set[type[nn.Module]]:

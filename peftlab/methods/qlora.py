@@ -47,6 +47,7 @@ class QLoRA(LoRA):
     """
 
     name = "qlora"
+    stack_role = None  # a stack's additive part shares the stack's (unquantized) backbone
 
     def __init__(
         self,
