@@ -125,6 +125,16 @@ def write_peftlab_adapter(module, directory) -> str:
     return "peftlab"
 
 
+def adapter_directory(path: Path) -> Path:
+    """The exported adapter in ``path``: ``path`` itself, or a run directory's ``adapter/best``, else ``adapter/last``."""
+    if (path / "adapter_config.json").is_file():
+        return path
+    for name in ("best", "last"):
+        if (path / "adapter" / name / "adapter_config.json").is_file():
+            return path / "adapter" / name
+    raise PeftLabError(f"{path} is neither an exported adapter nor a run directory with adapter/best or adapter/last")
+
+
 def read_adapter_config(directory) -> dict:
     path = Path(directory) / "adapter_config.json"
     if not path.is_file():
@@ -180,12 +190,33 @@ def load_weights(module, directory) -> None:
             f"adapter {directory} does not fit this {type(module).__name__} model (wrong shape {wrong[:3]}, "
             f"missing {missing[:3]}); was it trained on another backbone or with other settings?"
         )
+    if "prompt_embeddings" in weights:
+        _inference_prompt(module, weights["prompt_embeddings"])
     result = set_peft_model_state_dict(module.model, weights)
     # prompt learning: peft loads `prompt_embeddings` into the prompt encoder itself, then reports the key as
     # unexpected when it loads the rest into the model
     unexpected = [k for k in getattr(result, "unexpected_keys", None) or [] if k != "prompt_embeddings"]
     if unexpected:
         raise PeftLabError(f"adapter {directory} has weights this model does not: {unexpected[:3]}")
+
+
+def _inference_prompt(module, value: torch.Tensor) -> None:
+    """peft saves a prompt-learning adapter's *output* (P-tuning's encoder output, prefix tuning's projected K/V):
+    load it as peft's ``from_pretrained`` does, in inference mode (peft then reads ``embedding.weight`` directly), so
+    the method's untrained encoder is not applied on top of it (which gave random outputs for P-tuning and a shape
+    error for projected prefixes). The encoder's reparameterization (MLP / LSTM), unused from then on, is dropped."""
+    model = module.model
+    name = model.active_adapter
+    encoder = model.prompt_encoder[name]
+    model.peft_config[name].inference_mode = True
+    weight = encoder.embedding.weight
+    before = sum(p.numel() for p in encoder.parameters())
+    for child in [n for n in encoder._modules if n != "embedding"]:
+        delattr(encoder, child)
+    encoder.embedding = torch.nn.Embedding(*value.shape, device=weight.device, dtype=weight.dtype)
+    change = sum(p.numel() for p in encoder.parameters()) - before  # every parameter of the encoder trains
+    module.trainable_count += change
+    module.total_count += change
 
 
 def _peft_config_fields(config: dict) -> set[str]:

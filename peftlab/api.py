@@ -16,35 +16,19 @@ from pathlib import Path
 
 import torch
 
-from peftlab.adapters import load_weights, read_meta
+from peftlab.adapters import adapter_directory, load_weights, read_meta
 from peftlab.backbones import is_decoder_only
 from peftlab.errors import PeftLabError
 from peftlab.generation import GenerationSettings
 
 
-def _adapter_dir(path: Path) -> Path:
-    if (path / "adapter_config.json").is_file():
-        return path
-    for name in ("best", "last"):
-        if (path / "adapter" / name / "adapter_config.json").is_file():
-            return path / "adapter" / name
-    raise PeftLabError(f"{path} is neither an exported adapter nor a run directory with adapter/best or adapter/last")
-
-
 def build_module(meta: dict, backbone: str | None = None):
     """Rebuild the (untrained) method module described by an adapter's ``peftlab_meta.json``."""
-    init_args = dict(meta["init_args"])
-    init_args["task"] = meta["task"]
-    init_args["num_labels"] = meta.get("num_labels")
-    if backbone:
-        init_args["backbone"] = backbone
-    from peftlab.methods.registry import import_method
+    from peftlab.methods.registry import construct_from_meta
 
-    cls = import_method(meta["method"], "the adapter's method")
+    module = construct_from_meta(meta, backbone)
     try:
-        return cls(**init_args).build()
-    except TypeError as err:  # a field the method does not take: a hand-edited or foreign peftlab_meta.json
-        raise PeftLabError(f"peftlab_meta.json does not fit {cls.__name__}: {err}; export the adapter again") from err
+        return module.build()
     except PeftLabError as err:
         if backbone and backbone != meta.get("backbone"):
             raise PeftLabError(f"the adapter was trained on {meta.get('backbone')!r} and does not fit backbone "
@@ -164,6 +148,25 @@ class Run:
                         batch["attention_mask"].to(module.device), settings_, streamer=streamer)[0]
 
 
+def load_adapters(adapters: dict, backbone: str | None = None, device: str | None = None):
+    """Load several trained runs or exported adapters onto **one** shared backbone: an
+    :class:`~peftlab.adapter_set.AdapterSet` (``predict(texts, adapter="name")``, ``switch``, ``add``, ``remove``).
+
+    Args:
+        adapters: ``{name: run directory, adapter directory or a loaded Run}``.
+        backbone: use this backbone instead of the recorded one (as in :func:`load_run`).
+        device: where the backbone and adapters live (default: where loading put them, usually the CPU).
+    """
+    from peftlab.adapter_set import AdapterSet
+
+    return AdapterSet(adapters, backbone=backbone, device=device, make_run=run_of)
+
+
+def run_of(module, meta: dict, directory: Path | None) -> Run:
+    """The :class:`Run` of a built, loaded ``module`` and its adapter's ``peftlab_meta.json`` (``{}`` for none)."""
+    return Run(module, meta.get("label_names"), directory, prompt_format=meta.get("prompt_format"))
+
+
 def load_run(path: str, backbone: str | None = None) -> Run:
     """Load a run directory or an exported adapter directory for inference.
 
@@ -171,11 +174,11 @@ def load_run(path: str, backbone: str | None = None) -> Run:
         path: ``runs/<name>/version_N`` (uses ``adapter/best``, else ``adapter/last``) or an adapter directory.
         backbone: use this backbone instead of the recorded one (e.g. a local copy of a hub model).
     """
-    directory = _adapter_dir(Path(path))
+    directory = adapter_directory(Path(path))
     meta = read_meta(directory)
     module = build_module(meta, backbone)
     load_weights(module, directory)
-    return Run(module, meta.get("label_names"), directory, prompt_format=meta.get("prompt_format"))
+    return run_of(module, meta, directory)
 
 
 def chat_command(run: str, /, message: str | None = None, system_prompt: str | None = None,

@@ -62,6 +62,8 @@ COMMANDS: dict[str, Command] = {
                          meta_only=True),
     "chat": Command("peftlab.api:chat_command",
                     "Talk to a trained chat adapter in the terminal, in its chat template, streaming the reply."),
+    "serve": Command("peftlab.serve:serve_command",
+                     "Serve trained adapters on one backbone over an OpenAI-compatible HTTP API (model = adapter name)."),
     "compare": Command("peftlab.compare:compare_command",
                        "Tune, train and test several methods fairly from a study file; report intervals and Pareto plots."),
 }

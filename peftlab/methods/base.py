@@ -180,14 +180,19 @@ class PeftModule(L.LightningModule):
         """Lightning's hook (once per process, in the strategy's init context): build the model."""
         self.build()
 
-    def build(self):
+    def build(self, backbone: nn.Module | None = None, tokenizer=None):
         """Load the tokenizer and the frozen backbone, :meth:`attach` the method and count parameters; return
-        ``self``. Idempotent. Lightning calls it through ``configure_model``; call it yourself without a Trainer."""
+        ``self``. Idempotent. Lightning calls it through ``configure_model``; call it yourself without a Trainer.
+        ``backbone`` / ``tokenizer``: use these, already loaded, instead (an adapter set's shared ones, see
+        :mod:`peftlab.adapter_set`)."""
         if self.model is not None:
             return self
         h = self.hparams
-        self.tokenizer = load_tokenizer(h.backbone, trust_remote_code=h.trust_remote_code, revision=h.revision)
-        if sharding_at_start() and self.attach_reads_backbone_weights():
+        self.tokenizer = tokenizer or load_tokenizer(h.backbone, trust_remote_code=h.trust_remote_code,
+                                                     revision=h.revision)
+        if backbone is not None:  # already loaded (an adapter set's shared backbone)
+            pass
+        elif sharding_at_start() and self.attach_reads_backbone_weights():
             self.print(f"[peftlab] {type(self).__name__} reads the backbone's weights while attaching: the "
                            "backbone loads in full on every process before sharding (no sharded start)")
             with sharded_start(False):
@@ -287,6 +292,24 @@ class PeftModule(L.LightningModule):
     def merge_refusal(self) -> str | None:
         """Why this instance cannot merge although its class can (its settings decide, e.g. a stack whose additive
         part is bottleneck adapters), in one line with the fix; None when it can."""
+        return None
+
+    def shared_backbone_key(self) -> dict[str, Any]:
+        """What the loaded backbone depends on: two adapters whose keys are equal can share one backbone in an
+        adapter set (:mod:`peftlab.adapter_set`). Methods that load it differently (QLoRA's 4-bit) add their settings."""
+        h = self.hparams
+        return {"backbone": h.backbone, "revision": h.revision, "task": self.task, "dtype": h.dtype,
+                "trust_remote_code": h.trust_remote_code, "attn_implementation": h.get("attn_implementation")}
+
+    def adapter_set_refusal(self) -> str | None:
+        """Why this instance cannot join an adapter set on a shared, unchanged backbone (it trains or rewrites the
+        backbone's own weights), in one line with the fix; None when it can (every method that only adds parts)."""
+        return None
+
+    def per_row_config(self):
+        """The peft config under which this built adapter can join one peft model with others and be chosen per row
+        of a batch (peft's ``adapter_names``, inference only); None (default): an adapter set runs its rows as a
+        group of their own (:mod:`peftlab.adapter_set`)."""
         return None
 
     def training_state_bytes(self) -> int:

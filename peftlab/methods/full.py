@@ -18,3 +18,7 @@ class FullFineTuning(PeftModule):
     def attach(self, backbone: nn.Module) -> nn.Module:
         backbone.requires_grad_(True)
         return backbone
+
+    def adapter_set_refusal(self) -> str | None:
+        return ("full fine-tuning trains every weight of the backbone: its run is a whole model, not an adapter that "
+                "can share a backbone with others; load it alone with peftlab.api.load_run")

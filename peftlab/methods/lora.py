@@ -165,6 +165,20 @@ class LoRA(PeftBackedMethod):
         out_dtype = torch_dtype(dtype)
         return copy.deepcopy(self.lora_model()).merge_and_unload().to(out_dtype).eval()
 
+    def adapter_set_refusal(self) -> str | None:
+        """PiSSA / OLoRA rewrite the frozen weights into their residual, which a shared backbone cannot hold."""
+        if not self.residual_init:
+            return None
+        return (f"init: {self.hparams.init} rewrites the backbone's weights (W - s B0 A0), so it cannot share a "
+                "backbone; add the run's exported adapter, which peftlab converts to a plain LoRA on the original "
+                "backbone (peftlab export)")
+
+    def per_row_config(self):
+        """LoRA's peft config: peft routes each row of a batch to its own LoRA (``adapter_names``); not DoRA's, which
+        peft 0.21 refuses there ("Cannot pass `adapter_names` when DoRA is enabled"): DoRA's rows are grouped."""
+        self._require_built("per-row routing")
+        return None if self.hparams.get("use_dora") else self.lora_model().peft_config["default"]
+
     def optimizer_groups(self) -> list[dict]:
         """LoRA+ (``loraplus_lr_ratio``): every ``B`` in a group at ``ratio x learning_rate``; else one group."""
         ratio = self.hparams.get("loraplus_lr_ratio")

@@ -80,6 +80,12 @@ class QLoRA(LoRA):
                                   bnb_4bit_compute_dtype=compute_dtype(s["compute_dtype"]),
                                   bnb_4bit_quant_storage=getattr(torch, s["quant_storage"]), **extra)
 
+    def shared_backbone_key(self) -> dict:
+        """The 4-bit backbone also depends on its quantization settings."""
+        h = self.hparams
+        return {**super().shared_backbone_key(), "quantization": [h["quant_type"], h["double_quant"],
+                                                                 h["compute_dtype"], h["quant_storage"]]}
+
     def load_backbone(self) -> nn.Module:
         from peft import prepare_model_for_kbit_training
 

@@ -80,3 +80,18 @@ def import_method(path: str, what: str = "model.class_path") -> type:
     if not (isinstance(cls, type) and cls in _CLASSES):
         raise PeftLabError(f"{what} {path!r} is not a PeftModule subclass; refusing to build it")
     return cls
+
+
+def construct_from_meta(meta: dict, backbone: str | None = None):
+    """The method an adapter's ``peftlab_meta.json`` describes, constructed (settings checked) but not built;
+    ``backbone``: another backbone than the recorded one."""
+    init_args = dict(meta["init_args"])
+    init_args["task"] = meta["task"]
+    init_args["num_labels"] = meta.get("num_labels")
+    if backbone:
+        init_args["backbone"] = backbone
+    cls = import_method(meta["method"], "the adapter's method")
+    try:
+        return cls(**init_args)
+    except TypeError as err:  # a field the method does not take: a hand-edited or foreign peftlab_meta.json
+        raise PeftLabError(f"peftlab_meta.json does not fit {cls.__name__}: {err}; export the adapter again") from err

@@ -257,6 +257,12 @@ class StackedMethod(PeftModule):
         return out
 
     # ------------------------------------------------------------------ merging
+    def adapter_set_refusal(self) -> str | None:
+        """The additive part decides (PiSSA / OLoRA rewrite the backbone's weights)."""
+        part = self._part_module("additive")
+        reason = part.adapter_set_refusal() if part is not None else None
+        return f"{type(self).__name__}'s additive part: {reason}" if reason else None
+
     def merge_refusal(self) -> str | None:
         """Why this stack cannot merge (its parts decide: only a LoRA-family additive part folds into the weights), or
         None; ``peftlab merge`` and ``LoRAMerge`` ask before training / loading anything else."""
