@@ -370,16 +370,22 @@ def load_shards(model) -> int:
                 mesh = param.device_mesh
                 rows, world = param.shape[0], mesh.size()
                 start = min(mesh.get_local_rank() * math.ceil(rows / world), rows)
-                count = local.shape[0]
                 file_dtype = getattr(torch, _ST_DTYPES[info["dtype"]])
                 row_bytes = math.prod(param.shape[1:]) * torch.empty((), dtype=file_dtype).element_size()
-                buffer = torch.empty((count, *param.shape[1:]), dtype=file_dtype)
                 f = handles[file]
                 f.seek(data_start + info["data_offsets"][0] + start * row_bytes)
-                if count and f.readinto(memoryview(buffer.view(torch.uint8).numpy()).cast("B")) != count * row_bytes:
-                    raise PeftLabError(f"backbone {record.name!r}: {file} ends inside {key}; the file is truncated")
-                with torch.no_grad():
-                    local.copy_(buffer)
+                # straight into the shard when the dtypes agree, else through a buffer of at most 16 MB
+                direct = file_dtype == local.dtype and local.is_contiguous()
+                step = max(local.shape[0], 1) if direct else max(1, (16 << 20) // max(row_bytes, 1))
+                for first in range(0, local.shape[0], step):
+                    rows_here = local[first:first + step]
+                    target = rows_here if direct else torch.empty(rows_here.shape, dtype=file_dtype)
+                    size = rows_here.shape[0] * row_bytes
+                    if f.readinto(memoryview(target.detach().view(torch.uint8).numpy()).cast("B")) != size:
+                        raise PeftLabError(f"backbone {record.name!r}: {file} ends inside {key}; it is truncated")
+                    if target is not rows_here:
+                        with torch.no_grad():
+                            rows_here.copy_(target)
                 filled += 1
         finally:
             for handle in handles.values():
