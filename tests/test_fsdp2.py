@@ -28,6 +28,9 @@ METHODS = {
     "p_tuning_v2": ("PTuningV2", {"num_virtual_tokens": 4, "prefix_hidden_size": 16}),
     "lora_prompt": ("LoRAPromptTuning", {"num_virtual_tokens": 4, "r": 4, "target_modules": ["q_proj", "v_proj"]}),
     "full": ("FullFineTuning", {}),
+    # QLoRA's packed 4-bit weights (bitsandbytes' CPU backend), sharded in their float storage dtype
+    "qlora": ("QLoRA", {"r": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "compute_dtype": "float32",
+                        "optimizer": "adamw", "quant_storage": "bfloat16"}),
 }
 STEPS = 3
 # trained as well with the whole backbone loaded on each process before sharding (sharded_start: false)
@@ -124,8 +127,9 @@ def test_fsdp2_on_two_processes_trains_what_one_process_trains(name, fsdp2_runs,
     # the export gathered the trainable parameters, not the frozen backbone
     assert report[name]["gathered"] == report[name]["trainable"] == module.trainable_count
     # a sharded start read every backbone tensor (embeddings, 2 x 9 per block, final norm, head) into the shards,
-    # except where attach reads the weights (LoRA + prompt starts its prompt from vocabulary embeddings)
-    assert report[name]["filled"] == (0 if name == "lora_prompt" else 21)
+    # except where attach reads the weights (LoRA + prompt starts its prompt from vocabulary embeddings) and for a
+    # quantized backbone (bitsandbytes quantizes while loading: QLoRA loads its 4-bit backbone in full, then shards)
+    assert report[name]["filled"] == (0 if name in ("lora_prompt", "qlora") else 21)
 
 
 def test_a_sharded_start_trains_the_adapter_a_full_start_trains(fsdp2_runs):
@@ -217,17 +221,25 @@ def test_fsdp2_checkpoint_holds_trainable_state_and_a_killed_run_resumes_exactly
         assert torch.equal(got[key], expected[key]), key
 
 
-def test_qlora_is_refused_by_fsdp2_in_one_line():
+def test_packed_weights_a_mixed_precision_policy_would_cast_are_refused_in_one_line():
+    """QLoRA's 4-bit values stored as uint8 (or any dtype but the policy's) would be cast by mixed_precision: bf16."""
     from peftlab.errors import PeftLabError
     from peftlab.strategies import FSDP2Strategy
 
-    class Fake:
+    class Packed:
         model = torch.nn.Linear(2, 2)
 
-    Fake.model.weight.__class__ = type("Params4bit", (torch.nn.Parameter,), {})
-    strategy = FSDP2Strategy()
-    with pytest.raises(PeftLabError, match="QLoRA's 4-bit weights cannot be sharded by FSDP2Strategy.*use strategy ddp"):
-        strategy.shard(Fake())
+        def quantized_weights(self):
+            return {id(self.model.weight): 2}
+
+    Packed.model.weight.data = Packed.model.weight.data.to(torch.uint8)
+    FSDP2Strategy().check_packed_weights(Packed(), Packed.model)  # no policy: the bytes are moved as they are
+    with pytest.raises(PeftLabError, match=r"Packed's quantized weights are stored as torch.uint8 and mixed_precision: "
+                                           r"bf16 would cast .* \(model.quant_storage: bfloat16\) or set the strategy's "
+                                           r"mixed_precision: null"):
+        FSDP2Strategy(mixed_precision="bf16").check_packed_weights(Packed(), Packed.model)
+    Packed.model.weight.data = Packed.model.weight.data.to(torch.bfloat16)
+    FSDP2Strategy(mixed_precision="bf16").check_packed_weights(Packed(), Packed.model)  # stored in the policy's dtype
 
 
 MEMORY_SCRIPT = '''
