@@ -221,13 +221,27 @@ def test_fsdp2_checkpoint_holds_trainable_state_and_a_killed_run_resumes_exactly
         assert torch.equal(got[key], expected[key]), key
 
 
+def test_a_qlora_adapter_trained_under_fsdp2_loads_and_merges(fsdp2_runs):
+    """QLoRA's adapter from the 2-process FSDP2 run: loaded on one process it merges onto the dequantized backbone,
+    and the merged plain model computes what the 4-bit model with the adapter computes."""
+    out, _ = fsdp2_runs
+    from peftlab.api import load_run
+
+    module = load_run(str(out / "qlora" / "last")).module.eval()
+    merged = module.merged_model()
+    assert not any(type(p).__name__ == "Params4bit" for p in merged.parameters())
+    ids = torch.randint(5, 500, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, module(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_packed_weights_a_mixed_precision_policy_would_cast_are_refused_in_one_line():
     """QLoRA's 4-bit values stored as uint8 (or any dtype but the policy's) would be cast by mixed_precision: bf16."""
     from peftlab.errors import PeftLabError
     from peftlab.strategies import FSDP2Strategy
 
     class Packed:
-        model = torch.nn.Linear(2, 2)
+        model = torch.nn.Linear(2, 2).requires_grad_(False)
 
         def quantized_weights(self):
             return {id(self.model.weight): 2}
