@@ -300,7 +300,7 @@ def _deferred_backbone(name, auto, config, path, kwargs, trust_remote_code):
             if p is not None:
                 owners.setdefault(id(p), []).append((module, attr))
     targets, missing = [], []
-    for param_name, p in model.named_parameters():  # (tied parameters once, under their first name)
+    for param_name, p in list(model.named_parameters()):  # (tied parameters once, under their first name)
         key = next((k for k in (param_name, param_name.removeprefix(f"{prefix}."), f"{prefix}.{param_name}")
                     if k in files), None)
         # uninitialized: the kernel gives a large allocation pages only when they are written, and nothing

@@ -61,16 +61,18 @@ DTensor.full_tensor = counting
 
 out = {out!r}
 report = {{}}
-runs = json.loads({methods!r})
+runs = {{name: (cls, kwargs, {backbone!r}) for name, (cls, kwargs) in json.loads({methods!r}).items()}}
 runs[{full_start!r}] = runs["lora"]
-for name, (cls, kwargs) in runs.items():
+# the same Llama with its head tied to its input embeddings (SmolLM2 is), from a sharded and from a full start
+runs["lora_tied"] = runs["lora_tied_full_start"] = (*runs["lora"][:2], {tied!r})
+for name, (cls, kwargs, backbone) in runs.items():
     L.seed_everything(0)
-    dm = make_data({source!r}, "causal_lm", {backbone!r}, batch_size=4, shuffle=False, group_by_length=False,
+    dm = make_data({source!r}, "causal_lm", backbone, batch_size=4, shuffle=False, group_by_length=False,
                    max_length=48)
-    module = getattr(methods, cls)(backbone={backbone!r}, task="causal_lm", learning_rate=1e-2, **kwargs)
+    module = getattr(methods, cls)(backbone=backbone, task="causal_lm", learning_rate=1e-2, **kwargs)
     gathered.clear()
     filled.clear()
-    strategy = FSDP2Strategy(sharded_start=name != {full_start!r})
+    strategy = FSDP2Strategy(sharded_start=not name.endswith("full_start"))
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps={steps}, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[AdapterExport(dirpath=out + "/" + name)])
@@ -85,11 +87,18 @@ if torch.distributed.get_rank() == 0:
 @pytest.fixture(scope="module")
 def fsdp2_runs(tmp_path_factory, tiny_llama, generation_jsonl):
     """All methods trained under FSDP2 by one 2-process launch (one start-up for all of them)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     out = tmp_path_factory.mktemp("fsdp2")
+    tied = out / "tiny_llama_tied"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, tie_word_embeddings=True)
+    model.tie_weights()
+    model.save_pretrained(tied)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(tied)
     script = out / "train.py"
     script.write_text(SCRIPT.format(tests=str(ROOT / "tests"), out=str(out), methods=json.dumps(METHODS),
                                     source=generation_jsonl, backbone=tiny_llama, steps=STEPS,
-                                    full_start=FULL_START))
+                                    full_start=FULL_START, tied=str(tied)))
     result = subprocess.run([sys.executable, str(script)], cwd=out, capture_output=True, text=True, timeout=900,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -142,6 +151,12 @@ def test_a_sharded_start_trains_the_adapter_a_full_start_trains(fsdp2_runs):
     assert full.keys() == sharded.keys() and len(full) == 8
     for key in full:
         torch.testing.assert_close(sharded[key], full[key], rtol=0, atol=1e-5)
+    # head tied to the input embeddings: one tensor for both (20 read), the same adapter as a full start
+    assert report["lora_tied"]["filled"] == 20 and report["lora_tied_full_start"]["filled"] == 0
+    tied_full = load_file(str(out / "lora_tied_full_start" / "last/adapter_model.safetensors"))
+    tied_sharded = load_file(str(out / "lora_tied" / "last/adapter_model.safetensors"))
+    for key in tied_full:
+        torch.testing.assert_close(tied_sharded[key], tied_full[key], rtol=0, atol=1e-5)
 
 
 def _as_trainable_names(module, directory: Path, tensors: dict) -> dict:
