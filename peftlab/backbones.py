@@ -12,6 +12,29 @@ from peftlab.errors import PeftLabError
 
 Task = Literal["classification", "causal_lm", "seq2seq"]
 TASKS = ("classification", "causal_lm", "seq2seq")
+DataTask = Literal["classification", "causal_lm", "seq2seq", "chat"]
+DATA_TASKS = (*TASKS, "chat")
+
+
+def model_task(data_task: str) -> str:
+    """The model task a data task trains: chat data trains a causal LM (its turns rendered by a chat template)."""
+    return "causal_lm" if data_task == "chat" else data_task
+
+
+#: the weight dtypes peftlab takes by name (``torch.<name>``), and the short names trainer precisions use
+DTYPES = ("float32", "bfloat16", "float16")
+SHORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def torch_dtype(name: str):
+    """The ``torch.dtype`` called ``name`` (a name of :data:`DTYPES` or :data:`SHORT_DTYPES`), or one line listing
+    the choices."""
+    key = SHORT_DTYPES.get(name, name)
+    if key not in DTYPES:
+        raise PeftLabError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    import torch
+
+    return getattr(torch, key)
 
 
 def _auto_class(task: str):
@@ -118,6 +141,22 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False, revision: str 
     return tok
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' load report and weight-loading bar off for one load (restored after it)."""
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
 def load_backbone(
     name: str,
     task: str,
@@ -140,7 +179,7 @@ def load_backbone(
     import torch
 
     dtype = kwargs.pop("dtype", "float32")
-    kwargs["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    kwargs["dtype"] = dtype if dtype == "auto" else torch_dtype(dtype) if isinstance(dtype, str) else dtype
     path = resolve_model(name)
     check_remote_code(name, path, trust_remote_code)
     try:
@@ -171,9 +210,19 @@ def load_backbone(
         if model is not None:
             return _with_pad_token(model, name, task, trust_remote_code, revision)
     try:
-        model = auto.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision, **kwargs)
+        with _quiet_transformers():
+            model, info = auto.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision,
+                                               output_loading_info=True, **kwargs)
     except Exception as err:  # noqa: BLE001
         raise _load_error("backbone", name, err) from err
+    # transformers reports the task head as MISSING on every load (it is new, or comes from the adapter next);
+    # a missing weight of the backbone itself is a real problem, said in one line
+    missing = [k for k in info.get("missing_keys", ()) if k.startswith(f"{model.base_model_prefix}.")]
+    if missing:
+        import warnings
+
+        warnings.warn(f"backbone {name!r}: {len(missing)} of its weights are not in the checkpoint and were newly "
+                      f"initialised ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})", stacklevel=2)
     return _with_pad_token(model, name, task, trust_remote_code, revision)
 
 

@@ -17,7 +17,7 @@ This strategy does it for every peftlab method, so a config only names it (``con
   state only (``PeftModule.on_save_checkpoint``), written to a temporary directory and renamed into place, so
   a crash mid-save leaves the previous checkpoint;
 * exported adapters gather the *trainable* parameters only (never the frozen backbone on one rank), see
-  :func:`peftlab.export.full_trainable_state`.
+  :func:`peftlab.adapters.trainable_state`.
 
 FSDP1 (Lightning's ``FSDPStrategy``) and DeepSpeed configs were retired in favour of this one: docs/distributed.md
 says why. QLoRA's packed 4-bit weights are sharded like any tensor (with a mixed-precision policy they must be stored
@@ -38,6 +38,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from peftlab.backbones import torch_dtype
 from peftlab.errors import PeftLabError
 
 
@@ -53,9 +54,6 @@ def transformer_block_classes(model: nn.Module) -> set[type[nn.Module]]:
             "_no_split_modules); use strategy ddp, or a backbone from transformers"
         )
     return classes
-
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -119,7 +117,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         mesh = self.device_mesh["data_parallel"]
         policy = None
         if self.mixed_precision:
-            policy = MixedPrecisionPolicy(param_dtype=DTYPES[self.mixed_precision], reduce_dtype=torch.float32)
+            policy = MixedPrecisionPolicy(param_dtype=torch_dtype(self.mixed_precision), reduce_dtype=torch.float32)
         options = {"mesh": mesh, "reshard_after_forward": self.reshard_after_forward}
         if policy is not None:
             options["mp_policy"] = policy
