@@ -362,6 +362,12 @@ def _deferred_backbone(name, auto, config, path, kwargs, trust_remote_code):
         else:
             targets.append((*owners[id(p)][0], key))
     if missing:  # new weights (a classification head): initialized on every rank alike, as from_pretrained does
+        own = [k for k in missing if k.startswith(f"{prefix}.")]  # the backbone's own: said, as load_backbone does
+        if own:
+            import warnings
+
+            warnings.warn(f"backbone {name!r}: {len(own)} of its weights are not in the checkpoint and were newly "
+                          f"initialised ({', '.join(own[:3])}{', ...' if len(own) > 3 else ''})", stacklevel=3)
         modules = dict(model.named_modules())
         for param_name in missing:
             module_name, _, attr = param_name.rpartition(".")

@@ -137,10 +137,10 @@ class FSDP2Strategy(ModelParallelStrategy):
         quantized = module.quantized_weights() if hasattr(module, "quantized_weights") else {}
         if not self.mixed_precision or not quantized:
             return
-        wanted = DTYPES[self.mixed_precision]
+        wanted = torch_dtype(self.mixed_precision)
         stored = {p.dtype for p in model.parameters() if id(p) in quantized}
         if stored - {wanted}:
-            name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[wanted]
+            name = str(wanted).removeprefix("torch.")
             raise PeftLabError(
                 f"{type(module).__name__}'s quantized weights are stored as {', '.join(sorted(map(str, stored)))} "
                 f"and mixed_precision: {self.mixed_precision} would cast (scramble) them: store them in {name} "
