@@ -396,7 +396,7 @@ def _deferred_backbone(name, auto, config, path, kwargs, trust_remote_code):
             if p is not None:
                 owners.setdefault(id(p), []).append((module, attr))
     targets, missing = [], []
-    for param_name, p in model.named_parameters():  # (tied parameters once, under their first name)
+    for param_name, p in list(model.named_parameters()):  # (tied parameters once, under their first name)
         key = next((k for k in (param_name, param_name.removeprefix(f"{prefix}."), f"{prefix}.{param_name}")
                     if k in files), None)
         # uninitialized: the kernel gives a large allocation pages only when they are written, and nothing
@@ -409,6 +409,12 @@ def _deferred_backbone(name, auto, config, path, kwargs, trust_remote_code):
         else:
             targets.append((*owners[id(p)][0], key))
     if missing:  # new weights (a classification head): initialized on every rank alike, as from_pretrained does
+        own = [k for k in missing if k.startswith(f"{prefix}.")]  # the backbone's own: said, as load_backbone does
+        if own:
+            import warnings
+
+            warnings.warn(f"backbone {name!r}: {len(own)} of its weights are not in the checkpoint and were newly "
+                          f"initialised ({', '.join(own[:3])}{', ...' if len(own) > 3 else ''})", stacklevel=3)
         modules = dict(model.named_modules())
         for param_name in missing:
             module_name, _, attr = param_name.rpartition(".")
@@ -466,16 +472,22 @@ def load_shards(model) -> int:
                 mesh = param.device_mesh
                 rows, world = param.shape[0], mesh.size()
                 start = min(mesh.get_local_rank() * math.ceil(rows / world), rows)
-                count = local.shape[0]
                 file_dtype = getattr(torch, _ST_DTYPES[info["dtype"]])
                 row_bytes = math.prod(param.shape[1:]) * torch.empty((), dtype=file_dtype).element_size()
-                buffer = torch.empty((count, *param.shape[1:]), dtype=file_dtype)
                 f = handles[file]
                 f.seek(data_start + info["data_offsets"][0] + start * row_bytes)
-                if count and f.readinto(memoryview(buffer.view(torch.uint8).numpy()).cast("B")) != count * row_bytes:
-                    raise PeftLabError(f"backbone {record.name!r}: {file} ends inside {key}; the file is truncated")
-                with torch.no_grad():
-                    local.copy_(buffer)
+                # straight into the shard when the dtypes agree, else through a buffer of at most 16 MB
+                direct = file_dtype == local.dtype and local.is_contiguous()
+                step = max(local.shape[0], 1) if direct else max(1, (16 << 20) // max(row_bytes, 1))
+                for first in range(0, local.shape[0], step):
+                    rows_here = local[first:first + step]
+                    target = rows_here if direct else torch.empty(rows_here.shape, dtype=file_dtype)
+                    size = rows_here.shape[0] * row_bytes
+                    if f.readinto(memoryview(target.detach().view(torch.uint8).numpy()).cast("B")) != size:
+                        raise PeftLabError(f"backbone {record.name!r}: {file} ends inside {key}; it is truncated")
+                    if target is not rows_here:
+                        with torch.no_grad():
+                            rows_here.copy_(target)
                 filled += 1
         finally:
             for handle in handles.values():
