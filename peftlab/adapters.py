@@ -53,14 +53,26 @@ def trainable_state(module) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- peftlab_meta.json
-def peftlab_meta(module, label_names: list[str] | None = None) -> dict:
-    """What :func:`peftlab.api.load_run` needs to rebuild the module: method, its arguments, task, labels."""
+def prompt_format(module) -> dict | None:
+    """The prompt format of the data ``module`` trains on (``PeftDataModule.prompt_format``), or ``None``."""
+    try:
+        datamodule = getattr(module.trainer, "datamodule", None)
+    except RuntimeError:  # not attached to a Trainer
+        return None
+    describe = getattr(datamodule, "prompt_format", None)
+    return describe() if callable(describe) else None
+
+
+def peftlab_meta(module, label_names: list[str] | None = None, prompt: dict | None = None) -> dict:
+    """What :func:`peftlab.api.load_run` needs to rebuild the module: method, its arguments, task, labels, and
+    the prompt format inference applies (``prompt_format``: chat template or prompt/response templates)."""
     # LightningCLI adds private keys such as _class_path; task and num_labels are stored on their own
     hparams = {k: v for k, v in dict(module.hparams).items()
                if not k.startswith("_") and k not in ("task", "num_labels") and _jsonable(v)}
     return {"method": method_path(module), "init_args": hparams, "task": module.task,
             "num_labels": module.num_labels, "label_names": label_names, "backbone": module.hparams.backbone,
-            "trainable": module.trainable_count, "total": module.total_count, "run": run_record()}
+            "trainable": module.trainable_count, "total": module.total_count, "run": run_record(),
+            "prompt_format": prompt}
 
 
 def write_meta(directory, meta: dict) -> None:

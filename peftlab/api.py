@@ -4,6 +4,10 @@
     run = load_run("runs/quickstart/version_0")          # or .../adapter/best, or any exported adapter
     run.predict(["A moving, beautifully shot film.", "Dull and far too long."])
     # [{'label': 'fresh', 'probs': {'rotten': 0.08, 'fresh': 0.92}}, ...]
+
+Generative runs answer in the format they were trained in (the chat template, or the prompt template), with
+generation settings from :mod:`peftlab.generation`; chat runs also answer whole conversations
+(``run.chat(messages)``). See docs/chat.md.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from peftlab.adapters import adapter_directory, load_weights, read_meta
 from peftlab.backbones import is_decoder_only
 from peftlab.errors import PeftLabError
+from peftlab.generation import GenerationSettings
 
 
 def build_module(meta: dict, backbone: str | None = None):
@@ -32,47 +37,115 @@ def build_module(meta: dict, backbone: str | None = None):
 
 
 class Run:
-    """A trained method ready for inference: ``module`` (a PeftModule in eval mode) and its label names."""
+    """A trained method ready for inference: ``module`` (a PeftModule in eval mode), its label names and the
+    prompt format it was trained with (``prompt_format``: the chat template or the prompt/response templates,
+    from the adapter's ``peftlab_meta.json``), which :meth:`predict` and :meth:`chat` apply."""
 
-    def __init__(self, module, label_names: list[str] | None, directory: Path, max_length: int = 512):
+    def __init__(self, module, label_names: list[str] | None, directory: Path, max_length: int = 512,
+                 prompt_format: dict | None = None):
         self.module = module.eval()
         self.label_names = label_names
         self.directory = directory
         self.max_length = max_length
+        self.prompt_format = prompt_format
+
+    @property
+    def is_chat(self) -> bool:
+        return (self.prompt_format or {}).get("kind") == "chat"
+
+    def format_prompt(self, text) -> str:
+        """``text`` as the model saw inputs in training: a user turn in the chat template (chat runs; a list of
+        messages is a whole conversation), or ``prompt_template`` filled in (its one field, or a dict of columns)."""
+        fmt = self.prompt_format or {}
+        if fmt.get("kind") == "chat":
+            from peftlab.data import chat
+
+            messages = list(text) if isinstance(text, list) else [{"role": "user", "content": str(text)}]
+            if fmt.get("system_prompt") and messages[0].get("role") != "system":
+                messages.insert(0, {"role": "system", "content": fmt["system_prompt"]})
+            return chat.prompt_text(self.module.tokenizer, fmt["chat_template"], messages)
+        if fmt.get("kind") == "template":
+            from peftlab.data.formats import render, template_fields
+
+            template = fmt["prompt_template"]
+            if isinstance(text, dict):
+                return render(template, text)
+            fields = sorted(set(template_fields(template)))
+            if len(fields) != 1:
+                raise PeftLabError(f"the run's prompt_template {template!r} has fields {fields}: pass each input as a "
+                                   "dict of them, or raw=True to send the text as it is")
+            return render(template, {fields[0]: text})
+        return str(text)
 
     @torch.no_grad()
-    def predict(self, texts: list[str], batch_size: int = 32, max_new_tokens: int | None = None) -> list[dict]:
-        """Class and probabilities (classification) or generated text (causal LM / seq2seq) for each text."""
+    def predict(self, texts: list, batch_size: int = 32, max_new_tokens: int | None = None, *, raw: bool = False,
+                generation: GenerationSettings | None = None, **settings) -> list[dict]:
+        """Class and probabilities (classification) or generated text (causal LM / seq2seq / chat) for each text.
+
+        Generative runs put each text in the training format first (:meth:`format_prompt`) unless ``raw``.
+        ``generation`` and keyword settings (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``,
+        ``top_k``, ``repetition_penalty``, ``stop``, ``seed``: :class:`peftlab.generation.GenerationSettings`)
+        say how text is generated."""
         module, tok = self.module, self.module.tokenizer
         out: list[dict] = []
         # decoder-only models read the last position (classification) or continue it (generation)
         pad_left = module.task == "causal_lm" or (module.task == "classification"
                                                   and is_decoder_only(module.hparams.backbone))
-        for start in range(0, len(texts), batch_size):
-            chunk = list(texts[start:start + batch_size])
-            tok.padding_side = "left" if pad_left else "right"
-            batch = tok(chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-            tok.padding_side = "right"
-            batch = {k: v.to(module.device) for k, v in batch.items()}
-            if module.task == "classification":
-                probs = module(**batch).logits.float().softmax(-1).cpu()
-                names = self.label_names or [str(i) for i in range(probs.shape[1])]
-                out += [{"label": names[int(p.argmax())], "probs": {n: float(q) for n, q in zip(names, p)}}
-                        for p in probs]
-            else:
-                result = module.predict_step(batch, 0) if max_new_tokens is None else \
-                    _generate(module, batch, max_new_tokens)
-                out += [{"generated": t} for t in result["text"]]
+        prompts = list(texts) if raw or module.task == "classification" else [self.format_prompt(t) for t in texts]
+        # a chat template writes its own special tokens; prompt templates were tokenized with them added
+        special = not (self.is_chat and not raw)
+        saved = getattr(module, "generation", None)
+        module.generation = GenerationSettings.from_kwargs(generation, max_new_tokens=max_new_tokens, **settings)
+        try:
+            for start in range(0, len(prompts), batch_size):
+                chunk = [str(p) for p in prompts[start:start + batch_size]]
+                tok.padding_side = "left" if pad_left else "right"
+                # an over-long prompt loses its start, never the end that generation continues
+                tok.truncation_side = "left" if module.task == "causal_lm" else "right"
+                batch = tok(chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
+                            add_special_tokens=special)
+                tok.padding_side = tok.truncation_side = "right"
+                batch = {k: v.to(module.device) for k, v in batch.items()}
+                if module.task == "classification":
+                    probs = module(**batch).logits.float().softmax(-1).cpu()
+                    names = self.label_names or [str(i) for i in range(probs.shape[1])]
+                    out += [{"label": names[int(p.argmax())], "probs": {n: float(q) for n, q in zip(names, p)}}
+                            for p in probs]
+                else:
+                    out += [{"generated": t} for t in module.predict_step(batch, 0)["text"]]
+        finally:
+            module.generation = saved
         return out
 
+    @torch.no_grad()
+    def chat(self, messages: list[dict], *, generation: GenerationSettings | None = None, stream: bool = False,
+             **settings) -> str:
+        """The model's reply to a conversation (``[{"role", "content"}]``, ending on a user turn) in the run's chat
+        template; ``stream`` prints the tokens as they are generated. Settings as for :meth:`predict`."""
+        if self.module.task != "causal_lm":
+            raise PeftLabError(f"Run.chat needs a causal LM run; this one is {self.module.task}")
+        if not self.is_chat:
+            raise PeftLabError("this run was not trained on chat data (data.task chat), so it has no chat template; "
+                               "use Run.predict")
+        if not messages or messages[-1].get("role") != "user":
+            raise PeftLabError("Run.chat answers a conversation that ends on a user turn; add the user's message")
+        from peftlab.generation import generate
 
-def _generate(module, batch, max_new_tokens):
-    saved = module.hparams.max_new_tokens
-    module.hparams.max_new_tokens = max_new_tokens
-    try:
-        return module.predict_step(batch, 0)
-    finally:
-        module.hparams.max_new_tokens = saved
+        module, tok = self.module, self.module.tokenizer
+        tok.truncation_side = "left"  # a long conversation loses its oldest tokens, never the generation prompt
+        batch = tok([self.format_prompt(list(messages))], add_special_tokens=False, return_tensors="pt",
+                    truncation=True, max_length=self.max_length)
+        tok.truncation_side = "right"
+        settings_ = GenerationSettings.from_kwargs(generation, **settings)
+        if not settings_.max_new_tokens:
+            settings_ = GenerationSettings.from_kwargs(settings_, max_new_tokens=module.hparams.max_new_tokens)
+        streamer = None
+        if stream:
+            from transformers import TextStreamer
+
+            streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        return generate(module.model, tok, batch["input_ids"].to(module.device),
+                        batch["attention_mask"].to(module.device), settings_, streamer=streamer)[0]
 
 
 def load_adapters(adapters: dict, backbone: str | None = None, device: str | None = None):
@@ -91,7 +164,7 @@ def load_adapters(adapters: dict, backbone: str | None = None, device: str | Non
 
 def run_of(module, meta: dict, directory: Path | None) -> Run:
     """The :class:`Run` of a built, loaded ``module`` and its adapter's ``peftlab_meta.json`` (``{}`` for none)."""
-    return Run(module, meta.get("label_names"), directory)
+    return Run(module, meta.get("label_names"), directory, prompt_format=meta.get("prompt_format"))
 
 
 def load_run(path: str, backbone: str | None = None) -> Run:
@@ -106,3 +179,50 @@ def load_run(path: str, backbone: str | None = None) -> Run:
     module = build_module(meta, backbone)
     load_weights(module, directory)
     return run_of(module, meta, directory)
+
+
+def chat_command(run: str, /, message: str | None = None, system_prompt: str | None = None,
+                 backbone: str | None = None, generation: GenerationSettings | None = None) -> str | None:
+    """Talk to a trained chat adapter in the terminal, in its chat template, streaming the reply.
+
+    Type a message and press Enter; ``/reset`` starts a new conversation, ``/exit`` (or Ctrl-D) ends. With
+    ``--message`` it answers that one message, prints the reply and exits (for scripts).
+
+    Args:
+        run: a run directory (``runs/<name>/version_N``) or an exported adapter directory of a ``data.task chat`` run.
+        message: answer this one message and exit instead of opening a conversation.
+        system_prompt: a system message for the conversation (default: the one the run was trained with, if any).
+        backbone: use this backbone instead of the recorded one.
+        generation: how replies are generated (``--generation.max_new_tokens 128 --generation.do_sample true``).
+
+    Examples:
+        peftlab chat runs/chat_lora/version_0
+        peftlab chat runs/chat_lora/version_0 --message "Is this review fresh or rotten? A dull film."
+    """
+    loaded = load_run(run, backbone)
+    if not loaded.is_chat:
+        raise PeftLabError(f"{run} was not trained on chat data (data.task chat); use peftlab predict or Run.predict")
+    head = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    if message is not None:
+        reply = loaded.chat([*head, {"role": "user", "content": message}], generation=generation)
+        print(reply, flush=True)
+        return reply
+    history = list(head)
+    print("[peftlab] chatting with", loaded.directory, "(/reset: new conversation, /exit: quit)", flush=True)
+    while True:
+        try:
+            text = input("you> ")
+        except EOFError:
+            print()
+            return None
+        if text.strip() in ("/exit", "/quit"):
+            return None
+        if text.strip() == "/reset":
+            history = list(head)
+            continue
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        print("assistant> ", end="", flush=True)
+        reply = loaded.chat(history, generation=generation, stream=True)
+        history.append({"role": "assistant", "content": reply})

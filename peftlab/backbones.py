@@ -12,6 +12,15 @@ from peftlab.errors import PeftLabError
 
 Task = Literal["classification", "causal_lm", "seq2seq"]
 TASKS = ("classification", "causal_lm", "seq2seq")
+DataTask = Literal["classification", "causal_lm", "seq2seq", "chat"]
+DATA_TASKS = (*TASKS, "chat")
+
+
+def model_task(data_task: str) -> str:
+    """The model task a data task trains: chat data trains a causal LM (its turns rendered by a chat template)."""
+    return "causal_lm" if data_task == "chat" else data_task
+
+
 #: the weight dtypes peftlab takes by name (``torch.<name>``), and the short names trainer precisions use
 DTYPES = ("float32", "bfloat16", "float16")
 SHORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

@@ -92,8 +92,12 @@ def _make_cli_class():
                                      "without an API key), tensorboard; e.g. --trackers mlflow (docs/trackers.md)")
             parser.add_argument("--predictions_file", type=str | None, default=None,
                                 help="predict: where to write predictions, .jsonl or .csv (default: <log_dir>/predictions.jsonl)")
+            from peftlab.backbones import model_task
             from peftlab.callbacks import AdapterExport, LastCheckpoint
+            from peftlab.generation import GenerationSettings
 
+            # predict: how text is generated (--generation.max_new_tokens 64 --generation.do_sample true ...)
+            parser.add_class_arguments(GenerationSettings, "generation")
             # on by default: exported adapters under <run dir>/adapter/{last,best} (--adapter_export.enabled false)
             parser.add_lightning_class_args(AdapterExport, "adapter_export")
             # on by default in fit: <run dir>/checkpoints/last.ckpt is the newest state (--last_checkpoint.enabled
@@ -101,7 +105,7 @@ def _make_cli_class():
             # which Lightning refuses beside trainer.enable_checkpointing false
             parser.add_class_arguments(LastCheckpoint, "last_checkpoint")
             # the model is built for the data's task; the data tokenizes with the backbone's tokenizer
-            parser.link_arguments("data.task", "model.init_args.task", apply_on="parse")
+            parser.link_arguments("data.task", "model.init_args.task", compute_fn=model_task, apply_on="parse")
             parser.link_arguments("model.init_args.backbone", "data.tokenizer", apply_on="parse")
             # num_labels is read from the data, so it is never written twice
             parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
@@ -218,6 +222,10 @@ def _make_cli_class():
             self._started = time.time()
             self.model.check()  # settings errors in seconds, before anything is written or loaded
             self.model.check_data(self.datamodule)  # a model/data mismatch (task, labels, packing), as early
+            if callable(getattr(self.datamodule, "load", None)):
+                self.datamodule.load()  # bad rows (null targets, unknown roles...) in one line, before training
+                if getattr(self.datamodule, "task", None) == "chat":
+                    self.datamodule.chat_template_text  # noqa: B018 - a tokenizer without a template: refused now
             self._resolve_last_checkpoint()
             self._arrange_loggers()
 
@@ -232,6 +240,9 @@ def _make_cli_class():
 
         def _before_evaluation(self):
             self.model.check()
+            from peftlab.generation import GenerationSettings
+
+            self.model.generation = GenerationSettings.coerce(self.config_init[self.subcommand].get("generation"))
             self._evaluate_into_run()
             self._arrange_loggers()
 

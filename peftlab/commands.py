@@ -60,6 +60,8 @@ COMMANDS: dict[str, Command] = {
     "recommend": Command("peftlab.analysis.recommend:recommend_command",
                          "Recommend a PEFT method from the design notes' decision tables and write its config.",
                          meta_only=True),
+    "chat": Command("peftlab.api:chat_command",
+                    "Talk to a trained chat adapter in the terminal, in its chat template, streaming the reply."),
     "serve": Command("peftlab.serve:serve_command",
                      "Serve trained adapters on one backbone over an OpenAI-compatible HTTP API (model = adapter name)."),
     "compare": Command("peftlab.compare:compare_command",
@@ -225,6 +227,10 @@ def normalize_argv(fn: Callable[..., Any], argv: list[str]) -> list[str]:
             add(name, items)
         elif name in scalars and not eq and i + 1 < len(argv) and not _is_option(argv[i + 1]):
             out += [token, argv[i + 1]]  # its value, even when it looks like a positional or "-1"
+            i += 1
+        elif (name.partition(".")[0] in sig.options and "." in name and not eq and i + 1 < len(argv)
+              and not _is_option(argv[i + 1])):  # a field of a dataclass option: --generation.top_p 0.9
+            out += [token, argv[i + 1]]
             i += 1
         elif _is_option(token):
             out.append(token)

@@ -30,6 +30,7 @@ from peftlab.adapters import (  # noqa: F401 - the adapter format's names, also 
     load_adapter_weights,
     method_path,
     peftlab_meta,
+    prompt_format,
     read_adapter_config,
     trainable_state,
     write_meta,
@@ -134,10 +135,11 @@ def export_adapter(module, directory, *, config_yaml: str | None = None, metrics
 
     ``state``: the full trainable parameters of a sharded module (:func:`trainable_state`, gathered on every
     rank); the files are then written from an unsharded copy of the method (:func:`unsharded_copy`)."""
+    prompt = prompt_format(module)  # from the trainer's data, before a sharded module is replaced by its copy
     if state is not None:
         module = unsharded_copy(module, state)
     with atomic_directory(directory) as tmp:
-        write_meta(tmp, peftlab_meta(module, label_names))
+        write_meta(tmp, peftlab_meta(module, label_names, prompt))
         fmt = module.export(tmp)  # the method writes its own files (peft's format or peftlab's)
         if config_yaml:
             (tmp / "peftlab_config.yaml").write_text(config_yaml)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -53,6 +54,7 @@ from peftlab.backbones import (
     sharding_at_start,
 )
 from peftlab.errors import PeftLabError
+from peftlab.generation import GenerationSettings, generate
 from peftlab.methods.registry import METHODS, PRESETS_DIR, load_plugins, register  # noqa: F401 - re-exported
 
 
@@ -522,14 +524,18 @@ class PeftModule(L.LightningModule):
         if sharded_root:
             self.model.unshard()
         try:
-            out = self.model.generate(**inputs, max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
-                                      pad_token_id=self.tokenizer.pad_token_id)
+            text = generate(self.model, self.tokenizer, inputs["input_ids"], inputs["attention_mask"],
+                            self.generation_settings(), continues=self.task == "causal_lm")
         finally:
             if sharded_root:
                 self.model.reshard()
-        if self.task == "causal_lm":
-            out = out[:, inputs["input_ids"].shape[1]:]
-        return {"text": self.tokenizer.batch_decode(out, skip_special_tokens=True)}
+        return {"text": text}
+
+    def generation_settings(self) -> GenerationSettings:
+        """How ``predict_step`` generates: ``self.generation`` when set (``peftlab predict --generation.*``,
+        ``Run.predict``), else greedy decoding of ``max_new_tokens`` tokens."""
+        settings = getattr(self, "generation", None) or GenerationSettings()
+        return settings if settings.max_new_tokens else replace(settings, max_new_tokens=self.hparams.max_new_tokens)
 
     # ------------------------------------------------------------------ optimization
     def optimizer_groups(self) -> list[dict]:
@@ -609,7 +615,7 @@ class PeftModule(L.LightningModule):
         """Refuse a DataModule whose task or label count does not match this model."""
         if datamodule is None:
             return
-        task = getattr(datamodule, "task", self.task)
+        task = getattr(datamodule, "model_task", getattr(datamodule, "task", self.task))  # chat data: causal_lm
         if task != self.task:
             raise PeftLabError(f"data.task is {task!r} but the model was built for {self.task!r}; make them equal")
         if getattr(datamodule, "packing", False) and not type(self).supports_packing:
