@@ -213,7 +213,7 @@ def _inference_prompt(module, value: torch.Tensor) -> None:
     model.peft_config[name].inference_mode = True
     weight = encoder.embedding.weight
     before = sum(p.numel() for p in encoder.parameters())
-    for child in [n for n in encoder._modules if n != "embedding"]:
+    for child in [n for n, _ in encoder.named_children() if n != "embedding"]:
         delattr(encoder, child)
     encoder.embedding = torch.nn.Embedding(*value.shape, device=weight.device, dtype=weight.dtype)
     change = sum(p.numel() for p in encoder.parameters()) - before  # every parameter of the encoder trains

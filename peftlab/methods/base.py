@@ -364,6 +364,12 @@ class PeftModule(TokenWeightedLoss, Optimization, AdapterCheckpoints, L.Lightnin
         backbone's own weights), in one line with the fix; None when it can (every method that only adds parts)."""
         return None
 
+    def serving_engine_refusal(self) -> str | None:
+        """Why a serving engine's multi-LoRA loader (vLLM's ``--enable-lora``) cannot load this method's export, in
+        one line naming what serves it instead; None when it can. Default: the export is not a plain LoRA."""
+        return (f"{type(self).__name__}'s export is not a plain LoRA adapter, which is all vLLM's multi-LoRA server "
+                "loads; serve it with peftlab serve (docs/multi-adapter.md)")
+
     def per_row_config(self):
         """The peft config under which this built adapter can join one peft model with others and be chosen per row
         of a batch (peft's ``adapter_names``, inference only); None (default): an adapter set runs its rows as a

@@ -189,6 +189,20 @@ class LoRA(PeftBackedMethod):
                 "backbone; add the run's exported adapter, which peftlab converts to a plain LoRA on the original "
                 "backbone (peftlab export)")
 
+    def serving_engine_refusal(self) -> str | None:
+        """vLLM's LoRA loader takes plain LoRA (PiSSA / OLoRA exports are converted to one): not DoRA, trained
+        biases or extra saved modules (issue #32's measurement with vLLM 0.32; not re-run here)."""
+        h = self.hparams
+        if h.get("use_dora"):
+            return "DoRA's magnitude vectors are not a plain LoRA and vLLM's loader refuses them; serve it with peftlab serve"
+        if h.get("bias", "none") != "none":
+            return (f"trained biases (model.bias: {h.bias}) are not part of a plain LoRA and vLLM's loader refuses them; "
+                    "serve it with peftlab serve, or train with bias: none")
+        if h.get("modules_to_save"):
+            return (f"modules_to_save {h.modules_to_save} are trained in full, which vLLM's loader refuses (beyond a "
+                    "classification head); serve it with peftlab serve")
+        return None
+
     def per_row_config(self):
         """LoRA's peft config: peft routes each row of a batch to its own LoRA (``adapter_names``); not DoRA's, which
         peft 0.21 refuses there ("Cannot pass `adapter_names` when DoRA is enabled"): DoRA's rows are grouped."""
