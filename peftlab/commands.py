@@ -60,6 +60,8 @@ COMMANDS: dict[str, Command] = {
     "recommend": Command("peftlab.analysis.recommend:recommend_command",
                          "Recommend a PEFT method from the design notes' decision tables and write its config.",
                          meta_only=True),
+    "evaluate": Command("peftlab.evaluate:evaluate_command",
+                        "Run lm-evaluation-harness tasks on a trained run of any method (or a bare backbone)."),
     "compare": Command("peftlab.compare:compare_command",
                        "Tune, train and test several methods fairly from a study file; report intervals and Pareto plots."),
 }
@@ -102,6 +104,7 @@ class Signature(NamedTuple):
     positionals: tuple[str, ...]  # positional-only parameters, in order
     options: tuple[str, ...]  # the other parameters, except fit_args
     takes_fit_args: bool
+    optional: tuple[str, ...] = ()  # positional-only parameters with a default: may be left out
 
     @property
     def bools(self) -> set[str]:
@@ -116,8 +119,9 @@ def signature(fn: Callable[..., Any]) -> Signature:
     params = inspect.signature(fn).parameters
     hints = typing.get_type_hints(fn)
     positionals = tuple(n for n, p in params.items() if p.kind is p.POSITIONAL_ONLY)
+    optional = tuple(n for n in positionals if params[n].default is not params[n].empty)
     options = tuple(n for n, p in params.items() if p.kind is not p.POSITIONAL_ONLY and n != FIT_ARGS)
-    return Signature(hints, positionals, options, FIT_ARGS in params)
+    return Signature(hints, positionals, options, FIT_ARGS in params, optional)
 
 
 def _is_option(token: str) -> bool:
@@ -282,9 +286,11 @@ def build_parser(name: str):
     parser = ArgumentParser(prog=f"peftlab {name}", description=description, epilog=epilog or None,
                             formatter_class=Formatter, exit_on_error=False, default_env=False)
     parser.add_function_arguments(fn, as_group=False, skip={*sig.positionals, FIT_ARGS})
+    defaults = {n: p.default for n, p in inspect.signature(fn).parameters.items() if n in sig.optional}
     for positional in sig.positionals:
+        extra = {"nargs": "?", "default": defaults[positional]} if positional in sig.optional else {}
         parser.add_argument(positional, type=sig.hints.get(positional, str), help=params.get(positional),
-                            metavar=metavar(positional, positional in sig.lists))
+                            metavar=metavar(positional, positional in sig.lists), **extra)
     return parser
 
 
