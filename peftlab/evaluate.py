@@ -1,7 +1,7 @@
 """``peftlab evaluate``: lm-evaluation-harness tasks on a trained run of any method, or on a bare backbone.
 
     peftlab evaluate runs/quickstart/version_0 --tasks peftlab_rotten_tomatoes_mc --limit 100
-    peftlab evaluate --backbone packaged:SmolLM2-135M --tasks peftlab_rotten_tomatoes_mc   # the baseline row
+    peftlab evaluate --backbone packaged:SmolLM2-135M-Instruct --tasks peftlab_rotten_tomatoes_mc   # the baseline row
     peftlab evaluate RUN --tasks arc_easy hellaswag --num_fewshot 5                         # standard tasks (hub data)
     peftlab evaluate RUN --tasks my_task.yaml                                              # a task file of your own
 
@@ -114,19 +114,28 @@ def task_config(path: Path) -> dict:
 
 
 @functools.lru_cache(maxsize=4)
-def task_manager(include_path: str | None = None):
-    """lm-eval's TaskManager (its index of every task YAML takes seconds to build: once per process)."""
+def task_manager(include_path: str | None = None, index_lm_eval: bool = True):
+    """lm-eval's TaskManager, once per process: its index of lm-eval's ~15,000 task names takes seconds to build,
+    so it is skipped (where lm-eval allows: ``include_defaults``, lm-eval >= 0.4.10) when every task is peftlab's
+    or a YAML file."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path) if include_path else TaskManager()
+    kwargs = {"include_path": include_path} if include_path else {}
+    if not index_lm_eval:
+        try:
+            return TaskManager(include_defaults=False, **kwargs)
+        except TypeError:  # an older lm-eval indexes its tasks always
+            pass
+    return TaskManager(**kwargs)
 
 
 def resolve_tasks(tasks: list[str], include_path: str | None = None) -> tuple[list[str | dict], Any]:
     """(what ``simple_evaluate`` takes for each of ``tasks``, lm-eval's TaskManager): a shipped task's or a task
     YAML's config (dict), or the name of a task in lm-eval's index; an unknown name fails naming the closest."""
-    manager = task_manager(include_path)
     shipped = shipped_tasks()
     resolved: list[str | dict] = []
+    named = [t for t in tasks if not t.endswith((".yaml", ".yml")) and t not in shipped]
+    manager = task_manager(include_path, index_lm_eval=bool(named or include_path))
     for name in tasks:
         if name.endswith((".yaml", ".yml")):
             resolved.append(task_config(Path(name)))
@@ -194,7 +203,7 @@ def evaluate_command(
 
     Examples:
         peftlab evaluate runs/quickstart/version_0 --tasks peftlab_rotten_tomatoes_mc --limit 100
-        peftlab evaluate --backbone packaged:SmolLM2-135M --tasks peftlab_rotten_tomatoes_mc --limit 100
+        peftlab evaluate --backbone packaged:SmolLM2-135M-Instruct --tasks peftlab_rotten_tomatoes_mc --limit 100
     """
     # everything that can be wrong is found before a model is loaded
     lm_eval_version = check_lm_eval()

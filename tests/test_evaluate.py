@@ -152,42 +152,25 @@ def test_generate_until_stops_at_the_stop_string_and_matches_unbatched(tmp_path,
 
 
 # ---------------------------------------------------------------------------------------------- the command
-def _task_yaml(tmp_path, kind="mc"):
-    """A copy of a shipped task pointed at six local reviews (a relative data file, read next to the YAML)."""
-    import yaml
-
-    from peftlab.evaluate import shipped_tasks
-
-    config = yaml.safe_load(shipped_tasks()[f"peftlab_rotten_tomatoes_{kind}"].read_text())
-    config["task"] = f"tiny_rt_{kind}"
-    config["dataset_kwargs"]["data_files"] = {"test": "reviews.jsonl"}
-    with open(tmp_path / "reviews.jsonl", "w") as f:
-        for text, label in REVIEWS:
-            f.write(json.dumps({"text": text, "label": label}) + "\n")
-    path = tmp_path / f"tiny_{kind}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
 def test_evaluate_a_p_tuning_v2_run_writes_results_and_samples(tmp_path, tiny_llama, capsys):
     from peftlab.evaluate import evaluate_command
     from peftlab.methods import PTuningV2
 
     _, run_dir = _run(tmp_path, tiny_llama, PTuningV2, num_virtual_tokens=3, prefix_hidden_size=8)
-    out = evaluate_command(str(run_dir), tasks=[_task_yaml(tmp_path, "mc"), _task_yaml(tmp_path, "gen")],
+    out = evaluate_command(str(run_dir), tasks=["peftlab_rotten_tomatoes_mc", "peftlab_rotten_tomatoes_gen"],
                            limit=4, batch_size=3, log_samples=True)
     directory = Path(out["directory"])
     assert directory.parent == run_dir / "eval"
     record = json.loads((directory / "results.json").read_text())
-    mc, gen = record["results"]["tiny_rt_mc"], record["results"]["tiny_rt_gen"]
+    mc, gen = record["results"]["peftlab_rotten_tomatoes_mc"], record["results"]["peftlab_rotten_tomatoes_gen"]
     assert 0 <= mc["acc,none"] <= 1 and "acc_stderr,none" in mc
     assert "exact_match,extract" in gen and "exact_match_stderr,extract" in gen
-    assert record["n-samples"]["tiny_rt_mc"]["effective"] == 4
+    assert record["n-samples"]["peftlab_rotten_tomatoes_mc"]["effective"] == 4
     assert record["versions_of_libraries"]["lm_eval"] and record["arguments"]["limit"] == 4
-    samples = [json.loads(line) for line in (directory / "samples_tiny_rt_mc.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (directory / "samples_peftlab_rotten_tomatoes_mc.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and {"doc", "resps", "acc"} <= set(samples[0])
     table = capsys.readouterr().out
-    assert "tiny_rt_mc" in table and "acc" in table
+    assert "peftlab_rotten_tomatoes_mc" in table and "acc" in table
 
 
 def test_a_local_copy_of_a_standard_task_reads_its_own_format(tmp_path, tiny_llama, tokenizer_dir):
@@ -227,13 +210,13 @@ def test_bad_requests_fail_in_one_line_before_loading(kwargs, message, monkeypat
     from peftlab import evaluate
 
     monkeypatch.setattr("peftlab.backbones.load_backbone", lambda *a, **k: pytest.fail("loaded a model"))
-    kwargs = {"backbone": "packaged:SmolLM2-135M", **kwargs}
+    kwargs = {"backbone": "packaged:SmolLM2-135M-Instruct", **kwargs}
     with pytest.raises(PeftLabError, match=None) as err:
         evaluate.evaluate_command(**kwargs)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_bad_task_files_and_runs_fail_in_one_line(tmp_path, tiny_bert):
+def test_bad_task_files_and_runs_fail_in_one_line(tmp_path, tiny_bert, tiny_llama):
     from peftlab.evaluate import evaluate_command
     from peftlab.export import export_adapter
     from peftlab.methods import LoRA
@@ -246,6 +229,8 @@ def test_bad_task_files_and_runs_fail_in_one_line(tmp_path, tiny_bert):
     missing.write_text("task: x\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: nowhere.jsonl\n")
     with pytest.raises(PeftLabError, match="names data file 'nowhere.jsonl', which does not exist"):
         evaluate_command(backbone="x", tasks=[str(missing)])
+    with pytest.raises(PeftLabError, match="has no chat template"):
+        evaluate_command(backbone=tiny_llama, tasks=["peftlab_rotten_tomatoes_mc"], apply_chat_template=True)
     classifier = LoRA(backbone=tiny_bert, task="classification", num_labels=2, r=2).build()
     export_adapter(classifier, tmp_path / "cls")
     with pytest.raises(PeftLabError, match="is a classification run"):
@@ -272,3 +257,36 @@ def test_chat_template_hook_uses_the_tokenizer_template(tiny_llama, tokenizer_di
     assert lm.apply_chat_template([{"role": "user", "content": "hi"}]) == "<user>hi<assistant>"
     assert lm.tokenizer_name == tok.name_or_path.replace("/", "__")
     assert lm.chat_template(True) == tok.chat_template and lm.chat_template(False) is None
+
+
+@pytest.mark.slow  # two loads of SmolLM2 (~45 s on a shared CPU)
+def test_cli_evaluates_a_smollm2_lora_run_offline(tmp_path, capsys):
+    """The issue's smoke run: `peftlab evaluate RUN --tasks <shipped> --limit` on a packaged SmolLM2 LoRA run (the
+    base-model row, --backbone alone, is the same path with the tiny Llama in the arc_easy test)."""
+    from peftlab.cli import main
+    from peftlab.export import export_adapter
+    from peftlab.methods import LoRA
+
+    module = _perturbed(LoRA(backbone="packaged:SmolLM2-135M-Instruct", task="causal_lm", r=2, target_modules=["q_proj"])
+                        .build())
+    export_adapter(module, tmp_path / "run" / "adapter" / "best")
+    tasks = ["--tasks", "peftlab_rotten_tomatoes_mc", "peftlab_rotten_tomatoes_gen", "--limit", "3"]
+    main(["evaluate", str(tmp_path / "run"), *tasks, "--batch_size", "3", "--log_samples"])
+    out = capsys.readouterr().out
+    assert "peftlab_rotten_tomatoes_mc" in out and "exact_match" in out
+    (run_dir,) = (tmp_path / "run" / "eval").iterdir()
+    tuned = json.loads((run_dir / "results.json").read_text())
+    assert tuned["arguments"]["run"] == str(tmp_path / "run") and tuned["arguments"]["limit"] == 3
+    rows = [json.loads(line) for line in (run_dir / "samples_peftlab_rotten_tomatoes_gen.jsonl").read_text()
+            .splitlines()]
+    assert len(rows) == 3 and all(r["target"] in ("fresh", "rotten") for r in rows)
+    assert 0 <= tuned["results"]["peftlab_rotten_tomatoes_gen"]["exact_match,extract"] <= 1
+
+
+def test_evaluate_help_is_generated_from_the_signature(capsys):
+    from peftlab.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    out = capsys.readouterr().out
+    assert "--tasks" in out and "--num_fewshot" in out and "RUN" in out and "--backbone" in out
