@@ -179,7 +179,9 @@ def evaluate_command(
     output_dir: str | None = None,
     device: str = "auto",
 ) -> dict:
-    """Run lm-evaluation-harness tasks on a trained run (any method, adapter applied, no merge) or a backbone.
+    """Run lm-evaluation-harness tasks on a trained run of any method (or a bare backbone).
+
+    The run is scored as it was trained: the adapter applied, nothing merged.
 
     Args:
         run: run directory (``runs/<name>/version_N``) or exported adapter directory; leave out and pass
