@@ -46,6 +46,20 @@ def targets(results: dict) -> list[tuple[str, str, str, str]]:
     for label, r in results.get("inference", {}).items():
         rows.append((f"inference {label}: LoRA merged / base", _r(r["ratio"]["lora_merged"]), "<= 1.02",
                      verdict(r["ratio"]["lora_merged"], 1.02, False)))
+    ma = results.get("multi_adapter")
+    if ma:
+        n = ma["adapters"]
+        r = ma["switch"]["ratio"]["load_run/switch"]
+        rows.append(("adapter set: `load_run` from disk / `switch` to a loaded adapter", _r(r, 0), ">= 100",
+                     verdict(r, 100, True)))
+        r = ma["mixed_lora"]["ratio"]["mixed/one_adapter"]
+        rows.append((f"mixed batch over {n} LoRA adapters / a batch of one adapter (rows/s)", _r(r), ">= 0.8",
+                     verdict(r, 0.8, True)))
+        rows.append((f"mixed batch over {n} LoRA adapters / one adapter at a time (rows/s)",
+                     _r(ma["mixed_lora"]["ratio"]["mixed/loop"]), "reported", "-"))
+        r = ma["server"]["ratio"]["16_clients/one_client"]
+        rows.append(("`peftlab serve`: 16 concurrent clients / one client at a time (requests/s)", _r(r), ">= 3",
+                     verdict(r, 3, True)))
     st = results.get("startup")
     if st:
         s = st["help"]["seconds"]
@@ -116,7 +130,7 @@ def render(results: dict) -> str:
         out += [findings.read_text().strip(), ""]
     out += _throughput(results) + _breakdown(results) + _padding(results) + _inference(results) + \
         _memory(results) + _startup(results) + _defaults(defaults_results() if not smoke else None) + \
-        _eval_lm(eval_lm_results() if not smoke else None)
+        _multi_adapter(results) + _eval_lm(eval_lm_results() if not smoke else None)
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -431,3 +445,34 @@ def _startup_fit(fit: dict) -> list[str]:
         out.append(f"| {label} | {_r(r['to_setup_s'], 1)} | {_r(r['to_train_start_s'], 1)} | "
                    f"{_r(r['to_first_step_s'], 1)} | {_r(r['whole_command_s'], 1)} |")
     return out + [""]
+
+
+def _multi_adapter(results) -> list[str]:
+    ma = results.get("multi_adapter")
+    if not ma:
+        return []
+    n, sw = ma["adapters"], ma["switch"]["seconds"]
+    out = ["## 8. Many adapters on one backbone", "",
+           f"`benchmarks/multi_adapter.py` on {ma['backbone']} with {n} LoRA adapters (r 8 on q/v) and {n} "
+           "prompt-tuning adapters (20 virtual tokens), each family in one adapter set (docs/multi-adapter.md). "
+           "Rounds interleaved; median (min-max) of the per-round ratios.", "",
+           f"Hot-swapping: `load_run` of an exported adapter takes {_r(sw['load_run'], 2)} s (a backbone from disk); "
+           f"`AdapterSet.add` of the same adapter {_r(sw['add'], 3)} s; `switch` {sw['switch']['median'] * 1e6:.0f} "
+           f"us: `load_run` / `switch` {_r(ma['switch']['ratio']['load_run/switch'], 0)}, `load_run` / `add` "
+           f"{_r(ma['switch']['ratio']['load_run/add'], 1)}.", "",
+           "| family (rows of a batch) | routing | mixed rows/s | one adapter rows/s | one adapter at a time rows/s "
+           "| mixed / one adapter | mixed / one at a time |", "|---|---|---:|---:|---:|---:|---:|"]
+    for label, key in (("LoRA", "mixed_lora"), ("prompt tuning", "mixed_prompt")):
+        m = ma[key]
+        how = ", ".join(sorted(set(m["routing"].values())))
+        out.append(f"| {label} ({m['rows']} x {m['length']} tokens, {n} adapters) | {how} | "
+                   f"{_r(m['rows_per_s']['mixed'], 1)} | {_r(m['rows_per_s']['one_adapter'], 1)} | "
+                   f"{_r(m['rows_per_s']['loop'], 1)} | {_r(m['ratio']['mixed/one_adapter'])} | "
+                   f"{_r(m['ratio']['mixed/loop'])} |")
+    sv = ma["server"]
+    out += ["", f"`peftlab serve` over the LoRA set, {sv['requests']} completion requests of {sv['max_new_tokens']} "
+            f"new tokens spread over the adapters: one client at a time {_r(sv['requests_per_s']['one_client'], 2)} "
+            f"requests/s, 16 concurrent clients {_r(sv['requests_per_s']['16_clients'], 2)} requests/s "
+            f"({_r(sv['ratio']['16_clients/one_client'])}; the server ran batches of {sv['mean_batch']:.1f} requests "
+            "on average).", ""]
+    return out

@@ -4,55 +4,31 @@
     run = load_run("runs/quickstart/version_0")          # or .../adapter/best, or any exported adapter
     run.predict(["A moving, beautifully shot film.", "Dull and far too long."])
     # [{'label': 'fresh', 'probs': {'rotten': 0.08, 'fresh': 0.92}}, ...]
+
+Generative runs answer in the format they were trained in (the chat template, or the prompt template), with
+generation settings from :mod:`peftlab.generation`; chat runs also answer whole conversations
+(``run.chat(messages)``). See docs/chat.md.
 """
 
 from __future__ import annotations
 
-import importlib
-import json
 from pathlib import Path
 
 import torch
 
+from peftlab.adapters import adapter_directory, load_weights, read_meta
 from peftlab.backbones import is_decoder_only
 from peftlab.errors import PeftLabError
-from peftlab.export import load_adapter_weights, read_adapter_config
-
-
-def _adapter_dir(path: Path) -> Path:
-    if (path / "adapter_config.json").is_file():
-        return path
-    for name in ("best", "last"):
-        if (path / "adapter" / name / "adapter_config.json").is_file():
-            return path / "adapter" / name
-    raise PeftLabError(f"{path} is neither an exported adapter nor a run directory with adapter/best or adapter/last")
-
-
-def _method_class(path: str):
-    module_name, _, cls_name = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise PeftLabError(f"cannot import the adapter's method {path!r}: {err}") from err
-    from peftlab.methods import PeftModule
-
-    if not (isinstance(cls, type) and issubclass(cls, PeftModule)):
-        raise PeftLabError(f"the adapter's method {path!r} is not a PeftModule subclass; refusing to build it")
-    return cls
+from peftlab.generation import GenerationSettings
 
 
 def build_module(meta: dict, backbone: str | None = None):
     """Rebuild the (untrained) method module described by an adapter's ``peftlab_meta.json``."""
-    init_args = dict(meta["init_args"])
-    init_args["task"] = meta["task"]
-    init_args["num_labels"] = meta.get("num_labels")
-    if backbone:
-        init_args["backbone"] = backbone
-    cls = _method_class(meta["method"])
+    from peftlab.methods.registry import construct_from_meta
+
+    module = construct_from_meta(meta, backbone)
     try:
-        return cls(**init_args).build()
-    except TypeError as err:  # a field the method does not take: a hand-edited or foreign peftlab_meta.json
-        raise PeftLabError(f"peftlab_meta.json does not fit {cls.__name__}: {err}; export the adapter again") from err
+        return module.build()
     except PeftLabError as err:
         if backbone and backbone != meta.get("backbone"):
             raise PeftLabError(f"the adapter was trained on {meta.get('backbone')!r} and does not fit backbone "
@@ -60,100 +36,135 @@ def build_module(meta: dict, backbone: str | None = None):
         raise
 
 
-def load_weights(module, directory) -> None:
-    """Load an exported adapter's weights into ``module`` (shapes and names checked)."""
-    config = read_adapter_config(directory)
-    weights = load_adapter_weights(directory)
-    if config.get("format") == "peftlab":
-        expected = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
-        missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-        wrong = [k for k in set(weights) & set(expected) if weights[k].shape != expected[k].shape]
-        if missing or unexpected or wrong:
-            raise PeftLabError(
-                f"adapter {directory} does not fit this {type(module).__name__} model "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]}); "
-                "was it trained on another backbone or with other settings?"
-            )
-        with torch.no_grad():
-            for name, value in weights.items():
-                expected[name].copy_(value)
-        return
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-    unknown = sorted(set(config) - _peft_config_fields(config))
-    if unknown:
-        raise PeftLabError(f"adapter {directory}: adapter_config.json has fields peft does not know: {unknown[:5]}; "
-                           "it was written by another peft version or edited by hand")
-    expected = get_peft_model_state_dict(module.model)
-    wrong = sorted(k for k in set(weights) & set(expected) if weights[k].shape != expected[k].shape)
-    missing = sorted(set(expected) - set(weights))
-    if wrong or missing:
-        raise PeftLabError(
-            f"adapter {directory} does not fit this {type(module).__name__} model (wrong shape {wrong[:3]}, "
-            f"missing {missing[:3]}); was it trained on another backbone or with other settings?"
-        )
-    result = set_peft_model_state_dict(module.model, weights)
-    # prompt learning: peft loads `prompt_embeddings` into the prompt encoder itself, then reports the key as
-    # unexpected when it loads the rest into the model
-    unexpected = [k for k in getattr(result, "unexpected_keys", None) or [] if k != "prompt_embeddings"]
-    if unexpected:
-        raise PeftLabError(f"adapter {directory} has weights this model does not: {unexpected[:3]}")
-
-
-def _peft_config_fields(config: dict) -> set[str]:
-    """Every field the adapter's peft config class (by ``peft_type``) accepts."""
-    import dataclasses
-
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(str(config.get("peft_type")))
-    if cls is None:
-        raise PeftLabError(f"adapter_config.json has an unknown peft_type {config.get('peft_type')!r}")
-    return {f.name for f in dataclasses.fields(cls)} | {"peft_type", "auto_mapping", "task_type"}
-
-
 class Run:
-    """A trained method ready for inference: ``module`` (a PeftModule in eval mode) and its label names."""
+    """A trained method ready for inference: ``module`` (a PeftModule in eval mode), its label names and the
+    prompt format it was trained with (``prompt_format``: the chat template or the prompt/response templates,
+    from the adapter's ``peftlab_meta.json``), which :meth:`predict` and :meth:`chat` apply."""
 
-    def __init__(self, module, label_names: list[str] | None, directory: Path, max_length: int = 512):
+    def __init__(self, module, label_names: list[str] | None, directory: Path, max_length: int = 512,
+                 prompt_format: dict | None = None):
         self.module = module.eval()
         self.label_names = label_names
         self.directory = directory
         self.max_length = max_length
+        self.prompt_format = prompt_format
+
+    @property
+    def is_chat(self) -> bool:
+        return (self.prompt_format or {}).get("kind") == "chat"
+
+    def format_prompt(self, text) -> str:
+        """``text`` as the model saw inputs in training: a user turn in the chat template (chat runs; a list of
+        messages is a whole conversation), or ``prompt_template`` filled in (its one field, or a dict of columns)."""
+        fmt = self.prompt_format or {}
+        if fmt.get("kind") == "chat":
+            from peftlab.data import chat
+
+            messages = list(text) if isinstance(text, list) else [{"role": "user", "content": str(text)}]
+            if fmt.get("system_prompt") and messages[0].get("role") != "system":
+                messages.insert(0, {"role": "system", "content": fmt["system_prompt"]})
+            return chat.prompt_text(self.module.tokenizer, fmt["chat_template"], messages)
+        if fmt.get("kind") == "template":
+            from peftlab.data.formats import render, template_fields
+
+            template = fmt["prompt_template"]
+            if isinstance(text, dict):
+                return render(template, text)
+            fields = sorted(set(template_fields(template)))
+            if len(fields) != 1:
+                raise PeftLabError(f"the run's prompt_template {template!r} has fields {fields}: pass each input as a "
+                                   "dict of them, or raw=True to send the text as it is")
+            return render(template, {fields[0]: text})
+        return str(text)
 
     @torch.no_grad()
-    def predict(self, texts: list[str], batch_size: int = 32, max_new_tokens: int | None = None) -> list[dict]:
-        """Class and probabilities (classification) or generated text (causal LM / seq2seq) for each text."""
+    def predict(self, texts: list, batch_size: int = 32, max_new_tokens: int | None = None, *, raw: bool = False,
+                generation: GenerationSettings | None = None, **settings) -> list[dict]:
+        """Class and probabilities (classification) or generated text (causal LM / seq2seq / chat) for each text.
+
+        Generative runs put each text in the training format first (:meth:`format_prompt`) unless ``raw``.
+        ``generation`` and keyword settings (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``,
+        ``top_k``, ``repetition_penalty``, ``stop``, ``seed``: :class:`peftlab.generation.GenerationSettings`)
+        say how text is generated."""
         module, tok = self.module, self.module.tokenizer
         out: list[dict] = []
         # decoder-only models read the last position (classification) or continue it (generation)
         pad_left = module.task == "causal_lm" or (module.task == "classification"
                                                   and is_decoder_only(module.hparams.backbone))
-        for start in range(0, len(texts), batch_size):
-            chunk = list(texts[start:start + batch_size])
-            tok.padding_side = "left" if pad_left else "right"
-            batch = tok(chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-            tok.padding_side = "right"
-            batch = {k: v.to(module.device) for k, v in batch.items()}
-            if module.task == "classification":
-                probs = module(**batch).logits.float().softmax(-1).cpu()
-                names = self.label_names or [str(i) for i in range(probs.shape[1])]
-                out += [{"label": names[int(p.argmax())], "probs": {n: float(q) for n, q in zip(names, p)}}
-                        for p in probs]
-            else:
-                result = module.predict_step(batch, 0) if max_new_tokens is None else \
-                    _generate(module, batch, max_new_tokens)
-                out += [{"generated": t} for t in result["text"]]
+        prompts = list(texts) if raw or module.task == "classification" else [self.format_prompt(t) for t in texts]
+        # a chat template writes its own special tokens; prompt templates were tokenized with them added
+        special = not (self.is_chat and not raw)
+        saved = getattr(module, "generation", None)
+        module.generation = GenerationSettings.from_kwargs(generation, max_new_tokens=max_new_tokens, **settings)
+        try:
+            for start in range(0, len(prompts), batch_size):
+                chunk = [str(p) for p in prompts[start:start + batch_size]]
+                tok.padding_side = "left" if pad_left else "right"
+                # an over-long prompt loses its start, never the end that generation continues
+                tok.truncation_side = "left" if module.task == "causal_lm" else "right"
+                batch = tok(chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
+                            add_special_tokens=special)
+                tok.padding_side = tok.truncation_side = "right"
+                batch = {k: v.to(module.device) for k, v in batch.items()}
+                if module.task == "classification":
+                    probs = module(**batch).logits.float().softmax(-1).cpu()
+                    names = self.label_names or [str(i) for i in range(probs.shape[1])]
+                    out += [{"label": names[int(p.argmax())], "probs": {n: float(q) for n, q in zip(names, p)}}
+                            for p in probs]
+                else:
+                    out += [{"generated": t} for t in module.predict_step(batch, 0)["text"]]
+        finally:
+            module.generation = saved
         return out
 
+    @torch.no_grad()
+    def chat(self, messages: list[dict], *, generation: GenerationSettings | None = None, stream: bool = False,
+             **settings) -> str:
+        """The model's reply to a conversation (``[{"role", "content"}]``, ending on a user turn) in the run's chat
+        template; ``stream`` prints the tokens as they are generated. Settings as for :meth:`predict`."""
+        if self.module.task != "causal_lm":
+            raise PeftLabError(f"Run.chat needs a causal LM run; this one is {self.module.task}")
+        if not self.is_chat:
+            raise PeftLabError("this run was not trained on chat data (data.task chat), so it has no chat template; "
+                               "use Run.predict")
+        if not messages or messages[-1].get("role") != "user":
+            raise PeftLabError("Run.chat answers a conversation that ends on a user turn; add the user's message")
+        from peftlab.generation import generate
 
-def _generate(module, batch, max_new_tokens):
-    saved = module.hparams.max_new_tokens
-    module.hparams.max_new_tokens = max_new_tokens
-    try:
-        return module.predict_step(batch, 0)
-    finally:
-        module.hparams.max_new_tokens = saved
+        module, tok = self.module, self.module.tokenizer
+        tok.truncation_side = "left"  # a long conversation loses its oldest tokens, never the generation prompt
+        batch = tok([self.format_prompt(list(messages))], add_special_tokens=False, return_tensors="pt",
+                    truncation=True, max_length=self.max_length)
+        tok.truncation_side = "right"
+        settings_ = GenerationSettings.from_kwargs(generation, **settings)
+        if not settings_.max_new_tokens:
+            settings_ = GenerationSettings.from_kwargs(settings_, max_new_tokens=module.hparams.max_new_tokens)
+        streamer = None
+        if stream:
+            from transformers import TextStreamer
+
+            streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        return generate(module.model, tok, batch["input_ids"].to(module.device),
+                        batch["attention_mask"].to(module.device), settings_, streamer=streamer)[0]
+
+
+def load_adapters(adapters: dict, backbone: str | None = None, device: str | None = None):
+    """Load several trained runs or exported adapters onto **one** shared backbone: an
+    :class:`~peftlab.adapter_set.AdapterSet` (``predict(texts, adapter="name")``, ``switch``, ``add``, ``remove``).
+
+    Args:
+        adapters: ``{name: run directory, adapter directory or a loaded Run}``.
+        backbone: use this backbone instead of the recorded one (as in :func:`load_run`).
+        device: where the backbone and adapters live (default: where loading put them, usually the CPU).
+    """
+    from peftlab.adapter_set import AdapterSet
+
+    return AdapterSet(adapters, backbone=backbone, device=device, make_run=run_of)
+
+
+def run_of(module, meta: dict, directory: Path | None) -> Run:
+    """The :class:`Run` of a built, loaded ``module`` and its adapter's ``peftlab_meta.json`` (``{}`` for none)."""
+    return Run(module, meta.get("label_names"), directory, prompt_format=meta.get("prompt_format"))
 
 
 def load_run(path: str, backbone: str | None = None) -> Run:
@@ -163,11 +174,55 @@ def load_run(path: str, backbone: str | None = None) -> Run:
         path: ``runs/<name>/version_N`` (uses ``adapter/best``, else ``adapter/last``) or an adapter directory.
         backbone: use this backbone instead of the recorded one (e.g. a local copy of a hub model).
     """
-    directory = _adapter_dir(Path(path))
-    meta_path = directory / "peftlab_meta.json"
-    if not meta_path.is_file():
-        raise PeftLabError(f"{directory} has no peftlab_meta.json; it was not exported by peftlab")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    directory = adapter_directory(Path(path))
+    meta = read_meta(directory)
     module = build_module(meta, backbone)
     load_weights(module, directory)
-    return Run(module, meta.get("label_names"), directory)
+    return run_of(module, meta, directory)
+
+
+def chat_command(run: str, /, message: str | None = None, system_prompt: str | None = None,
+                 backbone: str | None = None, generation: GenerationSettings | None = None) -> str | None:
+    """Talk to a trained chat adapter in the terminal, in its chat template, streaming the reply.
+
+    Type a message and press Enter; ``/reset`` starts a new conversation, ``/exit`` (or Ctrl-D) ends. With
+    ``--message`` it answers that one message, prints the reply and exits (for scripts).
+
+    Args:
+        run: a run directory (``runs/<name>/version_N``) or an exported adapter directory of a ``data.task chat`` run.
+        message: answer this one message and exit instead of opening a conversation.
+        system_prompt: a system message for the conversation (default: the one the run was trained with, if any).
+        backbone: use this backbone instead of the recorded one.
+        generation: how replies are generated (``--generation.max_new_tokens 128 --generation.do_sample true``).
+
+    Examples:
+        peftlab chat runs/chat_lora/version_0
+        peftlab chat runs/chat_lora/version_0 --message "Is this review fresh or rotten? A dull film."
+    """
+    loaded = load_run(run, backbone)
+    if not loaded.is_chat:
+        raise PeftLabError(f"{run} was not trained on chat data (data.task chat); use peftlab predict or Run.predict")
+    head = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    if message is not None:
+        reply = loaded.chat([*head, {"role": "user", "content": message}], generation=generation)
+        print(reply, flush=True)
+        return reply
+    history = list(head)
+    print("[peftlab] chatting with", loaded.directory, "(/reset: new conversation, /exit: quit)", flush=True)
+    while True:
+        try:
+            text = input("you> ")
+        except EOFError:
+            print()
+            return None
+        if text.strip() in ("/exit", "/quit"):
+            return None
+        if text.strip() == "/reset":
+            history = list(head)
+            continue
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        print("assistant> ", end="", flush=True)
+        reply = loaded.chat(history, generation=generation, stream=True)
+        history.append({"role": "assistant", "content": reply})

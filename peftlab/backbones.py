@@ -12,6 +12,29 @@ from peftlab.errors import PeftLabError
 
 Task = Literal["classification", "causal_lm", "seq2seq"]
 TASKS = ("classification", "causal_lm", "seq2seq")
+DataTask = Literal["classification", "causal_lm", "seq2seq", "chat"]
+DATA_TASKS = (*TASKS, "chat")
+
+
+def model_task(data_task: str) -> str:
+    """The model task a data task trains: chat data trains a causal LM (its turns rendered by a chat template)."""
+    return "causal_lm" if data_task == "chat" else data_task
+
+
+#: the weight dtypes peftlab takes by name (``torch.<name>``), and the short names trainer precisions use
+DTYPES = ("float32", "bfloat16", "float16")
+SHORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def torch_dtype(name: str):
+    """The ``torch.dtype`` called ``name`` (a name of :data:`DTYPES` or :data:`SHORT_DTYPES`), or one line listing
+    the choices."""
+    key = SHORT_DTYPES.get(name, name)
+    if key not in DTYPES:
+        raise PeftLabError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    import torch
+
+    return getattr(torch, key)
 
 
 def _auto_class(task: str):
@@ -35,7 +58,7 @@ def _load_error(what: str, name: str, err: Exception) -> PeftLabError:
     return PeftLabError(f"could not load {what} {name!r}: {first}. {hint}")
 
 
-_META = {"active": False, "hide_bitsandbytes": False}
+_META = {"active": False, "hide_bitsandbytes": False, "sharded": False}
 
 
 def hide_bitsandbytes_during_meta_builds() -> None:
@@ -118,6 +141,22 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False, revision: str 
     return tok
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' load report and weight-loading bar off for one load (restored after it)."""
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
 def load_backbone(
     name: str,
     task: str,
@@ -140,7 +179,7 @@ def load_backbone(
     import torch
 
     dtype = kwargs.pop("dtype", "float32")
-    kwargs["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    kwargs["dtype"] = dtype if dtype == "auto" else torch_dtype(dtype) if isinstance(dtype, str) else dtype
     path = resolve_model(name)
     check_remote_code(name, path, trust_remote_code)
     try:
@@ -166,10 +205,28 @@ def load_backbone(
         with torch.device("meta"):
             model = auto.from_config(config, trust_remote_code=trust_remote_code)
         return model
+    if _META["sharded"] and "quantization_config" not in kwargs and revision is None:
+        model = _deferred_backbone(name, auto, config, path, dict(kwargs), trust_remote_code)
+        if model is not None:
+            return _with_pad_token(model, name, task, trust_remote_code, revision)
     try:
-        model = auto.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision, **kwargs)
+        with _quiet_transformers():
+            model, info = auto.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision,
+                                               output_loading_info=True, **kwargs)
     except Exception as err:  # noqa: BLE001
         raise _load_error("backbone", name, err) from err
+    # transformers reports the task head as MISSING on every load (it is new, or comes from the adapter next);
+    # a missing weight of the backbone itself is a real problem, said in one line
+    missing = [k for k in info.get("missing_keys", ()) if k.startswith(f"{model.base_model_prefix}.")]
+    if missing:
+        import warnings
+
+        warnings.warn(f"backbone {name!r}: {len(missing)} of its weights are not in the checkpoint and were newly "
+                      f"initialised ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})", stacklevel=2)
+    return _with_pad_token(model, name, task, trust_remote_code, revision)
+
+
+def _with_pad_token(model, name, task, trust_remote_code, revision):
     if task == "classification" and model.config.pad_token_id is None:
         # decoder-only classifiers find the last token through pad_token_id
         tok = load_tokenizer(name, trust_remote_code=trust_remote_code, revision=revision)
@@ -187,3 +244,193 @@ def is_decoder_only(name: str, *, trust_remote_code: bool = False) -> bool:
     except Exception as err:  # noqa: BLE001
         raise _load_error("backbone", name, err) from err
     return not getattr(config, "is_encoder_decoder", False) and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+# ---------------------------------------------------------------------------------------------- sharded start
+@contextlib.contextmanager
+def sharded_start(enabled: bool = True):
+    """Inside this context, :func:`load_backbone` builds the model from its config without reading its weights
+    (for ``FSDP2Strategy(sharded_start=true)``): each frozen parameter is an uninitialized placeholder on the CPU
+    that is never written, so it takes no memory (on the meta device instead, peft would move the method's new
+    trainable parameters there too and lose their initial values), buffers are computed as usual, and where the
+    weights are is recorded. After ``fully_shard``,
+    :func:`load_shards` reads each rank's rows of each tensor from the safetensors files: no rank ever holds
+    more than its shards. Backbones it cannot do this for (no safetensors file, quantized) load in full."""
+    previous = _META["sharded"]
+    _META["sharded"] = enabled
+    try:
+        yield
+    finally:
+        _META["sharded"] = previous
+
+
+def sharding_at_start() -> bool:
+    return _META["sharded"]
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Parameters created inside go to the meta device as soon as they are registered; buffers stay real (the
+    rotary embeddings' ``inv_freq`` is computed in ``__init__`` and is not in the checkpoint)."""
+    from torch import nn
+
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        p = module._parameters.get(name)
+        if p is not None and p.device.type != "meta":
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _safetensors_files(path: str) -> dict[str, str] | None:
+    """Checkpoint key -> safetensors file of the model directory ``path``; None when it has none."""
+    import json
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        weight_map = json.loads(open(index, encoding="utf-8").read())["weight_map"]
+        return {key: os.path.join(path, file) for key, file in weight_map.items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        return None
+    return {key: single for key in _safetensors_header(single)[0] if key != "__metadata__"}
+
+
+def _safetensors_header(file: str) -> tuple[dict, int]:
+    """(the header of a safetensors file, the byte offset its data starts at)."""
+    import json
+    import struct
+
+    with open(file, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(size)), 8 + size
+
+
+class DeferredWeights:
+    """Where the frozen parameters of a backbone built by :func:`sharded_start` are: (module, attribute name,
+    checkpoint key) for each, and the key's safetensors file."""
+
+    def __init__(self, name: str, files: dict[str, str], targets: list):
+        self.name, self.files, self.targets = name, files, targets
+
+
+def _deferred_backbone(name, auto, config, path, kwargs, trust_remote_code):
+    """The model of ``config`` with placeholders for its checkpoint's weights (see :func:`sharded_start`)."""
+    import torch
+    from torch import nn
+
+    files = _safetensors_files(path)
+    if files is None:
+        return None
+    dtype = kwargs.pop("dtype")
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if "num_labels" in kwargs:
+        config.num_labels = kwargs.pop("num_labels")
+    with _parameters_on_meta():
+        model = auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    model.config.name_or_path = path  # what from_pretrained records (peft writes it into adapter_config.json)
+    with contextlib.suppress(Exception):  # (a model without generation_config.json keeps the default one)
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    prefix = getattr(model, "base_model_prefix", "")
+    owners = {}  # id(parameter) -> [(module, attribute)], tied parameters have several
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((module, attr))
+    targets, missing = [], []
+    for param_name, p in model.named_parameters():  # (tied parameters once, under their first name)
+        key = next((k for k in (param_name, param_name.removeprefix(f"{prefix}."), f"{prefix}.{param_name}")
+                    if k in files), None)
+        # uninitialized: the kernel gives a large allocation pages only when they are written, and nothing
+        # writes these (fully_shard copies each rank's chunk out of it, read as zero pages, then frees it)
+        placeholder = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+        for module, attr in owners[id(p)]:
+            module._parameters[attr] = placeholder
+        if key is None:
+            missing.append(param_name)
+        else:
+            targets.append((*owners[id(p)][0], key))
+    if missing:  # new weights (a classification head): initialized on every rank alike, as from_pretrained does
+        modules = dict(model.named_modules())
+        for param_name in missing:
+            module_name, _, attr = param_name.rpartition(".")
+            module = modules[module_name]
+            if any(f"{module_name}.{a}".lstrip(".") not in missing for a, q in module._parameters.items()
+                   if q is not None):
+                raise PeftLabError(
+                    f"backbone {name!r}: {param_name} is not in its checkpoint while other weights of "
+                    f"{module_name} are; start without model sharding (strategy init_args.sharded_start: false)")
+            module._parameters[attr] = nn.Parameter(torch.empty(module._parameters[attr].shape, dtype=dtype))
+        for module_name in {n.rpartition(".")[0] for n in missing}:
+            model._init_weights(modules[module_name])
+    model._peftlab_deferred = DeferredWeights(name, files, targets)
+    return model
+
+
+#: safetensors dtype names -> torch dtype names
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def has_deferred_weights(model) -> bool:
+    return any("_peftlab_deferred" in m.__dict__ for m in model.modules())
+
+
+def load_shards(model) -> int:
+    """Fill the sharded placeholders of a backbone built by :func:`sharded_start`, after ``fully_shard``: each
+    rank reads only its rows (FSDP2 shards dim 0 in ``torch.chunk``'s pieces) of each tensor from the
+    safetensors files, converted to the parameter's dtype. Returns the number of tensors filled."""
+    import math
+
+    import torch
+    from torch.distributed.tensor import DTensor, Shard
+
+    filled = 0
+    for owner in [m for m in model.modules() if "_peftlab_deferred" in m.__dict__]:
+        record = owner.__dict__.pop("_peftlab_deferred")
+        headers = {file: _safetensors_header(file) for file in set(record.files.values())}
+        handles = {file: open(file, "rb") for file in headers}  # noqa: SIM115 - closed below
+        try:
+            for module, attr, key in record.targets:
+                param = module._parameters[attr]
+                if not isinstance(param, DTensor) or tuple(param.placements) != (Shard(0),):
+                    raise PeftLabError(
+                        f"backbone {record.name!r}: {key} was not sharded (placements "
+                        f"{getattr(param, 'placements', None)}); only FSDP2Strategy's per-block sharding can fill "
+                        "it: set the strategy's sharded_start: false")
+                file = record.files[key]
+                header, data_start = headers[file]
+                info = header[key]
+                if list(info["shape"]) != list(param.shape):
+                    raise PeftLabError(f"backbone {record.name!r}: {key} has shape {info['shape']} in {file}, the "
+                                       f"model's config gives {list(param.shape)}")
+                local = param.to_local()
+                mesh = param.device_mesh
+                rows, world = param.shape[0], mesh.size()
+                start = min(mesh.get_local_rank() * math.ceil(rows / world), rows)
+                count = local.shape[0]
+                file_dtype = getattr(torch, _ST_DTYPES[info["dtype"]])
+                row_bytes = math.prod(param.shape[1:]) * torch.empty((), dtype=file_dtype).element_size()
+                buffer = torch.empty((count, *param.shape[1:]), dtype=file_dtype)
+                f = handles[file]
+                f.seek(data_start + info["data_offsets"][0] + start * row_bytes)
+                if count and f.readinto(memoryview(buffer.view(torch.uint8).numpy()).cast("B")) != count * row_bytes:
+                    raise PeftLabError(f"backbone {record.name!r}: {file} ends inside {key}; the file is truncated")
+                with torch.no_grad():
+                    local.copy_(buffer)
+                filled += 1
+        finally:
+            for handle in handles.values():
+                handle.close()
+    return filled

@@ -41,6 +41,13 @@ def _quiet_libraries() -> None:
     # Tokenization happens once in prepare_data, so loader workers buy nothing on small CPU machines.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*The number of training batches.*is smaller than the logging.*")
+    # test/predict from a fit checkpoint: LastCheckpoint is a fit-only callback, nothing to restore there
+    warnings.filterwarnings("ignore", message=r".*Please add the following callbacks: \['LastCheckpoint'\]\.$")
+    # MLflow's SQLite store announces its table migrations at INFO on every new run directory
+    import logging
+
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _make_cli_class():
@@ -80,10 +87,20 @@ def _make_cli_class():
             parser.add_argument("--generations_file", type=str | None, default=None,
                                 help="test (causal LM / seq2seq): where to write each test example's input, reference, "
                                      "generation and scores as JSON lines (default: <log_dir>/generations.jsonl)")
+            from peftlab.trackers import TrackerName
+
+            parser.add_argument("--trackers", type=list[TrackerName], default=[],
+                                help="experiment trackers besides metrics.csv, all writing into the run directory: "
+                                     "mlflow (pip install 'peftlab[mlflow]'), wandb ('peftlab[wandb]', offline "
+                                     "without an API key), tensorboard; e.g. --trackers mlflow (docs/trackers.md)")
             parser.add_argument("--predictions_file", type=str | None, default=None,
                                 help="predict: where to write predictions, .jsonl or .csv (default: <log_dir>/predictions.jsonl)")
+            from peftlab.backbones import model_task
             from peftlab.callbacks import AdapterExport, LastCheckpoint
+            from peftlab.generation import GenerationSettings
 
+            # predict: how text is generated (--generation.max_new_tokens 64 --generation.do_sample true ...)
+            parser.add_class_arguments(GenerationSettings, "generation")
             # on by default: exported adapters under <run dir>/adapter/{last,best} (--adapter_export.enabled false)
             parser.add_lightning_class_args(AdapterExport, "adapter_export")
             # on by default in fit: <run dir>/checkpoints/last.ckpt is the newest state (--last_checkpoint.enabled
@@ -91,10 +108,27 @@ def _make_cli_class():
             # which Lightning refuses beside trainer.enable_checkpointing false
             parser.add_class_arguments(LastCheckpoint, "last_checkpoint")
             # the model is built for the data's task; the data tokenizes with the backbone's tokenizer
-            parser.link_arguments("data.task", "model.init_args.task", apply_on="parse")
+            parser.link_arguments("data.task", "model.init_args.task", compute_fn=model_task, apply_on="parse")
             parser.link_arguments("model.init_args.backbone", "data.tokenizer", apply_on="parse")
             # num_labels is read from the data, so it is never written twice
             parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
+
+        def before_instantiate_classes(self):
+            self._budget_from_command_line()
+
+        def _budget_from_command_line(self):
+            """``--trainer.max_steps N`` on the command line means N steps: a config's ``max_epochs`` (the shipped
+            ones set it) would otherwise stop the run first, silently. Unless ``--trainer.max_epochs`` is given
+            too, the config's epoch limit is lifted, in one line."""
+            trainer = self.config[self.subcommand].get("trainer") if self.subcommand else None
+            given = {a.partition("=")[0] for a in sys.argv[1:] if a.startswith("--trainer.")}
+            if (trainer is None or "--trainer.max_steps" not in given or "--trainer.max_epochs" in given
+                    or (trainer.get("max_steps") or -1) <= 0 or trainer.get("max_epochs") in (None, -1)):
+                return
+            print(f"[peftlab] --trainer.max_steps {trainer.max_steps} given: the config's max_epochs "
+                  f"{trainer.max_epochs} no longer ends the run earlier (add --trainer.max_epochs to keep both)",
+                  flush=True)
+            trainer.max_epochs = -1
 
         def instantiate_trainer(self, **kwargs):
             from lightning.pytorch.callbacks import ProgressBar
@@ -108,6 +142,10 @@ def _make_cli_class():
             if (self.subcommand == "fit" and last is not None and last.enabled
                     and trainer_config.get("enable_checkpointing") is not False):
                 kwargs["callbacks"] = [*configured, last]
+            if self.subcommand == "fit":
+                from peftlab.callbacks.log_interval import ShortRunLogging
+
+                kwargs["callbacks"] = [*kwargs.get("callbacks", configured), ShortRunLogging()]
             trainer = super().instantiate_trainer(**kwargs)
             if not user_bar:
                 from peftlab.callbacks.progress import replace_default_progress_bar
@@ -208,16 +246,54 @@ def _make_cli_class():
             self._started = time.time()
             self.model.check()  # settings errors in seconds, before anything is written or loaded
             self.model.check_data(self.datamodule)  # a model/data mismatch (task, labels, packing), as early
+            if callable(getattr(self.datamodule, "load", None)):
+                self.datamodule.load()  # bad rows (null targets, unknown roles...) in one line, before training
+                if getattr(self.datamodule, "task", None) == "chat":
+                    self.datamodule.chat_template_text  # noqa: B018 - a tokenizer without a template: refused now
             self._resolve_last_checkpoint()
+            self._arrange_loggers()
 
         def before_validate(self):
-            self.model.check()
+            self._before_evaluation()
 
         def before_test(self):
-            self.model.check()
+            self._before_evaluation()
 
         def before_predict(self):
+            self._before_evaluation()
+
+        def _before_evaluation(self):
             self.model.check()
+            from peftlab.generation import GenerationSettings
+
+            self.model.generation = GenerationSettings.coerce(self.config_init[self.subcommand].get("generation"))
+            self._evaluate_into_run()
+            self._arrange_loggers()
+
+        def _arrange_loggers(self):
+            from peftlab import trackers
+
+            trackers.arrange(self.trainer, self.config_value("trackers") or [])
+
+        def _evaluate_into_run(self):
+            """``peftlab test|validate|predict`` with a run's checkpoint (``--ckpt_path runs/x/version_0/
+            checkpoints/best.ckpt``) or a run's saved config write into that run, under ``<run dir>/test`` (and
+            ``validate``, ``predict``), instead of starting a new version directory per evaluation."""
+            from lightning.pytorch.loggers import CSVLogger
+
+            logger = self.trainer.logger
+            if not isinstance(logger, CSVLogger):
+                return
+            root = Path(logger.root_dir).resolve()
+            candidates = []
+            ckpt = self.config_init[self.subcommand].get("ckpt_path")
+            if ckpt and ckpt not in ("last", "best", "hpc", "registry") and Path(ckpt).parent.name == "checkpoints":
+                candidates.append(Path(ckpt).resolve().parent.parent)
+            candidates += [Path(str(c)).resolve().parent for c in self.config[self.subcommand].get("config") or []]
+            run = next((c for c in candidates if c.parent == root and c.is_dir()), None)
+            if run is not None:
+                # a string version is the directory's name: <root>/<run>/<subcommand>
+                logger._version = f"{run.name}/{self.subcommand}"
 
         def _resolve_last_checkpoint(self):
             """Resume into the run a checkpoint came from. ``--ckpt_path last`` picks the newest
@@ -330,6 +406,59 @@ TOP_LEVEL_EXAMPLES = """examples:
 Errors print one line; add --debug for the traceback. Docs: docs/index.md."""
 
 
+FIT_HELP = """usage: peftlab fit [--config FILE] [--OPTION VALUE ...]
+
+Train a method (then test it with the best checkpoint). Settings come from --config files (later ones override
+earlier ones) and --KEY VALUE overrides, keys as in the YAML (--trainer.max_epochs 3 is trainer: max_epochs: 3).
+The common options; `peftlab fit --help-all` lists all of them (about 700 lines).
+
+general:
+  --config FILE                    a run config (configs/quickstart.yaml; a run's saved config.yaml)
+  --print_config                   print the complete resolved config and exit (save it to reproduce a run)
+  --seed_everything SEED           random seed of the run
+  --test_after_fit BOOL            test the best checkpoint after fit (default true)
+  --trackers [mlflow,wandb,...]    experiment trackers besides metrics.csv (docs/trackers.md)
+  --ckpt_path PATH|last            resume from a checkpoint (last: this config's newest last.ckpt)
+
+trainer: (Lightning's Trainer)
+  --trainer.max_epochs N           epochs to train
+  --trainer.max_steps N            optimizer steps to train (given alone, it also lifts the config's max_epochs)
+  --trainer.accelerator NAME       auto, cpu, gpu, ...
+  --trainer.devices N              devices (GPUs) to use
+  --trainer.precision P            32-true, bf16-mixed, 16-mixed, ...
+  --trainer.accumulate_grad_batches N  micro-batches per optimizer step
+  --trainer.gradient_clip_val V    clip gradients to this norm
+  --trainer.val_check_interval V   validate every V steps (int) or fraction of an epoch (float)
+  --trainer.log_every_n_steps N    log the training loss every N steps
+  --trainer.enable_progress_bar BOOL  the bar in a terminal, plain lines when stdout is a file
+  --trainer.logger CLASS           the logger (default in the configs: CSVLogger under runs/)
+  --trainer.default_root_dir DIR   where runs go when no logger names a directory
+
+model: (the method; its own arguments: `peftlab fit --model.help LoRA`, docs/methods.md)
+  --model CLASS                    peftlab.methods.LoRA, QLoRA, PromptTuning, FullFineTuning, ...
+  --model.backbone NAME            a Hugging Face model id, a local path or packaged:SmolLM2-135M
+  --model.learning_rate LR         learning rate of the trainable parameters
+  --model.r R                      (LoRA, QLoRA) rank of the update matrices
+  --model.target_modules [A,B]     (LoRA, QLoRA) the linear layers to adapt, or all-linear
+  --model.dtype DTYPE              float32, bfloat16, float16, auto
+  --model.gradient_checkpointing BOOL  trade compute for activation memory
+
+data: (peftlab.data.PeftDataModule)
+  --data.source SOURCE             a file (.csv, .jsonl, .parquet), a Hugging Face dataset id or packaged:NAME
+  --data.task TASK                 classification, causal_lm or seq2seq
+  --data.text_column NAME          (classification) the input text column
+  --data.label_column NAME         (classification) the label column
+  --data.prompt_template TEXT      (causal_lm, seq2seq) the prompt, with {column} fields
+  --data.response_template TEXT    (causal_lm, seq2seq) the target, with {column} fields
+  --data.max_length N              maximum tokens per input (longer inputs are truncated)
+  --data.batch_size N              training batch size
+  --data.max_train_samples N       use at most N training rows
+
+Every option with its type and default: `peftlab fit --help-all`, and docs/reference.md.
+A method's arguments: `peftlab fit --model.help CLASS` (e.g. LoRA). Errors print one line; --debug shows the
+traceback."""
+
+
 def top_level_help() -> str:
     """``peftlab --help``: the commands of LightningCLI and of the command table, without importing either."""
     names = [*LIGHTNING_COMMANDS, *COMMANDS]
@@ -369,9 +498,10 @@ def run_cli(argv: list[str], *, callbacks: list | tuple = ()):
             save_config_callback=cli_class.save_config_class,
             save_config_kwargs={"overwrite": True},
             # parse errors raise (instead of printing the whole usage), and main() prints one line for them
+            # allow_abbrev: argparse would take --data.max_eval_sample as --data.max_eval_samples, silently
             parser_kwargs={"default_env": False, "prog": "peftlab", "description": _description(),
-                           "exit_on_error": False,
-                           **{c: {"exit_on_error": False} for c in LIGHTNING_COMMANDS}},
+                           "exit_on_error": False, "allow_abbrev": False,
+                           **{c: {"exit_on_error": False, "allow_abbrev": False} for c in LIGHTNING_COMMANDS}},
             auto_configure_optimizers=False,
             # peftlab prints trainable / total parameters itself; Lightning's table adds a FLOPs column that
             # reads 0 for every run (--trainer.enable_model_summary true brings it back)
@@ -398,6 +528,12 @@ def main(args: list[str] | None = None) -> None:
         if not argv:
             sys.exit(2)
         return None
+    if argv[:1] == ["fit"] and argv[1:] in (["-h"], ["--help"]):
+        # the common options, without importing Lightning or building its 700-line parser (--help-all)
+        print(FIT_HELP)
+        return None
+    if argv[:1] == ["fit"] and "--help-all" in argv:
+        argv[argv.index("--help-all")] = "--help"
     try:
         from peftlab.compat import unmet_requirements
 

@@ -29,7 +29,9 @@ from peftlab.errors import PeftLabError
 
 def user_error(err: BaseException, argv: list[str]) -> PeftLabError | None:
     """The one-line error for ``err`` raised while running ``peftlab ARGV``, or None to show the traceback."""
-    return find_user_error(err) or out_of_memory(err) or argument_error(err, argv)
+    from peftlab.trackers import missing_tracker
+
+    return find_user_error(err) or missing_tracker(err) or out_of_memory(err) or argument_error(err, argv)
 
 
 # ---------------------------------------------------------------------------------------------- fit & co.
@@ -84,7 +86,7 @@ def explain_argument_error(text: str, argv: list[str]) -> str:
     if m := re.search(r"Expected a <class '(\w+)'>\. Got value: (.*)", text):
         return f"{key or 'a value'} must be of type {m.group(1)} (got {m.group(2).strip()!r})"
     if m := re.search(r"unrecognized arguments: (.*)", text, flags=re.I):
-        return f"unknown option(s) {m.group(1).strip()}"
+        return f"unknown option(s) {m.group(1).strip()}{close_option(m.group(1).split())}"
     if m := re.search(r"File does not exist: '([^']+)'", text):
         return f"config file {m.group(1)} does not exist"
     if "Problems parsing config" in text:
@@ -94,6 +96,36 @@ def explain_argument_error(text: str, argv: list[str]) -> str:
     noise = ("Given value", "- Expected a <class 'NoneType'>", "Subtypes:", "Errors:")
     detail = next((line for line in reversed(lines) if not line.startswith(noise)), text)
     return f"{key + ': ' if key else ''}{detail}"
+
+
+#: the class whose signature makes the options under each group of ``peftlab fit`` (``--data.max_length``)
+OPTION_GROUPS = {"data": "peftlab.data.PeftDataModule", "trainer": "lightning.pytorch.Trainer",
+                 "model": "peftlab.methods.PeftModule"}
+
+
+def close_option(tokens: list[str]) -> str:
+    """' (did you mean --data.max_eval_samples?)' for the first unknown ``--group.name`` of ``tokens`` that is
+    close to an argument of that group's class (argparse's abbreviation matching is off: a prefix is unknown)."""
+    import difflib
+    import importlib
+    import inspect
+
+    for token in tokens:
+        group, _, name = token.partition("=")[0].lstrip("-").partition(".")
+        name = name.removeprefix("init_args.")
+        if group not in OPTION_GROUPS or not name or "." in name:
+            continue
+        module, _, cls_name = OPTION_GROUPS[group].rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), cls_name)
+        except (ImportError, AttributeError):
+            continue
+        params = [p for klass in inspect.getmro(cls) if "__init__" in vars(klass)
+                  for p in inspect.signature(klass.__init__).parameters if p not in ("self", "args", "kwargs")]
+        close = difflib.get_close_matches(name, params, n=1)
+        if close:
+            return f" (did you mean --{group}.{close[0]}?)"
+    return ""
 
 
 def close_argument(class_path: str | None, name: str) -> str:

@@ -62,6 +62,10 @@ COMMANDS: dict[str, Command] = {
                          meta_only=True),
     "evaluate": Command("peftlab.evaluate:evaluate_command",
                         "Run lm-evaluation-harness tasks on a trained run of any method (or a bare backbone)."),
+    "chat": Command("peftlab.api:chat_command",
+                    "Talk to a trained chat adapter in the terminal, in its chat template, streaming the reply."),
+    "serve": Command("peftlab.serve:serve_command",
+                     "Serve trained adapters on one backbone over an OpenAI-compatible HTTP API (model = adapter name)."),
     "compare": Command("peftlab.compare:compare_command",
                        "Tune, train and test several methods fairly from a study file; report intervals and Pareto plots."),
 }
@@ -228,6 +232,10 @@ def normalize_argv(fn: Callable[..., Any], argv: list[str]) -> list[str]:
         elif name in scalars and not eq and i + 1 < len(argv) and not _is_option(argv[i + 1]):
             out += [token, argv[i + 1]]  # its value, even when it looks like a positional or "-1"
             i += 1
+        elif (name.partition(".")[0] in sig.options and "." in name and not eq and i + 1 < len(argv)
+              and not _is_option(argv[i + 1])):  # a field of a dataclass option: --generation.top_p 0.9
+            out += [token, argv[i + 1]]
+            i += 1
         elif _is_option(token):
             out.append(token)
         else:
@@ -284,7 +292,8 @@ def build_parser(name: str):
     if examples:
         epilog = "examples:\n" + textwrap.indent(examples, "  ") + ("\n\n" + epilog if epilog else "")
     parser = ArgumentParser(prog=f"peftlab {name}", description=description, epilog=epilog or None,
-                            formatter_class=Formatter, exit_on_error=False, default_env=False)
+                            formatter_class=Formatter, exit_on_error=False, default_env=False,
+                            allow_abbrev=False)  # an abbreviated option is refused, not silently widened
     parser.add_function_arguments(fn, as_group=False, skip={*sig.positionals, FIT_ARGS})
     defaults = {n: p.default for n, p in inspect.signature(fn).parameters.items() if n in sig.optional}
     for positional in sig.positionals:

@@ -18,11 +18,11 @@ classification head per adapter cannot be summed meaningfully).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
+from peftlab.adapters import read_adapter_config, read_meta
 from peftlab.errors import PeftLabError
-from peftlab.export import atomic_directory, read_adapter_config
+from peftlab.export import atomic_directory
 
 Mode = Literal["exact", "linear", "svd", "ties", "dare_linear", "dare_ties"]
 PEFT_MODE = {"exact": "cat", "linear": "linear", "svd": "svd", "ties": "ties", "dare_linear": "dare_linear",
@@ -136,11 +136,7 @@ def compose_command(adapters: list[str], /, *, weights: list[float], output: str
     from peftlab.merge import merge_to_directory, probe_batch
 
     check_compatible(adapters, weights)
-    meta_path = Path(adapters[0]) / "peftlab_meta.json"
-    if not meta_path.is_file():
-        raise PeftLabError(f"{adapters[0]} has no peftlab_meta.json (not exported by peftlab); "
-                           "compose needs it to rebuild the backbone")
-    module = build_module(json.loads(meta_path.read_text(encoding="utf-8")))
+    module = build_module(read_meta(adapters[0], "compose"))
     compose(module.model, adapters, weights, mode, density)
     if merge:
         report = merge_to_directory(module, output, probe_batch=probe_batch(module))

@@ -91,8 +91,11 @@ def render() -> str:
             "| `ckpt_path` | `str \\| None` | `None` | checkpoint to resume (fit) or evaluate (validate/test/predict): a "
             "path, `last` (fit: the newest `last.ckpt` of this config's runs, see [reliability](reliability.md)) or `best` |",
             "| `test_after_fit` | `bool` | `True` | after fit, run the test split with the best checkpoint and print its metrics |",
+            "| `trackers` | `list[str]` | `[]` | experiment trackers besides `metrics.csv`, writing into the run "
+            "directory: `mlflow`, `wandb`, `tensorboard` (see [trackers](trackers.md)) |",
             "| `predictions_file` | `str \\| None` | `None` | predict: where to write predictions, `.jsonl` or `.csv` "
-            "(default `<log_dir>/predictions.jsonl`) |", ""]
+            "(default `<log_dir>/predictions.jsonl`; with a run's checkpoint `<run dir>/predict/predictions.jsonl`) |",
+            ""]
     out += ["### `adapter_export` (on by default)", "",
             _first_paragraph(callbacks.AdapterExport), ""]
     out += _table(parameter_rows(callbacks.AdapterExport), "adapter_export.") + [""]

@@ -52,14 +52,15 @@ class PeftLabLM(TemplateLM):
         max_length: longest input in tokens (default: the model config's ``max_position_embeddings``, else 2048);
             longer inputs lose their left end, as in lm-eval
         max_gen_toks: tokens generated when a task does not say
-        chat: the run was trained on chat-formatted prompts; ``peftlab evaluate`` then applies the tokenizer's
-            chat template unless told otherwise (``apply_chat_template`` below is lm-eval's hook for it)
+        chat: the run was trained on chat-formatted prompts; ``peftlab evaluate`` then applies the chat template
+            unless told otherwise (``apply_chat_template`` below is lm-eval's hook for it)
+        template: the Jinja chat template to apply (a chat run's recorded one; default: the tokenizer's)
     """
 
     backend = "causal"
 
     def __init__(self, model, tokenizer, *, batch_size: int = 8, max_length: int | None = None,
-                 max_gen_toks: int = 256, chat: bool = False):
+                 max_gen_toks: int = 256, chat: bool = False, template: str | None = None):
         super().__init__()
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -68,11 +69,15 @@ class PeftLabLM(TemplateLM):
         self.max_length = int(max_length or getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH)
         self.max_gen_toks = int(max_gen_toks)
         self.chat = chat
+        self.template = template or getattr(tokenizer, "chat_template", None)
 
     @classmethod
     def from_run(cls, run, **kwargs) -> PeftLabLM:
-        """The LM of a :class:`peftlab.api.Run` (``load_run``): its module's model, adapter applied."""
-        return cls(run.module.model, run.module.tokenizer, chat=_is_chat_run(run), **kwargs)
+        """The LM of a :class:`peftlab.api.Run` (``load_run``): its module's model, adapter applied; a chat run's
+        prompts in the chat template it was trained with."""
+        chat = bool(getattr(run, "is_chat", False))
+        template = (getattr(run, "prompt_format", None) or {}).get("chat_template") if chat else None
+        return cls(run.module.model, run.module.tokenizer, chat=chat, template=template, **kwargs)
 
     # ------------------------------------------------------------------ what lm-eval asks of every LM
     @property
@@ -97,14 +102,12 @@ class PeftLabLM(TemplateLM):
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The few-shot chat history as one prompt, through the tokenizer's chat template (lm-eval's hook; called
         when ``simple_evaluate(apply_chat_template=True)``)."""
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+        return self.tokenizer.apply_chat_template(chat_history, chat_template=self.template, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt,
                                                   continue_final_message=not add_generation_prompt)
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
-        if not chat_template:
-            return None
-        return self.tokenizer.chat_template
+        return self.template if chat_template else None
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
@@ -219,11 +222,3 @@ def _inner_config(model):
         if config is not None and hasattr(config, "vocab_size"):
             return config
     return None
-
-
-def _is_chat_run(run) -> bool:
-    """Whether ``run`` was trained on chat-formatted prompts (the run's recorded prompt format, once runs record
-    one: ``Run.prompt_format == "chat"`` or a ``chat`` flag)."""
-    fmt = getattr(run, "prompt_format", None)
-    fmt = fmt.get("format") if isinstance(fmt, dict) else fmt
-    return bool(getattr(run, "chat", False)) or fmt == "chat"

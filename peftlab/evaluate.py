@@ -252,7 +252,7 @@ def evaluate_command(
         lm = PeftLabLM(model, load_tokenizer(backbone), batch_size=batch_size, max_length=max_length,
                        max_gen_toks=max_gen_toks)
     chat = lm.chat if apply_chat_template is None else apply_chat_template
-    if chat and not lm.tokenizer.chat_template:
+    if chat and not lm.template:
         raise PeftLabError(f"--apply_chat_template: the tokenizer of {backbone or meta.get('backbone')!r} has no "
                            "chat template; leave the option out or use a chat model's tokenizer")
     results = run_tasks(lm, specs, manager, limit=limit, num_fewshot=num_fewshot, seed=seed, gen_kwargs=gen_kwargs,
@@ -282,13 +282,9 @@ def run_tasks(lm, specs: list[str | dict], manager, *, limit=None, num_fewshot=N
 
 
 def _run_meta(run: str) -> dict:
-    from peftlab.api import _adapter_dir
+    from peftlab.adapters import adapter_directory, read_meta
 
-    directory = _adapter_dir(Path(run))
-    meta = directory / "peftlab_meta.json"
-    if not meta.is_file():
-        raise PeftLabError(f"{directory} has no peftlab_meta.json; it was not exported by peftlab")
-    return json.loads(meta.read_text(encoding="utf-8"))
+    return read_meta(adapter_directory(Path(run)))
 
 
 def _output_directory(output_dir: str | None, run: str | None, backbone: str | None) -> Path:

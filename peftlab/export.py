@@ -19,7 +19,6 @@ model card ``README.md``.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -27,8 +26,15 @@ from pathlib import Path
 
 import torch
 
-from peftlab.errors import PeftLabError
-from peftlab.runinfo import run_record
+from peftlab.adapters import (  # noqa: F401 - the adapter format's names, also importable from here
+    load_adapter_weights,
+    method_path,
+    peftlab_meta,
+    prompt_format,
+    read_adapter_config,
+    trainable_state,
+    write_meta,
+)
 
 
 @contextlib.contextmanager
@@ -59,48 +65,11 @@ def is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def method_path(module) -> str:
-    cls = type(module)
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def trainable_state(module) -> dict[str, torch.Tensor]:
-    """Trainable parameters of ``module.model`` by name (contiguous CPU copies, ready for safetensors)."""
-    from peftlab.methods.base import unwrapped_name
-
-    return {unwrapped_name(n): p.detach().cpu().contiguous() for n, p in module.model.named_parameters()
-            if p.requires_grad}
-
-
-def peftlab_meta(module, label_names: list[str] | None = None) -> dict:
-    """What :func:`peftlab.api.load_run` needs to rebuild the module: method, its arguments, task, labels."""
-    # LightningCLI adds private keys such as _class_path; task and num_labels are stored on their own
-    hparams = {k: v for k, v in dict(module.hparams).items()
-               if not k.startswith("_") and k not in ("task", "num_labels") and _jsonable(v)}
-    return {"method": method_path(module), "init_args": hparams, "task": module.task,
-            "num_labels": module.num_labels, "label_names": label_names, "backbone": module.hparams.backbone,
-            "trainable": module.trainable_count, "total": module.total_count, "run": run_record()}
-
-
 def is_sharded(module) -> bool:
     """Whether ``module``'s trainable parameters are sharded across processes (FSDP2 DTensors)."""
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in module.parameters() if p.requires_grad)
-
-
-def full_trainable_state(module) -> dict[str, torch.Tensor]:
-    """Trainable parameters by checkpoint name, as full CPU tensors. Under FSDP2 each is gathered from every
-    rank (``DTensor.full_tensor``): a collective, so every rank calls this; the frozen backbone is never gathered."""
-    from peftlab.methods.base import unwrapped_name
-
-    out = {}
-    for name, param in module.model.named_parameters():
-        if param.requires_grad:
-            value = param.detach()
-            value = value.full_tensor() if hasattr(value, "full_tensor") else value
-            out[unwrapped_name(name)] = value.cpu().contiguous()
-    return out
 
 
 def unsharded_copy(module, state: dict[str, torch.Tensor]):
@@ -164,25 +133,18 @@ def export_adapter(module, directory, *, config_yaml: str | None = None, metrics
                    label_names: list[str] | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``module``'s trained parameters to ``directory`` (atomically); return the directory.
 
-    ``state``: the full trainable parameters of a sharded module (:func:`full_trainable_state`, gathered on every
+    ``state``: the full trainable parameters of a sharded module (:func:`trainable_state`, gathered on every
     rank); the files are then written from an unsharded copy of the method (:func:`unsharded_copy`)."""
+    prompt = prompt_format(module)  # from the trainer's data, before a sharded module is replaced by its copy
     if state is not None:
         module = unsharded_copy(module, state)
     with atomic_directory(directory) as tmp:
-        (tmp / "peftlab_meta.json").write_text(json.dumps(peftlab_meta(module, label_names), indent=2))
+        write_meta(tmp, peftlab_meta(module, label_names, prompt))
         fmt = module.export(tmp)  # the method writes its own files (peft's format or peftlab's)
         if config_yaml:
             (tmp / "peftlab_config.yaml").write_text(config_yaml)
         (tmp / "README.md").write_text(model_card(module, fmt, metrics or {}))
     return Path(directory)
-
-
-def _jsonable(value) -> bool:
-    try:
-        json.dumps(value)
-        return True
-    except TypeError:
-        return False
 
 
 def model_card(module, fmt: str, metrics: dict) -> str:
@@ -203,26 +165,3 @@ def model_card(module, fmt: str, metrics: dict) -> str:
               "```python", "from peftlab.api import load_run", "run = load_run(\"<this directory>\")",
               "run.predict([\"a text\"])", "```", ""]
     return "\n".join(lines)
-
-
-def read_adapter_config(directory) -> dict:
-    path = Path(directory) / "adapter_config.json"
-    if not path.is_file():
-        raise PeftLabError(f"{directory} is not an adapter directory: it has no adapter_config.json")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise PeftLabError(f"{path} is not valid JSON ({err}); the adapter is corrupt, export it again") from err
-
-
-def load_adapter_weights(directory) -> dict[str, torch.Tensor]:
-    """The tensors of ``adapter_model.safetensors`` (never a pickle), with a clear error when corrupt."""
-    from safetensors.torch import load_file
-
-    path = Path(directory) / "adapter_model.safetensors"
-    if not path.is_file():
-        raise PeftLabError(f"{directory} has no adapter_model.safetensors; export the adapter again")
-    try:
-        return load_file(str(path))
-    except Exception as err:  # noqa: BLE001 - safetensors raises SafetensorError / OSError on bad files
-        raise PeftLabError(f"{path} is corrupt or not a safetensors file ({err}); export the adapter again") from err

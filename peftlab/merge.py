@@ -17,10 +17,9 @@ from typing import Literal
 
 import torch
 
+from peftlab.backbones import DTYPES, torch_dtype  # noqa: F401 - DTYPES: the names --dtype takes
 from peftlab.errors import PeftLabError
 from peftlab.export import atomic_directory
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def check_mergeable(module) -> None:
@@ -38,8 +37,7 @@ def merged_model(module, dtype: str = "float32"):
     """A plain transformers model with ``module``'s trained update folded in (``module`` itself is not changed):
     the method's own :meth:`~peftlab.methods.PeftModule.merged_model`."""
     check_mergeable(module)
-    if dtype not in DTYPES:
-        raise PeftLabError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    torch_dtype(dtype)  # an unknown dtype is refused before anything is merged
     return module.merged_model(dtype)
 
 

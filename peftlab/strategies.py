@@ -7,13 +7,17 @@ This strategy does it for every peftlab method, so a config only names it (``con
   ``LlamaDecoderLayer``), plus the root (embeddings, head, and the method's prompt / prefix parameters). FSDP2
   shards every parameter on its own, so frozen and trainable weights share a unit and only trainable ones get
   gradients (FSDP1's flat parameters needed ``use_orig_params`` and one dtype per unit);
+* a sharded start (``sharded_start: true``, the default): the backbone is built from its config with placeholders
+  for its weights, sharded, then each rank reads only its rows of each tensor from the safetensors checkpoint
+  (:func:`peftlab.backbones.load_shards`): peak host memory during start-up is about one shard per process
+  instead of one full copy (docs/distributed.md has the measurement);
 * an optional mixed-precision policy: compute in bf16/fp16, reduce gradients in fp32, parameters stored as
   they are (peft keeps adapters in fp32);
 * checkpoints are distributed (each rank writes its shard) and hold the trainable parameters and optimizer
   state only (``PeftModule.on_save_checkpoint``), written to a temporary directory and renamed into place, so
   a crash mid-save leaves the previous checkpoint;
 * exported adapters gather the *trainable* parameters only (never the frozen backbone on one rank), see
-  :func:`peftlab.export.full_trainable_state`.
+  :func:`peftlab.adapters.trainable_state`.
 
 FSDP1 (Lightning's ``FSDPStrategy``) and DeepSpeed configs were retired in favour of this one: docs/distributed.md
 says why. QLoRA's 4-bit weights are refused in one line (bitsandbytes' packed storage cannot be sharded here).
@@ -22,6 +26,7 @@ Tested on CPU with 2 processes over gloo (tests/test_fsdp2.py); see docs/distrib
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -31,6 +36,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from peftlab.backbones import torch_dtype
 from peftlab.errors import PeftLabError
 
 
@@ -48,9 +54,6 @@ def transformer_block_classes(model: nn.Module) -> set[type[nn.Module]]:
     return classes
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 class FSDP2Strategy(ModelParallelStrategy):
     """Fully sharded data parallel (FSDP2, ``fully_shard`` per transformer block) for any peftlab method.
 
@@ -63,22 +66,35 @@ class FSDP2Strategy(ModelParallelStrategy):
             (trainable-only) state on rank 0 into one file.
         data_parallel_size: processes that shard the model (default: all of them).
         tensor_parallel_size: must be 1 (no tensor parallelism).
+        sharded_start: build the backbone without its weights and fill each rank's shards from the safetensors
+            checkpoint after sharding (no rank holds a full copy); ``false`` loads the whole backbone on every
+            process first. Methods whose attach reads the weights (DoRA, PiSSA, prompts started from embeddings)
+            and checkpoints without safetensors files load in full either way.
     """
 
     def __init__(self, mixed_precision: Literal["bf16", "fp16"] | None = None, reshard_after_forward: bool = True,
                  save_distributed_checkpoint: bool = True, data_parallel_size: int | Literal["auto"] = "auto",
-                 tensor_parallel_size: int = 1, **kwargs: Any) -> None:
+                 tensor_parallel_size: int = 1, sharded_start: bool = True, **kwargs: Any) -> None:
         if tensor_parallel_size != 1:
             raise PeftLabError("FSDP2Strategy shards data-parallel only: tensor_parallel_size must be 1")
         super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=1,
                          save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
         self.mixed_precision = mixed_precision
         self.reshard_after_forward = reshard_after_forward
+        self.sharded_start = sharded_start
 
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":  # all processes shard (Lightning's default is one group per node)
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    @contextlib.contextmanager
+    def model_sharded_context(self):
+        """Around the method's ``configure_model``: with ``sharded_start``, backbones are built without weights."""
+        from peftlab.backbones import sharded_start
+
+        with super().model_sharded_context(), sharded_start(self.sharded_start):
+            yield
 
     def setup(self, trainer) -> None:
         # configure_model (the method's build) has run: shard before Lightning materializes and moves the model
@@ -103,7 +119,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         mesh = self.device_mesh["data_parallel"]
         policy = None
         if self.mixed_precision:
-            policy = MixedPrecisionPolicy(param_dtype=DTYPES[self.mixed_precision], reduce_dtype=torch.float32)
+            policy = MixedPrecisionPolicy(param_dtype=torch_dtype(self.mixed_precision), reduce_dtype=torch.float32)
         options = {"mesh": mesh, "reshard_after_forward": self.reshard_after_forward}
         if policy is not None:
             options["mp_policy"] = policy
@@ -112,6 +128,9 @@ class FSDP2Strategy(ModelParallelStrategy):
             if type(sub) in blocks:
                 fully_shard(sub, **options)
         fully_shard(model, **options)
+        from peftlab.backbones import load_shards
+
+        load_shards(model)  # a sharded start's placeholders: each rank reads its rows of the checkpoint
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         """Lightning's save, into a temporary sibling renamed into place: a crash mid-save keeps the old one."""

@@ -46,6 +46,12 @@ PRIVATE_APIS: tuple[Private, ...] = (
             "`--ckpt_path last` resumes into the run's existing version directory; loggers take the version only "
             "in their constructor, and the logger is built before the checkpoint is found",
             "peftlab/cli.py"),
+    Private("lightning.pytorch.loggers.TensorBoardLogger._root_dir", "lightning", "attribute", (),
+            "a configured TensorBoard logger writes into the CSV logger's run directory (its save_dir, name and "
+            "version are taken only in the constructor, before the run directory is known)",
+            "peftlab/trackers.py"),
+    Private("lightning.pytorch.loggers.TensorBoardLogger._name", "lightning", "attribute", (),
+            "with _root_dir: the TensorBoard logger's name follows the CSV logger's", "peftlab/trackers.py"),
     Private("lightning.pytorch.core.LightningModule._trainer", "lightning", "attribute", (),
             "read without raising when the module is not attached to a Trainer (the public `trainer` property "
             "raises then)",

@@ -199,3 +199,60 @@ def write_config(tmp_path, backbone, source, *, method="peftlab.methods.LoRA", m
     path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_dir(tmp_path_factory, tokenizer_dir):
+    """The review tokenizer with ChatML's <|im_start|>/<|im_end|> and Llama-3's header/eot tokens, ChatML template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|start_header_id|>",
+                                                          "<|end_header_id|>", "<|eot_id|>"]})
+    tok.chat_template = CHATML
+    path = tmp_path_factory.mktemp("chat_tokenizer")
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory, chat_tokenizer_dir):
+    """The tiny Llama with the ChatML tokenizer (vocabulary grown by its 5 chat tokens)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("tiny_chat_llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def chat_rows(n: int = 24) -> list[dict]:
+    """``n`` real two-review conversations (OpenAI messages; one with a system turn in three), id per row."""
+    rows, reviews = [], rotten_rows(2 * n)
+    for i in range(n):
+        a, b = reviews[2 * i], reviews[2 * i + 1]
+        messages = [{"role": "system", "content": "You judge film reviews."}] if i % 3 == 0 else []
+        messages += [{"role": "user", "content": f"Fresh or rotten? {a['text']}"},
+                     {"role": "assistant", "content": a["label"].capitalize() + "."},
+                     {"role": "user", "content": f"And this one? {b['text']}"},
+                     {"role": "assistant", "content": f"This one is {b['label']}."}]
+        rows.append({"id": f"conv{i}", "messages": messages})
+    return rows
+
+
+def write_jsonl(path, rows) -> str:
+    import json
+
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)

@@ -60,6 +60,11 @@ def test_benchmarks_smoke(tmp_path):
     assert results["memory"]["qlora_nf4_dq"]["backbone_bytes"] < results["memory"]["lora_fp32"]["backbone_bytes"]
     assert results["startup"]["help"]["seconds"]["median"] > 0 and results["startup"]["fit"]
     assert results["startup"]["params_70b"]["seconds"]["median"] > 0
+    multi = results["multi_adapter"]
+    assert set(multi["mixed_lora"]["ratio"]) == {"mixed/one_adapter", "mixed/loop"}
+    assert set(multi["mixed_lora"]["routing"].values()) == {"per row"}
+    assert set(multi["mixed_prompt"]["routing"].values()) == {"grouped"}
+    assert multi["server"]["requests_per_s"]["16_clients"]["median"] > 0
 
     for name in run.NAMES:
         numbers = list(_numbers(results[name]))
@@ -72,7 +77,7 @@ def test_benchmarks_smoke(tmp_path):
     text = docs_file.read_text()
     assert text == render(results)
     for heading in ("## Targets", "## 1. Training throughput", "## 2. Step-time breakdown", "## 3. Padding",
-                    "## 4. Inference", "## 5. Memory", "## 6. Start-up"):
+                    "## 4. Inference", "## 5. Memory", "## 6. Start-up", "## 8. Many adapters on one backbone"):
         assert heading in text
 
 

@@ -141,7 +141,8 @@ def test_validate_test_predict_subcommands(tmp_path, tiny_bert, sentiment_csv, c
     code, out, err = run_main(["predict", "--config", cfg, "--ckpt_path", ckpt, "--predictions_file", str(pred)], capsys)
     assert code == 0, err
     rows = [yaml.safe_load(line) for line in pred.read_text().splitlines()]
-    assert len(rows) == 12 and set(rows[0]) == {"input", "label", "probs"}
+    # every input column is written back; the gold label beside the predicted one as input_label (issue #30)
+    assert len(rows) == 12 and set(rows[0]) == {"input", "input_label", "label", "probs"}
     assert rows[0]["label"] in ("rotten", "fresh") and sum(rows[0]["probs"].values()) == pytest.approx(1, abs=1e-4)
 
 
@@ -255,7 +256,7 @@ def test_predict_csv_and_plot(tmp_path, tiny_bert, sentiment_csv, capsys):
                              "--predictions_file", str(tmp_path / "p.csv")], capsys)
     assert code == 0, err
     rows = list(csv.DictReader(open(tmp_path / "p.csv", encoding="utf-8")))
-    assert len(rows) == 12 and set(rows[0]) == {"input", "label", "p_rotten", "p_fresh"}
+    assert len(rows) == 12 and set(rows[0]) == {"input", "input_label", "label", "p_rotten", "p_fresh"}
     code, out, err = run_main(["plot", str(run)], capsys)
     assert code == 0, err
     png = run / "learning_curves.png"

@@ -290,3 +290,29 @@ def test_evaluate_help_is_generated_from_the_signature(capsys):
         main(["evaluate", "--help"])
     out = capsys.readouterr().out
     assert "--tasks" in out and "--num_fewshot" in out and "RUN" in out and "--backbone" in out
+
+
+def test_a_chat_run_is_evaluated_in_its_recorded_chat_template(tmp_path, tiny_llama):
+    """A run whose peftlab_meta.json records a chat prompt format gets lm-eval's chat path by default, with the
+    template it was trained with (not the tokenizer's, which the tiny tokenizer does not even have)."""
+    from peftlab.adapters import rewrite_meta
+    from peftlab.api import load_run
+    from peftlab.eval_lm import PeftLabLM
+    from peftlab.evaluate import evaluate_command
+    from peftlab.methods import LoRA
+
+    _, run_dir = _run(tmp_path, tiny_llama, LoRA, r=2, target_modules=["q_proj"])
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}" \
+               "{% if add_generation_prompt %}[assistant]{% endif %}"
+    rewrite_meta(run_dir, prompt_format={"kind": "chat", "chat_template": template})
+    lm = PeftLabLM.from_run(load_run(str(run_dir)))
+    assert lm.chat and lm.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user] hi\n[assistant]"
+    out = evaluate_command(str(run_dir), tasks=["peftlab_rotten_tomatoes_mc"], limit=2, log_samples=True)
+    record = json.loads((Path(out["directory"]) / "results.json").read_text())
+    assert record["arguments"]["apply_chat_template"] is True
+    (sample, _) = [json.loads(line) for line in
+                   (Path(out["directory"]) / "samples_peftlab_rotten_tomatoes_mc.jsonl").read_text().splitlines()]
+    assert sample["arguments"][0][0].startswith("[user] Movie review:")  # (context, continuation) pairs
+    plain = evaluate_command(str(run_dir), tasks=["peftlab_rotten_tomatoes_mc"], limit=2, apply_chat_template=False)
+    assert json.loads((Path(plain["directory"]) / "results.json").read_text())["arguments"]["apply_chat_template"] \
+        is False

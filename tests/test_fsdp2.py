@@ -30,6 +30,8 @@ METHODS = {
     "full": ("FullFineTuning", {}),
 }
 STEPS = 3
+# trained as well with the whole backbone loaded on each process before sharding (sharded_start: false)
+FULL_START = "lora_full_start"
 
 SCRIPT = '''
 import json, sys
@@ -37,10 +39,15 @@ import torch
 import lightning as L
 sys.path.insert(0, {tests!r})
 from conftest import make_data
+import peftlab.backbones
 import peftlab.methods as methods
 from peftlab.callbacks import AdapterExport
 from peftlab.strategies import FSDP2Strategy
 from torch.distributed.tensor import DTensor
+
+filled = []  # tensors a sharded start read from the checkpoint into each rank's shards
+load_shards = peftlab.backbones.load_shards
+peftlab.backbones.load_shards = lambda model: filled.append(load_shards(model)) or filled[-1]
 
 gathered = []  # sizes of every tensor an export gathers: the trainable parameters only
 full_tensor = DTensor.full_tensor
@@ -51,18 +58,22 @@ DTensor.full_tensor = counting
 
 out = {out!r}
 report = {{}}
-for name, (cls, kwargs) in json.loads({methods!r}).items():
+runs = json.loads({methods!r})
+runs[{full_start!r}] = runs["lora"]
+for name, (cls, kwargs) in runs.items():
     L.seed_everything(0)
     dm = make_data({source!r}, "causal_lm", {backbone!r}, batch_size=4, shuffle=False, group_by_length=False,
                    max_length=48)
     module = getattr(methods, cls)(backbone={backbone!r}, task="causal_lm", learning_rate=1e-2, **kwargs)
     gathered.clear()
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=FSDP2Strategy(), max_steps={steps}, logger=False,
+    filled.clear()
+    strategy = FSDP2Strategy(sharded_start=name != {full_start!r})
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps={steps}, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[AdapterExport(dirpath=out + "/" + name)])
     trainer.fit(module, datamodule=dm)
     if trainer.is_global_zero:
-        report[name] = {{"gathered": sum(gathered), "trainable": module.trainable_count}}
+        report[name] = {{"gathered": sum(gathered), "trainable": module.trainable_count, "filled": sum(filled)}}
 if torch.distributed.get_rank() == 0:
     open(out + "/report.json", "w").write(json.dumps(report))
 '''
@@ -74,7 +85,8 @@ def fsdp2_runs(tmp_path_factory, tiny_llama, generation_jsonl):
     out = tmp_path_factory.mktemp("fsdp2")
     script = out / "train.py"
     script.write_text(SCRIPT.format(tests=str(ROOT / "tests"), out=str(out), methods=json.dumps(METHODS),
-                                    source=generation_jsonl, backbone=tiny_llama, steps=STEPS))
+                                    source=generation_jsonl, backbone=tiny_llama, steps=STEPS,
+                                    full_start=FULL_START))
     result = subprocess.run([sys.executable, str(script)], cwd=out, capture_output=True, text=True, timeout=900,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -111,6 +123,21 @@ def test_fsdp2_on_two_processes_trains_what_one_process_trains(name, fsdp2_runs,
     assert moved
     # the export gathered the trainable parameters, not the frozen backbone
     assert report[name]["gathered"] == report[name]["trainable"] == module.trainable_count
+    # a sharded start read every backbone tensor (embeddings, 2 x 9 per block, final norm, head) into the shards,
+    # except where attach reads the weights (LoRA + prompt starts its prompt from vocabulary embeddings)
+    assert report[name]["filled"] == (0 if name == "lora_prompt" else 21)
+
+
+def test_a_sharded_start_trains_the_adapter_a_full_start_trains(fsdp2_runs):
+    """The backbone built without weights and filled per rank after sharding, against the whole backbone loaded on
+    each process first (FSDP2Strategy(sharded_start=false)): the same adapter."""
+    out, report = fsdp2_runs
+    assert report[FULL_START]["filled"] == 0 and report["lora"]["filled"] == 21
+    full = load_file(str(out / FULL_START / "last/adapter_model.safetensors"))
+    sharded = load_file(str(out / "lora" / "last/adapter_model.safetensors"))
+    assert full.keys() == sharded.keys() and len(full) == 8
+    for key in full:
+        torch.testing.assert_close(sharded[key], full[key], rtol=0, atol=1e-5)
 
 
 def _as_trainable_names(module, directory: Path, tensors: dict) -> dict:

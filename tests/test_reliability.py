@@ -53,7 +53,38 @@ def _remote_code_backbone(ctx) -> str:
     return str(directory)
 
 
-# (id, argv builder, expected message fragment). Each case runs the real CLI in-process on the tiny BERT.
+def _jsonl(ctx, name, rows) -> str:
+    from conftest import write_jsonl
+
+    return write_jsonl(ctx["tmp"] / name, rows)
+
+
+def _generation_config(ctx, bad_row: dict) -> list[str]:
+    """A causal-LM config on the tiny Llama whose sixth row is ``bad_row``."""
+    rows = [{"prompt": f"Review {i}:", "response": " fresh"} for i in range(5)] + [bad_row]
+    cfg = write_config(ctx["tmp"], ctx["chat_llama"], _jsonl(ctx, "gen.jsonl", rows), name="gen.yaml",
+                       data={"task": "causal_lm", "prompt_template": "{prompt}", "response_template": "{response}"},
+                       model={"target_modules": ["q_proj"]})
+    return ["--config", cfg]
+
+
+def _chat_config(ctx, bad_messages: list[dict], backbone: str | None = None) -> list[str]:
+    """A chat config on the tiny ChatML Llama whose sixth conversation is ``bad_messages``."""
+    good = [{"role": "user", "content": "Fresh or rotten? Superb."}, {"role": "assistant", "content": "Fresh."}]
+    rows = [{"messages": good}] * 5 + [{"messages": bad_messages}]
+    cfg = write_config(ctx["tmp"], backbone or ctx["chat_llama"], _jsonl(ctx, "chat.jsonl", rows), name="chat.yaml",
+                       data={"task": "chat"}, model={"target_modules": ["q_proj"]})
+    return ["--config", cfg]
+
+
+def _labels_file(ctx, labels) -> str:
+    rows = b"".join(f"review number {i},{label}\n".encode() for i, label in enumerate(labels * 10))
+    return _file(ctx["tmp"], "labels.csv", b"text,label\n" + rows)
+
+
+_USER = {"role": "user", "content": "Fresh or rotten? Dull."}
+# (id, argv builder, expected message fragment). Each case runs the real CLI in-process on the tiny BERT (or on the
+# tiny Llama, through a second --config, for generation and chat data).
 BAD_INPUTS = [
     ("unknown_key", lambda c: ["--model.init_args.rank", "8"], "rank"),
     ("wrong_type", lambda c: ["--model.init_args.r", "eight"], "model.init_args.r"),
@@ -103,13 +134,41 @@ BAD_INPUTS = [
      lambda c: ["--model.init_args.r", "8", "--ckpt_path", _trained_checkpoint(c)], "checkpoint does not match"),
     ("remote_code_not_trusted", lambda c: ["--model.init_args.backbone", _remote_code_backbone(c)],
      "trust_remote_code"),
+    # silent corruption before issue #30: each of these trained without a word
+    ("null_response", lambda c: _generation_config(c, {"prompt": "Review 5:", "response": None}),
+     "row 5 of train: column 'response' of data.response_template is null"),
+    ("empty_response", lambda c: _generation_config(c, {"prompt": "Review 5:", "response": ""}),
+     "row 5 of train: the response (data.response_template) is empty"),
+    ("label_with_trailing_space", lambda c: ["--data.source", _labels_file(c, ["fresh", "rotten", "Neutral "])],
+     "label 'Neutral ' in column 'label' has surrounding whitespace"),
+    ("labels_differ_only_by_case", lambda c: ["--data.source", _labels_file(c, ["fresh", "rotten", "Fresh"])],
+     "labels 'Fresh' and 'fresh' in column 'label' differ only by case"),
+    ("malformed_jsonl_line",
+     lambda c: ["--data.source", _file(c["tmp"], "bad.jsonl", b'{"text": "a", "label": "fresh"}\n' * 2
+                                       + b'{"text": "b", "label": rotten}\n' + b'{"text": "c", "label": "rotten"}\n' * 9)],
+     "line 3 of"),
+    ("chat_unknown_role", lambda c: _chat_config(c, [_USER, {"role": "bot", "content": "Rotten."}]),
+     "row 5 of train: unknown role 'bot'"),
+    ("chat_no_assistant_turn", lambda c: _chat_config(c, [_USER]), "row 5 of train: the conversation has no assistant"),
+    ("chat_ends_on_user_turn",
+     lambda c: _chat_config(c, [_USER, {"role": "assistant", "content": "Rotten."}, _USER]),
+     "row 5 of train: the conversation ends on a user turn"),
+    ("chat_null_content", lambda c: _chat_config(c, [_USER, {"role": "assistant", "content": None}]),
+     "row 5 of train: the assistant turn has content null"),
+    ("chat_empty_reply", lambda c: _chat_config(c, [_USER, {"role": "assistant", "content": " "}]),
+     "row 5 of train: an assistant turn is empty"),
+    ("chat_template_missing", lambda c: _chat_config(c, [_USER, {"role": "assistant", "content": "Rotten."}],
+                                                     backbone=c["llama"]),
+     "has no chat template; set data.chat_template"),
 ]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_bad_input_gives_one_clear_message(tmp_path, tiny_bert, sentiment_csv, capsys, case):
+def test_bad_input_gives_one_clear_message(tmp_path, tiny_bert, sentiment_csv, capsys, case, request):
     _, argv, message = case
     ctx = {"tmp": tmp_path, "bert": tiny_bert, "csv": sentiment_csv, "capsys": capsys}
+    if case[0].startswith(("null_", "empty_", "chat_")):  # generation and chat cases run on the tiny Llamas
+        ctx.update(chat_llama=request.getfixturevalue("tiny_chat_llama"), llama=request.getfixturevalue("tiny_llama"))
     cfg = write_config(tmp_path, tiny_bert, sentiment_csv)
     extra = argv(ctx)
     capsys.readouterr()

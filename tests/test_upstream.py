@@ -48,6 +48,14 @@ def _logger_version(tmp_path):
         assert logger.version == 3 and Path(logger.log_dir).name == "version_3", cls.__name__
 
 
+def _tensorboard_directory(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(save_dir=str(tmp_path / "elsewhere"), name="other")
+    logger._root_dir, logger._name, logger._version = str(tmp_path), "run", 2  # what peftlab.trackers.arrange does
+    assert Path(logger.log_dir) == tmp_path / "run" / "version_2" and logger.save_dir == str(tmp_path)
+
+
 def _module_trainer(tmp_path):
     import lightning as L
 
@@ -140,6 +148,8 @@ CHECKS = {
     "optuna.trial.FrozenTrial._trial_id": _optuna_trial_id,
     "lightning.pytorch.strategies.ModelParallelStrategy._data_parallel_size": _data_parallel_size,
     "lightning.pytorch.loggers.CSVLogger._version": _logger_version,
+    "lightning.pytorch.loggers.TensorBoardLogger._root_dir": _tensorboard_directory,
+    "lightning.pytorch.loggers.TensorBoardLogger._name": _tensorboard_directory,
     "lightning.pytorch.core.LightningModule._trainer": _module_trainer,
     "lightning.pytorch.strategies.Strategy._checkpoint_io": _strategy_checkpoint_io,
     "lightning.fabric.utilities.distributed._DatasetSamplerWrapper._sampler": _sampler_wrapper,

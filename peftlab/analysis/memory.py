@@ -45,14 +45,14 @@ from peftlab.analysis.params import (
     resolve_backbone,
     with_backbone,
 )
+from peftlab.backbones import torch_dtype
 from peftlab.errors import PeftLabError
+from peftlab.methods.registry import method_class, method_names  # noqa: F401 - also importable from here
 
 PRECISIONS = {"fp32": 4, "bf16": 2, "fp16": 2}
 Precision = Literal["fp32", "bf16", "fp16"]  # the keys of PRECISIONS
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 OPTIMIZER_ALIASES = {"paged": "paged_adamw_32bit", "adam": "adamw", "paged_adamw": "paged_adamw_32bit"}
-#: earlier names of --method, still accepted
-ALIASES = {"prefix": "prefix_tuning", "prompt": "prompt_tuning"}
 #: --size: Llama-shaped backbones (shipped shapes; 13B is the Llama-2-13B config)
 SIZES = {"1b": "llama-1b", "7b": "llama-2-7b", "13b": "llama-2-13b", "70b": "llama-2-70b"}
 LLAMA_2_13B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 5120,
@@ -209,7 +209,7 @@ def _cast_for_training(module, precision: str) -> None:
     import torch
     from torch import nn
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = torch_dtype(precision)
     if module.trainable_dtype == "precision":
         module.model.to(dtype)  # meta models come in the config's torch_dtype: always cast
         return
@@ -401,32 +401,6 @@ def default_task(backbone: str) -> str:
     except Exception as err:  # noqa: BLE001 - transformers raises several types
         raise PeftLabError(f"could not read the config of backbone {backbone!r}: {str(err).splitlines()[0]}") from err
     return "causal_lm" if is_decoder_only(path) else "classification"
-
-
-def method_names() -> list[str]:
-    """Every registered method (``PeftModule`` subclasses with a ``name``: the shipped ones and any imported)."""
-    import peftlab.methods  # noqa: F401 - registers the shipped methods
-    from peftlab.methods.base import METHODS, load_plugins
-
-    load_plugins()
-
-    order = ("full", "lora", "qlora", "dora", "rslora", "pissa", "lora_plus", "adalora", "prompt_tuning", "p_tuning",
-             "prefix_tuning", "p_tuning_v2", "adapters", "lora_prompt", "stack")
-    # the baseline first, then by family; other registered methods after, as imported
-    return sorted(METHODS, key=lambda n: order.index(n) if n in order else len(order))
-
-
-def method_class(name: str):
-    """The registered method class called ``name`` (or an earlier alias: prefix, prompt)."""
-    from peftlab.methods.base import METHODS
-
-    key = ALIASES.get(name, name)
-    if key not in method_names():
-        from peftlab.errors import did_you_mean
-
-        raise PeftLabError(f"--method {name!r} is unknown; choose one of {', '.join(method_names())} or all."
-                           f"{did_you_mean(name, method_names())}")
-    return METHODS[key]
 
 
 def preset_spec(method: str, backbone: str, task: str, *, r: int | None = None,

@@ -130,15 +130,10 @@ def parse_fit_config(args: list[str], prog: str = "peftlab params") -> MethodSpe
 
 def build_meta(spec: MethodSpec, num_labels: int | None = None):
     """Instantiate the method of ``spec`` on the meta device (the training code path, no weights)."""
-    import importlib
-
     from peftlab.backbones import meta_backbones
+    from peftlab.methods.registry import import_method
 
-    module_name, _, class_name = spec.class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name or "peftlab.methods"), class_name)
-    except (ImportError, AttributeError) as err:
-        raise PeftLabError(f"cannot import model.class_path {spec.class_path!r}: {err}") from err
+    cls = import_method(spec.class_path)
     kwargs = dict(spec.init_args)
     kwargs["backbone"] = resolve_backbone(kwargs.get("backbone", "packaged:all-MiniLM-L6-v2"))
     if kwargs.get("task", "classification") == "classification":

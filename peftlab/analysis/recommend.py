@@ -104,6 +104,7 @@ class Recommendation:
     alternatives: str = ""
     targets: str | None = None  # LoRA target scope: qv / attention_ffn (resolved per backbone)
     notes: list[str] = field(default_factory=list)
+    serving: str = ""  # how to deploy what is trained, when the rule is about deployment (hot-swapping)
 
     @property
     def summary(self) -> str:
@@ -127,6 +128,13 @@ def _lora(rule: str, task_type: str, reason: str, *, qlora: bool = False, altern
     args = preset("qlora" if qlora else "lora", r=r, alpha=2 * r, **({"gradient_checkpointing": True} if qlora else {}))
     return Recommendation(rule, name, f"peftlab.methods.{name}", args, reason, alternatives,
                           targets=scope or default_scope, notes=notes or [])
+
+
+#: what ``recommend`` prints for the hot-swap rule: the commands that do it (docs/multi-adapter.md)
+HOT_SWAP_SERVING = ("train one adapter per task, then load them all on one backbone: "
+                    "peftlab.api.load_adapters({'task_a': 'runs/a/version_0', ...}).predict(texts, adapter='task_a'), "
+                    "or serve them: peftlab serve task_a=runs/a/version_0 task_b=... (OpenAI API, model = adapter "
+                    "name; docs/multi-adapter.md)")
 
 
 def recommend(a: Answers) -> Recommendation:
@@ -198,10 +206,12 @@ def recommend(a: Answers) -> Recommendation:
             "to stack/combine (decision tree, question 4). They add a little inference latency.",
             "one LoRA per task combined by weighted sum (task table: 'Multiple LoRAs')")
     if multi == "hot_swap":
-        return _lora("hot_swap", task,
+        rec = _lora("hot_swap", task,
                      "many tasks served by hot-swapping: one small LoRA adapter per task on one shared backbone, "
                      f"loaded on demand (scenario table: 'dozens of tasks with hot-swapping -> LoRA / QLoRA'); {task_why}.",
                      alternatives="QLoRA for 7B+ backbones on small GPUs; bottleneck adapters")
+        rec.serving = HOT_SWAP_SERVING
+        return rec
     if a.per_layer_control:
         return _lora("per_layer", task,
                      "you want to choose what is adapted per layer type: LoRA takes any set of linear layers "
@@ -356,6 +366,8 @@ def recommend_command(
     out.append(f"why          {rec.reason}")
     if rec.alternatives:
         out.append(f"alternative  {rec.alternatives}")
+    if rec.serving:
+        out.append(f"serving      {rec.serving}")
     if rec.class_path is None:
         out.append("config       none written: there is nothing to train")
         print("\n".join(out))

@@ -35,13 +35,13 @@ class AdapterExport(L.Callback):
     def _export(self, trainer, module, names: list[str], metrics=None):
         # every rank runs this hook: trainer.log_dir and a sharded model's gathering are collectives; only
         # rank 0 reads the config and writes
-        from peftlab.export import full_trainable_state, is_sharded
+        from peftlab.export import is_sharded, trainable_state
 
         log_dir = trainer.log_dir
         directory = Path(self.dirpath or os.path.join(log_dir or trainer.default_root_dir, "adapter"))
         if not hasattr(module, "trainable_count") or module.model is None:
             return
-        state = full_trainable_state(module) if is_sharded(module) else None
+        state = trainable_state(module) if is_sharded(module) else None
         if not trainer.is_global_zero:
             return
         config = os.path.join(log_dir or "", "config.yaml")

@@ -34,6 +34,12 @@ def prediction_rows(batch: dict, label_names: list[str] | None = None) -> list[d
     return [{"generated": t} for t in batch["text"]]
 
 
+def input_columns(columns: dict, prediction: dict) -> dict:
+    """An input row's columns to write beside ``prediction``; one whose name a prediction field has (a gold
+    ``label`` column beside the predicted ``label``) is written as ``input_<name>``."""
+    return {(f"input_{k}" if k in prediction or k == "input" else k): v for k, v in columns.items()}
+
+
 def write_rows(path: str, rows: list[dict]) -> None:
     """Write ``rows`` atomically as jsonl, or csv when ``path`` ends in .csv (one column per class probability)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -74,7 +80,9 @@ class PredictionWriter(BasePredictionWriter):
     Args:
         path: ``.jsonl`` (default) or ``.csv`` file; default ``<trainer.log_dir>/predictions.jsonl``.
             Classification rows are ``{"input", "label", "probs"}`` (csv: one ``p_<class>`` column per class),
-            generation rows ``{"input", "generated"}``; ``input`` comes from the datamodule's ``predict_texts()``.
+            generation rows ``{"input", "generated"}``; ``input`` comes from the datamodule's ``predict_texts()``,
+            and every input column of the row (ids, ``text_pair``...; ``predict_inputs()``) comes first, one
+            named like a prediction field as ``input_<name>``.
     """
 
     def __init__(self, path: str | None = None):
@@ -110,10 +118,13 @@ class PredictionWriter(BasePredictionWriter):
         if not unique:
             return
         texts = datamodule.predict_texts() if hasattr(datamodule, "predict_texts") else None
+        inputs = datamodule.predict_inputs() if hasattr(datamodule, "predict_inputs") else None
         out = []
         for (dataloader, index), row in sorted(unique.items()):
             if texts is not None and dataloader == 0 and index < len(texts):
                 row = {"input": texts[index], **row}
+            if inputs is not None and dataloader == 0 and index < len(inputs):
+                row = {**input_columns(inputs[index], row), **row}
             out.append(row)
         path = self.path or os.path.join(log_dir or ".", "predictions.jsonl")
         write_rows(path, out)

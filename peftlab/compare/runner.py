@@ -46,10 +46,13 @@ from typing import Any
 from peftlab.compare.study import Method, Part, Study, fit_args
 from peftlab.errors import PeftLabError
 
-HEARTBEAT_S = 30
-GRACE_S = 120
+# a running trial records a heartbeat every HEARTBEAT_S; one silent for GRACE_S is a dead worker's, run again
+HEARTBEAT_S = int(os.environ.get("PEFTLAB_COMPARE_HEARTBEAT_S") or 30)  # (Optuna: a positive integer)
+GRACE_S = 4 * HEARTBEAT_S
 POLL_S = 2.0
-HOST = socket.gethostname()
+# this machine's name in the storage: runs it owns whose process is gone are recovered at once (others wait for
+# the heartbeat); set PEFTLAB_COMPARE_HOST where machines share a host name (cloned VMs, containers)
+HOST = os.environ.get("PEFTLAB_COMPARE_HOST") or socket.gethostname()
 WORKER_ENV = "PEFTLAB_COMPARE_WORKER"
 LIVE = ("COMPLETE", "PRUNED", "RUNNING", "WAITING")
 
@@ -74,15 +77,52 @@ def open_storage(url: str, *, heartbeat: bool = True):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
     if heartbeat:
         kwargs.update(heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, heartbeat_stale_trial_callback=requeue)
+    check_driver(url)
+    from sqlalchemy.exc import IntegrityError
+
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # heartbeat_interval is "experimental" in some releases
-            return optuna.storages.RDBStorage(url, **kwargs)
+        for attempt in range(5):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # heartbeat_interval is "experimental" in some releases
+                    return optuna.storages.RDBStorage(url, **kwargs)
+            except IntegrityError:
+                # machines starting at once race to create Optuna's tables (PostgreSQL: "duplicate key value ...
+                # pg_type_typname_nsp_index", seen in tests/test_compare_postgres.py): the loser's retry finds them
+                if attempt == 4:
+                    raise
+                time.sleep(1.0 + attempt)
     except Exception as err:  # noqa: BLE001 - sqlalchemy and optuna raise many types for a bad URL
         text = " ".join(str(err).split())
         raise PeftLabError(f"storage {url!r} cannot be opened ({type(err).__name__}: {text[:200]}); give a "
                            "database URL that exists and is reachable, e.g. sqlite:///study.db or "
                            "postgresql://user@host/db") from err
+
+
+#: SQLAlchemy's database drivers -> (the package that provides it, the peftlab extra that installs it)
+DRIVER_PACKAGES = {"psycopg": ("psycopg[binary]", "postgres"), "psycopg2": ("psycopg2-binary", None),
+                   "pymysql": ("PyMySQL", None), "mysqldb": ("mysqlclient", None)}
+
+
+def check_driver(url: str) -> None:
+    """Refuse in one line a database URL whose driver is not installed, naming the package (and peftlab's extra)
+    to install: Optuna's own message names neither, and SQLAlchemy 2.1 maps ``postgresql://`` to psycopg 3, not
+    to the psycopg2 most guides install."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        dialect = make_url(url).get_dialect()
+    except Exception:  # noqa: BLE001 - an unknown scheme or a malformed URL: RDBStorage's own error says so
+        return
+    try:
+        dialect.import_dbapi()
+    except ImportError as err:
+        driver = dialect.driver
+        package, extra = DRIVER_PACKAGES.get(driver, (driver, None))
+        how = f"pip install 'peftlab[{extra}]' (it installs {package})" if extra else f"pip install '{package}'"
+        raise PeftLabError(f"storage {url!r} needs the database driver {driver!r}, which is not installed "
+                           f"({type(err).__name__}: {' '.join(str(err).split())}); {how}, or name another installed driver in the URL "
+                           f"(e.g. {dialect.name}+<driver>://...)") from err
 
 
 def requeue(study, frozen) -> None:

@@ -6,8 +6,9 @@ The dataset transforms (label encoding, splitting, few-shot sampling) are pure f
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property, partial
 from typing import Any, Literal
@@ -15,13 +16,29 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from peftlab.backbones import TASKS, Task, is_decoder_only, load_tokenizer
-from peftlab.data import formats, transforms
-from peftlab.data.loading import ResumableLoader, eval_generator, training_sampler
+from peftlab.backbones import DATA_TASKS, DataTask, is_decoder_only, load_tokenizer, model_task
+from peftlab.data import chat, formats, transforms
+from peftlab.data.loading import ResumableLoader, _rank, eval_generator, training_sampler
 from peftlab.data.sources import PACKAGED_LABELS, load_source
 from peftlab.errors import PeftLabError
 
 FEW_SHOT_IDS_NOTE = "row positions in the source's train split (packaged: after keeping fresh/rotten)"
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """No datasets progress bars while peftlab reads and tokenizes: its steps (generating, filtering, casting,
+    tokenizing) take under a second on the data sizes PEFT runs use, and :meth:`PeftDataModule.summary` says
+    what came out of them in one line."""
+    import datasets
+
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
 
 
 @dataclass(frozen=True)
@@ -40,12 +57,13 @@ class LoadedData:
 
 
 class PeftDataModule(L.LightningDataModule):
-    """Loads, splits, formats and tokenizes a dataset for classification, causal LM or seq2seq training.
+    """Loads, splits, formats and tokenizes a dataset for classification, causal LM, seq2seq or chat training.
 
     Args:
         source: ``packaged:rotten_tomatoes`` / ``packaged:rotten_tomatoes_plots``, a local csv/tsv/jsonl/json/
             parquet file, a mapping ``{train: file, validation: file, test: file}``, or a hub dataset name.
-        task: ``classification``, ``causal_lm`` or ``seq2seq``; the CLI passes it on to the model.
+        task: ``classification``, ``causal_lm``, ``seq2seq`` or ``chat`` (conversations rendered with the chat
+            template, trained as a causal LM; docs/chat.md); the CLI passes it on to the model.
         tokenizer: backbone whose tokenizer to use; the CLI links it to ``model.init_args.backbone``.
         text_column: classification input column.
         text_pair_column: optional second input column (sentence pairs).
@@ -77,7 +95,22 @@ class PeftDataModule(L.LightningDataModule):
         group_by_length: put examples of similar length in the same training batch (sorted within random
             groups of 50 batches), which removes most padding (docs/benchmarks.md: how much, and the quickstart's test
             accuracy with and without it). One process only (ignored under DDP).
-        packing: causal_lm only: put several training examples in each row, up to ``max_length`` tokens, each
+        predict_source: a file (or hub dataset) of inputs alone for ``peftlab predict``, instead of the test split:
+            no label or response columns needed; every input column is written back beside the prediction.
+        group_column: a column naming each row's group (e.g. a conversation id); carved validation and test
+            splits never share a group with training.
+        chat_format: chat only: ``messages`` (role/content), ``sharegpt`` (from/value in ``conversations``),
+            ``alpaca`` (instruction/input/output) or ``auto`` (from the columns).
+        chat_template: chat only: a Jinja chat template (a file or the template text) instead of the tokenizer's
+            own (required when the tokenizer has none).
+        chat_roles: chat only: extra or changed role names, e.g. ``{bot: assistant, human: user}`` (ShareGPT's
+            human/gpt/system/tool are known).
+        system_prompt: chat only: a system message put first in conversations that have none.
+        train_on: chat only: ``assistant`` (every assistant turn, in one sequence), ``last_assistant`` (the last
+            one) or ``all`` (every token).
+        train_on_eos: chat only: the template's end-of-turn marker after each trained reply is trained too (so the
+            model learns to stop).
+        packing: causal_lm/chat only: put several training examples in each row, up to ``max_length`` tokens, each
             with its own position ids so attention never crosses examples; the loss is unchanged (each
             example's targets, as unpacked). Methods that add virtual tokens per row (prompt / prefix tuning,
             P-tuning, P-tuning v2, LoRA + prompt) refuse it. Validation and test stay unpacked.
@@ -86,7 +119,7 @@ class PeftDataModule(L.LightningDataModule):
     def __init__(
         self,
         source: str | dict[str, str] = "packaged:rotten_tomatoes",
-        task: Task = "classification",
+        task: DataTask = "classification",
         tokenizer: str = "packaged:all-MiniLM-L6-v2",
         text_column: str = "text",
         text_pair_column: str | None = None,
@@ -113,10 +146,18 @@ class PeftDataModule(L.LightningDataModule):
         shuffle: bool = True,
         group_by_length: bool = True,
         packing: bool = False,
+        predict_source: str | None = None,
+        group_column: str | None = None,
+        chat_format: chat.ChatFormat = "auto",
+        chat_template: str | None = None,
+        chat_roles: dict[str, str] | None = None,
+        system_prompt: str | None = None,
+        train_on: chat.TrainOn = "assistant",
+        train_on_eos: bool = True,
     ):
         super().__init__()
-        if task not in TASKS:
-            raise PeftLabError(f"data.task {task!r} is unknown; choose one of {', '.join(TASKS)}")
+        if task not in DATA_TASKS:
+            raise PeftLabError(f"data.task {task!r} is unknown; choose one of {', '.join(DATA_TASKS)}")
         for name, value in (("max_length", max_length), ("max_target_length", max_target_length),
                             ("batch_size", batch_size)):
             if value < 1:
@@ -133,9 +174,14 @@ class PeftDataModule(L.LightningDataModule):
             raise PeftLabError(f"data.few_shot_n must be >= 1 (got {few_shot_n})")
         if val_fraction + test_fraction >= 1.0:
             raise PeftLabError("data.val_fraction + data.test_fraction must leave some training data (< 1)")
-        self.save_hyperparameters()
+        # Lightning refuses a key that model and data both log with different values: chat data's model task is
+        # causal_lm, so the data logs its task as chat_task instead
+        self.save_hyperparameters(ignore=["task"] if task == "chat" else None)
+        if task == "chat":
+            self.hparams["chat_task"] = task
         self.source = source
         self.task = task
+        self.model_task = model_task(task)  # what the model trains: chat data trains a causal LM
         self.tokenizer_name = tokenizer
         self.text_column = text_column
         self.text_pair_column = text_pair_column
@@ -164,9 +210,17 @@ class PeftDataModule(L.LightningDataModule):
         self.few_shot_seed = few_shot_seed
         self.shuffle = shuffle
         self.group_by_length = group_by_length
-        if packing and task != "causal_lm":
-            raise PeftLabError(f"data.packing needs task: causal_lm (got {task!r}); set data.packing false")
+        if packing and self.model_task != "causal_lm":
+            raise PeftLabError(f"data.packing needs task: causal_lm or chat (got {task!r}); set data.packing false")
         self.packing = packing
+        self.predict_source = predict_source
+        self.group_column = group_column
+        self.chat_format = chat_format
+        self.chat_template = chat_template
+        self.chat_roles = dict(chat_roles) if chat_roles else None
+        self.system_prompt = system_prompt
+        self.train_on = train_on
+        self.train_on_eos = train_on_eos
         self._loaded: LoadedData | None = None  # set by load(), the only place that reads the source
         self.datasets: dict = {}  # tokenized splits, set by setup()
 
@@ -189,28 +243,40 @@ class PeftDataModule(L.LightningDataModule):
         so ``num_labels`` works right after construction (the CLI passes it to the model then).
         """
         if self._loaded is None:
-            ds = load_source(self.source, self.dataset_config)
-            transforms.check_columns(ds["train"].column_names, self._required_columns(), self.source)
-            names = None
-            if self.task == "classification":
-                default = PACKAGED_LABELS.get(self.source if isinstance(self.source, str) else "")
-                ds, names = transforms.encode_labels(ds, self.label_column, self._labels or default)
-            ds = transforms.split_dataset(
-                ds, val_fraction=self.val_fraction, test_fraction=self.test_fraction, split_seed=self.split_seed,
-                stratify_by=transforms.LABELS_COLUMN if self.task == "classification" else None,
-                max_train_samples=self.max_train_samples, max_eval_samples=self.max_eval_samples,
-            )
-            ids = None
-            if self.few_shot_k or self.few_shot_n:
-                ds["train"], ids = transforms.few_shot_sample(
-                    ds["train"], k=self.few_shot_k, n=self.few_shot_n, seed=self.few_shot_seed, label_names=names
-                )
-            self._loaded = LoadedData(
-                splits=ds,
-                label_names=tuple(names) if names is not None else None,
-                few_shot_ids=tuple(ids) if ids is not None else None,
-            )
+            with quiet_progress():
+                self._loaded = self._load()
         return self._loaded
+
+    def _load(self) -> LoadedData:
+        ds = load_source(self.source, self.dataset_config)
+        transforms.check_columns(ds["train"].column_names, self._required_columns(ds["train"].column_names),
+                                 self.source)
+        names = None
+        if self.task == "classification":
+            default = PACKAGED_LABELS.get(self.source if isinstance(self.source, str) else "")
+            ds, names = transforms.encode_labels(ds, self.label_column, self._labels or default)
+        elif self.task == "chat":  # every conversation read once, so a bad row fails here in one line
+            chat.check_conversations(ds, self._chat_format_of, roles=self.chat_roles)
+        elif self.task in ("causal_lm", "seq2seq") and self.response_template:
+            transforms.check_targets(ds, self.response_template)
+        if self.group_column:
+            transforms.check_columns(ds["train"].column_names, {"group_column": self.group_column}, self.source)
+        ds = transforms.split_dataset(
+            ds, val_fraction=self.val_fraction, test_fraction=self.test_fraction, split_seed=self.split_seed,
+            stratify_by=transforms.LABELS_COLUMN if self.task == "classification" else None,
+            max_train_samples=self.max_train_samples, max_eval_samples=self.max_eval_samples,
+            group_by=self.group_column,
+        )
+        ids = None
+        if self.few_shot_k or self.few_shot_n:
+            ds["train"], ids = transforms.few_shot_sample(
+                ds["train"], k=self.few_shot_k, n=self.few_shot_n, seed=self.few_shot_seed, label_names=names
+            )
+        return LoadedData(
+            splits=ds,
+            label_names=tuple(names) if names is not None else None,
+            few_shot_ids=tuple(ids) if ids is not None else None,
+        )
 
     @property
     def raw(self):
@@ -220,17 +286,19 @@ class PeftDataModule(L.LightningDataModule):
 
     @property
     def label_names(self) -> list[str] | None:
-        """Class names in index order (classification), read from the data or ``labels``."""
+        """Class names in index order (classification), read from the data or ``labels``; with ``predict_source``
+        and ``labels`` the source is not read (predicting on a file of inputs needs no training file)."""
         if self.task != "classification":
             return None
+        if self._labels and self.predict_source is not None:
+            return [str(n) for n in self._labels]
         return list(self.load().label_names)
 
     @property
     def num_labels(self) -> int | None:
         """Number of classes (classification) read from the data; the CLI passes it to the model."""
-        if self.task != "classification":
-            return None
-        return len(self.load().label_names)
+        names = self.label_names
+        return None if names is None else len(names)
 
     @property
     def few_shot_ids(self) -> list[int] | None:
@@ -258,6 +326,8 @@ class PeftDataModule(L.LightningDataModule):
             "max_eval_samples": self.max_eval_samples,
             "split_sizes": {split: len(d) for split, d in loaded.splits.items()},
             "label_names": list(loaded.label_names) if loaded.label_names is not None else None,
+            "group_column": self.group_column,
+            "prompt_format": self.prompt_format(),
         }
         if loaded.few_shot_ids is not None:
             record.update(
@@ -266,25 +336,60 @@ class PeftDataModule(L.LightningDataModule):
             )
         return record
 
-    def _required_columns(self) -> dict[str, str]:
-        """``{setting: column}`` of the columns this task reads from the source."""
+    def prompt_format(self) -> dict | None:
+        """How inputs are put to the model, recorded with the run and its adapter so inference uses it too
+        (``Run.predict``): the chat template, or the prompt/response templates; ``None`` for classification."""
+        if self.task == "chat":
+            return {"kind": "chat", "chat_template": self.chat_template_text, "system_prompt": self.system_prompt}
         if self.task == "classification":
-            needed = {"text_column": self.text_column, "label_column": self.label_column}
+            return None
+        return {"kind": "template", "prompt_template": self.prompt_template,
+                "response_template": self.response_template}
+
+    @cached_property
+    def chat_template_text(self) -> str:
+        """The Jinja chat template conversations are rendered with (``chat_template`` or the tokenizer's)."""
+        return chat.resolve_template(self.tokenizer, self.chat_template, self.tokenizer_name)
+
+    def _chat_format_of(self, columns) -> str:
+        return chat.detect_format(columns, self.chat_format)
+
+    def _required_columns(self, columns=(), targets: bool = True) -> dict[str, str]:
+        """``{setting: column}`` of the columns this task reads from the source (``targets``: labels and
+        responses too; not for ``predict_source``)."""
+        if self.task == "classification":
+            needed = {"text_column": self.text_column}
+            if targets:
+                needed["label_column"] = self.label_column
             if self.text_pair_column:
                 needed["text_pair_column"] = self.text_pair_column
             return needed
+        if self.task == "chat":
+            fmt = self._chat_format_of(columns)
+            needed = {f"chat_format {fmt}": c for c in chat.COLUMNS[fmt]}
+            if fmt == "alpaca" and targets:
+                needed["chat_format alpaca (the reply)"] = "output"
+            return needed
         needed = {}
-        for key in ("prompt_template", "response_template"):
+        for key in ("prompt_template", "response_template") if targets else ("prompt_template",):
             for field in formats.template_fields(getattr(self, key)):
                 needed[f"{key} field {{{field}}}"] = field
         return needed
 
     # ------------------------------------------------------------------ tokenization
-    def _tokenize(self, split, prompt_only: bool = False):
-        ds = self.raw[split]
+    def _tokenize(self, split, prompt_only: bool = False, ds=None):
+        """The tokenized ``split`` (or ``ds``), with a ``_truncated`` column (1: the example was shortened)."""
+        ds = self.raw[split] if ds is None else ds
+        with_indices = False
         if self.task == "classification":
             fn = partial(formats.tokenize_classification, tokenizer=self.tokenizer, text_column=self.text_column,
                          text_pair_column=self.text_pair_column, max_length=self.max_length)
+        elif self.task == "chat":
+            with_indices = True  # errors name the row
+            fn = partial(chat.tokenize_chat, tokenizer=self.tokenizer, template=self.chat_template_text,
+                         fmt=self._chat_format_of(ds.column_names), roles=self.chat_roles,
+                         system_prompt=self.system_prompt, train_on=self.train_on, train_on_eos=self.train_on_eos,
+                         max_length=self.max_length, split=split, prompt_only=prompt_only)
         elif self.task == "causal_lm":
             fn = partial(formats.tokenize_causal_lm, tokenizer=self.tokenizer, prompt_template=self.prompt_template,
                          response_template=self.response_template, loss_on=self.loss_on,
@@ -292,22 +397,45 @@ class PeftDataModule(L.LightningDataModule):
         else:
             fn = partial(formats.tokenize_seq2seq, tokenizer=self.tokenizer, prompt_template=self.prompt_template,
                          response_template=self.response_template, max_length=self.max_length,
-                         max_target_length=self.max_target_length)
+                         max_target_length=self.max_target_length, prompt_only=prompt_only)
         try:
-            return ds.map(fn, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {split}")
+            with quiet_progress():
+                return ds.map(fn, batched=True, with_indices=with_indices, remove_columns=ds.column_names,
+                              desc=f"tokenizing {split}")
         except (KeyError, IndexError) as err:
             raise PeftLabError(f"could not format {split} rows with the templates: {err}") from err
 
+    def _counted(self, tokenized, split):
+        """``tokenized`` without its ``_truncated`` column, after saying how many examples were shortened."""
+        if "_truncated" not in tokenized.column_names:
+            return tokenized
+        count = sum(tokenized["_truncated"])
+        if count:
+            what = ("lost their oldest turns (system prompt kept) or their end" if self.task == "chat"
+                    else "lost the start of their prompt (or the end of the response)")
+            print(f"[peftlab] {split}: {count} of {len(tokenized)} examples are longer than data.max_length="
+                  f"{self.max_length} and {what}; raise data.max_length to keep them whole")
+        return tokenized.remove_columns("_truncated")
+
     def prepare_data(self) -> None:
         # datasets caches every map on disk, so running this on rank 0 first makes the other ranks' setup cheap
-        self.load()
-        for split in ("train", "validation", "test"):
-            self._tokenize(split)
+        if self.predict_source is None:
+            self.load()
+            for split in ("train", "validation", "test"):
+                self._tokenize(split)
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict" and self.predict_source is not None:  # inputs alone: the training data is not read
+            if "predict" not in self.datasets:
+                self.datasets["predict"] = self._counted(
+                    self._tokenize("predict", prompt_only=True, ds=self.predict_rows()), "predict")
+            return
         self.load()
         if not self.datasets:
-            self.datasets = {split: self._tokenize(split) for split in ("train", "validation", "test")}
+            self.datasets = {split: self._counted(self._tokenize(split), split)
+                             for split in ("train", "validation", "test")}
+            if _rank() == 0:
+                print(f"[peftlab] data {self.summary()}", flush=True)
             if self.packing:
                 import datasets
 
@@ -315,7 +443,29 @@ class PeftDataModule(L.LightningDataModule):
                 self.datasets["train"] = datasets.Dataset.from_dict(
                     transforms.pack_examples(train["input_ids"], train["labels"], self.max_length))
         if stage == "predict" and "predict" not in self.datasets:
-            self.datasets["predict"] = self._tokenize("test", prompt_only=self.task == "causal_lm")
+            self.datasets["predict"] = self._counted(
+                self._tokenize("test", prompt_only=self.model_task == "causal_lm"), "predict")
+
+    def predict_rows(self):
+        """The rows ``peftlab predict`` answers: ``predict_source`` (inputs alone) or the test split."""
+        if self.predict_source is None:
+            return self.raw["test"]
+        if "_predict_rows" not in self.__dict__:
+            ds = load_source(self.predict_source)["train"]
+            transforms.check_columns(ds.column_names, self._required_columns(ds.column_names, targets=False),
+                                     self.predict_source)
+            self.__dict__["_predict_rows"] = ds
+        return self.__dict__["_predict_rows"]
+
+    def summary(self) -> str:
+        """One line about the tokenized data: rows per split, the labels, and how many training rows reach
+        ``max_length`` (cut there, or exactly that long)."""
+        rows = ", ".join(f"{split} {len(self.datasets[split])}" for split in ("train", "validation", "test"))
+        names = self.load().label_names
+        full = sum(len(ids) >= self.max_length for ids in self.datasets["train"]["input_ids"])
+        labels = f"; labels {', '.join(names)}" if names else ""
+        return (f"{rows} rows{labels}; {full} of {len(self.datasets['train'])} training rows at max_length "
+                f"{self.max_length} (truncated)")
 
     # ------------------------------------------------------------------ loaders
     def collate(self, features, pad_left: bool = False):
@@ -325,7 +475,7 @@ class PeftDataModule(L.LightningDataModule):
         width = max(len(f["input_ids"]) for f in features)
         batch: dict[str, list] = {}
         for key in features[0]:
-            if key == "labels" and self.task == "classification":
+            if key == "labels" and self.model_task == "classification":
                 batch[key] = [f[key] for f in features]
                 continue
             label_width = max(len(f[key]) for f in features) if key == "labels" else width
@@ -345,7 +495,7 @@ class PeftDataModule(L.LightningDataModule):
         if not self.datasets:
             self.setup()
         labels = self.datasets["train"]["labels"]
-        if self.task == "classification" or not labels:
+        if self.model_task == "classification" or not labels:
             return float(self.batch_size)
         return self.batch_size * sum(sum(t != formats.IGNORE_INDEX for t in row) for row in labels) / len(labels)
 
@@ -374,12 +524,26 @@ class PeftDataModule(L.LightningDataModule):
     def predict_dataloader(self):
         self.setup("predict")
         # generation continues the prompt, so decoder-only prompts are padded on the left
-        return self._loader("predict", pad_left=self.task == "causal_lm" or self.pad_left)
+        return self._loader("predict", pad_left=self.model_task == "causal_lm" or self.pad_left)
 
     def predict_texts(self) -> list[str]:
-        """The raw inputs behind ``predict_dataloader`` (in order), for writing predictions next to them."""
-        rows = self.raw["test"]
+        """The raw inputs behind ``predict_dataloader`` (in order), for writing predictions next to them: the
+        text, the rendered prompt, or (chat) the last user turn each reply answers."""
+        rows = self.predict_rows()
         if self.task == "classification":
             return [str(t) for t in rows[self.text_column]]
+        if self.task == "chat":
+            fmt = self._chat_format_of(rows.column_names)
+            return [chat.last_user_turn(chat.to_messages(r, fmt, roles=self.chat_roles, where=f"row {i}"))
+                    for i, r in enumerate(rows)]
         return [formats.render(self.prompt_template, r) for r in rows]
+
+    def predict_inputs(self) -> list[dict]:
+        """Every input column of the predicted rows (ids, ``text_pair``, gold labels...), to write beside each
+        prediction; peftlab's own columns (``_row``, encoded ``labels``) are left out."""
+        rows = self.predict_rows()
+        # classification's text column is the written "input" already
+        skip = (transforms.ROW_COLUMN, transforms.LABELS_COLUMN, self.text_column if self.task == "classification" else "")
+        keep = [c for c in rows.column_names if c not in skip]
+        return rows.select_columns(keep).to_list() if keep else [{} for _ in range(len(rows))]
 

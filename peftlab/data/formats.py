@@ -35,7 +35,8 @@ def tokenize_classification(batch, tokenizer, text_column, text_pair_column, max
     if text_pair_column:
         pairs = [str(t) if t is not None else "" for t in batch[text_pair_column]]
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
-    enc["labels"] = batch["labels"]
+    if "labels" in batch:  # inputs alone (data.predict_source) have none
+        enc["labels"] = batch["labels"]
     return dict(enc)
 
 
@@ -50,10 +51,11 @@ def tokenize_causal_lm(batch, tokenizer, prompt_template, response_template, los
     Over-long examples keep the response and lose the start of the prompt (the response carries the
     loss); a response longer than ``max_length`` is cut at the end.
     """
-    out = {"input_ids": [], "attention_mask": [], "labels": []}
+    out = {"input_ids": [], "attention_mask": [], "labels": [], "_truncated": []}
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for row in _rows(batch):
         prompt_ids = tokenizer(render(prompt_template, row), add_special_tokens=True)["input_ids"]
+        full = len(prompt_ids)
         if prompt_only:
             ids = prompt_ids[-max_length:]
             labels = [IGNORE_INDEX] * len(ids)
@@ -62,6 +64,7 @@ def tokenize_causal_lm(batch, tokenizer, prompt_template, response_template, los
             resp_ids = (tokenizer(response, add_special_tokens=False)["input_ids"] if response else []) + eos
             resp_ids = resp_ids[:max_length]
             prompt_ids = prompt_ids[len(prompt_ids) - (max_length - len(resp_ids)):] if max_length > len(resp_ids) else []
+            full += len(resp_ids)
             ids = prompt_ids + resp_ids
             if loss_on == "all":
                 labels = list(ids)
@@ -70,12 +73,16 @@ def tokenize_causal_lm(batch, tokenizer, prompt_template, response_template, los
         out["input_ids"].append(ids)
         out["attention_mask"].append([1] * len(ids))
         out["labels"].append(labels)
+        out["_truncated"].append(int(len(ids) < full))
     return out
 
 
-def tokenize_seq2seq(batch, tokenizer, prompt_template, response_template, max_length, max_target_length):
+def tokenize_seq2seq(batch, tokenizer, prompt_template, response_template, max_length, max_target_length,
+                     prompt_only=False):
     rows = _rows(batch)
     enc = tokenizer([render(prompt_template, r) for r in rows], truncation=True, max_length=max_length)
+    if prompt_only:
+        return dict(enc)
     targets = tokenizer(
         text_target=[render(response_template, r) for r in rows], truncation=True, max_length=max_target_length
     )

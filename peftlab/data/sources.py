@@ -90,6 +90,7 @@ def load_source(source: str | dict[str, str], config_name: str | None = None):
             kwargs.update(extra)
         if len(formats) > 1:
             raise PeftLabError(f"data files mix formats {sorted(formats)}; give all splits in one format")
+        formats_read = set(formats)
         try:
             # datasets logs its own report (with a traceback) before raising; peftlab's message replaces it
             with _quiet_logger("datasets"):
@@ -97,7 +98,10 @@ def load_source(source: str | dict[str, str], config_name: str | None = None):
         except Exception as err:  # noqa: BLE001 - pyarrow/pandas/json raise many kinds
             msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             cause = err.__cause__ or err.__context__
-            if "corresponds to no data" in msg:
+            bad_line = _first_bad_json_line(files.values()) if "json" in formats_read else None
+            if bad_line is not None:
+                msg = bad_line
+            elif "corresponds to no data" in msg:
                 msg = "the file has no rows (only a header?)"
             elif isinstance(err, UnicodeDecodeError) or isinstance(cause, UnicodeDecodeError) or "utf-8" in msg.lower():
                 msg = "the file is not valid UTF-8 text; re-encode it as UTF-8"  # e.g. iconv -f latin1 -t utf-8
@@ -113,6 +117,24 @@ def load_source(source: str | dict[str, str], config_name: str | None = None):
                 "dataset name (needs internet)."
             ) from err
     return _normalise(ds, source)
+
+
+def _first_bad_json_line(paths) -> str | None:
+    """Where a JSON-lines file stops being valid JSON ("line 7 of f.jsonl is not valid JSON: ..."), or ``None``."""
+    import json
+
+    for path in paths:
+        if not str(path).lower().endswith(".jsonl"):
+            continue
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    json.loads(line)
+                except ValueError as err:
+                    return f"line {number} of {path} is not valid JSON ({err}); fix or delete that line"
+    return None
 
 
 def _normalise_split(name: str) -> str | None:
@@ -142,6 +164,9 @@ def _load_packaged(source: str):
     import datasets
 
     path = assets.dataset_file(source)
+    if source == "packaged:rotten_tomatoes_chat":
+        return _normalise(datasets.DatasetDict({"train": datasets.Dataset.from_list(review_conversations(path))}),
+                          source)
     ds = datasets.load_dataset("csv", data_files={"train": str(path)})
     if source == "packaged:rotten_tomatoes":
         ds = ds.filter(lambda c: [x in ("fresh", "rotten") for x in c], input_columns="category", batched=True)
@@ -150,6 +175,43 @@ def _load_packaged(source: str):
         ds = ds.filter(lambda c: [x == "plot" for x in c], input_columns="category", batched=True)
         ds = ds.remove_columns(["category", "has_plot_and_reviews"])
     return _normalise(ds, source)
+
+
+def review_conversations(path, per_conversation: int = 3) -> list[dict]:
+    """``packaged:rotten_tomatoes_chat``: the corpus's fresh/rotten reviews as multi-turn conversations.
+
+    Each conversation takes ``per_conversation`` consecutive reviews of one movie: a user turn per review
+    ("Is this review of <movie> fresh or rotten?"), the assistant naming the critic's verdict, then a last
+    question that needs the whole conversation ("Overall, did these critics like it?") answered with the count.
+    Columns: ``conversation_id``, ``movie`` (a group: ``data.group_column movie`` keeps a movie out of two
+    splits) and ``messages``. Real review text; the replies follow from the corpus's labels, so they are exact.
+    """
+    import bz2
+    import csv
+
+    by_movie: dict[str, list[tuple[str, str]]] = {}
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row["category"] in ("fresh", "rotten"):
+                by_movie.setdefault(row["movie_name"], []).append((row["text"], row["category"]))
+    out = []
+    for movie, reviews in by_movie.items():
+        title = movie.replace("_", " ").title()
+        for start in range(0, len(reviews) - per_conversation + 1, per_conversation):
+            chunk = reviews[start:start + per_conversation]
+            messages = []
+            for n, (text, verdict) in enumerate(chunk):
+                ask = f"Is this review of {title} fresh or rotten?" if n == 0 else f"And this review of {title}?"
+                messages += [{"role": "user", "content": f'{ask}\n"{text}"'},
+                             {"role": "assistant", "content": f"{verdict.capitalize()}: the critic "
+                                                              f"{'liked' if verdict == 'fresh' else 'did not like'} it."}]
+            fresh = sum(v == "fresh" for _, v in chunk)
+            overall = "Yes" if 2 * fresh > len(chunk) else "No"
+            messages += [{"role": "user", "content": f"Overall, did these critics like {title}?"},
+                         {"role": "assistant", "content": f"{overall}: {fresh} of {len(chunk)} reviews are fresh."}]
+            out.append({"conversation_id": f"{movie}/{start // per_conversation}", "movie": movie,
+                        "messages": messages})
+    return out
 
 
 # Label order of packaged sources when the config does not give one (negative class first).

@@ -78,6 +78,7 @@ def encode_labels(
         else:
             names = sorted(str(v) for v in values)
     names = [str(n) for n in names]
+    _check_label_spelling(names if labels else [str(v) for v in values], column)
     if len(names) < 2:
         raise PeftLabError(f"classification needs at least 2 labels; column {column!r} has only {names}")
     if is_int and labels:
@@ -99,6 +100,39 @@ def encode_labels(
     return datasets.DatasetDict(out), names
 
 
+def _check_label_spelling(names: Sequence[str], column: str) -> None:
+    """Refuse labels with surrounding whitespace or differing only by case: each would silently be its own class."""
+    spaced = sorted(n for n in names if n != n.strip())
+    if spaced:
+        raise PeftLabError(f"label {spaced[0]!r} in column {column!r} has surrounding whitespace, so it would be a "
+                           f"class of its own ({len(spaced)} such label(s)); strip the labels in the data")
+    seen: dict[str, str] = {}
+    for name in sorted(names):
+        other = seen.setdefault(name.casefold(), name)
+        if other != name:
+            raise PeftLabError(f"labels {other!r} and {name!r} in column {column!r} differ only by case, so they "
+                               "would be two classes; spell them the same in the data")
+
+
+def check_targets(ds: datasets.DatasetDict, template: str) -> None:
+    """Refuse rows whose target (``template`` rendered) is null or empty, naming the first: a JSON ``null``
+    would train the word "None", an empty one the end-of-sequence token alone."""
+    from peftlab.data.formats import render, template_fields
+
+    fields = template_fields(template)
+    for split, d in ds.items():
+        columns = [d[f] for f in fields if f in d.column_names]
+        for i, values in enumerate(zip(*columns)):
+            row = dict(zip(fields, values))
+            null = next((f for f, v in row.items() if v is None), None)
+            if null is not None:
+                raise PeftLabError(f"row {i} of {split}: column {null!r} of data.response_template is null (it "
+                                   "would train the word 'None'); fill it or drop the row")
+            if not render(template, row).strip():
+                raise PeftLabError(f"row {i} of {split}: the response (data.response_template) is empty, so only "
+                                   "the end-of-sequence token would be trained; fill it or drop the row")
+
+
 def _encode_batch(batch, column, index):
     values = batch[column]
     return {LABELS_COLUMN: [int(v) for v in values] if index is None else [index[str(v)] for v in values]}
@@ -113,6 +147,7 @@ def split_dataset(
     stratify_by: str | None = None,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    group_by: str | None = None,
 ) -> datasets.DatasetDict:
     """Return train/validation/test: missing splits carved out of train, then capped.
 
@@ -128,6 +163,8 @@ def split_dataset(
             class is too small to stratify, the split falls back to a plain split with the same seed.
         max_train_samples: keep only the first N training rows after a shuffle with ``split_seed``.
         max_eval_samples: keep only the first N validation and test rows (in order).
+        group_by: a column naming each row's group (a conversation id): whole groups are carved, drawn with
+            ``split_seed``, so no group is in two splits (instead of stratifying).
 
     Raises:
         PeftLabError: train has fewer than 3 rows and a split must be carved out of it.
@@ -145,6 +182,9 @@ def split_dataset(
             raise PeftLabError(f"data source has only {len(train)} training rows; cannot split off {name}")
         # fraction of the *original* train size, so val/test sizes do not depend on which was missing
         size = max(1, round(fraction * n_source))
+        if group_by:
+            out["train"], out[name] = _group_split(train, size, split_seed, group_by, name)
+            continue
         try:
             parts = train.train_test_split(test_size=size, seed=split_seed, stratify_by_column=stratify_by)
         except ValueError:  # a class too small to stratify: fall back to a plain seeded split
@@ -160,6 +200,25 @@ def split_dataset(
         if ROW_COLUMN in out[name].column_names:  # carved from train; the ids only describe training rows
             out[name] = out[name].remove_columns(ROW_COLUMN)
     return datasets.DatasetDict(out)
+
+
+def _group_split(train: datasets.Dataset, size: int, seed: int, column: str, name: str):
+    """(rest, carved): whole groups of ``column``, in a seeded random order, until ``carved`` has >= ``size`` rows."""
+    groups: dict = {}
+    for i, g in enumerate(train[column]):
+        groups.setdefault(g, []).append(i)
+    if len(groups) < 2:
+        raise PeftLabError(f"data.group_column {column!r} has {len(groups)} group(s) in train; cannot split off "
+                           f"{name} by group")
+    order = sorted(groups, key=str)
+    random.Random(seed).shuffle(order)
+    carved: list[int] = []
+    for g in order[:-1]:  # at least one group stays in train
+        if len(carved) >= size:
+            break
+        carved += groups[g]
+    chosen = set(carved)
+    return train.select([i for i in range(len(train)) if i not in chosen]), train.select(sorted(carved))
 
 
 def few_shot_sample(

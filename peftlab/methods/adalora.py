@@ -16,8 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from peftlab.adapters import rewrite_meta
+from peftlab.backbones import torch_dtype
 from peftlab.errors import PeftLabError
-from peftlab.methods.lora import check_target_modules, rewrite_meta
+from peftlab.methods.lora import check_target_modules
 from peftlab.methods.peft_backed import PEFT_TASK, PeftBackedMethod
 
 #: total steps assumed until the trainer's is known (building without a Trainer: params, load_run)
@@ -226,12 +228,9 @@ class AdaLoRA(PeftBackedMethod):
         (peft's merge_and_unload): a plain transformers model."""
         import copy
 
-        from peftlab.merge import DTYPES
-
         self._require_built("merging")
-        if dtype not in DTYPES:
-            raise PeftLabError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        return copy.deepcopy(self.model).merge_and_unload().to(DTYPES[dtype]).eval()
+        out_dtype = torch_dtype(dtype)
+        return copy.deepcopy(self.model).merge_and_unload().to(out_dtype).eval()
 
     def training_state_bytes(self) -> int:
         """Memory of the rank allocator's statistics: three fp32 values (sensitivity, its average and its

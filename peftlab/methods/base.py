@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -42,28 +43,19 @@ import torch
 import torchmetrics
 from torch import nn
 
-from peftlab.backbones import TASKS, Task, building_on_meta, load_backbone, load_tokenizer
+from peftlab.adapters import unwrapped_name, write_peftlab_adapter
+from peftlab.backbones import (
+    TASKS,
+    Task,
+    building_on_meta,
+    load_backbone,
+    load_tokenizer,
+    sharded_start,
+    sharding_at_start,
+)
 from peftlab.errors import PeftLabError
-
-#: name -> method class, filled by every ``PeftModule`` subclass that sets ``name`` (a subclass defined in a
-#: user's file registers when it is imported). ``peftlab params / estimate-memory / recommend`` list these.
-METHODS: dict[str, type[PeftModule]] = {}
-
-#: configs/methods/ of the repository: the preset (the one source of hyperparameters) of each shipped method
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "methods"
-
-
-def load_plugins() -> None:
-    """Import the methods that installed packages declare under the entry-point group ``peftlab.methods``
-    (``[project.entry-points."peftlab.methods"] bitfit = "mypkg.bitfit:BitFit"``), which registers them. A
-    method in a file of your own registers when it is imported (``--config`` with its class_path does that)."""
-    from importlib.metadata import entry_points
-
-    for entry in entry_points(group="peftlab.methods"):
-        try:
-            entry.load()
-        except Exception as err:  # noqa: BLE001 - a broken plugin must not break peftlab's own commands
-            warnings.warn(f"peftlab method plugin {entry.name!r} ({entry.value}) failed to load: {err}", stacklevel=2)
+from peftlab.generation import GenerationSettings, generate
+from peftlab.methods.registry import METHODS, PRESETS_DIR, load_plugins, register  # noqa: F401 - re-exported
 
 
 class PeftModule(L.LightningModule):
@@ -126,8 +118,7 @@ class PeftModule(L.LightningModule):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.__dict__.get("name"):
-            METHODS[cls.name] = cls  # a re-definition (re-import, a test) replaces the earlier class
+        register(cls)
 
     def __init__(
         self,
@@ -189,14 +180,25 @@ class PeftModule(L.LightningModule):
         """Lightning's hook (once per process, in the strategy's init context): build the model."""
         self.build()
 
-    def build(self):
+    def build(self, backbone: nn.Module | None = None, tokenizer=None):
         """Load the tokenizer and the frozen backbone, :meth:`attach` the method and count parameters; return
-        ``self``. Idempotent. Lightning calls it through ``configure_model``; call it yourself without a Trainer."""
+        ``self``. Idempotent. Lightning calls it through ``configure_model``; call it yourself without a Trainer.
+        ``backbone`` / ``tokenizer``: use these, already loaded, instead (an adapter set's shared ones, see
+        :mod:`peftlab.adapter_set`)."""
         if self.model is not None:
             return self
         h = self.hparams
-        self.tokenizer = load_tokenizer(h.backbone, trust_remote_code=h.trust_remote_code, revision=h.revision)
-        backbone = self.load_backbone()
+        self.tokenizer = tokenizer or load_tokenizer(h.backbone, trust_remote_code=h.trust_remote_code,
+                                                     revision=h.revision)
+        if backbone is not None:  # already loaded (an adapter set's shared backbone)
+            pass
+        elif sharding_at_start() and self.attach_reads_backbone_weights():
+            self.print(f"[peftlab] {type(self).__name__} reads the backbone's weights while attaching: the "
+                           "backbone loads in full on every process before sharding (no sharded start)")
+            with sharded_start(False):
+                backbone = self.load_backbone()
+        else:
+            backbone = self.load_backbone()
         backbone.requires_grad_(False)
         # from_pretrained returns eval mode; train like the HF Trainer does (dropout on), Lightning flips to
         # eval for validation/test/predict by itself. On the meta device (params, estimate-memory) the
@@ -292,10 +294,34 @@ class PeftModule(L.LightningModule):
         part is bottleneck adapters), in one line with the fix; None when it can."""
         return None
 
+    def shared_backbone_key(self) -> dict[str, Any]:
+        """What the loaded backbone depends on: two adapters whose keys are equal can share one backbone in an
+        adapter set (:mod:`peftlab.adapter_set`). Methods that load it differently (QLoRA's 4-bit) add their settings."""
+        h = self.hparams
+        return {"backbone": h.backbone, "revision": h.revision, "task": self.task, "dtype": h.dtype,
+                "trust_remote_code": h.trust_remote_code, "attn_implementation": h.get("attn_implementation")}
+
+    def adapter_set_refusal(self) -> str | None:
+        """Why this instance cannot join an adapter set on a shared, unchanged backbone (it trains or rewrites the
+        backbone's own weights), in one line with the fix; None when it can (every method that only adds parts)."""
+        return None
+
+    def per_row_config(self):
+        """The peft config under which this built adapter can join one peft model with others and be chosen per row
+        of a batch (peft's ``adapter_names``, inference only); None (default): an adapter set runs its rows as a
+        group of their own (:mod:`peftlab.adapter_set`)."""
+        return None
+
     def training_state_bytes(self) -> int:
         """Bytes of state kept across steps besides the optimizer's (AdaLoRA's rank allocator); the memory estimate
         adds them. Default 0."""
         return 0
+
+    def attach_reads_backbone_weights(self) -> bool:
+        """Whether :meth:`attach` reads the frozen weights' values (DoRA's magnitudes, PiSSA's SVD, a prompt started
+        from vocabulary embeddings). Such a method's backbone loads in full even under ``FSDP2Strategy``'s sharded
+        start, whose placeholders hold no values until after sharding. Default: no."""
+        return False
 
     def quantized_weights(self) -> dict[int, int]:
         """``{id(parameter): bytes stored}`` for the frozen parameters the backbone keeps quantized (QLoRA's 4-bit
@@ -309,17 +335,7 @@ class PeftModule(L.LightningModule):
         Default: ``adapter_model.safetensors`` with the trainable parameters and an ``adapter_config.json`` with
         ``"format": "peftlab"``, which :func:`peftlab.api.load_run` reads. peft-backed methods write peft's own
         format instead (``PeftModel.from_pretrained`` loads it)."""
-        import json
-
-        from safetensors.torch import save_file
-
-        from peftlab.export import method_path, trainable_state
-
-        save_file(trainable_state(self), str(Path(directory) / "adapter_model.safetensors"))
-        (Path(directory) / "adapter_config.json").write_text(json.dumps(
-            {"format": "peftlab", "method": method_path(self), "base_model_name_or_path": self.hparams.backbone,
-             "task": self.task}, indent=2))
-        return "peftlab"
+        return write_peftlab_adapter(self, directory)
 
     @classmethod
     def preset_path(cls) -> Path | None:
@@ -502,14 +518,18 @@ class PeftModule(L.LightningModule):
         if sharded_root:
             self.model.unshard()
         try:
-            out = self.model.generate(**inputs, max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
-                                      pad_token_id=self.tokenizer.pad_token_id)
+            text = generate(self.model, self.tokenizer, inputs["input_ids"], inputs["attention_mask"],
+                            self.generation_settings(), continues=self.task == "causal_lm")
         finally:
             if sharded_root:
                 self.model.reshard()
-        if self.task == "causal_lm":
-            out = out[:, inputs["input_ids"].shape[1]:]
-        return {"text": self.tokenizer.batch_decode(out, skip_special_tokens=True)}
+        return {"text": text}
+
+    def generation_settings(self) -> GenerationSettings:
+        """How ``predict_step`` generates: ``self.generation`` when set (``peftlab predict --generation.*``,
+        ``Run.predict``), else greedy decoding of ``max_new_tokens`` tokens."""
+        settings = getattr(self, "generation", None) or GenerationSettings()
+        return settings if settings.max_new_tokens else replace(settings, max_new_tokens=self.hparams.max_new_tokens)
 
     # ------------------------------------------------------------------ optimization
     def optimizer_groups(self) -> list[dict]:
@@ -589,7 +609,7 @@ class PeftModule(L.LightningModule):
         """Refuse a DataModule whose task or label count does not match this model."""
         if datamodule is None:
             return
-        task = getattr(datamodule, "task", self.task)
+        task = getattr(datamodule, "model_task", getattr(datamodule, "task", self.task))  # chat data: causal_lm
         if task != self.task:
             raise PeftLabError(f"data.task is {task!r} but the model was built for {self.task!r}; make them equal")
         if getattr(datamodule, "packing", False) and not type(self).supports_packing:
@@ -639,16 +659,6 @@ class PeftModule(L.LightningModule):
                 f"checkpoint does not match this {type(self).__name__} model ({detail}); it was written by "
                 "another method, backbone or setting. Resume with the config the checkpoint was trained with."
             )
-
-
-WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def unwrapped_name(name: str) -> str:
-    """``name`` without the path segments that FSDP, activation checkpointing and torch.compile insert."""
-    for segment in WRAPPER_SEGMENTS:
-        name = name.replace(segment, "")
-    return name
 
 
 def is_sharded(module: L.LightningModule) -> bool:

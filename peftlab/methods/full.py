@@ -2,7 +2,8 @@
 
 from torch import nn
 
-from peftlab.methods.base import PRESETS_DIR, PeftModule
+from peftlab.methods.base import PeftModule
+from peftlab.methods.registry import PRESETS_DIR
 
 
 class FullFineTuning(PeftModule):
@@ -17,3 +18,7 @@ class FullFineTuning(PeftModule):
     def attach(self, backbone: nn.Module) -> nn.Module:
         backbone.requires_grad_(True)
         return backbone
+
+    def adapter_set_refusal(self) -> str | None:
+        return ("full fine-tuning trains every weight of the backbone: its run is a whole model, not an adapter that "
+                "can share a backbone with others; load it alone with peftlab.api.load_run")

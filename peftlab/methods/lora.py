@@ -19,7 +19,6 @@ preset, so that ``estimate-memory``, ``recommend`` and the docs list them.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from pathlib import Path
 from typing import Literal
@@ -27,6 +26,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from peftlab.adapters import rewrite_meta
+from peftlab.backbones import torch_dtype
 from peftlab.errors import PeftLabError, did_you_mean
 from peftlab.methods.peft_backed import PEFT_TASK, PeftBackedMethod
 
@@ -145,6 +146,10 @@ class LoRA(PeftBackedMethod):
                                                layer.lora_B["default"].weight.detach().clone())
         return peft_model
 
+    def attach_reads_backbone_weights(self) -> bool:
+        """DoRA's magnitudes are the adapted weights' norms; PiSSA / OLoRA decompose the weights."""
+        return bool(self.hparams.get("use_dora")) or self.residual_init
+
     def lora_model(self):
         """The ``peft.PeftModel`` holding the LoRA layers (QLoRA merges through it)."""
         self._require_built("merging")
@@ -157,11 +162,22 @@ class LoRA(PeftBackedMethod):
         plus the trained delta ``s (B A - B0 A0)``: a plain model of the original architecture."""
         import copy
 
-        from peftlab.merge import DTYPES
+        out_dtype = torch_dtype(dtype)
+        return copy.deepcopy(self.lora_model()).merge_and_unload().to(out_dtype).eval()
 
-        if dtype not in DTYPES:
-            raise PeftLabError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        return copy.deepcopy(self.lora_model()).merge_and_unload().to(DTYPES[dtype]).eval()
+    def adapter_set_refusal(self) -> str | None:
+        """PiSSA / OLoRA rewrite the frozen weights into their residual, which a shared backbone cannot hold."""
+        if not self.residual_init:
+            return None
+        return (f"init: {self.hparams.init} rewrites the backbone's weights (W - s B0 A0), so it cannot share a "
+                "backbone; add the run's exported adapter, which peftlab converts to a plain LoRA on the original "
+                "backbone (peftlab export)")
+
+    def per_row_config(self):
+        """LoRA's peft config: peft routes each row of a batch to its own LoRA (``adapter_names``); not DoRA's, which
+        peft 0.21 refuses there ("Cannot pass `adapter_names` when DoRA is enabled"): DoRA's rows are grouped."""
+        self._require_built("per-row routing")
+        return None if self.hparams.get("use_dora") else self.lora_model().peft_config["default"]
 
     def optimizer_groups(self) -> list[dict]:
         """LoRA+ (``loraplus_lr_ratio``): every ``B`` in a group at ``ratio x learning_rate``; else one group."""
@@ -275,22 +291,6 @@ def seeded_rng(init_lora_weights):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         yield
-
-
-def rewrite_meta(directory, method: str | None = None, init_args: dict | None = None, **extra) -> None:
-    """Update ``peftlab_meta.json`` in an export directory (``export_adapter`` writes it before calling the method's
-    ``export``) so that :func:`peftlab.api.load_run` rebuilds what was exported: ``method`` (a class path) and
-    ``init_args`` updates; the method trained is kept under ``converted_from``. No-op without the file."""
-    path = Path(directory) / "peftlab_meta.json"
-    if not path.is_file():
-        return
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    if method and method != meta["method"]:
-        meta["converted_from"] = {"method": meta["method"], "init_args": dict(meta["init_args"])}
-        meta["method"] = method
-    meta["init_args"].update(init_args or {})
-    meta.update(extra)
-    path.write_text(json.dumps(meta, indent=2))
 
 
 def check_target_modules(model: nn.Module, targets: list[str] | str) -> None:

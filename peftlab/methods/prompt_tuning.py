@@ -48,6 +48,10 @@ class PromptTuning(PeftBackedMethod):
             raise PeftLabError("model.init_text is empty; give a text or use init: random")
         super().__init__(**kwargs)
 
+    def attach_reads_backbone_weights(self) -> bool:
+        """``init: text`` starts the prompt from the text's token embeddings."""
+        return self.hparams.init == "text"
+
     def peft_config(self, backbone: nn.Module):
         from peft import PromptTuningConfig
 

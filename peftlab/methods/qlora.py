@@ -9,12 +9,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from peftlab.backbones import load_backbone
+from peftlab.backbones import load_backbone, torch_dtype
 from peftlab.errors import PeftLabError
 from peftlab.methods.base import HEAD_NAMES
 from peftlab.methods.lora import RESIDUAL_INITS, LoRA
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def compute_dtype(name: str) -> torch.dtype:
@@ -22,7 +20,7 @@ def compute_dtype(name: str) -> torch.dtype:
     if name == "auto":
         cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else torch.float32
-    return DTYPES[name]
+    return torch_dtype(name)
 
 
 class QLoRA(LoRA):
@@ -82,6 +80,12 @@ class QLoRA(LoRA):
                                   bnb_4bit_compute_dtype=compute_dtype(s["compute_dtype"]),
                                   bnb_4bit_quant_storage=getattr(torch, s["quant_storage"]), **extra)
 
+    def shared_backbone_key(self) -> dict:
+        """The 4-bit backbone also depends on its quantization settings."""
+        h = self.hparams
+        return {**super().shared_backbone_key(), "quantization": [h["quant_type"], h["double_quant"],
+                                                                 h["compute_dtype"], h["quant_storage"]]}
+
     def load_backbone(self) -> nn.Module:
         from peft import prepare_model_for_kbit_training
 
@@ -119,10 +123,7 @@ class QLoRA(LoRA):
         import bitsandbytes as bnb
         from peft.utils.integrations import dequantize_bnb_weight
 
-        from peftlab.merge import DTYPES
-
-        if dtype not in DTYPES:
-            raise PeftLabError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        out_dtype = torch_dtype(dtype)
         h = self.hparams
         plain = load_backbone(h.backbone, self.task, num_labels=self.num_labels, dtype="float32",
                               trust_remote_code=h.trust_remote_code, revision=h.revision)
@@ -150,7 +151,7 @@ class QLoRA(LoRA):
                 if param.requires_grad and ".modules_to_save.default." in name:
                     target = name.removeprefix(prefix).replace(".modules_to_save.default.", ".")
                     plain.get_parameter(target).copy_(param)
-        return plain.to(DTYPES[dtype]).eval()
+        return plain.to(out_dtype).eval()
 
     def quantized_weights(self) -> dict[int, int]:
         """The frozen linear weights bitsandbytes stores in 4 bits (all but the skipped modules: the classification

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from peftlab.backbones import torch_dtype
 from peftlab.errors import PeftLabError, did_you_mean
 from peftlab.methods.base import HEAD_NAMES, METHODS, PeftModule, classification_head
 
@@ -88,8 +89,6 @@ def parse_part(spec: dict[str, Any] | None, kind: Literal["additive", "prompt"])
 
 
 def _part_class(method: str) -> type[PeftModule]:
-    import peftlab.methods  # noqa: F401 - registers the methods
-
     return METHODS[method]
 
 
@@ -144,6 +143,13 @@ class StackedMethod(PeftModule):
             raise PeftLabError(f"model.{kind} ({spec['method']}): {err}") from err
         part.tokenizer = self.tokenizer
         return part
+
+    def attach_reads_backbone_weights(self) -> bool:
+        """A prompt_tuning part starts from vocabulary embeddings; other parts answer for themselves."""
+        prompt = self._parts["prompt"]
+        if prompt and prompt["method"] == "prompt_tuning":
+            return True
+        return any(part.attach_reads_backbone_weights() for part in map(self._part_module, self._parts) if part)
 
     def attach(self, backbone: nn.Module) -> nn.Module:
         from peftlab.methods.lora import LoRA
@@ -251,6 +257,12 @@ class StackedMethod(PeftModule):
         return out
 
     # ------------------------------------------------------------------ merging
+    def adapter_set_refusal(self) -> str | None:
+        """The additive part decides (PiSSA / OLoRA rewrite the backbone's weights)."""
+        part = self._part_module("additive")
+        reason = part.adapter_set_refusal() if part is not None else None
+        return f"{type(self).__name__}'s additive part: {reason}" if reason else None
+
     def merge_refusal(self) -> str | None:
         """Why this stack cannot merge (its parts decide: only a LoRA-family additive part folds into the weights), or
         None; ``peftlab merge`` and ``LoRAMerge`` ask before training / loading anything else."""
@@ -268,28 +280,26 @@ class StackedMethod(PeftModule):
         around that plain model: a :class:`MergedStack`, whose ``save_pretrained`` writes the merged model (loads
         with ``AutoModel*.from_pretrained``) and the prompt part next to it (:func:`load_merged` loads both).
         Bottleneck adapters add layers and are refused."""
-        from peftlab.merge import DTYPES
         from peftlab.methods.p_tuning_v2 import InputTokensModel
 
         reason = self.merge_refusal()
         if reason:
             raise PeftLabError(reason)
         self._require_built("merging")
-        if dtype not in DTYPES:
-            raise PeftLabError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        out_dtype = torch_dtype(dtype)
         prompt = self._parts["prompt"]
         model, lora = copy.deepcopy((self.model, self._handles["lora"]))
         # in place in the copy, so the prompt part's model now runs on the merged backbone; peft also replaces every
         # ModulesToSaveWrapper in it (the prompt part's around the head too) by its trained copy: a plain model
         backbone = lora.merge_and_unload()
         if prompt is None:
-            return backbone.to(DTYPES[dtype]).eval()
+            return backbone.to(out_dtype).eval()
         if isinstance(model, InputTokensModel) and model.peft_model is lora:
             model = InputTokensModel(backbone, model.prompt, model.task, model.after_first)
         state = {n: p.detach() for n, p in model.named_parameters() if _part_of(n) == "prompt"}
         merged = MergedStack(model, backbone, state, {"prompt": prompt, "task": self.task,
                                                       "num_labels": self.num_labels})
-        return merged.to(DTYPES[dtype]).eval()
+        return merged.to(out_dtype).eval()
 
 
 class Stack(StackedMethod):

@@ -1,0 +1,97 @@
+"""The method registry: names, presets, display order and the one way to import a method by its class path.
+
+Every ``PeftModule`` subclass registers itself when its class is defined (``PeftModule.__init_subclass__`` calls
+:func:`register`); one with a ``name`` is listed in :data:`METHODS`, which ``params``, ``estimate-memory``,
+``recommend``, stacks and the docs read. Importing this module imports the shipped methods (it lives in
+:mod:`peftlab.methods`, whose ``__init__`` imports them).
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+import weakref
+from pathlib import Path
+
+from peftlab.errors import PeftLabError, did_you_mean
+
+#: name -> method class, filled by every ``PeftModule`` subclass that sets ``name`` (a subclass defined in a
+#: user's file registers when it is imported). ``peftlab params / estimate-memory / recommend`` list these.
+METHODS: dict[str, type] = {}
+#: every PeftModule subclass defined so far, named or not: what :func:`import_method` agrees to build
+_CLASSES: weakref.WeakSet = weakref.WeakSet()
+
+#: configs/methods/ of the repository: the preset (the one source of hyperparameters) of each shipped method
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "methods"
+
+#: the baseline first, then by family; other registered methods after, as imported
+DISPLAY_ORDER = ("full", "lora", "qlora", "dora", "rslora", "pissa", "lora_plus", "adalora", "prompt_tuning",
+                 "p_tuning", "prefix_tuning", "p_tuning_v2", "adapters", "lora_prompt", "stack")
+#: earlier names of --method, still accepted
+ALIASES = {"prefix": "prefix_tuning", "prompt": "prompt_tuning"}
+
+
+def register(cls: type) -> None:
+    """Record a ``PeftModule`` subclass; one that sets ``name`` becomes ``METHODS[name]`` (a re-definition, by a
+    re-import or a test, replaces the earlier class)."""
+    _CLASSES.add(cls)
+    if cls.__dict__.get("name"):
+        METHODS[cls.name] = cls
+
+
+def load_plugins() -> None:
+    """Import the methods that installed packages declare under the entry-point group ``peftlab.methods``
+    (``[project.entry-points."peftlab.methods"] bitfit = "mypkg.bitfit:BitFit"``), which registers them. A
+    method in a file of your own registers when it is imported (``--config`` with its class_path does that)."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="peftlab.methods"):
+        try:
+            entry.load()
+        except Exception as err:  # noqa: BLE001 - a broken plugin must not break peftlab's own commands
+            warnings.warn(f"peftlab method plugin {entry.name!r} ({entry.value}) failed to load: {err}", stacklevel=2)
+
+
+def method_names() -> list[str]:
+    """Every registered method (``PeftModule`` subclasses with a ``name``: the shipped ones, plugins and any
+    imported), in display order."""
+    load_plugins()
+    return sorted(METHODS, key=lambda n: DISPLAY_ORDER.index(n) if n in DISPLAY_ORDER else len(DISPLAY_ORDER))
+
+
+def method_class(name: str) -> type:
+    """The registered method class called ``name`` (or an earlier alias: prefix, prompt)."""
+    key = ALIASES.get(name, name)
+    names = method_names()
+    if key not in names:
+        raise PeftLabError(f"--method {name!r} is unknown; choose one of {', '.join(names)} or all."
+                           f"{did_you_mean(name, names)}")
+    return METHODS[key]
+
+
+def import_method(path: str, what: str = "model.class_path") -> type:
+    """The method class at ``path`` (``package.module.Class``; a bare ``Class`` is looked up in
+    :mod:`peftlab.methods`), imported; refused in one line naming ``what`` when it is missing or no method."""
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name or "peftlab.methods"), class_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise PeftLabError(f"cannot import {what} {path!r}: {err}") from err
+    if not (isinstance(cls, type) and cls in _CLASSES):
+        raise PeftLabError(f"{what} {path!r} is not a PeftModule subclass; refusing to build it")
+    return cls
+
+
+def construct_from_meta(meta: dict, backbone: str | None = None):
+    """The method an adapter's ``peftlab_meta.json`` describes, constructed (settings checked) but not built;
+    ``backbone``: another backbone than the recorded one."""
+    init_args = dict(meta["init_args"])
+    init_args["task"] = meta["task"]
+    init_args["num_labels"] = meta.get("num_labels")
+    if backbone:
+        init_args["backbone"] = backbone
+    cls = import_method(meta["method"], "the adapter's method")
+    try:
+        return cls(**init_args)
+    except TypeError as err:  # a field the method does not take: a hand-edited or foreign peftlab_meta.json
+        raise PeftLabError(f"peftlab_meta.json does not fit {cls.__name__}: {err}; export the adapter again") from err

@@ -1,0 +1,359 @@
+"""``peftlab serve``: an OpenAI-compatible HTTP server over an adapter set (FastAPI + uvicorn).
+
+    peftlab serve sentiment=runs/sentiment/version_0 topics=exports/topics --port 8000
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client.completions.create(model="topics", prompt="Stocks fell sharply", max_tokens=8)
+
+Endpoints: ``GET /health``, ``GET /v1/models`` (every adapter and ``base``, the plain backbone), ``POST
+/v1/completions``, ``POST /v1/chat/completions`` (the messages go through the tokenizer's chat template) and ``POST
+/v1/classify`` for classification adapters. As in vLLM's multi-LoRA server, the request's ``model`` names the
+adapter. Decoding is greedy (``temperature`` 0), as :meth:`peftlab.api.Run.predict` does.
+
+Requests that arrive together are **batched across adapters**: a single worker takes up to ``max_batch_size``
+requests from a bounded queue (waiting at most ``max_wait_ms`` for more), runs them as one mixed batch
+(:meth:`peftlab.adapter_set.AdapterSet.predict`, grouped per adapter inside it) and answers each. A full queue
+answers 503, a request not answered within ``timeout_s`` 504; a bad request (unknown adapter, malformed body, a prompt
+longer than the context, an option peftlab does not implement) answers 4xx with one line, and the server keeps
+serving. ``stream: true`` sends the whole answer as one server-sent event and ``[DONE]`` (the text is generated as a
+batch, not token by token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+from peftlab.api import load_adapters
+from peftlab.errors import PeftLabError
+
+try:  # the `serve` extra
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field
+except ImportError:  # pragma: no cover - only without the extra
+    FastAPI = None
+    BaseModel = object
+
+    def ConfigDict(**kwargs):  # noqa: N802
+        return kwargs
+
+    def Field(default=None, **kwargs):  # noqa: N802
+        return default
+
+
+class _Request(BaseModel):
+    # an option the server does not implement is refused by name, never ignored
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = None
+    n: int | None = None
+    stream: bool = False
+    stop: str | list[str] | None = None
+    user: str | None = None
+    seed: int | None = None  # greedy decoding does not draw: accepted, no effect
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    input: str | list[str]
+
+
+class BadRequest(Exception):
+    """An HTTP error with one line for the client (OpenAI's error body)."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": status}})
+
+
+class Batcher:
+    """One worker that runs queued requests as mixed batches (see the module docstring)."""
+
+    def __init__(self, adapters, max_batch_size: int, max_wait_ms: float, max_queue: int):
+        self.adapters = adapters
+        self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=max_queue)
+        self.batches: list[int] = []  # sizes of the batches run (the tests and the benchmark read them)
+
+    def submit(self, adapter: str, text: str, max_new_tokens: int | None) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait((adapter, text, max_new_tokens, future))
+        except asyncio.QueueFull:
+            raise BadRequest(503, f"the server's queue is full ({self.queue.maxsize} requests); retry later",
+                             "server_busy") from None
+        return future
+
+    async def run(self) -> None:
+        while True:
+            jobs = [await self.queue.get()]
+            deadline = time.monotonic() + self.max_wait
+            while len(jobs) < self.max_batch_size:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    jobs.append(await asyncio.wait_for(self.queue.get(), left))
+                except TimeoutError:
+                    break
+            jobs = [j for j in jobs if not j[3].done()]  # a client that timed out or went away
+            by_length: dict[int | None, list] = {}
+            for job in jobs:
+                by_length.setdefault(job[2], []).append(job)
+            for max_new_tokens, group in by_length.items():
+                self.batches.append(len(group))
+                try:
+                    results = await asyncio.to_thread(self.adapters.predict, [j[1] for j in group],
+                                                      adapter=[j[0] for j in group], max_new_tokens=max_new_tokens)
+                except Exception as err:  # noqa: BLE001 - answered to the clients; the worker keeps serving
+                    for job in group:
+                        if not job[3].done():
+                            job[3].set_exception(err)
+                    continue
+                for job, result in zip(group, results):
+                    if not job[3].done():
+                        job[3].set_result(result)
+
+
+def create_app(adapters, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256,
+               timeout_s: float = 60.0):
+    """The FastAPI application serving ``adapters`` (an :class:`~peftlab.adapter_set.AdapterSet`)."""
+    if FastAPI is None:
+        raise PeftLabError("peftlab serve needs FastAPI and uvicorn: pip install 'peftlab[serve]'")
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state["batcher"] = batcher = Batcher(adapters, max_batch_size, max_wait_ms, max_queue)
+        app.state.batcher = batcher
+        worker = asyncio.create_task(batcher.run())
+        yield
+        worker.cancel()
+
+    app = FastAPI(title="peftlab serve", lifespan=lifespan)
+    created = int(time.time())
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, err: BadRequest):
+        return _error(err.status, err.message, err.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def malformed(request: Request, err: RequestValidationError):
+        problems = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+            problems.append("the body is not valid JSON" if e.get("type") == "json_invalid" else f"{where}: {e['msg']}")
+        return _error(400, "malformed request: " + "; ".join(problems[:3]))
+
+    def run_of(name: str):
+        try:
+            return adapters.run(name)
+        except PeftLabError:
+            raise BadRequest(404, f"the model {name!r} does not exist; this server has: "
+                                  f"{', '.join(['base', *adapters.names])}", "not_found_error") from None
+
+    def check_generation(body: _Request, run) -> int:
+        if body.temperature not in (None, 0, 0.0):
+            raise BadRequest(400, "peftlab serve decodes greedily: set temperature to 0 or leave it out")
+        if body.top_p not in (None, 1, 1.0):
+            raise BadRequest(400, "peftlab serve decodes greedily: top_p must be 1 or left out")
+        if body.n not in (None, 1):
+            raise BadRequest(400, "peftlab serve returns one choice per prompt (greedy decoding): n must be 1")
+        if run.module.task == "classification":
+            raise BadRequest(400, f"{body.model!r} is a classification adapter: POST /v1/classify instead")
+        return body.max_tokens or run.module.hparams.max_new_tokens
+
+    def check_length(run, text: str, max_new_tokens: int) -> int:
+        tok = run.module.tokenizer
+        n = len(tok(text)["input_ids"])
+        limit = min(run.max_length, getattr(run.module.model.config, "max_position_embeddings", None) or 10 ** 9)
+        if n + max_new_tokens > limit:
+            raise BadRequest(400, f"the prompt has {n} tokens and max_tokens is {max_new_tokens}: more than the "
+                                  f"{limit} tokens this model takes; shorten the prompt or lower max_tokens")
+        return n
+
+    async def answer(name: str, text: str, max_new_tokens: int | None) -> dict:
+        future = state["batcher"].submit(name, text, max_new_tokens)
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            raise BadRequest(504, f"no answer within {timeout_s} s; the server is overloaded, retry later",
+                             "timeout") from None
+
+    def cut(text: str, stop) -> tuple[str, bool]:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        hits = [text.index(s) for s in stops if s and s in text]
+        return (text[:min(hits)], True) if hits else (text, False)
+
+    def finish(tok, text: str, stopped: bool, max_new_tokens: int) -> tuple[int, str]:
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        return n, "stop" if stopped or n < max_new_tokens else "length"
+
+    def stream_of(payload: dict):
+        async def events():
+            yield f"data: {json.dumps(payload)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "adapters": adapters.names}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "peftlab"}
+                                           for name in ["base", *adapters.names]]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        run = run_of(body.model)
+        max_new_tokens = check_generation(body, run)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise BadRequest(400, "prompt is an empty list; give at least one prompt")
+        counts = [check_length(run, p, max_new_tokens) for p in prompts]
+        results = await asyncio.gather(*(answer(body.model, p, max_new_tokens) for p in prompts))
+        choices, used = [], 0
+        for i, result in enumerate(results):
+            text, stopped = cut(result["generated"], body.stop)
+            n, reason = finish(run.module.tokenizer, text, stopped, max_new_tokens)
+            used += n
+            choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": None})
+        payload = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                   "model": body.model, "choices": choices,
+                   "usage": {"prompt_tokens": sum(counts), "completion_tokens": used,
+                             "total_tokens": sum(counts) + used}}
+        return stream_of(payload) if body.stream else payload
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest):
+        run = run_of(body.model)
+        max_new_tokens = check_generation(body, run)
+        tok = run.module.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise BadRequest(400, f"{body.model!r} has no chat template (its tokenizer defines none); use "
+                                  "/v1/completions with a plain prompt")
+        text = tok.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
+                                       add_generation_prompt=True)
+        count = check_length(run, text, max_new_tokens)
+        result = await answer(body.model, text, max_new_tokens)
+        content, stopped = cut(result["generated"], body.stop)
+        n, reason = finish(tok, content, stopped, max_new_tokens)
+        ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:  # one chunk with the whole message, as a chat.completion.chunk
+            return stream_of({"id": ident, "object": "chat.completion.chunk", "created": now, "model": body.model,
+                              "choices": [{"index": 0, "delta": {"role": "assistant", "content": content},
+                                           "finish_reason": reason}]})
+        return {"id": ident, "object": "chat.completion", "created": now, "model": body.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                             "finish_reason": reason}],
+                "usage": {"prompt_tokens": count, "completion_tokens": n, "total_tokens": count + n}}
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyRequest):
+        run = run_of(body.model)
+        if run.module.task != "classification":
+            raise BadRequest(400, f"{body.model!r} is a {run.module.task} adapter, not a classifier: use "
+                                  "/v1/completions")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts:
+            raise BadRequest(400, "input is an empty list; give at least one text")
+        for t in texts:
+            check_length(run, t, 0)
+        results = await asyncio.gather(*(answer(body.model, t, None) for t in texts))
+        return {"object": "list", "model": body.model,
+                "data": [{"index": i, **r} for i, r in enumerate(results)]}
+
+    return app
+
+
+class Server:
+    """uvicorn serving an app on a background thread (tests, benchmarks, notebooks); ``url`` once started."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise PeftLabError("the server did not start (is the port taken?)")
+            time.sleep(0.01)
+        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def serve_command(adapters: list[str], /, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
+                  max_batch_size: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256,
+                  timeout_s: float = 60.0) -> None:
+    """Serve trained adapters on one backbone over an OpenAI-compatible HTTP API (model = adapter name).
+
+    Args:
+        adapters: ``NAME=PATH`` for each adapter: a run directory (``runs/x/version_0``) or an exported adapter.
+        host: address to listen on (``0.0.0.0`` for every interface).
+        port: TCP port.
+        device: where the backbone and adapters live (e.g. ``cuda``); default: where loading puts them.
+        max_batch_size: the most requests run together as one mixed batch.
+        max_wait_ms: how long the worker waits for more requests to fill a batch.
+        max_queue: requests waiting beyond this are answered 503.
+        timeout_s: a request not answered within this many seconds is answered 504.
+
+    Examples:
+        peftlab serve sentiment=runs/sentiment/version_0 topics=exports/topics --port 8000
+    """
+    if FastAPI is None:
+        raise PeftLabError("peftlab serve needs FastAPI and uvicorn: pip install 'peftlab[serve]'")
+    pairs = {}
+    for item in adapters:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise PeftLabError(f"adapter {item!r}: give NAME=PATH, e.g. sentiment=runs/sentiment/version_0")
+        if name in pairs:
+            raise PeftLabError(f"adapter name {name!r} is given twice; give each adapter its own name")
+        pairs[name] = path
+    if not pairs:
+        raise PeftLabError("give at least one adapter as NAME=PATH")
+    app = create_app(load_adapters(pairs, device=device), max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                     max_queue=max_queue, timeout_s=timeout_s)
+    print(f"[peftlab] serving {', '.join(pairs)} (and base) on http://{host}:{port}/v1", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")

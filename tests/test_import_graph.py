@@ -1,0 +1,140 @@
+"""peftlab's modules import each other without cycles, read from the source with ``ast`` (nothing is imported).
+
+An edge ``a -> b`` is an ``import`` of peftlab module ``b`` (or of a name from it) in ``a``; importing
+``peftlab.x.y`` also runs the package ``peftlab.x``'s ``__init__``, so it is an edge to that package too (except
+from inside the package, which is being initialised already). Function-local imports are counted: they are
+the usual way to hide a cycle, and their number may only go down.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "peftlab"
+#: function-local imports of peftlab/ (any module) after issue #29's refactor; lower it when you remove some
+LOCAL_IMPORTS_MAX = 210
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _targets(node: ast.Import | ast.ImportFrom, package: str, known: dict) -> list[str]:
+    if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+    else:
+        base = node.module or ""
+        if node.level:  # relative: from the module's package, one level up per extra dot
+            anchor = package
+            for _ in range(node.level - 1):
+                anchor = anchor.rpartition(".")[0]
+            base = f"{anchor}.{base}" if base else anchor
+        # `from peftlab.methods import lora` imports the submodule; `from peftlab.methods import LoRA` the package
+        names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+    return [n for n in names if n == "peftlab" or n.startswith("peftlab.")]
+
+
+def _module_of(name: str, known: dict) -> str | None:
+    while name and name not in known:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+@functools.cache
+def import_graph() -> tuple[dict[str, set[str]], dict[str, set[str]], int]:
+    """(module-level edges, function-local edges, number of function-local imports), package edges included."""
+    known = modules()
+    top: dict[str, set[str]] = {m: set() for m in known}
+    local: dict[str, set[str]] = {m: set() for m in known}
+    count = 0
+    for name, path in known.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        in_function = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                       for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            edges = local if id(node) in in_function else top
+            count += id(node) in in_function
+            for target in _targets(node, package, known):
+                target = _module_of(target, known)
+                parts = target.split(".") if target else []
+                # the target and every package above it that the importer is not inside of
+                for i in range(1, len(parts) + 1):
+                    owner = ".".join(parts[:i])
+                    if owner in known and owner != name and not name.startswith(owner + "."):
+                        edges[name].add(owner)
+    return top, local, count
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle_through_a_package_init():
+    graph = {"peftlab.a": {"peftlab.methods"}, "peftlab.methods": {"peftlab.methods.base"},
+             "peftlab.methods.base": {"peftlab.a"}, "peftlab.b": {"peftlab.a"}}
+    assert cycles(graph) == [["peftlab.a", "peftlab.methods", "peftlab.methods.base"]]
+    assert cycles({"peftlab.a": {"peftlab.b"}, "peftlab.b": set()}) == []
+
+
+def test_the_graph_reads_package_edges_and_local_imports():
+    top, local, count = import_graph()
+    # peftlab.api imports peftlab.adapters at module level; the registry is in peftlab.methods (its __init__ runs)
+    assert "peftlab.adapters" in top["peftlab.api"]
+    assert {"peftlab.methods", "peftlab.methods.registry"} <= local["peftlab.api"]
+    assert "peftlab.methods" not in top["peftlab.methods.base"]  # inside the package: no edge to its __init__
+    assert count > 0
+
+
+def test_no_import_cycle_among_peftlab_modules():
+    top, local, _ = import_graph()
+    assert cycles(top) == [], "module-level import cycle"
+    both = {m: top[m] | local[m] for m in top}
+    assert cycles(both) == [], "import cycle through a function-local import: give the shared code its own module"
+
+
+def test_function_local_imports_do_not_grow():
+    _, _, count = import_graph()
+    assert count <= LOCAL_IMPORTS_MAX, (f"{count} function-local imports in peftlab/ (at most {LOCAL_IMPORTS_MAX}); "
+                                        "import at module level unless the import is heavy or optional")

@@ -1,0 +1,148 @@
+"""peftlab serve: an OpenAI-compatible server over an adapter set, tested with the real openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from peftlab.api import load_adapters, load_run
+from peftlab.methods import LoRA, PrefixTuning, PromptTuning
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from test_adapter_set import exported  # noqa: E402
+
+from peftlab.serve import Batcher, Server, create_app  # noqa: E402
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+PROMPTS = ["Review: a moving film\nVerdict:", "Review: dull\nVerdict:", "Funny and sharp", "an odd quiet drama"]
+
+
+@pytest.fixture(scope="module")
+def chat_llama(tmp_path_factory, tiny_llama):
+    """The tiny Llama with a chat template in its tokenizer."""
+    path = tmp_path_factory.mktemp("chat_llama") / "model"
+    shutil.copytree(tiny_llama, path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, chat_llama):
+    tmp = tmp_path_factory.mktemp("served")
+    paths = {"sentiment": exported(tmp, "s", LoRA, chat_llama, seed=1, r=4, target_modules=["q_proj", "v_proj"]),
+             "topics": exported(tmp, "t", LoRA, chat_llama, seed=2, r=2, target_modules=["v_proj"]),
+             "prompt": exported(tmp, "p", PromptTuning, chat_llama, seed=3, num_virtual_tokens=3),
+             "prefix": exported(tmp, "x", PrefixTuning, chat_llama, seed=4, num_virtual_tokens=3)}
+    app = create_app(load_adapters(paths), max_batch_size=8, max_wait_ms=20)
+    with Server(app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        yield paths, server, client
+
+
+def alone(path, text, max_new_tokens):
+    return load_run(path).predict([text], max_new_tokens=max_new_tokens)[0]["generated"]
+
+
+def test_concurrent_requests_over_several_adapters_get_what_each_adapter_gives_alone(served):
+    paths, _, client = served
+    jobs = [(name, prompt) for name in [*paths, "base"] for prompt in PROMPTS[:2]]
+
+    def ask(job):
+        return client.completions.create(model=job[0], prompt=job[1], max_tokens=5).choices[0].text
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(ask, jobs))
+    runs = {name: load_run(path) for name, path in paths.items()}
+    for (name, prompt), got in zip(jobs, answers):
+        if name == "base":
+            continue
+        assert got == runs[name].predict([prompt], max_new_tokens=5)[0]["generated"], (name, prompt)
+    assert len({a for (n, _), a in zip(jobs, answers) if n != "base"}) > 2  # the adapters answer differently
+    models = [m.id for m in client.models.list().data]
+    assert models == ["base", *paths]
+
+
+def test_chat_uses_the_chat_template_and_streams(served):
+    paths, _, client = served
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is it good?"}]
+    reply = client.chat.completions.create(model="topics", messages=messages, max_tokens=4)
+    run = load_run(paths["topics"])
+    text = run.module.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("assistant:")
+    assert reply.choices[0].message.content == run.predict([text], max_new_tokens=4)[0]["generated"]
+    stream = client.chat.completions.create(model="topics", messages=messages, max_tokens=4, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == reply.choices[0].message.content
+    chunks = client.completions.create(model="prompt", prompt=PROMPTS[0], max_tokens=3, stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == alone(paths["prompt"], PROMPTS[0], 3)
+
+
+def test_bad_requests_get_a_4xx_with_one_line_and_the_server_keeps_serving(served):
+    paths, server, client = served
+    with pytest.raises(openai.NotFoundError, match="the model 'nope' does not exist; this server has: base, "):
+        client.completions.create(model="nope", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="the prompt has .* tokens and max_tokens is 8: more than the 256"):
+        client.completions.create(model="sentiment", prompt="word " * 300, max_tokens=8)
+    with pytest.raises(openai.BadRequestError, match="decodes greedily"):
+        client.completions.create(model="sentiment", prompt="hi", max_tokens=2, temperature=0.7)
+    with pytest.raises(openai.BadRequestError, match="logprobs: Extra inputs are not permitted"):
+        client.completions.create(model="sentiment", prompt="hi", max_tokens=2, logprobs=2)
+    raw = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
+    raw = httpx.post(server.url + "/v1/completions", json={"prompt": "hi"})
+    assert raw.status_code == 400 and raw.json()["error"]["message"] == "malformed request: model: Field required"
+    # a client that goes away mid-stream
+    with httpx.stream("POST", server.url + "/v1/completions",
+                      json={"model": "prefix", "prompt": PROMPTS[1], "max_tokens": 3, "stream": True}) as response:
+        assert response.status_code == 200
+    assert httpx.get(server.url + "/health").json() == {"status": "ok", "adapters": list(paths)}
+    got = client.completions.create(model="prefix", prompt=PROMPTS[1], max_tokens=3).choices[0].text
+    assert got == alone(paths["prefix"], PROMPTS[1], 3)
+
+
+def test_requests_that_arrive_together_run_as_one_mixed_batch(served):
+    paths, _, _ = served
+    adapters = load_adapters({"sentiment": paths["sentiment"], "prompt": paths["prompt"]})
+    names = ["sentiment", "prompt", "base", "sentiment", "prompt"]
+
+    async def scenario():
+        batcher = Batcher(adapters, max_batch_size=4, max_wait_ms=1, max_queue=8)
+        futures = [batcher.submit(name, PROMPTS[i % 4], 3) for i, name in enumerate(names)]
+        worker = asyncio.create_task(batcher.run())
+        results = await asyncio.gather(*futures)
+        worker.cancel()
+        return batcher.batches, results
+
+    batches, results = asyncio.run(scenario())
+    assert batches == [4, 1]  # the bound, then the rest
+    expected = [adapters.predict([PROMPTS[i % 4]], adapter=n, max_new_tokens=3)[0] for i, n in enumerate(names)]
+    assert results == expected
+
+
+def test_classification_endpoint(tmp_path, tiny_bert):
+    path = exported(tmp_path, "c", LoRA, tiny_bert, "classification", 1, ["rotten", "fresh"], r=2)
+    with Server(create_app(load_adapters({"reviews": path}))) as server:
+        texts = ["A moving film.", "Dull."]
+        body = httpx.post(server.url + "/v1/classify", json={"model": "reviews", "input": texts}).json()
+        want = load_run(path).predict(texts)
+        assert [d["label"] for d in body["data"]] == [w["label"] for w in want]
+        for d, w in zip(body["data"], want):
+            assert max(abs(d["probs"][k] - w["probs"][k]) for k in w["probs"]) < 1e-5
+        wrong = httpx.post(server.url + "/v1/completions", json={"model": "reviews", "prompt": "hi"})
+        assert wrong.status_code == 400 and "POST /v1/classify" in wrong.json()["error"]["message"]
+
+
+def test_serve_command_refuses_a_bad_adapter_argument(capsys):
+    from test_cli import run_main
+
+    code, out, err = run_main(["serve", "sentiment"], capsys)
+    assert code != 0 and "adapter 'sentiment': give NAME=PATH" in out + err
