@@ -83,6 +83,9 @@ def _make_cli_class():
         def add_arguments_to_parser(self, parser):
             parser.add_argument("--test_after_fit", type=bool, default=True,
                                 help="after fit, run the test split with the best checkpoint and print its metrics")
+            parser.add_argument("--generations_file", type=str | None, default=None,
+                                help="test (causal LM / seq2seq): where to write each test example's input, reference, "
+                                     "generation and scores as JSON lines (default: <log_dir>/generations.jsonl)")
             from peftlab.trackers import TrackerName
 
             parser.add_argument("--trackers", type=list[TrackerName], default=[],
@@ -151,7 +154,28 @@ def _make_cli_class():
                 self._without_run_directory(trainer)
             if self.subcommand == "predict":
                 self._add_prediction_writer(trainer)
+            if self.subcommand == "test":
+                self._add_generations_file(trainer, root_dir)
             return trainer
+
+        def _add_generations_file(self, trainer, root_dir):
+            """``peftlab test`` on a generative run writes the test's generations (:class:`peftlab.callbacks.
+            GenerationEval`, to --generations_file, default <log_dir>/generations.jsonl); a GenerationEval in the
+            config writes them too unless it names its own file."""
+            from peftlab.callbacks import GenerationEval
+
+            if self.model.task == "classification":
+                return
+            path = self.config_value("generations_file")
+            if path is None and trainer.logger is None and not root_dir:
+                return  # no run directory (see _without_run_directory)
+            path = path or "auto"
+            configured = [c for c in trainer.callbacks if isinstance(c, GenerationEval) and "test" in c.stages]
+            for callback in configured:
+                callback.generations_file = callback.generations_file or path
+            if not configured:
+                trainer.callbacks.append(GenerationEval(max_new_tokens=int(self.model.hparams.max_new_tokens),
+                                                        stages=("test",), generations_file=path))
 
         def _add_prediction_writer(self, trainer):
             """``peftlab predict`` writes its predictions with :class:`peftlab.callbacks.PredictionWriter` (to
