@@ -101,10 +101,12 @@ def _server(adapters, names: list[str], requests: int, rounds: int, max_new_toke
 
         sequential()  # warm-up
         times = {"one_client": [], "16_clients": []}
+        batches = []  # the batch sizes of the concurrent rounds (one client at a time makes batches of 1)
         for _ in range(rounds):
             times["one_client"].append(_time(sequential))
+            app.state.batcher.batches.clear()
             times["16_clients"].append(_time(concurrent))
-        batches = list(app.state.batcher.batches)
+            batches += app.state.batcher.batches
     return {"requests": requests, "rounds": rounds, "max_new_tokens": max_new_tokens,
             "requests_per_s": {k: summary([requests / t for t in ts]) for k, ts in times.items()},
             "ratio": {"16_clients/one_client": ratio_summary(times["one_client"], times["16_clients"])},

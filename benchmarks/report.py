@@ -403,7 +403,7 @@ def _startup(results):
            f"(bare `python -c pass`: {h['python_startup_seconds']['median']:.2f} s).", ""]
     if st.get("fit_help"):
         fh = st["fit_help"]
-        out += [f"`peftlab fit --help` (LightningCLI's complete help, which needs Lightning): "
+        out += [f"`peftlab fit --help-all` (LightningCLI's complete help, which needs Lightning): "
                 f"{_r(fh['seconds'], 2)} s over {fh['seconds']['n']} runs.", ""]
         h = fh
     if h.get("imports_ms"):
@@ -473,6 +473,11 @@ def _multi_adapter(results) -> list[str]:
     out += ["", f"`peftlab serve` over the LoRA set, {sv['requests']} completion requests of {sv['max_new_tokens']} "
             f"new tokens spread over the adapters: one client at a time {_r(sv['requests_per_s']['one_client'], 2)} "
             f"requests/s, 16 concurrent clients {_r(sv['requests_per_s']['16_clients'], 2)} requests/s "
-            f"({_r(sv['ratio']['16_clients/one_client'])}; the server ran batches of {sv['mean_batch']:.1f} requests "
-            "on average).", ""]
+            f"({_r(sv['ratio']['16_clients/one_client'])}; with 16 clients the server ran batches of "
+            f"{sv['mean_batch']:.1f} requests on average). On this CPU, with one torch thread, a forward pass costs about "
+            "the sum of its rows (the LoRA table above: one 16-row batch of one adapter gives "
+            f"{ma['mixed_lora']['rows_per_s']['one_adapter']['median']:.1f} rows/s, eight 2-row batches "
+            f"{ma['mixed_lora']['rows_per_s']['loop']['median']:.1f}), so batching requests gains little beyond "
+            "overlapping the HTTP and tokenizer work; the >= 3x goal needs a device on which a batch costs about "
+            "as much as a row (a GPU; not run here).", ""]
     return out

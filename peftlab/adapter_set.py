@@ -82,9 +82,9 @@ def _untie_trainable(model: nn.Module, shared: set[int]) -> None:
     """A parameter the adapter trains (a classification head its method trains in place) becomes the adapter's own
     copy: loading its trained value must not change the shared backbone or the other adapters."""
     for module in model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is not None and param.requires_grad and id(param) in shared:
-                module._parameters[name] = nn.Parameter(param.detach().clone())
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.requires_grad and id(param) in shared:
+                setattr(module, name, nn.Parameter(param.detach().clone()))
 
 
 #: peft's name for "no adapter" in ``adapter_names``
@@ -122,7 +122,7 @@ def _tie(pool: nn.Module, model: nn.Module, name: str) -> None:
                            f"{untied[:2]}); this is a peftlab bug, please report it")
     for key, param in own.items():
         owner, _, leaf = key.rpartition(".")
-        pool.get_submodule(owner)._parameters[leaf] = param
+        setattr(pool.get_submodule(owner), leaf, param)
 
 
 def _source_directory(source) -> Path:

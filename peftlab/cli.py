@@ -12,6 +12,7 @@ exit with status 2; ``--debug`` shows the traceback.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -44,8 +45,6 @@ def _quiet_libraries() -> None:
     # test/predict from a fit checkpoint: LastCheckpoint is a fit-only callback, nothing to restore there
     warnings.filterwarnings("ignore", message=r".*Please add the following callbacks: \['LastCheckpoint'\]\.$")
     # MLflow's SQLite store announces its table migrations at INFO on every new run directory
-    import logging
-
     for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -391,7 +390,7 @@ def _print_summary(model, trainer, log_dir, best, results, seconds):
 EXTRA_COMMANDS = COMMANDS
 
 LIGHTNING_COMMANDS = {
-    "fit": "train a method (then test it with the best checkpoint); --help lists every option",
+    "fit": "train a method (then test it with the best checkpoint); --help: the common options, --help-all: all",
     "validate": "evaluate on the validation split",
     "test": "evaluate on the test split",
     "predict": "write predictions for the test split (or a file) to .jsonl/.csv",
@@ -400,7 +399,7 @@ LIGHTNING_COMMANDS = {
 TOP_LEVEL_EXAMPLES = """examples:
   peftlab fit --config configs/quickstart.yaml
   peftlab fit --config configs/quickstart.yaml --print_config > run.yaml
-  peftlab fit --help                  # every option of fit (LightningCLI)
+  peftlab fit --help                  # the common options of fit (--help-all: every option, LightningCLI's)
   peftlab fit --model.help LoRA       # the arguments of one method
   peftlab params --help               # every other command's --help comes from its function (peftlab.commands)
 Errors print one line; add --debug for the traceback. Docs: docs/index.md."""
@@ -523,7 +522,7 @@ def main(args: list[str] | None = None) -> None:
     if argv in ([], ["-h"], ["--help"]):
         # the top-level help lists commands only, so it is printed without importing Lightning (2.5 s of
         # torch/_dynamo/torchmetrics imports plus 1.2 s to build LightningCLI's parser, docs/benchmarks.md);
-        # `peftlab fit --help` is LightningCLI's own, complete help
+        # `peftlab fit --help-all` is LightningCLI's own, complete help
         print(top_level_help())
         if not argv:
             sys.exit(2)

@@ -65,13 +65,6 @@ def is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def is_sharded(module) -> bool:
-    """Whether ``module``'s trainable parameters are sharded across processes (FSDP2 DTensors)."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in module.parameters() if p.requires_grad)
-
-
 def unsharded_copy(module, state: dict[str, torch.Tensor]):
     """A copy of ``module`` built on the meta device (no weights read), its trainable parameters set to ``state``:
     what a sharded module's exporter writes from, so nothing but the trainable parameters is ever gathered."""
@@ -164,4 +157,12 @@ def model_card(module, fmt: str, metrics: dict) -> str:
     lines += ["With peftlab (rebuilds the backbone from `peftlab_config.yaml` or the adapter config):", "",
               "```python", "from peftlab.api import load_run", "run = load_run(\"<this directory>\")",
               "run.predict([\"a text\"])", "```", ""]
+    lines += ["## Serve", "", "With peftlab, beside other adapters of the same backbone (OpenAI-compatible):", "",
+              "```bash", "peftlab serve NAME=<this directory>", "```", ""]
+    refusal = module.serving_engine_refusal()
+    if refusal:
+        lines += [f"Not loadable by vLLM: {refusal}.", ""]
+    else:
+        lines += ["vLLM's multi-LoRA server loads it (add `--max-lora-rank R` for a rank above 16):", "", "```bash",
+                  f"vllm serve {module.hparams.backbone} --enable-lora --lora-modules NAME=<this directory>", "```", ""]
     return "\n".join(lines)

@@ -127,7 +127,7 @@ class Batcher:
                     break
                 try:
                     jobs.append(await asyncio.wait_for(self.queue.get(), left))
-                except TimeoutError:
+                except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                     break
             jobs = [j for j in jobs if not j[3].done()]  # a client that timed out or went away
             by_length: dict[int | None, list] = {}
@@ -170,6 +170,10 @@ def create_app(adapters, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, 
     async def bad_request(request: Request, err: BadRequest):
         return _error(err.status, err.message, err.kind)
 
+    @app.exception_handler(PeftLabError)
+    async def refused(request: Request, err: PeftLabError):  # peftlab's own one-line refusals (e.g. from predict)
+        return _error(400, str(err))
+
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, err: RequestValidationError):
         problems = []
@@ -199,7 +203,8 @@ def create_app(adapters, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, 
     def check_length(run, text: str, max_new_tokens: int) -> int:
         tok = run.module.tokenizer
         n = len(tok(text)["input_ids"])
-        limit = min(run.max_length, getattr(run.module.model.config, "max_position_embeddings", None) or 10 ** 9)
+        # the shared backbone's config: a wrapper such as P-tuning v2's input-tokens model has none of its own
+        limit = min(run.max_length, getattr(adapters.backbone.config, "max_position_embeddings", None) or 10 ** 9)
         if n + max_new_tokens > limit:
             raise BadRequest(400, f"the prompt has {n} tokens and max_tokens is {max_new_tokens}: more than the "
                                   f"{limit} tokens this model takes; shorten the prompt or lower max_tokens")
@@ -209,7 +214,7 @@ def create_app(adapters, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, 
         future = state["batcher"].submit(name, text, max_new_tokens)
         try:
             return await asyncio.wait_for(future, timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             raise BadRequest(504, f"no answer within {timeout_s} s; the server is overloaded, retry later",
                              "timeout") from None
 

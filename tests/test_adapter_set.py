@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -249,3 +251,16 @@ def test_qlora_adapters_share_one_4bit_backbone(tmp_path, tiny_llama):
     lora = exported(tmp_path, "lora", LoRA, tiny_llama, r=2, target_modules=["q_proj"])
     with pytest.raises(PeftLabError, match="needs a different backbone: quantization None"):
         adapters.add("lora", lora)
+
+
+@pytest.mark.parametrize("cls, kw, expect", [
+    (LoRA, {"r": 2, "target_modules": ["q_proj"]}, "vllm serve"),
+    (LoRA, {"r": 2, "target_modules": ["q_proj"], "use_dora": True}, "Not loadable by vLLM: DoRA's magnitude"),
+    (LoRA, {"r": 2, "target_modules": ["q_proj"], "bias": "all"}, "Not loadable by vLLM: trained biases"),
+    (PromptTuning, {"num_virtual_tokens": 2}, "Not loadable by vLLM: PromptTuning's export is not a plain LoRA"),
+    (BottleneckAdapter, {"bottleneck": 4}, "Not loadable by vLLM: BottleneckAdapter's export is not a plain LoRA"),
+], ids=["lora", "dora", "bias", "prompt", "bottleneck"])
+def test_export_says_which_server_loads_it(tmp_path, tiny_llama, cls, kw, expect):
+    card = (Path(exported(tmp_path, "a", cls, tiny_llama, **kw)) / "README.md").read_text()
+    assert "peftlab serve NAME=<this directory>" in card and expect in card
+    assert ("vllm serve" in card) == (expect == "vllm serve")

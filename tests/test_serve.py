@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from peftlab.api import load_adapters, load_run
-from peftlab.methods import LoRA, PrefixTuning, PromptTuning
+from peftlab.methods import LoRA, PrefixTuning, PromptTuning, PTuningV2
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -42,7 +42,8 @@ def served(tmp_path_factory, chat_llama):
     paths = {"sentiment": exported(tmp, "s", LoRA, chat_llama, seed=1, r=4, target_modules=["q_proj", "v_proj"]),
              "topics": exported(tmp, "t", LoRA, chat_llama, seed=2, r=2, target_modules=["v_proj"]),
              "prompt": exported(tmp, "p", PromptTuning, chat_llama, seed=3, num_virtual_tokens=3),
-             "prefix": exported(tmp, "x", PrefixTuning, chat_llama, seed=4, num_virtual_tokens=3)}
+             "prefix": exported(tmp, "x", PrefixTuning, chat_llama, seed=4, num_virtual_tokens=3),
+             "ptv2": exported(tmp, "v", PTuningV2, chat_llama, seed=5, num_virtual_tokens=2, prefix_hidden_size=8)}
     app = create_app(load_adapters(paths), max_batch_size=8, max_wait_ms=20)
     with Server(app) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
