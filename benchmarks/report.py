@@ -114,7 +114,8 @@ def render(results: dict) -> str:
         out += ["Each section was measured on its own date and machine (`--only` runs merge into earlier results): "
                 + "; ".join(f"{name} {v['date']} on {v['machine'].get('cpu')} (transformers "
                             f"{v['machine'].get('transformers')})" for name, v in measured.items()) + ".", ""]
-    rows = targets(results) + (defaults_targets(defaults_results()) if not smoke else [])
+    rows = targets(results) + (defaults_targets(defaults_results()) + eval_lm_targets(eval_lm_results())
+                               if not smoke else [])
     if rows:
         out += ["## Targets", "", "| what | measured: median (min-max) | target | verdict |", "|---|---|---|---|"]
         out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
@@ -129,7 +130,7 @@ def render(results: dict) -> str:
         out += [findings.read_text().strip(), ""]
     out += _throughput(results) + _breakdown(results) + _padding(results) + _inference(results) + \
         _memory(results) + _startup(results) + _defaults(defaults_results() if not smoke else None) + \
-        _multi_adapter(results)
+        _multi_adapter(results) + _eval_lm(eval_lm_results() if not smoke else None)
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -156,6 +157,48 @@ def defaults_targets(d: dict | None) -> list[tuple[str, str, str, str]]:
         rows.append((f"SmolLM2 causal LM, max_length {part.get('max_length', 128)}: packed / padded random batches "
                      "(target tokens/s)", _r(pk), ">= 1.8", verdict(pk, 1.8, True)))
     return rows
+
+
+def eval_lm_results() -> dict | None:
+    """``benchmarks/eval_lm.json`` (``python benchmarks/eval_lm.py``), if it was run."""
+    import json
+
+    path = HERE / "eval_lm.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def eval_lm_targets(d: dict | None) -> list[tuple[str, str, str, str]]:
+    """Issue #31's goal: lm-eval through peftlab's wrapper at >= 0.9x the throughput of lm-eval's HFLM."""
+    if not d:
+        return []
+    return [(f"lm-eval on merged LoRA SmolLM2, peftlab's LM / HFLM ({kind} requests/s)",
+             _r(d["ratios"][f"peftlab/hflm {kind}"]), ">= 0.9", verdict(d["ratios"][f"peftlab/hflm {kind}"], 0.9, True))
+            for kind in ("loglikelihood", "generate_until")]
+
+
+def _eval_lm(d: dict | None) -> list[str]:
+    if not d:
+        return []
+    m, st = d.get("machine", {}), d["setting"]
+    out = ["## 8. lm-eval: peftlab's LM wrapper against lm-eval's HFLM", "",
+           f"`{d['command']}` ({d['measured']}), on {m.get('cpu')}, {m.get('cores')} cores ({st['threads']} torch "
+           f"thread(s)), lm-eval {d['lm_eval']}, torch {m.get('torch')}, transformers {m.get('transformers')}. "
+           f"One merged model ({st['backbone']}, LoRA {st['lora']}) wrapped as `peftlab.eval_lm.PeftLabLM` and as "
+           f"`lm_eval.models.huggingface.HFLM`, batch size {st['batch_size']}, both through `lm_eval.simple_evaluate` "
+           f"on {st['limits']['mc']} examples of `{st['tasks']['mc']}` (two log-likelihood requests each) and "
+           f"{st['limits']['gen']} of `{st['tasks']['gen']}`, {st['repeats']} interleaved repeats. Throughput: requests "
+           "per second inside the LM's `loglikelihood` / `generate_until` (task building, the same code for both, "
+           "is left out). Results: `benchmarks/eval_lm.json`.", "",
+           "| requests | peftlab req/s | HFLM req/s | ratio: median (min-max) |", "|---|---|---|---|"]
+    for kind in ("loglikelihood", "generate_until"):
+        out.append(f"| {kind} | {_r(d['requests_per_s']['peftlab'][kind], 2)} | "
+                   f"{_r(d['requests_per_s']['hflm'][kind], 2)} | {_r(d['ratios'][f'peftlab/hflm {kind}'])} |")
+    scores = "; ".join(f"{task} {', '.join(f'{k} {v:.4f}' for k, v in vals.items())}"
+                       for task, vals in d["metrics"]["peftlab"].items())
+    out += ["", f"Scores: {'equal' if d['same_metrics'] else 'DIFFERENT'} ({scores}); largest difference between "
+            f"the two LMs' log-likelihoods over all {d['requests_compared']} requests of the last repeat: "
+            f"{d['max_loglikelihood_difference']:.2e}.", ""]
+    return out
 
 
 def _packing_parts(d: dict | None) -> list[tuple[str, dict]]:
@@ -360,7 +403,7 @@ def _startup(results):
            f"(bare `python -c pass`: {h['python_startup_seconds']['median']:.2f} s).", ""]
     if st.get("fit_help"):
         fh = st["fit_help"]
-        out += [f"`peftlab fit --help` (LightningCLI's complete help, which needs Lightning): "
+        out += [f"`peftlab fit --help-all` (LightningCLI's complete help, which needs Lightning): "
                 f"{_r(fh['seconds'], 2)} s over {fh['seconds']['n']} runs.", ""]
         h = fh
     if h.get("imports_ms"):

@@ -23,6 +23,8 @@ from peftlab.runinfo import run_record
 #: path segments that FSDP, activation checkpointing and torch.compile insert into module paths
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 META_FILE = "peftlab_meta.json"
+#: peftlab's task -> peft's ``task_type`` (recorded in a peft adapter's ``adapter_config.json``)
+PEFT_TASK = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
 
 
 def unwrapped_name(name: str) -> str:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
-from typing import Literal
+import warnings
+from typing import TYPE_CHECKING, Literal
 
 from peftlab.assets import is_packaged, resolve_model
 from peftlab.errors import PeftLabError
+
+if TYPE_CHECKING:  # torch loads only when a backbone does
+    from torch import nn
 
 Task = Literal["classification", "causal_lm", "seq2seq"]
 TASKS = ("classification", "causal_lm", "seq2seq")
@@ -219,8 +224,6 @@ def load_backbone(
     # a missing weight of the backbone itself is a real problem, said in one line
     missing = [k for k in info.get("missing_keys", ()) if k.startswith(f"{model.base_model_prefix}.")]
     if missing:
-        import warnings
-
         warnings.warn(f"backbone {name!r}: {len(missing)} of its weights are not in the checkpoint and were newly "
                       f"initialised ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})", stacklevel=2)
     return _with_pad_token(model, name, task, trust_remote_code, revision)
@@ -244,6 +247,50 @@ def is_decoder_only(name: str, *, trust_remote_code: bool = False) -> bool:
     except Exception as err:  # noqa: BLE001
         raise _load_error("backbone", name, err) from err
     return not getattr(config, "is_encoder_decoder", False) and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+HEAD_NAMES = ("classifier", "score", "classification_head")
+
+
+def classification_head(model: nn.Module) -> nn.Module:
+    """The classification head of a ``*ForSequenceClassification`` model (``classifier``, ``score``, ...)."""
+    from torch import nn
+
+    for name in HEAD_NAMES:
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise PeftLabError(
+        f"cannot find the classification head of {type(model).__name__} (looked for {', '.join(HEAD_NAMES)}); "
+        "set train_head = False on the method and make the head trainable in attach()"
+    )
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on activation recomputation in the transformers model inside ``model`` (peft-wrapped or not)."""
+    inner = getattr(model, "peft_model", model)  # the input-tokens wrapper (P-tuning v2, stacks with input tokens)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise PeftLabError(f"model.gradient_checkpointing: {type(inner).__name__} does not support it; turn it off")
+    # non-reentrant checkpointing needs no input that requires grad, so it works with a frozen embedding
+    kwargs = {"use_reentrant": False}
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers 5.x's name (the old one warns)
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights count as their unpacked number."""
+    trainable = total = 0
+    for p in module.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state") and p.quant_state is not None:  # bitsandbytes Params4bit packs 2 per byte
+            n = math.prod(p.quant_state.shape)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
 
 
 # ---------------------------------------------------------------------------------------------- sharded start
@@ -349,7 +396,7 @@ def _deferred_backbone(name, auto, config, path, kwargs, trust_remote_code):
             if p is not None:
                 owners.setdefault(id(p), []).append((module, attr))
     targets, missing = [], []
-    for param_name, p in model.named_parameters():  # (tied parameters once, under their first name)
+    for param_name, p in list(model.named_parameters()):  # (tied parameters once, under their first name)
         key = next((k for k in (param_name, param_name.removeprefix(f"{prefix}."), f"{prefix}.{param_name}")
                     if k in files), None)
         # uninitialized: the kernel gives a large allocation pages only when they are written, and nothing
@@ -362,6 +409,12 @@ def _deferred_backbone(name, auto, config, path, kwargs, trust_remote_code):
         else:
             targets.append((*owners[id(p)][0], key))
     if missing:  # new weights (a classification head): initialized on every rank alike, as from_pretrained does
+        own = [k for k in missing if k.startswith(f"{prefix}.")]  # the backbone's own: said, as load_backbone does
+        if own:
+            import warnings
+
+            warnings.warn(f"backbone {name!r}: {len(own)} of its weights are not in the checkpoint and were newly "
+                          f"initialised ({', '.join(own[:3])}{', ...' if len(own) > 3 else ''})", stacklevel=3)
         modules = dict(model.named_modules())
         for param_name in missing:
             module_name, _, attr = param_name.rpartition(".")
@@ -419,16 +472,22 @@ def load_shards(model) -> int:
                 mesh = param.device_mesh
                 rows, world = param.shape[0], mesh.size()
                 start = min(mesh.get_local_rank() * math.ceil(rows / world), rows)
-                count = local.shape[0]
                 file_dtype = getattr(torch, _ST_DTYPES[info["dtype"]])
                 row_bytes = math.prod(param.shape[1:]) * torch.empty((), dtype=file_dtype).element_size()
-                buffer = torch.empty((count, *param.shape[1:]), dtype=file_dtype)
                 f = handles[file]
                 f.seek(data_start + info["data_offsets"][0] + start * row_bytes)
-                if count and f.readinto(memoryview(buffer.view(torch.uint8).numpy()).cast("B")) != count * row_bytes:
-                    raise PeftLabError(f"backbone {record.name!r}: {file} ends inside {key}; the file is truncated")
-                with torch.no_grad():
-                    local.copy_(buffer)
+                # straight into the shard when the dtypes agree, else through a buffer of at most 16 MB
+                direct = file_dtype == local.dtype and local.is_contiguous()
+                step = max(local.shape[0], 1) if direct else max(1, (16 << 20) // max(row_bytes, 1))
+                for first in range(0, local.shape[0], step):
+                    rows_here = local[first:first + step]
+                    target = rows_here if direct else torch.empty(rows_here.shape, dtype=file_dtype)
+                    size = rows_here.shape[0] * row_bytes
+                    if f.readinto(memoryview(target.detach().view(torch.uint8).numpy()).cast("B")) != size:
+                        raise PeftLabError(f"backbone {record.name!r}: {file} ends inside {key}; it is truncated")
+                    if target is not rows_here:
+                        with torch.no_grad():
+                            rows_here.copy_(target)
                 filled += 1
         finally:
             for handle in handles.values():

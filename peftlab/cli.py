@@ -12,6 +12,7 @@ exit with status 2; ``--debug`` shows the traceback.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -44,8 +45,6 @@ def _quiet_libraries() -> None:
     # test/predict from a fit checkpoint: LastCheckpoint is a fit-only callback, nothing to restore there
     warnings.filterwarnings("ignore", message=r".*Please add the following callbacks: \['LastCheckpoint'\]\.$")
     # MLflow's SQLite store announces its table migrations at INFO on every new run directory
-    import logging
-
     for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -84,6 +83,9 @@ def _make_cli_class():
         def add_arguments_to_parser(self, parser):
             parser.add_argument("--test_after_fit", type=bool, default=True,
                                 help="after fit, run the test split with the best checkpoint and print its metrics")
+            parser.add_argument("--generations_file", type=str | None, default=None,
+                                help="test (causal LM / seq2seq): where to write each test example's input, reference, "
+                                     "generation and scores as JSON lines (default: <log_dir>/generations.jsonl)")
             from peftlab.trackers import TrackerName
 
             parser.add_argument("--trackers", type=list[TrackerName], default=[],
@@ -152,7 +154,28 @@ def _make_cli_class():
                 self._without_run_directory(trainer)
             if self.subcommand == "predict":
                 self._add_prediction_writer(trainer)
+            if self.subcommand == "test":
+                self._add_generations_file(trainer, root_dir)
             return trainer
+
+        def _add_generations_file(self, trainer, root_dir):
+            """``peftlab test`` on a generative run writes the test's generations (:class:`peftlab.callbacks.
+            GenerationEval`, to --generations_file, default <log_dir>/generations.jsonl); a GenerationEval in the
+            config writes them too unless it names its own file."""
+            from peftlab.callbacks import GenerationEval
+
+            if self.model.task == "classification":
+                return
+            path = self.config_value("generations_file")
+            if path is None and trainer.logger is None and not root_dir:
+                return  # no run directory (see _without_run_directory)
+            path = path or "auto"
+            configured = [c for c in trainer.callbacks if isinstance(c, GenerationEval) and "test" in c.stages]
+            for callback in configured:
+                callback.generations_file = callback.generations_file or path
+            if not configured:
+                trainer.callbacks.append(GenerationEval(max_new_tokens=int(self.model.hparams.max_new_tokens),
+                                                        stages=("test",), generations_file=path))
 
         def _add_prediction_writer(self, trainer):
             """``peftlab predict`` writes its predictions with :class:`peftlab.callbacks.PredictionWriter` (to
@@ -367,7 +390,7 @@ def _print_summary(model, trainer, log_dir, best, results, seconds):
 EXTRA_COMMANDS = COMMANDS
 
 LIGHTNING_COMMANDS = {
-    "fit": "train a method (then test it with the best checkpoint); --help lists every option",
+    "fit": "train a method (then test it with the best checkpoint); --help: the common options, --help-all: all",
     "validate": "evaluate on the validation split",
     "test": "evaluate on the test split",
     "predict": "write predictions for the test split (or a file) to .jsonl/.csv",
@@ -376,7 +399,7 @@ LIGHTNING_COMMANDS = {
 TOP_LEVEL_EXAMPLES = """examples:
   peftlab fit --config configs/quickstart.yaml
   peftlab fit --config configs/quickstart.yaml --print_config > run.yaml
-  peftlab fit --help                  # every option of fit (LightningCLI)
+  peftlab fit --help                  # the common options of fit (--help-all: every option, LightningCLI's)
   peftlab fit --model.help LoRA       # the arguments of one method
   peftlab params --help               # every other command's --help comes from its function (peftlab.commands)
 Errors print one line; add --debug for the traceback. Docs: docs/index.md."""
@@ -499,7 +522,7 @@ def main(args: list[str] | None = None) -> None:
     if argv in ([], ["-h"], ["--help"]):
         # the top-level help lists commands only, so it is printed without importing Lightning (2.5 s of
         # torch/_dynamo/torchmetrics imports plus 1.2 s to build LightningCLI's parser, docs/benchmarks.md);
-        # `peftlab fit --help` is LightningCLI's own, complete help
+        # `peftlab fit --help-all` is LightningCLI's own, complete help
         print(top_level_help())
         if not argv:
             sys.exit(2)

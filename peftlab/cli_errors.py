@@ -19,12 +19,15 @@ jsonargparse parsers: an upgrade that rewords an error fails those tests instead
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from peftlab.errors import PeftLabError
+from peftlab.errors import PeftLabError, did_you_mean
 
 
 def user_error(err: BaseException, argv: list[str]) -> PeftLabError | None:
@@ -75,7 +78,6 @@ def explain_argument_error(text: str, argv: list[str]) -> str:
             class_path.group(1) if class_path else None, m.group(1))
     if m := re.search(r"has no attribute '([^']+)'|No module named '([^']+)'", text):
         import peftlab
-        from peftlab.errors import did_you_mean
 
         name = class_path.group(1) if class_path else (m.group(1) or m.group(2))
         return f"cannot find class {name!r} ({keys[0] if keys else 'class_path'})" + did_you_mean(
@@ -106,10 +108,6 @@ OPTION_GROUPS = {"data": "peftlab.data.PeftDataModule", "trainer": "lightning.py
 def close_option(tokens: list[str]) -> str:
     """' (did you mean --data.max_eval_samples?)' for the first unknown ``--group.name`` of ``tokens`` that is
     close to an argument of that group's class (argparse's abbreviation matching is off: a prefix is unknown)."""
-    import difflib
-    import importlib
-    import inspect
-
     for token in tokens:
         group, _, name = token.partition("=")[0].lstrip("-").partition(".")
         name = name.removeprefix("init_args.")
@@ -132,11 +130,6 @@ def close_argument(class_path: str | None, name: str) -> str:
     """' Did you mean ...?' for a misspelt init argument of ``class_path`` (its signature and its bases')."""
     if not class_path:
         return ""
-    import importlib
-    import inspect
-
-    from peftlab.errors import did_you_mean
-
     try:
         module, _, cls_name = class_path.rpartition(".")
         cls = getattr(importlib.import_module(module), cls_name)

@@ -60,6 +60,8 @@ COMMANDS: dict[str, Command] = {
     "recommend": Command("peftlab.analysis.recommend:recommend_command",
                          "Recommend a PEFT method from the design notes' decision tables and write its config.",
                          meta_only=True),
+    "evaluate": Command("peftlab.evaluate:evaluate_command",
+                        "Run lm-evaluation-harness tasks on a trained run of any method (or a bare backbone)."),
     "chat": Command("peftlab.api:chat_command",
                     "Talk to a trained chat adapter in the terminal, in its chat template, streaming the reply."),
     "serve": Command("peftlab.serve:serve_command",
@@ -106,6 +108,7 @@ class Signature(NamedTuple):
     positionals: tuple[str, ...]  # positional-only parameters, in order
     options: tuple[str, ...]  # the other parameters, except fit_args
     takes_fit_args: bool
+    optional: tuple[str, ...] = ()  # positional-only parameters with a default: may be left out
 
     @property
     def bools(self) -> set[str]:
@@ -120,8 +123,9 @@ def signature(fn: Callable[..., Any]) -> Signature:
     params = inspect.signature(fn).parameters
     hints = typing.get_type_hints(fn)
     positionals = tuple(n for n, p in params.items() if p.kind is p.POSITIONAL_ONLY)
+    optional = tuple(n for n in positionals if params[n].default is not params[n].empty)
     options = tuple(n for n, p in params.items() if p.kind is not p.POSITIONAL_ONLY and n != FIT_ARGS)
-    return Signature(hints, positionals, options, FIT_ARGS in params)
+    return Signature(hints, positionals, options, FIT_ARGS in params, optional)
 
 
 def _is_option(token: str) -> bool:
@@ -291,9 +295,11 @@ def build_parser(name: str):
                             formatter_class=Formatter, exit_on_error=False, default_env=False,
                             allow_abbrev=False)  # an abbreviated option is refused, not silently widened
     parser.add_function_arguments(fn, as_group=False, skip={*sig.positionals, FIT_ARGS})
+    defaults = {n: p.default for n, p in inspect.signature(fn).parameters.items() if n in sig.optional}
     for positional in sig.positionals:
+        extra = {"nargs": "?", "default": defaults[positional]} if positional in sig.optional else {}
         parser.add_argument(positional, type=sig.hints.get(positional, str), help=params.get(positional),
-                            metavar=metavar(positional, positional in sig.lists))
+                            metavar=metavar(positional, positional in sig.lists), **extra)
     return parser
 
 

@@ -36,22 +36,17 @@ def check_compatible(directories: list[str], weights: list[float]) -> list[dict]
         raise PeftLabError("give at least two adapters to compose")
     if len(weights) != len(directories):
         raise PeftLabError(f"{len(directories)} adapters but {len(weights)} weights; give one weight per adapter")
+    from peftlab.methods.registry import adapter_method
+
     configs = [read_adapter_config(d) for d in directories]
     for d, c in zip(directories, configs):
-        if c.get("peft_type") == "ADALORA":
-            raise PeftLabError(f"{d} is an AdaLoRA adapter: its update P diag(E) Q (with masked ranks) is not composed "
-                               "by peft's weighted sum; only LoRA and rsLoRA adapters compose")
-        if c.get("peft_type") != "LORA":
-            raise PeftLabError(f"{d} is not a LoRA adapter ({c.get('peft_type') or c.get('method')}); only LoRA composes")
-        if c.get("use_dora"):
-            raise PeftLabError(f"{d} is a DoRA adapter: its update m * (W + dW) / ||W + dW|| is not a weighted sum of "
-                               "deltas; only LoRA and rsLoRA adapters compose")
-        if str(c.get("init_lora_weights")).startswith(("pissa", "olora", "corda", "lora_ga")):
-            raise PeftLabError(f"{d} is a {c['init_lora_weights']} adapter saved against its residual backbone; export "
-                               "it with peftlab (a plain LoRA on the original backbone), then compose")
-        if c.get("task_type") == "SEQ_CLS":
-            raise PeftLabError(f"{d} is a classification adapter: its trained heads cannot be summed; "
-                               "compose adapters of generative tasks")
+        cls, task = adapter_method(d, c)  # the adapter's method decides whether it composes
+        if cls is None:
+            raise PeftLabError(f"{d} is not an adapter of a peftlab method ({c.get('peft_type') or c.get('method')}); "
+                               "only LoRA composes")
+        reason = cls.compose_refusal(c, task)
+        if reason:
+            raise PeftLabError(f"{d} {reason}")
     first = configs[0]
     for d, c in zip(directories[1:], configs[1:]):
         if c.get("base_model_name_or_path") != first.get("base_model_name_or_path"):

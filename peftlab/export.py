@@ -65,13 +65,6 @@ def is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def is_sharded(module) -> bool:
-    """Whether ``module``'s trainable parameters are sharded across processes (FSDP2 DTensors)."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in module.parameters() if p.requires_grad)
-
-
 def unsharded_copy(module, state: dict[str, torch.Tensor]):
     """A copy of ``module`` built on the meta device (no weights read), its trainable parameters set to ``state``:
     what a sharded module's exporter writes from, so nothing but the trainable parameters is ever gathered."""

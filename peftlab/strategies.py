@@ -20,7 +20,9 @@ This strategy does it for every peftlab method, so a config only names it (``con
   :func:`peftlab.adapters.trainable_state`.
 
 FSDP1 (Lightning's ``FSDPStrategy``) and DeepSpeed configs were retired in favour of this one: docs/distributed.md
-says why. QLoRA's 4-bit weights are refused in one line (bitsandbytes' packed storage cannot be sharded here).
+says why. QLoRA's packed 4-bit weights are sharded like any tensor (with a mixed-precision policy they must be stored
+in its dtype: ``model.quant_storage``); its backbone loads in full (then shards), the sharded start does not
+apply to quantized loading.
 Tested on CPU with 2 processes over gloo (tests/test_fsdp2.py); see docs/distributed.md for what ran on GPUs.
 """
 
@@ -35,9 +37,16 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from peftlab.backbones import torch_dtype
 from peftlab.errors import PeftLabError
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module``'s trainable parameters are sharded across processes (FSDP2 DTensors): a rank then holds
+    shards, and gathering them is a collective."""
+    return any(isinstance(p, DTensor) for p in module.parameters() if p.requires_grad)
 
 
 def transformer_block_classes(model: nn.Module) -> set[type[nn.Module]]:
@@ -111,11 +120,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         if model is None:
             raise PeftLabError(f"{type(module).__name__} has no built model to shard; FSDP2Strategy shards peftlab "
                                "methods (their configure_model builds self.model)")
-        if any(type(p).__name__ == "Params4bit" for p in model.parameters()):
-            raise PeftLabError(
-                "QLoRA's 4-bit weights cannot be sharded by FSDP2Strategy (bitsandbytes' packed storage); use "
-                "strategy ddp with QLoRA (each GPU holds the 4-bit model), or LoRA with FSDP2 on a bf16 backbone"
-            )
+        self.check_packed_weights(module, model)
         mesh = self.device_mesh["data_parallel"]
         policy = None
         if self.mixed_precision:
@@ -131,6 +136,22 @@ class FSDP2Strategy(ModelParallelStrategy):
         from peftlab.backbones import load_shards
 
         load_shards(model)  # a sharded start's placeholders: each rank reads its rows of the checkpoint
+
+    def check_packed_weights(self, module, model) -> None:
+        """Packed quantized weights (QLoRA's 4-bit values in bitsandbytes' ``quant_storage`` dtype) shard like any
+        tensor: FSDP2 moves their bytes and bitsandbytes finds their quantization state on the module. A mixed
+        precision policy would cast them to its dtype and scramble the bytes, unless they are stored in it."""
+        quantized = module.quantized_weights() if hasattr(module, "quantized_weights") else {}
+        if not self.mixed_precision or not quantized:
+            return
+        wanted = torch_dtype(self.mixed_precision)
+        stored = {p.dtype for p in model.parameters() if id(p) in quantized}
+        if stored - {wanted}:
+            name = str(wanted).removeprefix("torch.")
+            raise PeftLabError(
+                f"{type(module).__name__}'s quantized weights are stored as {', '.join(sorted(map(str, stored)))} "
+                f"and mixed_precision: {self.mixed_precision} would cast (scramble) them: store them in {name} "
+                f"(model.quant_storage: {name}) or set the strategy's mixed_precision: null")
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         """Lightning's save, into a temporary sibling renamed into place: a crash mid-save keeps the old one."""

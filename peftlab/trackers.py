@@ -94,7 +94,7 @@ def arrange(trainer, names: list[str] | tuple[str, ...] = ()) -> None:
             # in one save_dir would write version_0 and version_1. Only the constructor takes these, and the
             # configured logger is built before the run directory is known.
             logger._root_dir, logger._name, logger._version = csv.save_dir, csv.name, csv.version
-    csv.experiment  # creates the run directory first: the CSV logger warns about one that trackers created
+    _ = csv.experiment  # creates the run directory first: the CSV logger warns about one that trackers created
     present = {type(lg).__name__ for lg in loggers}
     for name in names:
         if TRACKERS[name].logger.rsplit(".", 1)[-1] not in present:
@@ -104,21 +104,22 @@ def arrange(trainer, names: list[str] | tuple[str, ...] = ()) -> None:
 
 def build(name: str, csv) -> object:
     """The Lightning logger of tracker ``name``, writing under the CSV logger ``csv``'s run directory."""
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+
     check_available([name])
     run_dir = Path(csv.log_dir)
-    version = Path(csv.log_dir).name
+    version = run_dir.name
     if name == "tensorboard":
-        from lightning.pytorch.loggers import TensorBoardLogger
-
         return TensorBoardLogger(csv.save_dir, name=csv.name, version=csv.version)
     if name == "mlflow":
-        from lightning.pytorch.loggers import MLFlowLogger
-
         uri = os.environ.get("MLFLOW_TRACKING_URI") or local_mlflow_uri(run_dir)
-        return MLFlowLogger(experiment_name=csv.name or DEFAULT_NAME, run_name=version, tracking_uri=uri,
-                            artifact_location=(run_dir / "mlflow" / "artifacts").resolve().as_uri())
-    from lightning.pytorch.loggers import WandbLogger
+        experiment, artifacts = csv.name or DEFAULT_NAME, (run_dir / "mlflow" / "artifacts").resolve().as_uri()
+        import mlflow
 
+        client = mlflow.MlflowClient(uri)
+        if client.get_experiment_by_name(experiment) is None:  # else the logger warns that it creates one
+            client.create_experiment(experiment, artifact_location=artifacts)
+        return MLFlowLogger(experiment_name=experiment, run_name=version, tracking_uri=uri, artifact_location=artifacts)
     online = os.environ.get("WANDB_MODE") == "online" or (
         bool(os.environ.get("WANDB_API_KEY")) and os.environ.get("WANDB_MODE") not in ("offline", "disabled"))
     run_dir.mkdir(parents=True, exist_ok=True)  # W&B writes <save_dir>/wandb and wants save_dir to exist
@@ -129,5 +130,6 @@ def build(name: str, csv) -> object:
 
 
 def local_mlflow_uri(run_dir: Path) -> str:
-    """MLflow's tracking store inside the run directory: a SQLite file (MLflow 3 deprecates the file store)."""
+    """MLflow's tracking store inside the run directory: a SQLite file (MLflow 3 refuses the file store)."""
+    (run_dir / "mlflow").mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(run_dir / 'mlflow' / 'mlflow.db').resolve()}"

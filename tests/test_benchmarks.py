@@ -117,6 +117,28 @@ def test_defaults_and_packing_benchmarks_smoke():
     assert "## 7. Defaults" in text and record["command"] in text and "examples per packed row" in text
 
 
+@pytest.mark.slow  # loads SmolLM2 and runs lm-eval twice (~70 s on a shared CPU)
+def test_eval_lm_benchmark_smoke(tmp_path):
+    """benchmarks/eval_lm.py (#31: peftlab's lm-eval LM against HFLM on one merged LoRA) in smoke mode: both LMs
+    ran both tasks, their log-likelihoods are identical, and section 8 with its goal rows renders from the record."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import eval_lm
+
+        record = eval_lm.main(["--smoke", "--out", str(tmp_path / "eval_lm.json")])
+    finally:
+        sys.path.remove(str(ROOT))
+    assert set(record["ratios"]) == {"peftlab/hflm loglikelihood", "peftlab/hflm generate_until"}
+    assert all(r["median"] > 0 for r in record["ratios"].values())
+    assert record["same_metrics"] and record["requests_compared"] == 16  # 8 reviews x 2 choices
+    assert record["max_loglikelihood_difference"] < 1e-4
+    from benchmarks.report import _eval_lm, eval_lm_targets
+
+    assert len(eval_lm_targets(record)) == 2
+    text = "\n".join(_eval_lm(record))
+    assert "## 8. lm-eval" in text and record["command"] in text and "Scores: equal" in text
+
+
 @pytest.mark.slow
 def test_group_by_length_quality_and_gpu_check_scripts_run(tmp_path):
     """The quality check of length grouping and the GPU check, in their smoke modes (CPU, tiny shapes)."""

@@ -363,9 +363,8 @@ def test_chat_data_trains_the_same_adapter_on_two_processes(tmp_path, tiny_chat_
                            model={"target_modules": ["q_proj", "v_proj"], "dropout": 0.0})
         argv = [PEFTLAB, "fit", "--config", cfg, "--test_after_fit", "false"]
         if devices > 1:
-            argv[3:3] = (["--config", str(ROOT / "configs/strategies/fsdp2.yaml"),
-                          "--trainer.strategy.init_args.mixed_precision", "null"]
-                         if strategy == "fsdp2" else ["--trainer.strategy", "ddp"])
+            argv[4:4] = ["--trainer.strategy", "ddp" if strategy == "ddp" else
+                         json.dumps({"class_path": "peftlab.strategies.FSDP2Strategy"})]
         run = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=900)
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
         return load_file(str(next((tmp_path / name).rglob("adapter/last/adapter_model.safetensors"))))

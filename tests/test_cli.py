@@ -93,7 +93,7 @@ def test_print_config_round_trip(tmp_path, capsys):
 
 
 def test_help_lists_methods_arguments(capsys):
-    code, out, _ = run_main(["fit", "--help"], capsys)
+    code, out, _ = run_main(["fit", "--help-all"], capsys)  # `fit --help` is the short list (tests/test_ux.py)
     assert code == 0
     for arg in ("--model CONFIG | CLASS_PATH_OR_NAME", "--data.source", "--data.prompt_template", "--test_after_fit"):
         assert arg in out
@@ -207,7 +207,10 @@ def test_console_script_quickstart_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test/acc" in proc.stdout and "trainable   74,498 / 22,788,484" in proc.stdout
     output = proc.stdout + proc.stderr
-    assert "train/loss" in output  # the progress bar was drawn
+    assert "train/loss" in output  # the progress was shown ...
+    # ... as plain lines, stdout being a pipe here as under nohup (issue #34)
+    assert "[peftlab] step 24/24 (100%)  epoch 1" in proc.stdout and "[peftlab] validation at step 12" in proc.stdout
+    assert "\r" not in proc.stdout and "[peftlab] data train " in proc.stdout
     assert [n for n in NOISE if n in output] == [], output[-3000:]
     assert list(work.iterdir()) == []  # nothing outside the run directory
     run = tmp_path / "runs/quickstart/version_0"

@@ -43,7 +43,7 @@ FIT = [
     ("bad_type", ["--model.init_args.r", "eight"], "model.init_args.r must be of type int (got 'eight'); see "
                                                    "`peftlab fit --help`"),
     ("bad_literal", ["--data.task", "regression"],
-     "data.task must be one of classification, causal_lm, seq2seq (got 'regression'); see `peftlab fit --help`"),
+     "data.task must be one of classification, causal_lm, seq2seq, chat (got 'regression'); see `peftlab fit --help`"),
     ("unknown_module", ["--model", "nope.Nope"], "cannot find class 'nope.Nope' (model); see `peftlab fit --help`"),
     ("unrecognized", ["--bogus"], "unknown option(s) --bogus; see `peftlab fit --help`"),
 ]

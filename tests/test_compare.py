@@ -444,14 +444,16 @@ def test_per_example_metrics_equal_torchmetrics():
 def test_generated_text_metrics_on_a_tiny_causal_lm(tmp_path, tiny_llama, generation_jsonl, capsys):
     from torchmetrics.text import BLEUScore, ROUGEScore
 
-    from peftlab.compare.callbacks import GeneratedTextMetrics
+    import peftlab.compare
+    from peftlab.callbacks import GenerationEval as GeneratedTextMetrics
 
+    assert peftlab.compare.GeneratedTextMetrics is GeneratedTextMetrics  # the former name still loads configs
     cfg = write_config(tmp_path, tiny_llama, generation_jsonl,
                        model={"target_modules": ["q_proj", "v_proj"]},
                        data={"task": "causal_lm", "max_length": 48},
                        trainer={"max_steps": 2, "val_check_interval": 2, "limit_test_batches": 1,
                                 "limit_val_batches": 1})
-    code, out, err = run_main(["fit", "--config", cfg, "--trainer.callbacks+=peftlab.compare.GeneratedTextMetrics",
+    code, out, err = run_main(["fit", "--config", cfg, "--trainer.callbacks+=peftlab.callbacks.GenerationEval",
                                "--trainer.callbacks.max_new_tokens=3"], capsys)
     assert code == 0, err[-3000:]
     metrics = next((tmp_path / "runs").rglob("metrics.csv")).read_text().splitlines()[0]

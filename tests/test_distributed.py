@@ -177,3 +177,75 @@ def test_a_successful_run_destroys_the_process_group_before_exit(tmp_path, monke
         assert dist.is_initialized()  # not torn down after an error (other ranks may be in a collective)
     finally:
         dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_train_what_one_node_of_two_processes_trains(tmp_path, bert_without_dropout,
+                                                                            sentiment_csv):
+    """Two "nodes" on this machine, one process each, through Lightning's environment variables (MASTER_ADDR,
+    MASTER_PORT, NODE_RANK, LOCAL_RANK; num_nodes 2), each in its own working directory: the adapter of 1 node x 2
+    processes, and only node 0 writes."""
+    _run(tmp_path, bert_without_dropout, sentiment_csv, "one_node", devices=2, batch_size=8)
+    cfg = write_config(tmp_path, bert_without_dropout, sentiment_csv, runs="nodes", name="nodes.yaml",
+                       model={"dropout": 0.0, "learning_rate": 0.02},
+                       data={"batch_size": 8, "eval_batch_size": 4, "shuffle": False},
+                       trainer={"max_steps": 5, "limit_val_batches": None, "limit_test_batches": None,
+                                "val_check_interval": 5, "devices": 1, "num_nodes": 2, "strategy": "ddp"})
+    port = str(_free_port())
+    procs = []
+    for node in (0, 1):
+        cwd = tmp_path / f"node{node}"
+        cwd.mkdir()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "NODE_RANK": str(node), "LOCAL_RANK": "0", "WORLD_SIZE": "2"}
+        procs.append(subprocess.Popen([PEFTLAB, "fit", "--config", cfg], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    assert "Starting with 2 processes" in outputs[0] and "distributed_backend=gloo" in outputs[0]
+    # only node 0 wrote: one run directory (the config's runs path is absolute), one summary, nothing in node 1's
+    assert "".join(outputs).count("[peftlab] fit summary") == 1 and not any((tmp_path / "node1").iterdir())
+    (one,) = sorted((tmp_path / "one_node" / "r").glob("version_*"))
+    (nodes,) = sorted((tmp_path / "nodes" / "r").glob("version_*"))
+    a = load_file(str(one / "adapter/last/adapter_model.safetensors"))
+    b = load_file(str(nodes / "adapter/last/adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for name in a:  # the same 2 ranks, the same batches: the same adapter
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+
+
+def test_the_slurm_example_parses_and_its_command_is_a_valid_run(tmp_path):
+    """docs/examples/slurm.sbatch, dry-run: a fake srun records the command the job would start on every task,
+    whose --print_config shows the nodes x GPUs and the strategy that the #SBATCH lines ask for."""
+    import re
+
+    script = ROOT / "docs" / "examples" / "slurm.sbatch"
+    directives = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", script.read_text(), re.M))
+    assert directives["nodes"] == "2" and directives["ntasks-per-node"] == directives["gpus-per-node"] == "4"
+    assert "requeue" in directives and directives["signal"].startswith("SIGUSR1@")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$SRUN_ARGS"\n')
+    (fake / "srun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SRUN_ARGS": str(tmp_path / "args"),
+           "SLURM_JOB_NUM_NODES": directives["nodes"], "SLURM_NTASKS_PER_NODE": directives["ntasks-per-node"]}
+    result = subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    args = (tmp_path / "args").read_text().splitlines()
+    assert args[:2] == ["peftlab", "fit"]
+    printed = subprocess.run([PEFTLAB, *args[1:], "--print_config"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    config = yaml.safe_load(printed.stdout)
+    assert config["trainer"]["num_nodes"] == 2 and str(config["trainer"]["devices"]) == "4"
+    assert config["trainer"]["strategy"]["class_path"] == "peftlab.strategies.FSDP2Strategy"
+    assert config["trainer"]["strategy"]["init_args"]["sharded_start"] is True

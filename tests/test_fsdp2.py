@@ -28,6 +28,9 @@ METHODS = {
     "p_tuning_v2": ("PTuningV2", {"num_virtual_tokens": 4, "prefix_hidden_size": 16}),
     "lora_prompt": ("LoRAPromptTuning", {"num_virtual_tokens": 4, "r": 4, "target_modules": ["q_proj", "v_proj"]}),
     "full": ("FullFineTuning", {}),
+    # QLoRA's packed 4-bit weights (bitsandbytes' CPU backend), sharded in their float storage dtype
+    "qlora": ("QLoRA", {"r": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "compute_dtype": "float32",
+                        "optimizer": "adamw", "quant_storage": "bfloat16"}),
 }
 STEPS = 3
 # trained as well with the whole backbone loaded on each process before sharding (sharded_start: false)
@@ -58,16 +61,18 @@ DTensor.full_tensor = counting
 
 out = {out!r}
 report = {{}}
-runs = json.loads({methods!r})
+runs = {{name: (cls, kwargs, {backbone!r}) for name, (cls, kwargs) in json.loads({methods!r}).items()}}
 runs[{full_start!r}] = runs["lora"]
-for name, (cls, kwargs) in runs.items():
+# the same Llama with its head tied to its input embeddings (SmolLM2 is), from a sharded and from a full start
+runs["lora_tied"] = runs["lora_tied_full_start"] = (*runs["lora"][:2], {tied!r})
+for name, (cls, kwargs, backbone) in runs.items():
     L.seed_everything(0)
-    dm = make_data({source!r}, "causal_lm", {backbone!r}, batch_size=4, shuffle=False, group_by_length=False,
+    dm = make_data({source!r}, "causal_lm", backbone, batch_size=4, shuffle=False, group_by_length=False,
                    max_length=48)
-    module = getattr(methods, cls)(backbone={backbone!r}, task="causal_lm", learning_rate=1e-2, **kwargs)
+    module = getattr(methods, cls)(backbone=backbone, task="causal_lm", learning_rate=1e-2, **kwargs)
     gathered.clear()
     filled.clear()
-    strategy = FSDP2Strategy(sharded_start=name != {full_start!r})
+    strategy = FSDP2Strategy(sharded_start=not name.endswith("full_start"))
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps={steps}, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[AdapterExport(dirpath=out + "/" + name)])
@@ -82,11 +87,18 @@ if torch.distributed.get_rank() == 0:
 @pytest.fixture(scope="module")
 def fsdp2_runs(tmp_path_factory, tiny_llama, generation_jsonl):
     """All methods trained under FSDP2 by one 2-process launch (one start-up for all of them)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     out = tmp_path_factory.mktemp("fsdp2")
+    tied = out / "tiny_llama_tied"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, tie_word_embeddings=True)
+    model.tie_weights()
+    model.save_pretrained(tied)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(tied)
     script = out / "train.py"
     script.write_text(SCRIPT.format(tests=str(ROOT / "tests"), out=str(out), methods=json.dumps(METHODS),
                                     source=generation_jsonl, backbone=tiny_llama, steps=STEPS,
-                                    full_start=FULL_START))
+                                    full_start=FULL_START, tied=str(tied)))
     result = subprocess.run([sys.executable, str(script)], cwd=out, capture_output=True, text=True, timeout=900,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -124,8 +136,9 @@ def test_fsdp2_on_two_processes_trains_what_one_process_trains(name, fsdp2_runs,
     # the export gathered the trainable parameters, not the frozen backbone
     assert report[name]["gathered"] == report[name]["trainable"] == module.trainable_count
     # a sharded start read every backbone tensor (embeddings, 2 x 9 per block, final norm, head) into the shards,
-    # except where attach reads the weights (LoRA + prompt starts its prompt from vocabulary embeddings)
-    assert report[name]["filled"] == (0 if name == "lora_prompt" else 21)
+    # except where attach reads the weights (LoRA + prompt starts its prompt from vocabulary embeddings) and for a
+    # quantized backbone (bitsandbytes quantizes while loading: QLoRA loads its 4-bit backbone in full, then shards)
+    assert report[name]["filled"] == (0 if name in ("lora_prompt", "qlora") else 21)
 
 
 def test_a_sharded_start_trains_the_adapter_a_full_start_trains(fsdp2_runs):
@@ -138,6 +151,12 @@ def test_a_sharded_start_trains_the_adapter_a_full_start_trains(fsdp2_runs):
     assert full.keys() == sharded.keys() and len(full) == 8
     for key in full:
         torch.testing.assert_close(sharded[key], full[key], rtol=0, atol=1e-5)
+    # head tied to the input embeddings: one tensor for both (20 read), the same adapter as a full start
+    assert report["lora_tied"]["filled"] == 20 and report["lora_tied_full_start"]["filled"] == 0
+    tied_full = load_file(str(out / "lora_tied_full_start" / "last/adapter_model.safetensors"))
+    tied_sharded = load_file(str(out / "lora_tied" / "last/adapter_model.safetensors"))
+    for key in tied_full:
+        torch.testing.assert_close(tied_sharded[key], tied_full[key], rtol=0, atol=1e-5)
 
 
 def _as_trainable_names(module, directory: Path, tensors: dict) -> dict:
@@ -217,14 +236,123 @@ def test_fsdp2_checkpoint_holds_trainable_state_and_a_killed_run_resumes_exactly
         assert torch.equal(got[key], expected[key]), key
 
 
-def test_qlora_is_refused_by_fsdp2_in_one_line():
+def test_a_qlora_adapter_trained_under_fsdp2_loads_and_merges(fsdp2_runs):
+    """QLoRA's adapter from the 2-process FSDP2 run: loaded on one process it merges onto the dequantized backbone,
+    and the merged plain model computes what the 4-bit model with the adapter computes."""
+    out, _ = fsdp2_runs
+    from peftlab.api import load_run
+
+    module = load_run(str(out / "qlora" / "last")).module.eval()
+    merged = module.merged_model()
+    assert not any(type(p).__name__ == "Params4bit" for p in merged.parameters())
+    ids = torch.randint(5, 500, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, module(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_weights_a_mixed_precision_policy_would_cast_are_refused_in_one_line():
+    """QLoRA's 4-bit values stored as uint8 (or any dtype but the policy's) would be cast by mixed_precision: bf16."""
     from peftlab.errors import PeftLabError
     from peftlab.strategies import FSDP2Strategy
 
-    class Fake:
-        model = torch.nn.Linear(2, 2)
+    class Packed:
+        model = torch.nn.Linear(2, 2).requires_grad_(False)
 
-    Fake.model.weight.__class__ = type("Params4bit", (torch.nn.Parameter,), {})
-    strategy = FSDP2Strategy()
-    with pytest.raises(PeftLabError, match="QLoRA's 4-bit weights cannot be sharded by FSDP2Strategy.*use strategy ddp"):
-        strategy.shard(Fake())
+        def quantized_weights(self):
+            return {id(self.model.weight): 2}
+
+    Packed.model.weight.data = Packed.model.weight.data.to(torch.uint8)
+    FSDP2Strategy().check_packed_weights(Packed(), Packed.model)  # no policy: the bytes are moved as they are
+    with pytest.raises(PeftLabError, match=r"Packed's quantized weights are stored as torch.uint8 and mixed_precision: "
+                                           r"bf16 would cast .* \(model.quant_storage: bfloat16\) or set the strategy's "
+                                           r"mixed_precision: null"):
+        FSDP2Strategy(mixed_precision="bf16").check_packed_weights(Packed(), Packed.model)
+    Packed.model.weight.data = Packed.model.weight.data.to(torch.bfloat16)
+    FSDP2Strategy(mixed_precision="bf16").check_packed_weights(Packed(), Packed.model)  # stored in the policy's dtype
+
+
+MEMORY_SCRIPT = '''
+import json, sys
+import lightning as L
+import psutil
+import torch
+# the libraries the start-up uses, imported before the baseline: the figure is the backbone's, not theirs
+import peft, torch.distributed.fsdp, transformers.models.llama.modeling_llama
+sys.path.insert(0, {tests!r})
+from conftest import make_data
+from peftlab.methods import LoRA
+from peftlab.strategies import FSDP2Strategy
+
+
+class StartUpMemory(L.Callback):
+    """Resident memory from before the model is built (setup) to after it is sharded and filled (fit start)."""
+
+    def setup(self, trainer, pl_module, stage):
+        self.baseline = psutil.Process().memory_info().rss
+        with open("/proc/self/clear_refs", "w") as f:  # reset the kernel's peak (VmHWM) to the current RSS
+            f.write("5")
+
+    def on_fit_start(self, trainer, pl_module):
+        status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+        peak = int(status["VmHWM"].split()[0]) * 1024
+        local = sum(p.to_local().numel() * p.element_size() for p in pl_module.model.parameters())
+        json.dump({{"baseline": self.baseline, "peak": peak, "after": psutil.Process().memory_info().rss,
+                   "local_bytes": local}}, open(f"{{sys.argv[2]}}.rank{{trainer.global_rank}}.json", "w"))
+
+
+torch.set_num_threads(1)
+L.seed_everything(0)
+dm = make_data({source!r}, "causal_lm", {backbone!r}, batch_size=2, max_length=16)
+module = LoRA(backbone={backbone!r}, task="causal_lm", dtype="bfloat16", r=4, target_modules=["q_proj", "v_proj"])
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy=FSDP2Strategy(sharded_start=sys.argv[1] == "sharded"),
+                    max_steps=1, limit_train_batches=0, limit_val_batches=0, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    num_sanity_val_steps=0, callbacks=[StartUpMemory()])
+trainer.fit(module, datamodule=dm)
+'''
+
+
+@pytest.fixture(scope="module")
+def half_billion_llama(tmp_path_factory, tokenizer_dir):
+    """A 0.51B-parameter Llama (SmolLM-like vocabulary, 26 blocks of width 1024) built from its config and saved in
+    bf16 (1.0 GB). Its weights are never initialized (zeros on disk): start-up memory does not depend on them."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=1024, intermediate_size=4096, num_hidden_layers=26,
+                      num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=False, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.to_empty(device="cpu")  # uninitialized: the pages are zero until written
+    path = tmp_path_factory.mktemp("llama_half_billion")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    numel = sum(p.numel() for p in model.parameters())
+    del model
+    return str(path), numel
+
+
+@pytest.mark.slow
+def test_a_sharded_start_holds_about_one_shard_per_process(tmp_path, half_billion_llama, generation_jsonl):
+    """Each of 2 processes' peak resident memory from before the build to the start of training, above its baseline
+    (the libraries imported): at most 0.6 x one full bf16 copy of the 0.51B backbone with a sharded start (measured:
+    0.51, the shard), about one copy with a full start (measured: 1.03; every byte of the checkpoint is mapped in
+    before fully_shard keeps the rank's half). Figures in docs/distributed.md."""
+    backbone, numel = half_billion_llama
+    assert numel >= 500_000_000
+    copy_bytes = 2 * numel  # bf16
+    script = tmp_path / "start.py"
+    script.write_text(MEMORY_SCRIPT.format(tests=str(ROOT / "tests"), source=generation_jsonl, backbone=backbone))
+    figures = {}
+    for start in ("sharded", "full"):
+        result = subprocess.run([sys.executable, str(script), start, str(tmp_path / start)], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        ranks = [json.loads((tmp_path / f"{start}.rank{r}.json").read_text()) for r in (0, 1)]
+        figures[start] = [(r["peak"] - r["baseline"]) / copy_bytes for r in ranks]
+        for r in ranks:  # each rank holds half of the backbone (and the adapter) after sharding
+            assert abs(r["local_bytes"] - copy_bytes / 2) < 0.01 * copy_bytes, r
+    print(f"peak start-up memory above baseline, x one full copy ({copy_bytes / 2**30:.2f} GiB), per rank: "
+          f"{json.dumps(figures)}")
+    assert max(figures["sharded"]) <= 0.6, figures
+    assert min(figures["full"]) >= 0.95, figures  # (the kernel may drop a few clean file pages on the way)

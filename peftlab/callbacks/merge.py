@@ -11,6 +11,7 @@ import lightning as L
 
 from peftlab.errors import PeftLabError
 from peftlab.merge import check_mergeable, merge_to_directory, probe_batch
+from peftlab.strategies import is_sharded
 
 
 class LoRAMerge(L.Callback):
@@ -44,8 +45,6 @@ class LoRAMerge(L.Callback):
         return None
 
     def on_fit_end(self, trainer, pl_module):
-        from peftlab.export import is_sharded
-
         log_dir = trainer.log_dir  # a collective under a distributed strategy: every rank asks, rank 0 writes
         if not trainer.is_global_zero:
             return

@@ -89,12 +89,12 @@ def compare_command(*, config: str, smoke: bool = False, workers: int = 1, stora
     return reporting.write(study, worker, say)
 
 
-#: the callback that scores generated text, for use in any `peftlab fit` (see peftlab.compare.callbacks)
+#: the former name of peftlab.callbacks.GenerationEval, so configs naming peftlab.compare.GeneratedTextMetrics load
 def __getattr__(name: str):
     if name == "GeneratedTextMetrics":
-        from peftlab.compare.callbacks import GeneratedTextMetrics
+        from peftlab.callbacks.generation import GenerationEval
 
-        return GeneratedTextMetrics
+        return GenerationEval
     raise AttributeError(name)
 
 

@@ -1,9 +1,7 @@
 """Lightning callbacks of ``peftlab compare`` runs.
 
-* :class:`GeneratedTextMetrics` (usable in any ``peftlab fit``: ``--trainer.callbacks+=peftlab.compare.
-  GeneratedTextMetrics``): generates each validation/test example's answer greedily (``max_new_tokens``) from its
-  prompt and logs ``{val,test}/gen_exact_match``, ``rougeL`` and ``bleu`` on the generated text (torchmetrics'
-  ROUGEScore and BLEUScore), beside the teacher-forced ``exact_match`` the model logs itself;
+* the generated-text metrics (``{val,test}/gen_exact_match``, ``rougeL``, ``bleu``) come from
+  :class:`peftlab.callbacks.GenerationEval`, the callback any ``peftlab fit`` can use;
 * :class:`TestOutcomes`: the per-example outcomes of the test split (correct / loss / confusion cell, or the
   target tokens' loss, teacher-forced exact match and the generated-text scores), which the bootstrap of the
   report resamples; optionally the loss on a reference corpus before and after training (forgetting) and the
@@ -21,119 +19,8 @@ import time
 import lightning as L
 import torch
 
+from peftlab.callbacks.generation import GenerationEval
 from peftlab.compare import stats
-
-
-def _normalise(text: str) -> str:
-    return " ".join(text.split())
-
-
-class GeneratedTextMetrics(L.Callback):
-    """Score generated text: greedy decoding of up to ``max_new_tokens`` from each example's prompt, compared with
-    its reference (the response / target), logged as ``<stage>/gen_exact_match`` (whitespace-normalised equality),
-    ``<stage>/rougeL`` (F-measure) and ``<stage>/bleu`` (corpus BLEU-4).
-
-    Args:
-        max_new_tokens: tokens generated per example
-        stages: where to generate: ``test``, ``val`` or both (generation on a CPU is slow: validation only when a
-            study selects on a generated-text metric)
-    """
-
-    def __init__(self, max_new_tokens: int = 32, stages: list[str] | tuple[str, ...] = ("val", "test")):
-        super().__init__()
-        self.max_new_tokens = int(max_new_tokens)
-        self.stages = tuple(stages)
-        self.examples: dict[str, list[dict]] = {"val": [], "test": []}
-        self._metrics: dict[str, dict] = {}
-
-    # -------------------------------------------------------------- prompts and references of an eval batch
-    @staticmethod
-    def prompts_and_references(batch: dict, task: str, pad_id: int) -> tuple[dict, list[list[int]]]:
-        """(left-padded generation inputs, reference token ids per example) of an evaluation batch."""
-        labels = batch["labels"]
-        refs = [[int(t) for t in row[row != -100]] for row in labels]
-        if task == "seq2seq":
-            return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, refs
-        prompts = []
-        for ids, mask, row in zip(batch["input_ids"], batch["attention_mask"], labels):
-            targets = (row != -100).nonzero()
-            end = int(targets[0]) if len(targets) else int(mask.sum())
-            prompts.append(ids[:end][mask[:end].bool()])
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), pad_id, dtype=batch["input_ids"].dtype)
-        attention = torch.zeros((len(prompts), width), dtype=batch["attention_mask"].dtype)
-        for i, p in enumerate(prompts):
-            if len(p):
-                input_ids[i, width - len(p):] = p
-                attention[i, width - len(p):] = 1
-        device = batch["input_ids"].device
-        return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}, refs
-
-    def generate(self, pl_module, batch: dict) -> tuple[list[str], list[str]]:
-        """(generated texts, reference texts) of an evaluation batch."""
-        tok = pl_module.tokenizer
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        inputs, refs = self.prompts_and_references(batch, pl_module.task, pad_id)
-        out = pl_module.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                       pad_token_id=pad_id)
-        if pl_module.task == "causal_lm":
-            out = out[:, inputs["input_ids"].shape[1]:]
-        preds = tok.batch_decode(out, skip_special_tokens=True)
-        return preds, tok.batch_decode(refs, skip_special_tokens=True)
-
-    # -------------------------------------------------------------- hooks
-    def _start(self, stage: str) -> None:
-        from torchmetrics.text import BLEUScore, ROUGEScore
-
-        self.examples[stage] = []
-        self._metrics[stage] = {"rouge": ROUGEScore(rouge_keys="rougeL"), "bleu": BLEUScore(n_gram=stats.BLEU_N)}
-
-    def _batch(self, stage: str, pl_module, batch) -> None:
-        if stage not in self.stages or pl_module.task == "classification":
-            return
-        from torchmetrics.functional.text import rouge_score
-
-        preds, refs = self.generate(pl_module, batch)
-        metrics = self._metrics[stage]
-        for pred, ref in zip(preds, refs):
-            row = {"gen_exact_match": float(_normalise(pred) == _normalise(ref)),
-                   "rougeL": float(rouge_score(pred, ref, rouge_keys="rougeL")["rougeL_fmeasure"]),
-                   **stats.bleu_stats(pred, ref)}
-            if len(self.examples[stage]) < 5:
-                row["sample"] = {"generated": pred, "reference": ref}
-            self.examples[stage].append(row)
-        metrics["rouge"].update(preds, refs)
-        metrics["bleu"].update(preds, [[r] for r in refs])
-
-    def _end(self, stage: str, trainer, pl_module) -> None:
-        if stage not in self.stages or pl_module.task == "classification" or not self.examples[stage]:
-            return
-        rows, metrics = self.examples[stage], self._metrics[stage]
-        pl_module.log_dict({
-            f"{stage}/gen_exact_match": sum(r["gen_exact_match"] for r in rows) / len(rows),
-            f"{stage}/rougeL": float(metrics["rouge"].compute()["rougeL_fmeasure"]),
-            f"{stage}/bleu": float(metrics["bleu"].compute()),
-        }, prog_bar=False)
-
-    def on_validation_epoch_start(self, trainer, pl_module):
-        self._start("val")
-
-    def on_test_epoch_start(self, trainer, pl_module):
-        self._start("test")
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if not trainer.sanity_checking:
-            self._batch("val", pl_module, batch)
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self._batch("test", pl_module, batch)
-
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if not trainer.sanity_checking:
-            self._end("val", trainer, pl_module)
-
-    def on_test_epoch_end(self, trainer, pl_module):
-        self._end("test", trainer, pl_module)
 
 
 class TestOutcomes(L.Callback):
@@ -142,7 +29,7 @@ class TestOutcomes(L.Callback):
     ``{"columns": {name: [per-example values]}, "metrics": {...}, ...}``.
 
     Args:
-        generation: the run's :class:`GeneratedTextMetrics`, whose per-example scores join the columns
+        generation: the run's :class:`~peftlab.callbacks.GenerationEval`, whose per-example scores join the columns
         forgetting: ``{source, text_column, max_samples, max_length, batch_size}``: the LM loss on that corpus before training
             (on_fit_start) and after (the tested checkpoint, on_test_end)
         latency: ``{repeats, warmup}``: median forward time of the first test batch
@@ -150,7 +37,7 @@ class TestOutcomes(L.Callback):
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, generation: GeneratedTextMetrics | None = None, forgetting: dict | None = None,
+    def __init__(self, generation: GenerationEval | None = None, forgetting: dict | None = None,
                  latency: dict | None = None):
         super().__init__()
         self.generation = generation

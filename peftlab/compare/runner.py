@@ -441,12 +441,13 @@ class Worker:
         shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
         self.say(f"{label(part, method)}: tuning trial {done + 1}/{part.trials} (#{number}"
                  f"{', again' if 'retry_of' in attrs else ''}) {shown or '(no search space)'}")
-        from peftlab.compare.callbacks import GeneratedTextMetrics, TrialReporter
+        from peftlab.callbacks.generation import GenerationEval
+        from peftlab.compare.callbacks import TrialReporter
 
         reporter = TrialReporter(part.select, part.direction, self.say, trial, label="")
         callbacks: list = [reporter]
         if part.generation and part.generation.get("during_validation"):
-            callbacks.append(GeneratedTextMetrics(part.generation["max_new_tokens"], stages=("val",)))
+            callbacks.append(GenerationEval(part.generation["max_new_tokens"], stages=("val",)))
         run_dir = self.run_dir(part, method, run)
         if run_dir.exists():  # an interrupted trial restarts from scratch (its reported values went with it)
             shutil.rmtree(run_dir)
@@ -514,7 +515,8 @@ class Worker:
     def _run_seed(self, part, method, study, trial, frozen, seed: int, best) -> None:
         from optuna.trial import TrialState
 
-        from peftlab.compare.callbacks import GeneratedTextMetrics, TestOutcomes, TrialReporter
+        from peftlab.callbacks.generation import GenerationEval
+        from peftlab.compare.callbacks import TestOutcomes, TrialReporter
 
         run = frozen.user_attrs.get("run") or f"seed-{seed}"
         params = dict(frozen.params) or dict(best.params)
@@ -529,7 +531,7 @@ class Worker:
         gen = None
         if part.generation:
             stages = ("val", "test") if part.generation.get("during_validation") else ("test",)
-            gen = GeneratedTextMetrics(part.generation["max_new_tokens"], stages=stages)
+            gen = GenerationEval(part.generation["max_new_tokens"], stages=stages)
         latency = part.latency or ({"repeats": 10, "warmup": 2} if self.latency else None)
         outcomes = TestOutcomes(gen, part.forgetting, latency)
         reporter = TrialReporter(part.select, part.direction, self.say, None, label="")

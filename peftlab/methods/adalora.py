@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from peftlab.adapters import rewrite_meta
-from peftlab.backbones import torch_dtype
 from peftlab.errors import PeftLabError
 from peftlab.methods.lora import check_target_modules
 from peftlab.methods.peft_backed import PEFT_TASK, PeftBackedMethod
@@ -59,6 +58,9 @@ class AdaLoRA(PeftBackedMethod):
     """
 
     name = "adalora"
+    peft_type = "ADALORA"
+    mergeable = True
+    adapts_targets = True
     advice = ("a larger init_r / target_r; add target modules; more steps for the budget phase",
               "a smaller target_r; dropout; fewer steps")
 
@@ -223,14 +225,13 @@ class AdaLoRA(PeftBackedMethod):
             del parts["head"]
         return parts
 
-    def merged_model(self, dtype: str = "float32") -> nn.Module:
-        """``W + (alpha / init_r) P diag(E) Q`` (masked triplets are zero) folded into a copy of every adapted layer
-        (peft's merge_and_unload): a plain transformers model."""
-        import copy
+    # merged_model (PeftBackedMethod's, peft's merge_and_unload): ``W + (alpha / init_r) P diag(E) Q`` (masked
+    # triplets are zero) in every adapted layer
 
-        self._require_built("merging")
-        out_dtype = torch_dtype(dtype)
-        return copy.deepcopy(self.model).merge_and_unload().to(out_dtype).eval()
+    @classmethod
+    def compose_refusal(cls, config: dict, task: str | None) -> str | None:
+        return ("is an AdaLoRA adapter: its update P diag(E) Q (with masked ranks) is not composed by peft's weighted "
+                "sum; only LoRA and rsLoRA adapters compose")
 
     def training_state_bytes(self) -> int:
         """Memory of the rank allocator's statistics: three fp32 values (sensitivity, its average and its

@@ -97,7 +97,13 @@ class BottleneckAdapter(PeftModule):
     """
 
     name = "adapters"
+    scaled_knobs = ("bottleneck",)
+    stack_role = "additive"
     advice = ("a larger bottleneck (128-256)", "a smaller bottleneck (16-32); dropout 0.1; fewer epochs")
+
+    @classmethod
+    def describe(cls, args: dict) -> str:
+        return f"{cls.__name__} (bottleneck {args['bottleneck']}, {args['placement']})"
 
     def __init__(
         self,

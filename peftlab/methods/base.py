@@ -1,9 +1,10 @@
 """``PeftModule``: the LightningModule every method subclasses.
 
-The base class owns everything methods share: building and freezing the backbone, the optimizer and
-schedule over trainable parameters only, metrics, parameter-count reporting, adapter-only checkpoints
-and prediction. A method overrides one hook, :meth:`PeftModule.attach`, which receives the frozen
-backbone and returns the module to train (usually the backbone with trainable parts added)::
+The base class owns the lifecycle every method shares: building and freezing the backbone, parameter-count
+reporting, adapter-only checkpoints and prediction; the step loss and metrics come from
+:mod:`peftlab.methods.loss`, the optimizer and schedule from :mod:`peftlab.methods.optim`, the names and
+presets from :mod:`peftlab.methods.registry`. A method overrides one hook, :meth:`PeftModule.attach`, which
+receives the frozen backbone and returns the module to train (usually the backbone with trainable parts added)::
 
     class BitFit(PeftModule):
         name = "bitfit"
@@ -21,10 +22,12 @@ itself: ``LoRA(backbone=..., num_labels=2).build()``.
 
 A method also declares what the rest of peftlab needs to know about it (read by ``merge``, ``compose``,
 ``params``, ``estimate-memory``, ``recommend`` and the exporters, so adding a method touches no other file):
-``name`` and its preset config (``configs/methods/<name>.yaml``), whether it merges (:meth:`merged_model`),
-whether its adapters compose by exact weighted sum (``composable``), what its backbone stores quantized
-(:meth:`quantized_weights`), the dtype its trainable parameters train in (``trainable_dtype``), state it keeps
-besides the optimizer's (:meth:`training_state_bytes`), how it is exported (:meth:`export`), whether its rows can
+``name`` and its preset config (``configs/methods/<name>.yaml``), whether it merges (``mergeable``), whether its
+adapters compose by exact weighted sum (``composable``, :meth:`compose_refusal`), which stack part it can be
+(``stack_role``), which size knobs scale its preset (``scaled_knobs``, :meth:`scaled_preset`), its one-line
+description (:meth:`describe`), what its backbone stores quantized (:meth:`quantized_weights`), the dtype its
+trainable parameters train in (``trainable_dtype``), state it keeps besides the optimizer's
+(:meth:`training_state_bytes`), how it is exported (:meth:`export`), whether its rows can
 be packed (``supports_packing``) and advice for under- and overfitting (``advice``). Defining a subclass with a
 ``name`` registers it (:data:`METHODS`).
 """
@@ -32,22 +35,25 @@ be packed (``supports_packing``) and advice for under- and overfitting (``advice
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
-import torchmetrics
 from torch import nn
 
-from peftlab.adapters import unwrapped_name, write_peftlab_adapter
-from peftlab.backbones import (
+from peftlab.adapters import unwrapped_name, write_peftlab_adapter  # noqa: F401 - unwrapped_name re-exported
+from peftlab.backbones import (  # noqa: F401 - the backbone helpers, also importable from here
+    HEAD_NAMES,
     TASKS,
     Task,
     building_on_meta,
+    classification_head,
+    count_parameters,
+    enable_gradient_checkpointing,
     load_backbone,
     load_tokenizer,
     sharded_start,
@@ -55,10 +61,20 @@ from peftlab.backbones import (
 )
 from peftlab.errors import PeftLabError
 from peftlab.generation import GenerationSettings, generate
-from peftlab.methods.registry import METHODS, PRESETS_DIR, load_plugins, register  # noqa: F401 - re-exported
+from peftlab.methods.checkpoints import AdapterCheckpoints
+from peftlab.methods.loss import TokenWeightedLoss, decoder_inputs, target_logits, token_nll  # noqa: F401
+from peftlab.methods.optim import Optimization, _schedule, optimizer_class  # noqa: F401
+from peftlab.methods.registry import (  # noqa: F401 - re-exported
+    METHODS,
+    PRESETS_DIR,
+    load_plugins,
+    preset_args,
+    preset_path,
+    register,
+)
 
 
-class PeftModule(L.LightningModule):
+class PeftModule(TokenWeightedLoss, Optimization, AdapterCheckpoints, L.LightningModule):
     """Base of all peftlab methods.
 
     Args:
@@ -101,8 +117,23 @@ class PeftModule(L.LightningModule):
     name: ClassVar[str | None] = None
     #: the preset config (a YAML with a ``model:`` section); default ``configs/methods/<name>.yaml``
     preset: ClassVar[str | None] = None
-    #: trained adapters combine exactly as a weighted sum of their weight updates (``peftlab compose``)
+    #: the trained update folds into the backbone's weights (``peftlab merge``): the class provides
+    #: :meth:`merged_model` (peft-backed methods get peft's ``merge_and_unload`` from ``PeftBackedMethod``)
+    mergeable: ClassVar[bool] = False
+    #: trained adapters combine exactly as a weighted sum of their weight updates (``peftlab compose``);
+    #: :meth:`compose_refusal` refines it per exported adapter
     composable: ClassVar[bool] = False
+    #: the part of a :class:`~peftlab.methods.Stack` this method can be: ``additive`` (a weight update or added
+    #: layers, attached in place) or ``prompt`` (virtual tokens / prefixes); None: not stackable
+    stack_role: ClassVar[Literal["additive", "prompt"] | None] = None
+    #: the size knobs of ``params`` / ``estimate-memory`` / ``recommend`` (``r``, ``num_virtual_tokens``,
+    #: ``bottleneck``) that set the init argument of the same name in this method's preset
+    scaled_knobs: ClassVar[tuple[str, ...]] = ()
+    #: with ``r`` in ``scaled_knobs``: ``--r`` also sets ``alpha = alpha_per_r * r``; None: alpha is left alone
+    alpha_per_r: ClassVar[float | None] = None
+    #: the preset's ``target_modules`` name layers of the backbone it was written for; on another backbone they
+    #: become the same projections there (:func:`peftlab.analysis.params.adapt_targets`)
+    adapts_targets: ClassVar[bool] = False
     #: dtype of the trainable parameters in training: ``float32`` (PEFT: peft keeps adapters in fp32) or
     #: ``precision`` (full fine-tuning: a half-precision working copy under mixed precision); memory estimates
     trainable_dtype: ClassVar[Literal["float32", "precision"]] = "float32"
@@ -248,10 +279,6 @@ class PeftModule(L.LightningModule):
             warnings.simplefilter("ignore")
             type(self)(**args).build()
 
-    @property
-    def built(self) -> bool:
-        return self.model is not None
-
     def _require_built(self, what: str) -> None:
         if self.model is None:
             raise PeftLabError(f"{what} needs the built model: call {type(self).__name__}(...).build() first "
@@ -277,8 +304,39 @@ class PeftModule(L.LightningModule):
     # ------------------------------------------------------------------ capabilities (see the module docstring)
     @classmethod
     def can_merge(cls) -> bool:
-        """Whether the method's update folds into the backbone's weights (it overrides :meth:`merged_model`)."""
-        return cls.merged_model is not PeftModule.merged_model
+        """Whether the method's update folds into the backbone's weights (``mergeable``)."""
+        return cls.mergeable
+
+    @classmethod
+    def compose_refusal(cls, config: dict, task: str | None) -> str | None:
+        """Why an exported adapter of this method (its ``adapter_config.json``, its task) cannot join a weighted sum
+        (``peftlab compose``), worded to follow the adapter's path; None when it can."""
+        if not cls.composable:
+            names = ", ".join(n for n, c in METHODS.items() if c.composable)
+            return f"is a {cls.__name__} adapter, which does not compose by weighted sum; only {names} compose"
+        if task == "classification":
+            return "is a classification adapter: its trained heads cannot be summed; compose adapters of generative tasks"
+        return None
+
+    @classmethod
+    def scaled_preset(cls, args: dict[str, Any], fit_targets: Callable[[list[str]], Any] | None = None,
+                      **knobs: Any) -> dict[str, Any]:
+        """``args`` (preset init arguments) with the size ``knobs`` this method declares applied (``scaled_knobs``,
+        ``alpha_per_r``; others are ignored) and, with ``adapts_targets``, its ``target_modules`` list passed through
+        ``fit_targets`` (the preset's layers on another backbone). Changes and returns ``args``."""
+        for knob, value in knobs.items():
+            if value is not None and knob in cls.scaled_knobs:
+                args[knob] = value
+                if knob == "r" and cls.alpha_per_r is not None:
+                    args["alpha"] = cls.alpha_per_r * value
+        if fit_targets is not None and cls.adapts_targets and isinstance(args.get("target_modules"), list):
+            args["target_modules"] = fit_targets(args["target_modules"])
+        return args
+
+    @classmethod
+    def describe(cls, args: dict[str, Any]) -> str:
+        """A short description of the method with init arguments ``args`` (``peftlab recommend``'s summary)."""
+        return cls.__name__
 
     def merged_model(self, dtype: str = "float32") -> nn.Module:
         """A plain transformers model with the trained update folded into its weights (``self`` unchanged).
@@ -346,26 +404,12 @@ class PeftModule(L.LightningModule):
     @classmethod
     def preset_path(cls) -> Path | None:
         """The preset config file: ``preset``, else ``configs/methods/<name>.yaml`` if it exists."""
-        if cls.preset:
-            return Path(cls.preset)
-        path = PRESETS_DIR / f"{cls.name}.yaml"
-        return path if cls.name and path.is_file() else None
+        return preset_path(cls)
 
     @classmethod
     def preset_args(cls) -> dict[str, Any]:
         """``init_args`` of the preset config (empty without one), minus the backbone it was written for."""
-        import yaml
-
-        path = cls.preset_path()
-        if path is None:
-            return {}
-        try:
-            model = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model") or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise PeftLabError(f"preset config {path} of method {cls.name!r} cannot be read: {err}") from err
-        args = dict(model.get("init_args") or {})
-        args.pop("backbone", None)
-        return args
+        return preset_args(cls)
 
     # ------------------------------------------------------------------ training
     def forward(self, **batch):
@@ -385,131 +429,6 @@ class PeftModule(L.LightningModule):
             # loss at the scale of a mean, which fp16's gradient scaler expects. Deterministic, so a resumed run
             # computes exactly what the uninterrupted one did.
             self._token_scale = float(tokens()) if callable(tokens) and self.task != "classification" else 1.0
-
-    def training_step(self, batch, batch_idx):
-        """The loss to backpropagate for one micro-batch.
-
-        Classification: the mean over the micro-batch's examples. Causal LM / seq2seq: the *sum* over its target
-        tokens; :meth:`on_before_optimizer_step` divides the accumulated gradient by the number of target tokens
-        of the whole optimizer step (every accumulated micro-batch, every rank), so each token weighs the same
-        whatever the batching (the fix transformers, torchtune and TRL made in late 2024). The loss is checked for
-        NaN / inf once per optimizer step, not here: that check is a host sync.
-        """
-        if self.task == "classification":
-            loss = self(**batch).loss
-            n = len(batch["labels"])
-            self._add_to_step(loss.detach() * n, n)
-            return loss
-        labels = batch["labels"]
-        # no KV cache in training: it would only cost memory, and transformers (5.24) builds the block-diagonal
-        # mask of packed rows (data.packing) only when there is none
-        inputs = {**{k: v for k, v in batch.items() if k != "labels"}, "use_cache": False}
-        if self.task == "seq2seq":  # the decoder reads the shifted targets; the loss is computed here, once
-            inputs["decoder_input_ids"] = decoder_inputs(self.model, labels)
-        nll, count = token_nll(self(**inputs).logits, labels, self.task)
-        self._add_to_step(nll.detach(), count)
-        # Lightning divides what training_step returns by accumulate_grad_batches; multiplying by it first leaves
-        # sum / token_scale, a constant that on_before_optimizer_step replaces by the step's token count
-        return nll * (self.trainer.accumulate_grad_batches / self._token_scale)
-
-    def _add_to_step(self, loss_sum: torch.Tensor, count) -> None:
-        """Accumulate this micro-batch's loss sum and its count (targets or examples) until the optimizer step."""
-        stats = torch.stack([loss_sum.float(), torch.as_tensor(count, dtype=torch.float32, device=loss_sum.device)])
-        self._step_stats = stats if self._step_stats is None else self._step_stats + stats
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Once per optimizer step: sum the step's loss and counts over every rank (one small collective), refuse a
-        non-finite loss before the weights change, turn the causal-LM / seq2seq gradient into the mean over every
-        target token of the step, and log ``train/loss`` (token-weighted for those tasks)."""
-        stats, self._step_stats = self._step_stats, None
-        if stats is None:
-            return
-        strategy = self.trainer.strategy
-        if self.trainer.world_size > 1:
-            stats = strategy.reduce(stats.clone(), reduce_op="sum")
-        total, count = stats[0], stats[1].clamp(min=1.0)
-        if not bool(torch.isfinite(total)):
-            # stop before the optimizer applies it, so the weights and the last checkpoint stay good
-            raise PeftLabError(
-                f"the training loss is {float(total / count)} at step {self.global_step} (epoch {self.current_epoch}); "
-                "stopped before updating the weights, so the last checkpoint is good. Lower model.learning_rate, set "
-                "trainer.gradient_clip_val, or use precision 32-true / bf16 instead of fp16"
-            )
-        if self.task != "classification":
-            # each rank's gradient is sum / token_scale over its micro-batches; data parallelism averages over ranks
-            scale = self._token_scale * self.trainer.world_size / count
-            for p in self.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(scale.to(p.grad.dtype))
-        self.log("train/loss", total / count, prog_bar=True, on_step=True, on_epoch=False, sync_dist=False)
-
-    def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._eval_step(batch, "test")
-
-    def _init_metrics(self):
-        def stage_metrics():
-            if self.task == "classification":
-                n = self.num_labels
-                return nn.ModuleDict({
-                    "acc": torchmetrics.Accuracy(task="multiclass", num_classes=n),
-                    "f1": torchmetrics.F1Score(task="multiclass", num_classes=n, average="macro"),
-                    "loss": torchmetrics.MeanMetric(),
-                })
-            # token-weighted mean loss, so perplexity is exp(mean NLL per target token); exact_match: share of
-            # examples whose every target token is the argmax under teacher forcing, which is exactly when greedy
-            # decoding would reproduce the whole target (e.g. " fresh" + EOS)
-            return nn.ModuleDict({"loss": torchmetrics.MeanMetric(), "exact_match": torchmetrics.MeanMetric()})
-
-        self.metrics = nn.ModuleDict({"val": stage_metrics(), "test": stage_metrics()})
-
-    def _eval_step(self, batch, stage):
-        out = self(**batch)
-        m = self.metrics[stage]
-        if self.task == "classification":
-            preds = out.logits.argmax(-1)
-            m["acc"].update(preds, batch["labels"])
-            m["f1"].update(preds, batch["labels"])
-            m["loss"].update(out.loss, weight=len(preds))
-        else:
-            labels = batch["labels"]
-            nll, count = token_nll(out.logits, labels, self.task)
-            if count > 0:
-                m["loss"].update(nll / count, weight=count)  # the mean over every target token of the split
-            logits, labels = target_logits(out.logits, labels, self.task)
-            target = labels != -100
-            right = ((logits.argmax(-1) == labels) | ~target).all(-1)[target.any(-1)]
-            if len(right):
-                m["exact_match"].update(right.float())
-
-    def _log_epoch(self, stage):
-        m = self.metrics[stage]
-        values = {f"{stage}/{k}": metric.compute() for k, metric in m.items()}
-        if self.task != "classification":
-            values[f"{stage}/ppl"] = torch.exp(values[f"{stage}/loss"].clamp(max=50))
-        # torchmetrics' compute() already gathered every rank's state, so these values are global and equal on
-        # all ranks; sync_dist only tells Lightning so (a mean of equal values, once per epoch)
-        self.log_dict(values, prog_bar=stage == "val", sync_dist=True)
-
-    def _reset_metrics(self, stage):
-        # Reset at the start of each epoch, inside the loop's grad mode: states made under inference_mode
-        # (e.g. by a `trainer.validate` before `fit`) cannot be updated in place under no_grad later.
-        for metric in self.metrics[stage].values():
-            metric.reset()
-
-    def on_validation_epoch_start(self):
-        self._reset_metrics("val")
-
-    def on_test_epoch_start(self):
-        self._reset_metrics("test")
-
-    def on_validation_epoch_end(self):
-        self._log_epoch("val")
-
-    def on_test_epoch_end(self):
-        self._log_epoch("test")
 
     def predict_step(self, batch, batch_idx):
         """Class probabilities (classification) or generated text (causal LM / seq2seq)."""
@@ -536,62 +455,6 @@ class PeftModule(L.LightningModule):
         ``Run.predict``), else greedy decoding of ``max_new_tokens`` tokens."""
         settings = getattr(self, "generation", None) or GenerationSettings()
         return settings if settings.max_new_tokens else replace(settings, max_new_tokens=self.hparams.max_new_tokens)
-
-    # ------------------------------------------------------------------ optimization
-    def optimizer_groups(self) -> list[dict]:
-        """Parameter groups for the optimizer. Override to give a part its own learning rate:
-        ``[{"params": [...]}, {"params": [...], "lr": 1e-2}]`` (groups without ``lr`` use learning_rate)."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        """Trainable parameters of the classification head (under a module named in ``HEAD_NAMES``; with
-        peft that is the ``modules_to_save`` copy, the frozen original has ``requires_grad=False``)."""
-        return [p for name, p in self.named_parameters()
-                if p.requires_grad and any(part in HEAD_NAMES for part in name.split("."))]
-
-    def configure_optimizers(self):
-        groups = []
-        method_groups = self.optimizer_groups()
-        head_lr = self.head_learning_rate
-        if head_lr is not None:  # the head leaves whichever group the method put it in, for a group of its own
-            head_params = self.head_parameters()
-            head = {id(p) for p in head_params}
-            method_groups = [{**g, "params": [p for p in g["params"] if id(p) not in head]} for g in method_groups]
-            method_groups.append({"params": head_params, "lr": head_lr})
-        for group in method_groups:
-            extra = {k: v for k, v in group.items() if k != "params"}
-            params = [p for p in group["params"] if p.requires_grad]
-            groups.append({"params": [p for p in params if p.ndim >= 2], "weight_decay": self.hparams.weight_decay,
-                           **extra})
-            groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **extra})
-        optimizer = optimizer_class(self.hparams.optimizer)(
-            [g for g in groups if g["params"]], lr=self.hparams.learning_rate
-        )
-        total = max(1, int(self.total_optimizer_steps()))
-        warmup = int(self.hparams.warmup_ratio * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _schedule(self.hparams.scheduler, warmup, total)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def total_optimizer_steps(self) -> int | float:
-        """The optimizer steps of this fit (the schedule's length): ``trainer.estimated_stepping_batches``, computed
-        without letting Lightning set up its training loader early.
-
-        Lightning 2.6's ``estimated_stepping_batches`` sets up the train dataloader and creates its iterator when
-        called from ``configure_optimizers``, which runs before a checkpoint is restored; the loader's saved position
-        is then never loaded, and a resumed run starts a fresh epoch instead (Lightning issue #20550, open on
-        2026-11-27; docs/dependencies.md lists it). Here the length comes from a separate loader of the same data
-        (never iterated), with Lightning's formula; without a DataModule, Lightning's own property is used."""
-        trainer = self.trainer
-        datamodule = trainer.datamodule
-        if trainer.max_epochs in (None, -1) or datamodule is None or trainer.train_dataloader is not None:
-            return trainer.estimated_stepping_batches
-        batches = len(datamodule.train_dataloader())
-        limit = trainer.limit_train_batches
-        batches = min(batches, int(limit)) if isinstance(limit, int) else int(batches * float(limit))
-        steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
-        return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
 
     # ------------------------------------------------------------------ reporting and checkpoints
     def on_fit_start(self):
@@ -633,133 +496,3 @@ class PeftModule(L.LightningModule):
     def trainable_parts(self) -> dict[str, int]:
         """Trainable parameters per part of the method (e.g. P-tuning v2's embedding and MLP), if it has parts."""
         return {}
-
-    def trainable_named_parameters(self) -> dict[str, nn.Parameter]:
-        """Trainable parameters by their checkpoint names: without the ``_fsdp_wrapped_module.`` (and
-        activation-checkpointing / ``torch.compile``) segments that wrappers insert into module paths."""
-        return {unwrapped_name(n): p for n, p in self.named_parameters() if p.requires_grad}
-
-    def on_save_checkpoint(self, checkpoint):
-        # Only trainable parameters: a LoRA checkpoint is the size of the adapter, not of the backbone.
-        names = set(self.trainable_named_parameters())
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if unwrapped_name(k) in names}
-        checkpoint["peftlab"] = {"method": type(self).__name__, "trainable_only": True}
-
-    def on_load_checkpoint(self, checkpoint):
-        # strict_loading is off (the backbone is not in the file), so check the adapter part ourselves.
-        if "state_dict" not in checkpoint:
-            # a sharding strategy (FSDP2's distributed checkpoint, DeepSpeed) loaded the weights itself, by name,
-            # before this hook: there is nothing here to compare
-            return
-        expected = {n: p.shape for n, p in self.trainable_named_parameters().items()}
-        got = {unwrapped_name(k): v for k, v in checkpoint["state_dict"].items()}
-        missing = sorted(set(expected) - set(got))
-        unexpected = sorted(set(got) - set(expected))
-        # under a sharding strategy a rank holds flat shards, not the parameters' shapes: compare names only
-        wrong = [] if is_sharded(self) else sorted(k for k in set(got) & set(expected)
-                                                   if tuple(got[k].shape) != tuple(expected[k]))
-        if missing or unexpected or wrong:
-            detail = "; ".join(f"{what}: {keys[:3]}{' ...' if len(keys) > 3 else ''}" for what, keys in
-                               (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
-            raise PeftLabError(
-                f"checkpoint does not match this {type(self).__name__} model ({detail}); it was written by "
-                "another method, backbone or setting. Resume with the config the checkpoint was trained with."
-            )
-
-
-def is_sharded(module: L.LightningModule) -> bool:
-    """Whether ``module`` trains under a strategy that shards parameters (FSDP, DeepSpeed ZeRO-3)."""
-    trainer = getattr(module, "_trainer", None)
-    name = type(getattr(trainer, "strategy", None)).__name__ if trainer is not None else ""
-    return "FSDP" in name or "DeepSpeed" in name
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Turn on activation recomputation in the transformers model inside ``model`` (peft-wrapped or not)."""
-    inner = getattr(model, "peft_model", model)  # the input-tokens wrapper (P-tuning v2, stacks with input tokens)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    if not getattr(inner, "supports_gradient_checkpointing", False):
-        raise PeftLabError(f"model.gradient_checkpointing: {type(inner).__name__} does not support it; turn it off")
-    # non-reentrant checkpointing needs no input that requires grad, so it works with a frozen embedding
-    kwargs = {"use_reentrant": False}
-    if hasattr(inner, "activation_checkpointing_enable"):  # transformers 5.x's name (the old one warns)
-        inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def count_parameters(module: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit packed weights count as their unpacked number."""
-    trainable = total = 0
-    for p in module.parameters():
-        n = p.numel()
-        if hasattr(p, "quant_state") and p.quant_state is not None:  # bitsandbytes Params4bit packs 2 per byte
-            n = math.prod(p.quant_state.shape)
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return trainable, total
-
-
-def optimizer_class(name: str):
-    if name == "adamw":
-        return torch.optim.AdamW
-    import bitsandbytes as bnb
-
-    return {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-            "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
-
-
-HEAD_NAMES = ("classifier", "score", "classification_head")
-
-
-def classification_head(model: nn.Module) -> nn.Module:
-    """The classification head of a ``*ForSequenceClassification`` model (``classifier``, ``score``, ...)."""
-    for name in HEAD_NAMES:
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Module):
-            return head
-    raise PeftLabError(
-        f"cannot find the classification head of {type(model).__name__} (looked for {', '.join(HEAD_NAMES)}); "
-        "set train_head = False on the method and make the head trainable in attach()"
-    )
-
-
-def _schedule(name: str, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if name == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if name == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return max(0.0, 1.0 - progress)
-
-    return factor
-
-
-def target_logits(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logits that predict ``labels`` and the labels, aligned: prompt-learning methods prepend their virtual
-    tokens' positions to the logits (the last ``labels.shape[1]`` are kept); in causal LM position t predicts t + 1."""
-    logits = logits[:, -labels.shape[1]:]
-    if task == "causal_lm":
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    return logits, labels
-
-
-def token_nll(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the negative log-likelihood over the target tokens, number of target tokens), in fp32."""
-    logits, labels = target_logits(logits, labels, task)
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                            ignore_index=-100, reduction="sum")
-    return nll, (labels != -100).sum()
-
-
-def decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
-    """A seq2seq model's decoder inputs for ``labels`` (the targets shifted right), through the transformers model
-    inside ``model`` (peft-wrapped or not)."""
-    inner = getattr(model, "peft_model", model)  # the input-tokens wrapper of P-tuning v2 / LoRA + prompt
-    if hasattr(inner, "get_base_model"):  # a peft model
-        inner = inner.get_base_model()
-    return inner.prepare_decoder_input_ids_from_labels(labels=labels)

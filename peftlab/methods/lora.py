@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from peftlab.adapters import rewrite_meta
-from peftlab.backbones import torch_dtype
 from peftlab.errors import PeftLabError, did_you_mean
 from peftlab.methods.peft_backed import PEFT_TASK, PeftBackedMethod
 
@@ -63,7 +62,13 @@ class LoRA(PeftBackedMethod):
     """
 
     name = "lora"
+    peft_type = "LORA"
+    mergeable = True
     composable = True
+    stack_role = "additive"
+    scaled_knobs = ("r",)
+    alpha_per_r = 2.0
+    adapts_targets = True
     advice = ("increase the rank to 16 or 32; add target modules (K, O, then the FFN)",
               "decrease the rank to 4; add dropout (0.1); train fewer epochs")
 
@@ -156,14 +161,25 @@ class LoRA(PeftBackedMethod):
         return self.model
 
     # ------------------------------------------------------------------ capabilities
-    def merged_model(self, dtype: str = "float32") -> nn.Module:
-        """``W + s B A`` folded into every adapted layer of a copy of the model (peft's merge_and_unload); DoRA's
-        ``m * (W + s B A) / ||W + s B A||``; PiSSA/OLoRA's ``(W - s B0 A0) + s B A``, i.e. the original backbone
-        plus the trained delta ``s (B A - B0 A0)``: a plain model of the original architecture."""
-        import copy
+    # merged_model (PeftBackedMethod's, peft's merge_and_unload): ``W + s B A`` in every adapted layer; DoRA's
+    # ``m * (W + s B A) / ||W + s B A||``; PiSSA/OLoRA's ``(W - s B0 A0) + s B A``, i.e. the original backbone plus
+    # the trained delta ``s (B A - B0 A0)``: a plain model of the original architecture
 
-        out_dtype = torch_dtype(dtype)
-        return copy.deepcopy(self.lora_model()).merge_and_unload().to(out_dtype).eval()
+    @classmethod
+    def compose_refusal(cls, config: dict, task: str | None) -> str | None:
+        """DoRA adapters and adapters saved against a residual backbone (PiSSA / OLoRA as peft saves them) do not
+        compose; plain LoRA and rsLoRA adapters (and peftlab's PiSSA exports, plain LoRAs) do."""
+        if config.get("use_dora"):
+            return ("is a DoRA adapter: its update m * (W + dW) / ||W + dW|| is not a weighted sum of deltas; only "
+                    "LoRA and rsLoRA adapters compose")
+        if str(config.get("init_lora_weights")).startswith(("pissa", "olora", "corda", "lora_ga")):
+            return (f"is a {config['init_lora_weights']} adapter saved against its residual backbone; export it with "
+                    "peftlab (a plain LoRA on the original backbone), then compose")
+        return super().compose_refusal(config, task)
+
+    @classmethod
+    def describe(cls, args: dict) -> str:
+        return f"{cls.__name__} r={args['r']}, alpha={args['alpha']}"
 
     def adapter_set_refusal(self) -> str | None:
         """PiSSA / OLoRA rewrite the frozen weights into their residual, which a shared backbone cannot hold."""

@@ -40,8 +40,12 @@ class LoRAPromptTuning(StackedMethod):
     """
 
     name = "lora_prompt"
-    # not mergeable, as before (tests/test_registry.py): the same parts as a Stack merge
+    # not mergeable (tests/test_registry.py): the same parts as a Stack merge
+    mergeable = False
     merged_model = PeftModule.merged_model
+    scaled_knobs = ("r", "num_virtual_tokens")
+    alpha_per_r = 2.0
+    adapts_targets = True
 
     def __init__(
         self,

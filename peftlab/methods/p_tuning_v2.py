@@ -161,10 +161,16 @@ class PTuningV2(PeftBackedMethod):
     """
 
     name = "p_tuning_v2"
+    scaled_knobs = ("num_virtual_tokens",)
+    stack_role = "prompt"
     supports_packing = False  # virtual tokens per row
     supports_gradient_checkpointing = False  # the prefixes are in the attention cache (see PeftModule)
     advice = ("more virtual tokens (e.g. 64-128) or a larger prefix_hidden_size; or move to LoRA",
               "fewer virtual tokens (10); train fewer epochs; stop early on validation loss")
+
+    @classmethod
+    def describe(cls, args: dict) -> str:
+        return f"{cls.__name__} with {args['num_virtual_tokens']} virtual tokens"
 
     def __init__(
         self,

@@ -35,6 +35,8 @@ class PrefixTuning(PeftBackedMethod):
     """
 
     name = "prefix_tuning"
+    scaled_knobs = ("num_virtual_tokens",)
+    stack_role = "prompt"
     supports_packing = False  # virtual tokens per row
     supports_gradient_checkpointing = False  # the prefixes are in the attention cache (see PeftModule)
     advice = ("more virtual tokens; prefix_projection: true", "fewer virtual tokens; fewer epochs")

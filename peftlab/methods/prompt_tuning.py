@@ -32,9 +32,15 @@ class PromptTuning(PeftBackedMethod):
     """
 
     name = "prompt_tuning"
+    scaled_knobs = ("num_virtual_tokens",)
+    stack_role = "prompt"
     supports_packing = False  # virtual tokens per row
     advice = ("more virtual tokens (50-100); init: text from a task description; or graduate to LoRA",
               "fewer virtual tokens; train fewer epochs; stop early on validation loss")
+
+    @classmethod
+    def describe(cls, args: dict) -> str:
+        return f"{cls.__name__} with {args['num_virtual_tokens']} virtual tokens"
 
     def __init__(
         self,

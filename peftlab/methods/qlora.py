@@ -40,13 +40,14 @@ class QLoRA(LoRA):
         compute_dtype: dtype of the dequantized matmuls: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
         gradient_checkpointing: recompute activations in backward to save memory.
         quant_storage: dtype the packed 4-bit weights are stored in: ``uint8`` (bitsandbytes' default), or
-            ``bfloat16``/``float16``/``float32`` (bitsandbytes' option for sharding 4-bit weights; peftlab's
-            FSDP2Strategy refuses QLoRA, see docs/distributed.md).
+            ``bfloat16``/``float16``/``float32`` (bitsandbytes' option for sharding 4-bit weights): under
+            FSDP2Strategy with ``mixed_precision: bf16`` store them in ``bfloat16`` (docs/distributed.md).
         optimizer: see :class:`PeftModule`; QLoRA defaults to the paper's ``paged_adamw_32bit``.
         **kwargs: the :class:`LoRA` arguments (r, alpha, target_modules, ...) and :class:`PeftModule` ones.
     """
 
     name = "qlora"
+    stack_role = None  # a stack's additive part shares the stack's (unquantized) backbone
 
     def __init__(
         self,

@@ -13,6 +13,7 @@ import warnings
 import weakref
 from pathlib import Path
 
+from peftlab.adapters import META_FILE, PEFT_TASK, read_meta
 from peftlab.errors import PeftLabError, did_you_mean
 
 #: name -> method class, filled by every ``PeftModule`` subclass that sets ``name`` (a subclass defined in a
@@ -37,6 +38,31 @@ def register(cls: type) -> None:
     _CLASSES.add(cls)
     if cls.__dict__.get("name"):
         METHODS[cls.name] = cls
+
+
+def preset_path(cls: type) -> Path | None:
+    """The preset config file of method class ``cls``: its ``preset``, else ``configs/methods/<name>.yaml`` if it
+    exists."""
+    if cls.preset:
+        return Path(cls.preset)
+    path = PRESETS_DIR / f"{cls.name}.yaml"
+    return path if cls.name and path.is_file() else None
+
+
+def preset_args(cls: type) -> dict:
+    """``init_args`` of ``cls``'s preset config (empty without one), minus the backbone it was written for."""
+    import yaml
+
+    path = cls.preset_path()
+    if path is None:
+        return {}
+    try:
+        model = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model") or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise PeftLabError(f"preset config {path} of method {cls.name!r} cannot be read: {err}") from err
+    args = dict(model.get("init_args") or {})
+    args.pop("backbone", None)
+    return args
 
 
 def load_plugins() -> None:
@@ -80,6 +106,20 @@ def import_method(path: str, what: str = "model.class_path") -> type:
     if not (isinstance(cls, type) and cls in _CLASSES):
         raise PeftLabError(f"{what} {path!r} is not a PeftModule subclass; refusing to build it")
     return cls
+
+
+def adapter_method(directory, config: dict) -> tuple[type | None, str | None]:
+    """(method class, task) of an exported adapter with ``adapter_config.json`` ``config``: from its
+    ``peftlab_meta.json``, else (saved by plain peft) the first registered method of its ``peft_type``; the class
+    is None when neither names one."""
+    if (Path(directory) / META_FILE).is_file():
+        meta = read_meta(directory)
+        return import_method(meta["method"], "the adapter's method"), meta.get("task")
+    task = next((t for t, peft_task in PEFT_TASK.items() if peft_task == config.get("task_type")), None)
+    peft_type = config.get("peft_type")
+    cls = next((METHODS[n] for n in method_names() if peft_type and getattr(METHODS[n], "peft_type", None) == peft_type),
+               None)
+    return cls, task
 
 
 def construct_from_meta(meta: dict, backbone: str | None = None):

@@ -32,12 +32,9 @@ from torch import nn
 
 from peftlab.backbones import torch_dtype
 from peftlab.errors import PeftLabError, did_you_mean
-from peftlab.methods.base import HEAD_NAMES, METHODS, PeftModule, classification_head
+from peftlab.methods.base import HEAD_NAMES, PeftModule, classification_head
+from peftlab.methods.registry import METHODS, method_names
 
-#: methods a stack's additive part may name (LoRA's family: peft; adapters: peftlab)
-ADDITIVE = ("lora", "dora", "rslora", "pissa", "lora_plus", "adapters")
-#: methods a stack's prompt part may name
-PROMPT = ("prompt_tuning", "prefix_tuning", "p_tuning_v2")
 #: the stack's own arguments, given to both parts (not settable per part)
 SHARED = ("backbone", "task", "num_labels", "dtype", "trust_remote_code", "revision")
 #: training settings of the whole model (one optimizer, one schedule): set on the stack, not in a part
@@ -56,11 +53,11 @@ def parse_part(spec: dict[str, Any] | None, kind: Literal["additive", "prompt"])
         return None
     if hasattr(spec, "as_dict"):  # a jsonargparse Namespace
         spec = spec.as_dict()
+    allowed = stackable(kind)
     if not isinstance(spec, dict):
-        example = ADDITIVE[0] if kind == "additive" else PROMPT[1]
+        example = allowed[0] if kind == "additive" else allowed[1]
         raise PeftLabError(f"model.{kind} must be a mapping such as {{method: {example}, ...}} (got {spec!r})")
     spec = dict(spec)
-    allowed = ADDITIVE if kind == "additive" else PROMPT
     method = spec.get("method")
     if method not in allowed:
         raise PeftLabError(f"model.{kind}.method {method!r} is not a stackable {kind} method; choose one of "
@@ -86,6 +83,11 @@ def parse_part(spec: dict[str, Any] | None, kind: Literal["additive", "prompt"])
             raise PeftLabError(f"model.prompt.init {spec['init']!r}: choose vocab (random vocabulary embeddings) or "
                                "text (the embeddings of init_text)")
     return spec
+
+
+def stackable(kind: Literal["additive", "prompt"]) -> list[str]:
+    """The registered methods a stack's ``kind`` part may name (their class's ``stack_role``), in display order."""
+    return [n for n in method_names() if METHODS[n].stack_role == kind]
 
 
 def _part_class(method: str) -> type[PeftModule]:
@@ -123,6 +125,7 @@ class StackedMethod(PeftModule):
     spec or None, "prompt": spec or None}``, each checked by :func:`parse_part`) after ``super().__init__``."""
 
     supports_packing = False  # a prompt part adds virtual tokens per row
+    mergeable = True  # when its additive part is (merge_refusal)
     composable = False  # the prompt part is not a weight update
 
     # ------------------------------------------------------------------ building
@@ -267,10 +270,10 @@ class StackedMethod(PeftModule):
         """Why this stack cannot merge (its parts decide: only a LoRA-family additive part folds into the weights), or
         None; ``peftlab merge`` and ``LoRAMerge`` ask before training / loading anything else."""
         additive = self._parts["additive"]
-        if additive is not None and additive["method"] != "adapters":
+        if additive is not None and _part_class(additive["method"]).mergeable:
             return None
         what = "it has no additive part" if additive is None else \
-            "its additive part (adapters) adds layers, nothing folds into the weights"
+            f"its additive part ({additive['method']}) adds layers, nothing folds into the weights"
         return (f"{type(self).__name__} cannot be merged into the backbone: {what}. Deploy the exported adapter "
                 "instead (peftlab.api.load_run)")
 
@@ -328,6 +331,16 @@ class Stack(StackedMethod):
     name = "stack"
     advice = ("a larger additive part (rank, bottleneck) or more virtual tokens; raise the weaker part's learning rate",
               "a smaller additive part or fewer virtual tokens; dropout in the additive part; fewer epochs")
+
+    @classmethod
+    def scaled_preset(cls, args: dict[str, Any], fit_targets=None, **knobs: Any) -> dict[str, Any]:
+        """Each part's method scales its own settings (e.g. ``--r`` the LoRA part, ``--num_virtual_tokens`` the
+        prompt part)."""
+        for kind in ("additive", "prompt"):
+            part = args.get(kind)
+            if isinstance(part, dict) and part.get("method") in METHODS:
+                _part_class(part["method"]).scaled_preset(part, fit_targets, **knobs)
+        return args
 
     def __init__(
         self,
