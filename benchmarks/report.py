@@ -180,7 +180,7 @@ def _eval_lm(d: dict | None) -> list[str]:
     if not d:
         return []
     m, st = d.get("machine", {}), d["setting"]
-    out = ["## 8. lm-eval: peftlab's LM wrapper against lm-eval's HFLM", "",
+    out = ["## 9. lm-eval: peftlab's LM wrapper against lm-eval's HFLM", "",
            f"`{d['command']}` ({d['measured']}), on {m.get('cpu')}, {m.get('cores')} cores ({st['threads']} torch "
            f"thread(s)), lm-eval {d['lm_eval']}, torch {m.get('torch')}, transformers {m.get('transformers')}. "
            f"One merged model ({st['backbone']}, LoRA {st['lora']}) wrapped as `peftlab.eval_lm.PeftLabLM` and as "
@@ -197,7 +197,7 @@ def _eval_lm(d: dict | None) -> list[str]:
                        for task, vals in d["metrics"]["peftlab"].items())
     out += ["", f"Scores: {'equal' if d['same_metrics'] else 'DIFFERENT'} ({scores}); largest difference between "
             f"the two LMs' log-likelihoods over all {d['requests_compared']} requests of the last repeat: "
-            f"{d['max_loglikelihood_difference']:.2e}.", ""]
+            f"{d['max_loglikelihood_difference']:.2e}." + (f" Note: {d['note']}." if d.get("note") else ""), ""]
     return out
 
 
