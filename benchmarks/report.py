@@ -477,7 +477,7 @@ def _multi_adapter(results) -> list[str]:
             f"{sv['mean_batch']:.1f} requests on average). On this CPU, with one torch thread, a forward pass costs about "
             "the sum of its rows (the LoRA table above: one 16-row batch of one adapter gives "
             f"{ma['mixed_lora']['rows_per_s']['one_adapter']['median']:.1f} rows/s, eight 2-row batches "
-            f"{ma['mixed_lora']['rows_per_s']['loop']['median']:.1f}), so batching requests gains little beyond "
-            "overlapping the HTTP and tokenizer work; the >= 3x goal needs a device on which a batch costs about "
-            "as much as a row (a GPU; not run here).", ""]
+            f"{ma['mixed_lora']['rows_per_s']['loop']['median']:.1f}), so the gain of batched requests here comes "
+            "mostly from sharing each generation step's fixed costs and overlapping the HTTP and tokenizer work; "
+            "not run on a GPU.", ""]
     return out
