@@ -12,8 +12,6 @@ import ast
 import functools
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "peftlab"
 #: function-local imports of peftlab/ (any module): 222 before issue #29, 208 after its refactor, 263 once the
 #: chat, evaluation, serving and tracker work was merged; lower it when you remove some
@@ -135,8 +133,6 @@ def test_no_import_cycle_among_peftlab_modules():
     assert cycles(top) == [], "module-level import cycle"
 
 
-@pytest.mark.xfail(strict=True, reason="callbacks/generation.py imports peftlab.compare.stats inside a function and "
-                   "peftlab.compare's functions import callbacks.generation: give the statistics their own home")
 def test_no_import_cycle_through_function_local_imports():
     top, local, _ = import_graph()
     both = {m: top[m] | local[m] for m in top}
