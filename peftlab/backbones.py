@@ -422,7 +422,7 @@ def _deferred_backbone(name, auto, config, path, kwargs, trust_remote_code):
             module._parameters[attr] = nn.Parameter(torch.empty(module._parameters[attr].shape, dtype=dtype))
         for module_name in {n.rpartition(".")[0] for n in missing}:
             model._init_weights(modules[module_name])
-    model._peftlab_deferred = DeferredWeights(name, files, targets)
+    model.peftlab_deferred_weights = DeferredWeights(name, files, targets)
     return model
 
 
@@ -432,7 +432,7 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
 
 
 def has_deferred_weights(model) -> bool:
-    return any("_peftlab_deferred" in m.__dict__ for m in model.modules())
+    return any("peftlab_deferred_weights" in m.__dict__ for m in model.modules())
 
 
 def load_shards(model) -> int:
@@ -443,8 +443,8 @@ def load_shards(model) -> int:
     from torch.distributed.tensor import DTensor, Shard
 
     filled = 0
-    for owner in [m for m in model.modules() if "_peftlab_deferred" in m.__dict__]:
-        record = owner.__dict__.pop("_peftlab_deferred")
+    for owner in [m for m in model.modules() if "peftlab_deferred_weights" in m.__dict__]:
+        record = owner.__dict__.pop("peftlab_deferred_weights")
         headers = {file: _safetensors_header(file) for file in set(record.files.values())}
         handles = {file: open(file, "rb") for file in headers}  # noqa: SIM115 - closed below
         try:
