@@ -157,3 +157,26 @@ def test_group_by_length_quality_and_gpu_check_scripts_run(tmp_path):
     assert [s["method"] for s in record["steps"]] == ["lora", "qlora", "fsdp2"]
     assert all(s["passed"] for s in record["steps"]), record["steps"]
     assert record["throughput"]["ratio_median"] > 0
+
+
+@pytest.mark.slow  # loads SmolLM2 four times and trains a few steps each (~1-2 min on a shared CPU)
+def test_chat_sft_benchmark_smoke(tmp_path):
+    """benchmarks/chat_sft.py (#30 item 8: peftlab's chat SFT against TRL's SFTTrainer) in smoke mode: TRL, given
+    SmolLM2's template with generation markers, tokenizes every conversation to exactly peftlab's tokens and
+    assistant targets; all three runs trained and their ratios and losses are finite."""
+    pytest.importorskip("trl", reason="trl is a benchmark-only dependency (pip install -e '.[bench]')")
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import chat_sft
+
+        record = chat_sft.main(["--smoke", "--out", str(tmp_path / "chat_sft.json")])
+    finally:
+        sys.path.remove(str(ROOT))
+    check = record["tokenization"]
+    assert check["compared"] == record["setting"]["train_conversations"] > 0
+    assert check["same_input_ids"] == check["same_targets"] == check["compared"]
+    assert set(record["ratios"]) == {"peftlab_packed/trl_packed", "peftlab_packed/trl_default"}
+    assert all(r["median"] > 0 for r in record["ratios"].values())
+    assert all(math.isfinite(x) for x in _numbers(record["val_loss_per_target_token"]))
+    # trained: every run's validation loss moved off the untrained model's
+    assert all(v["median"] != record["val_loss_untrained"] for v in record["val_loss_per_target_token"].values())
