@@ -115,7 +115,7 @@ def render(results: dict) -> str:
                 + "; ".join(f"{name} {v['date']} on {v['machine'].get('cpu')} (transformers "
                             f"{v['machine'].get('transformers')})" for name, v in measured.items()) + ".", ""]
     rows = targets(results) + (defaults_targets(defaults_results()) + eval_lm_targets(eval_lm_results())
-                               if not smoke else [])
+                               + chat_sft_targets(chat_sft_results()) if not smoke else [])
     if rows:
         out += ["## Targets", "", "| what | measured: median (min-max) | target | verdict |", "|---|---|---|---|"]
         out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
@@ -130,7 +130,8 @@ def render(results: dict) -> str:
         out += [findings.read_text().strip(), ""]
     out += _throughput(results) + _breakdown(results) + _padding(results) + _inference(results) + \
         _memory(results) + _startup(results) + _defaults(defaults_results() if not smoke else None) + \
-        _multi_adapter(results) + _eval_lm(eval_lm_results() if not smoke else None)
+        _multi_adapter(results) + _eval_lm(eval_lm_results() if not smoke else None) + \
+        _chat_sft(chat_sft_results() if not smoke else None)
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -480,4 +481,62 @@ def _multi_adapter(results) -> list[str]:
             f"{ma['mixed_lora']['rows_per_s']['loop']['median']:.1f}), so the gain of batched requests here comes "
             "mostly from sharing each generation step's fixed costs and overlapping the HTTP and tokenizer work; "
             "not run on a GPU.", ""]
+    return out
+
+
+def chat_sft_results() -> dict | None:
+    """``benchmarks/chat_sft.json`` (``python benchmarks/chat_sft.py``), if it was run."""
+    import json
+
+    path = HERE / "chat_sft.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def chat_sft_targets(d: dict | None) -> list[tuple[str, str, str, str]]:
+    """Issue #30 item 8's goals: chat SFT target tokens/s >= 1.0x TRL's packed SFTTrainer, >= 1.5x its defaults."""
+    if not d:
+        return []
+    return [(f"chat SFT of SmolLM2, peftlab packed / TRL SFTTrainer {what} (target tokens/s)",
+             _r(d["ratios"][key]), f">= {goal:g}", verdict(d["ratios"][key], goal, True))
+            for key, what, goal in (("peftlab_packed/trl_packed", "packed, padding-free", 1.0),
+                                    ("peftlab_packed/trl_default", "with its defaults", 1.5))]
+
+
+def _chat_sft(d: dict | None) -> list[str]:
+    if not d:
+        return []
+    m, st, tk = d.get("machine", {}), d["setting"], d["tokenization"]
+    names = {"peftlab_packed": "peftlab, packed", "trl_packed": "TRL, packed + padding-free",
+             "trl_default": "TRL, its defaults"}
+    loss = d["val_loss_per_target_token"]
+    diff = d["loss_difference_peftlab_vs_trl_packed"]
+    out = ["## 10. Chat SFT: peftlab against TRL's SFTTrainer", "",
+           f"`{d['command'].strip()}` ({d['measured']}), on {m.get('cpu')}, {m.get('cores')} cores ({st['threads']} "
+           f"torch thread(s)), trl {d['trl']}, torch {m.get('torch')}, transformers {m.get('transformers')}, peft "
+           f"{m.get('peft')}. LoRA (r {st['lora']['r']}, alpha {st['lora']['alpha']}, dropout {st['lora']['dropout']}, "
+           f"{st['lora']['target_modules']}, lr {st['lora']['lr']}, {st['lora']['scheduler']}) on {st['backbone']}, "
+           f"{st['data']}, batch {st['batch_size']} rows of at most {st['max_length']} tokens, {st['warmup']} warm-up + "
+           f"{st['steps']} timed steps, {st['repeats']} interleaved repeats, in one process, the same LoRA "
+           "initialisation for every run. *peftlab* is the real fit path (Lightning Trainer + `peftlab.methods.LoRA` "
+           "+ `PeftDataModule(task=chat, packing=True)`); *TRL packed* is `SFTTrainer(packing=True, padding_free=True, "
+           "gradient_checkpointing=False)`; *TRL defaults* leaves everything else at TRL's defaults (padded batches, "
+           "gradient checkpointing on) but, like peftlab, fp32 (TRL's bf16 default is a GPU setting). All runs: "
+           "`assistant_only_loss=True`, the same conversations and learning rate. SmolLM2's chat template has no "
+           "`{% generation %}` markers, which TRL's `assistant_only_loss` needs, so TRL got a copy with the assistant "
+           "reply and its `<|im_end|>` inside markers (`benchmarks/chat_sft.py: TRL_TEMPLATE`); with it, TRL "
+           f"tokenized {tk['same_input_ids']} of {tk['compared']} conversations to exactly peftlab's tokens and "
+           f"{tk['same_targets']} of {tk['compared']} to exactly peftlab's assistant targets ({tk['too_long']} longer "
+           "than max_length left out of the check: peftlab drops their oldest turns, TRL cuts their end). "
+           "Throughput is target (assistant) tokens per second in the steady state, data loading included; loss is "
+           "per target token on the same unpacked validation conversations after the same steps. Results: "
+           "`benchmarks/chat_sft.json`.", "",
+           "| run | target tokens/s | target tokens/step | validation loss per target token |", "|---|---|---|---|"]
+    for key, name in names.items():
+        out.append(f"| {name} | {_r(d['target_tokens_per_s'][key], 1)} | {_r(d['target_tokens_per_step'][key], 1)} | "
+                   f"{_r(loss[key], 4)} |")
+    out += ["", "| ratio (target tokens/s) | median (min-max) |", "|---|---|"]
+    out += [f"| {k.replace('_', ' ')} | {_r(v)} |" for k, v in d["ratios"].items()]
+    out += ["", f"Loss after the same steps: peftlab minus TRL packed {diff['median']:+.4f} per target token "
+            f"({diff['min']:+.4f} to {diff['max']:+.4f} over repeats; untrained {d['val_loss_untrained']:.4f}). "
+            + (d["note"] if d.get("note") else ""), ""]
     return out
