@@ -159,7 +159,7 @@ def test_group_by_length_quality_and_gpu_check_scripts_run(tmp_path):
     assert record["throughput"]["ratio_median"] > 0
 
 
-@pytest.mark.slow  # loads SmolLM2 four times and trains a few steps each (~1-2 min on a shared CPU)
+@pytest.mark.slow  # loads SmolLM2 five times and trains 3 steps each (~5 min on a shared 2-core CPU)
 def test_chat_sft_benchmark_smoke(tmp_path):
     """benchmarks/chat_sft.py (#30 item 8: peftlab's chat SFT against TRL's SFTTrainer) in smoke mode: TRL, given
     SmolLM2's template with generation markers, tokenizes every conversation to exactly peftlab's tokens and
