@@ -185,15 +185,13 @@ def test_estimate_memory_all_skips_a_registered_method_that_does_not_apply(tiny_
     that method is named and skipped on stderr, the others are estimated; asked for alone, it is the error."""
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     import examples.bitfit  # noqa: F401 - registers "bitfit"
-    import examples.ia3  # noqa: F401 - registers "ia3", whose BERT targets peft rejects on a Llama (a ValueError)
 
     code, out, err = run_main(["estimate-memory", "--backbone", tiny_llama, "--task", "causal_lm", "--seq_len", "16",
                                "--method", "all", "--json"], capsys)
     assert code == 0, err
     assert "estimate-memory: skipped BitFit: " in err and "no trainable parameters" in err
-    assert "estimate-memory: skipped IA3: NoMatchingPeftModuleError: " in err
     names = {e["method"] for e in json.loads(out)}
-    assert not {"BitFit", "IA3"} & names and {"LoRA", "FullFineTuning"} <= names
+    assert "BitFit" not in names and {"LoRA", "FullFineTuning", "IA3"} <= names
     code, _, err = run_main(["estimate-memory", "--backbone", tiny_llama, "--task", "causal_lm", "--method", "bitfit"],
                             capsys)
     assert code == 2 and "BitFit left no trainable parameters" in err
