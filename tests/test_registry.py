@@ -191,7 +191,7 @@ def test_estimate_memory_all_skips_a_registered_method_that_does_not_apply(tiny_
     assert code == 0, err
     assert "estimate-memory: skipped BitFit: " in err and "no trainable parameters" in err
     names = {e["method"] for e in json.loads(out)}
-    assert "BitFit" not in names and {"LoRA", "FullFineTuning", "IA3"} <= names
+    assert "BitFit" not in names and {"LoRA", "FullFineTuning", "IA3", "VeRA"} <= names
     code, _, err = run_main(["estimate-memory", "--backbone", tiny_llama, "--task", "causal_lm", "--method", "bitfit"],
                             capsys)
     assert code == 2 and "BitFit left no trainable parameters" in err
