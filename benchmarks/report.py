@@ -180,7 +180,7 @@ def _eval_lm(d: dict | None) -> list[str]:
     if not d:
         return []
     m, st = d.get("machine", {}), d["setting"]
-    out = ["## 8. lm-eval: peftlab's LM wrapper against lm-eval's HFLM", "",
+    out = ["## 9. lm-eval: peftlab's LM wrapper against lm-eval's HFLM", "",
            f"`{d['command']}` ({d['measured']}), on {m.get('cpu')}, {m.get('cores')} cores ({st['threads']} torch "
            f"thread(s)), lm-eval {d['lm_eval']}, torch {m.get('torch')}, transformers {m.get('transformers')}. "
            f"One merged model ({st['backbone']}, LoRA {st['lora']}) wrapped as `peftlab.eval_lm.PeftLabLM` and as "
@@ -197,7 +197,7 @@ def _eval_lm(d: dict | None) -> list[str]:
                        for task, vals in d["metrics"]["peftlab"].items())
     out += ["", f"Scores: {'equal' if d['same_metrics'] else 'DIFFERENT'} ({scores}); largest difference between "
             f"the two LMs' log-likelihoods over all {d['requests_compared']} requests of the last repeat: "
-            f"{d['max_loglikelihood_difference']:.2e}.", ""]
+            f"{d['max_loglikelihood_difference']:.2e}." + (f" Note: {d['note']}." if d.get("note") else ""), ""]
     return out
 
 
@@ -477,7 +477,7 @@ def _multi_adapter(results) -> list[str]:
             f"{sv['mean_batch']:.1f} requests on average). On this CPU, with one torch thread, a forward pass costs about "
             "the sum of its rows (the LoRA table above: one 16-row batch of one adapter gives "
             f"{ma['mixed_lora']['rows_per_s']['one_adapter']['median']:.1f} rows/s, eight 2-row batches "
-            f"{ma['mixed_lora']['rows_per_s']['loop']['median']:.1f}), so batching requests gains little beyond "
-            "overlapping the HTTP and tokenizer work; the >= 3x goal needs a device on which a batch costs about "
-            "as much as a row (a GPU; not run here).", ""]
+            f"{ma['mixed_lora']['rows_per_s']['loop']['median']:.1f}), so the gain of batched requests here comes "
+            "mostly from sharing each generation step's fixed costs and overlapping the HTTP and tokenizer work; "
+            "not run on a GPU.", ""]
     return out

@@ -254,8 +254,11 @@ class AdapterSet:
             return self._pool_cache
         from peft import get_peft_model  # peft is imported by the methods anyway; here only when a pool is built
 
+        # chat runs' prompts carry their own special tokens, which the router (one tokenization for every row) would
+        # add again: their rows are grouped
         members = {name: run for name, run in self.runs.items()
-                   if run.module.num_labels == self._template.num_labels and run.module.per_row_config() is not None}
+                   if run.module.num_labels == self._template.num_labels and run.module.per_row_config() is not None
+                   and not getattr(run, "is_chat", False)}
         # the pool's own adapter names: a user's name could be a module's ("q_proj") or start like peft's keys
         inner = {name: f"set{i}" for i, name in enumerate(members)}
         pool = None
@@ -297,15 +300,16 @@ class AdapterSet:
         return groups
 
     # ------------------------------------------------------------------ inference
-    def predict(self, texts: list[str], adapter=None, batch_size: int = 32,
-                max_new_tokens: int | None = None) -> list[dict]:
+    def predict(self, texts: list, adapter=None, batch_size: int = 32, max_new_tokens: int | None = None, *,
+                raw: bool = False, **settings) -> list[dict]:
         """:meth:`peftlab.api.Run.predict` through adapter ``adapter`` (default: the one :meth:`switch` chose), or a
         **mixed batch**: a list with one adapter name (or ``None`` for the plain backbone) per text, routed per row or
-        grouped per adapter (module docstring); the results come back in the order of ``texts``."""
+        grouped per adapter (module docstring); the results come back in the order of ``texts``. ``raw`` and the
+        generation settings are :meth:`peftlab.api.Run.predict`'s; each row gets its own run's prompt format."""
         texts = list(texts)
+        common = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, raw=raw, **settings)
         if adapter is None or isinstance(adapter, str):
-            return self._run(adapter or self.active).predict(texts, batch_size=batch_size,
-                                                             max_new_tokens=max_new_tokens)
+            return self._run(adapter or self.active).predict(texts, **common)
         adapter = list(adapter)
         if len(adapter) != len(texts):
             raise PeftLabError(f"predict got {len(texts)} texts but {len(adapter)} adapter names; give one per text "
@@ -315,11 +319,9 @@ class AdapterSet:
         out: list[dict | None] = [None] * len(texts)
         for name, rows in self._groups(adapter):
             if name == "*routed":
-                results = self._routed_predict([texts[i] for i in rows], [adapter[i] for i in rows], batch_size,
-                                               max_new_tokens)
+                results = self._routed_predict([texts[i] for i in rows], [adapter[i] for i in rows], common)
             else:
-                results = self._run(name).predict([texts[i] for i in rows], batch_size=batch_size,
-                                                  max_new_tokens=max_new_tokens)
+                results = self._run(name).predict([texts[i] for i in rows], **common)
             for i, result in zip(rows, results):
                 out[i] = result
         return out
@@ -328,14 +330,16 @@ class AdapterSet:
         inner = self._pool()[1]
         return [BASE_PEFT if n in (None, BASE) else inner[n] for n in names]
 
-    def _routed_predict(self, texts, names, batch_size, max_new_tokens) -> list[dict]:
+    def _routed_predict(self, texts, names, common: dict) -> list[dict]:
         router = self._pool()[2]
+        if not common["raw"] and router.module.task != "classification":  # each row in its own run's prompt format
+            texts = [self._run(n).format_prompt(t) for t, n in zip(texts, names)]
+        batch_size = common["batch_size"]
         out = []
         for start in range(0, len(texts), batch_size):
             chunk = names[start:start + batch_size]
             router.module.model.adapter_names = self._peft_names(chunk)
-            results = router.predict(texts[start:start + batch_size], batch_size=batch_size,
-                                     max_new_tokens=max_new_tokens)
+            results = router.predict(texts[start:start + batch_size], **{**common, "raw": True})
             for name, result in zip(chunk, results):
                 labels = self._run(name).label_names
                 if "probs" in result and labels:  # the router knows no label names: each row gets its adapter's

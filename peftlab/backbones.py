@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
+import struct
 import sys
 import warnings
 from typing import TYPE_CHECKING, Literal
@@ -338,8 +340,6 @@ def _parameters_on_meta():
 
 def _safetensors_files(path: str) -> dict[str, str] | None:
     """Checkpoint key -> safetensors file of the model directory ``path``; None when it has none."""
-    import json
-
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         weight_map = json.loads(open(index, encoding="utf-8").read())["weight_map"]
@@ -352,9 +352,6 @@ def _safetensors_files(path: str) -> dict[str, str] | None:
 
 def _safetensors_header(file: str) -> tuple[dict, int]:
     """(the header of a safetensors file, the byte offset its data starts at)."""
-    import json
-    import struct
-
     with open(file, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         return json.loads(f.read(size)), 8 + size
@@ -411,8 +408,6 @@ def _deferred_backbone(name, auto, config, path, kwargs, trust_remote_code):
     if missing:  # new weights (a classification head): initialized on every rank alike, as from_pretrained does
         own = [k for k in missing if k.startswith(f"{prefix}.")]  # the backbone's own: said, as load_backbone does
         if own:
-            import warnings
-
             warnings.warn(f"backbone {name!r}: {len(own)} of its weights are not in the checkpoint and were newly "
                           f"initialised ({', '.join(own[:3])}{', ...' if len(own) > 3 else ''})", stacklevel=3)
         modules = dict(model.named_modules())
@@ -427,7 +422,7 @@ def _deferred_backbone(name, auto, config, path, kwargs, trust_remote_code):
             module._parameters[attr] = nn.Parameter(torch.empty(module._parameters[attr].shape, dtype=dtype))
         for module_name in {n.rpartition(".")[0] for n in missing}:
             model._init_weights(modules[module_name])
-    model._peftlab_deferred = DeferredWeights(name, files, targets)
+    model.peftlab_deferred_weights = DeferredWeights(name, files, targets)
     return model
 
 
@@ -437,21 +432,19 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
 
 
 def has_deferred_weights(model) -> bool:
-    return any("_peftlab_deferred" in m.__dict__ for m in model.modules())
+    return any("peftlab_deferred_weights" in m.__dict__ for m in model.modules())
 
 
 def load_shards(model) -> int:
     """Fill the sharded placeholders of a backbone built by :func:`sharded_start`, after ``fully_shard``: each
     rank reads only its rows (FSDP2 shards dim 0 in ``torch.chunk``'s pieces) of each tensor from the
     safetensors files, converted to the parameter's dtype. Returns the number of tensors filled."""
-    import math
-
     import torch
     from torch.distributed.tensor import DTensor, Shard
 
     filled = 0
-    for owner in [m for m in model.modules() if "_peftlab_deferred" in m.__dict__]:
-        record = owner.__dict__.pop("_peftlab_deferred")
+    for owner in [m for m in model.modules() if "peftlab_deferred_weights" in m.__dict__]:
+        record = owner.__dict__.pop("peftlab_deferred_weights")
         headers = {file: _safetensors_header(file) for file in set(record.files.values())}
         handles = {file: open(file, "rb") for file in headers}  # noqa: SIM115 - closed below
         try:

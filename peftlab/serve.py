@@ -9,7 +9,8 @@
 Endpoints: ``GET /health``, ``GET /v1/models`` (every adapter and ``base``, the plain backbone), ``POST
 /v1/completions``, ``POST /v1/chat/completions`` (the messages go through the tokenizer's chat template) and ``POST
 /v1/classify`` for classification adapters. As in vLLM's multi-LoRA server, the request's ``model`` names the
-adapter. Decoding is greedy (``temperature`` 0), as :meth:`peftlab.api.Run.predict` does.
+adapter; a completion's prompt is sent as given (``Run.predict(raw=True)``), a chat's messages go through the run's
+chat template when it was trained on chat data (``Run.chat``'s format), else through the tokenizer's. Decoding is greedy (``temperature`` 0), as :meth:`peftlab.api.Run.predict` does.
 
 Requests that arrive together are **batched across adapters**: a single worker takes up to ``max_batch_size``
 requests from a bounded queue (waiting at most ``max_wait_ms`` for more), runs them as one mixed batch
@@ -108,10 +109,11 @@ class Batcher:
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=max_queue)
         self.batches: list[int] = []  # sizes of the batches run (the tests and the benchmark read them)
 
-    def submit(self, adapter: str, text: str, max_new_tokens: int | None) -> asyncio.Future:
+    def submit(self, adapter: str, text, max_new_tokens: int | None, raw: bool = True) -> asyncio.Future:
+        """Queue one prompt (``raw``: as given; else in the adapter's training prompt format, a chat run's messages)."""
         future = asyncio.get_running_loop().create_future()
         try:
-            self.queue.put_nowait((adapter, text, max_new_tokens, future))
+            self.queue.put_nowait((adapter, text, (max_new_tokens, raw), future))
         except asyncio.QueueFull:
             raise BadRequest(503, f"the server's queue is full ({self.queue.maxsize} requests); retry later",
                              "server_busy") from None
@@ -130,14 +132,15 @@ class Batcher:
                 except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                     break
             jobs = [j for j in jobs if not j[3].done()]  # a client that timed out or went away
-            by_length: dict[int | None, list] = {}
+            by_settings: dict[tuple, list] = {}
             for job in jobs:
-                by_length.setdefault(job[2], []).append(job)
-            for max_new_tokens, group in by_length.items():
+                by_settings.setdefault(job[2], []).append(job)
+            for (max_new_tokens, raw), group in by_settings.items():
                 self.batches.append(len(group))
                 try:
                     results = await asyncio.to_thread(self.adapters.predict, [j[1] for j in group],
-                                                      adapter=[j[0] for j in group], max_new_tokens=max_new_tokens)
+                                                      adapter=[j[0] for j in group], max_new_tokens=max_new_tokens,
+                                                      raw=raw)
                 except Exception as err:  # noqa: BLE001 - answered to the clients; the worker keeps serving
                     for job in group:
                         if not job[3].done():
@@ -210,8 +213,8 @@ def create_app(adapters, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, 
                                   f"{limit} tokens this model takes; shorten the prompt or lower max_tokens")
         return n
 
-    async def answer(name: str, text: str, max_new_tokens: int | None) -> dict:
-        future = state["batcher"].submit(name, text, max_new_tokens)
+    async def answer(name: str, text, max_new_tokens: int | None, raw: bool = True) -> dict:
+        future = state["batcher"].submit(name, text, max_new_tokens, raw)
         try:
             return await asyncio.wait_for(future, timeout_s)
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
@@ -269,13 +272,17 @@ def create_app(adapters, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, 
         run = run_of(body.model)
         max_new_tokens = check_generation(body, run)
         tok = run.module.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise BadRequest(400, f"{body.model!r} has no chat template (its tokenizer defines none); use "
-                                  "/v1/completions with a plain prompt")
-        text = tok.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
-                                       add_generation_prompt=True)
-        count = check_length(run, text, max_new_tokens)
-        result = await answer(body.model, text, max_new_tokens)
+        messages = [m.model_dump() for m in body.messages]
+        if getattr(run, "is_chat", False):  # a chat run: its own chat template and system prompt (Run.chat's)
+            text, raw = messages, False
+            count = check_length(run, run.format_prompt(messages), max_new_tokens)
+        elif getattr(tok, "chat_template", None):  # else the tokenizer's template, as vLLM does
+            text, raw = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
+            count = check_length(run, text, max_new_tokens)
+        else:
+            raise BadRequest(400, f"{body.model!r} has no chat template (it was not trained on chat data and its "
+                                  "tokenizer defines none); use /v1/completions with a plain prompt")
+        result = await answer(body.model, text, max_new_tokens, raw)
         content, stopped = cut(result["generated"], body.stop)
         n, reason = finish(tok, content, stopped, max_new_tokens)
         ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -39,7 +39,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from peftlab.backbones import torch_dtype
+from peftlab.backbones import load_shards, sharded_start, torch_dtype
 from peftlab.errors import PeftLabError
 
 
@@ -100,8 +100,6 @@ class FSDP2Strategy(ModelParallelStrategy):
     @contextlib.contextmanager
     def model_sharded_context(self):
         """Around the method's ``configure_model``: with ``sharded_start``, backbones are built without weights."""
-        from peftlab.backbones import sharded_start
-
         with super().model_sharded_context(), sharded_start(self.sharded_start):
             yield
 
@@ -133,8 +131,6 @@ class FSDP2Strategy(ModelParallelStrategy):
             if type(sub) in blocks:
                 fully_shard(sub, **options)
         fully_shard(model, **options)
-        from peftlab.backbones import load_shards
-
         load_shards(model)  # a sharded start's placeholders: each rank reads its rows of the checkpoint
 
     def check_packed_weights(self, module, model) -> None:

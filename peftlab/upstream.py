@@ -73,6 +73,24 @@ PRIVATE_APIS: tuple[Private, ...] = (
     Private("torch.nn.Module._buffers", "torch", "attribute", (),
             "replace buffers by private copies (a QLoRA backbone must not share storage with the cached model)",
             "peftlab/methods/qlora.py"),
+    Private("torch.nn.Module._parameters", "torch", "attribute", (),
+            "a sharded start swaps each frozen weight for a placeholder in place, in every module that holds it "
+            "(tied weights by identity), before and after fully_shard, without register_parameter's checks and "
+            "hooks running on half-built modules",
+            "peftlab/backbones.py"),
+    Private("transformers.PreTrainedModel._init_weights", "transformers", "method", ("self", "module"),
+            "a sharded start initialises the weights missing from the checkpoint (a new head) exactly as "
+            "from_pretrained does, on every rank alike (no public per-module initialiser)",
+            "peftlab/backbones.py"),
+    Private("lm_eval.tasks._yaml_loader", "lm-eval", "attribute", (),
+            "its load_yaml reads a task YAML as lm-eval does (include: merged, !function resolved), to check the "
+            "task in one line before any model loads; lm-eval < 0.4.10 has the public load_yaml_config instead "
+            "(the fallback)",
+            "peftlab/evaluate.py"),
+    Private("lm_eval.api.model.TemplateLM._loglikelihood_tokens", "lm-eval", "method", ("self", "requests", "kwargs"),
+            "overridden: TemplateLM tokenizes context/continuation pairs and calls it; peftlab scores them through "
+            "the method's module (virtual tokens, prefixes), the only hook between tokenizing and the model",
+            "peftlab/eval_lm.py"),
     Private("torch.Tensor._base", "torch", "attribute", (),
             "count each saved storage once when tracing activations (a view and its base are one tensor)",
             "peftlab/analysis/memory.py"),

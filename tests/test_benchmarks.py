@@ -120,7 +120,7 @@ def test_defaults_and_packing_benchmarks_smoke():
 @pytest.mark.slow  # loads SmolLM2 and runs lm-eval twice (~70 s on a shared CPU)
 def test_eval_lm_benchmark_smoke(tmp_path):
     """benchmarks/eval_lm.py (#31: peftlab's lm-eval LM against HFLM on one merged LoRA) in smoke mode: both LMs
-    ran both tasks, their log-likelihoods are identical, and section 8 with its goal rows renders from the record."""
+    ran both tasks, their log-likelihoods are identical, and section 9 with its goal rows renders from the record."""
     sys.path.insert(0, str(ROOT))
     try:
         from benchmarks import eval_lm
@@ -136,7 +136,7 @@ def test_eval_lm_benchmark_smoke(tmp_path):
 
     assert len(eval_lm_targets(record)) == 2
     text = "\n".join(_eval_lm(record))
-    assert "## 8. lm-eval" in text and record["command"] in text and "Scores: equal" in text
+    assert "## 9. lm-eval" in text and record["command"] in text and "Scores: equal" in text
 
 
 @pytest.mark.slow

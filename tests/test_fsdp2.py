@@ -42,15 +42,15 @@ import torch
 import lightning as L
 sys.path.insert(0, {tests!r})
 from conftest import make_data
-import peftlab.backbones
 import peftlab.methods as methods
+import peftlab.strategies
 from peftlab.callbacks import AdapterExport
 from peftlab.strategies import FSDP2Strategy
 from torch.distributed.tensor import DTensor
 
 filled = []  # tensors a sharded start read from the checkpoint into each rank's shards
-load_shards = peftlab.backbones.load_shards
-peftlab.backbones.load_shards = lambda model: filled.append(load_shards(model)) or filled[-1]
+load_shards = peftlab.strategies.load_shards
+peftlab.strategies.load_shards = lambda model: filled.append(load_shards(model)) or filled[-1]
 
 gathered = []  # sizes of every tensor an export gathers: the trainable parameters only
 full_tensor = DTensor.full_tensor

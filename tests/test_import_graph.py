@@ -13,9 +13,9 @@ import functools
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "peftlab"
-#: function-local imports of peftlab/ (any module): 222 before issue #29, 208 after its refactor, 251 once the
-#: chat, serving and tracker work was merged; lower it when you remove some
-LOCAL_IMPORTS_MAX = 251
+#: function-local imports of peftlab/ (any module): 222 before issue #29, 208 after its refactor, 263 once the
+#: chat, evaluation, serving and tracker work was merged; lower it when you remove some
+LOCAL_IMPORTS_MAX = 263
 
 
 def modules() -> dict[str, Path]:
@@ -129,8 +129,12 @@ def test_the_graph_reads_package_edges_and_local_imports():
 
 
 def test_no_import_cycle_among_peftlab_modules():
-    top, local, _ = import_graph()
+    top, _, _ = import_graph()
     assert cycles(top) == [], "module-level import cycle"
+
+
+def test_no_import_cycle_through_function_local_imports():
+    top, local, _ = import_graph()
     both = {m: top[m] | local[m] for m in top}
     assert cycles(both) == [], "import cycle through a function-local import: give the shared code its own module"
 

@@ -95,6 +95,25 @@ def _module_buffers(tmp_path):
     assert torch.equal(norm.running_mean, torch.ones(2))
 
 
+def _module_parameters(tmp_path):
+    import torch
+
+    lin = torch.nn.Linear(2, 2)
+    assert isinstance(lin._parameters, dict) and lin._parameters["weight"] is lin.weight
+    new = torch.nn.Parameter(torch.ones(2, 2))
+    lin._parameters["weight"] = new  # replacing an entry replaces the parameter, also for named_parameters
+    assert lin.weight is new and dict(lin.named_parameters())["weight"] is new
+
+
+def _lm_eval_yaml_loader(tmp_path):
+    from lm_eval.tasks import _yaml_loader
+
+    (tmp_path / "base.yaml").write_text("output_type: multiple_choice\nnum_fewshot: 0\n")
+    (tmp_path / "task.yaml").write_text("include: base.yaml\ntask: t\nnum_fewshot: 2\n")
+    config = _yaml_loader.load_yaml(tmp_path / "task.yaml")
+    assert config["task"] == "t" and config["output_type"] == "multiple_choice" and config["num_fewshot"] == 2
+
+
 def _tensor_base(tmp_path):
     import torch
 
@@ -154,7 +173,9 @@ CHECKS = {
     "lightning.pytorch.strategies.Strategy._checkpoint_io": _strategy_checkpoint_io,
     "lightning.fabric.utilities.distributed._DatasetSamplerWrapper._sampler": _sampler_wrapper,
     "torch.nn.Module._buffers": _module_buffers,
+    "torch.nn.Module._parameters": _module_parameters,
     "torch.Tensor._base": _tensor_base,
+    "lm_eval.tasks._yaml_loader": _lm_eval_yaml_loader,
     "transformers.AutoModelForCausalLM._model_mapping": _model_mapping,
     "transformers.PreTrainedModel._no_split_modules": _no_split_modules,
     "transformers.PreTrainedModel._keep_in_fp32_modules": _keep_in_fp32_modules,

@@ -17,6 +17,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from peftlab.text_metrics import BLEU_N, bleu_stats
+
 
 def _normalise(text: str) -> str:
     return " ".join(text.split())
@@ -116,13 +118,11 @@ class GenerationEval(L.Callback):
         from torchmetrics import MeanMetric
         from torchmetrics.text import BLEUScore, ROUGEScore
 
-        from peftlab.compare import stats
-
         self.examples[stage] = []
         if stage == "test":
             self.records = []
         metrics = {"exact": MeanMetric(), "rouge": ROUGEScore(rouge_keys="rougeL"),
-                   "bleu": BLEUScore(n_gram=stats.BLEU_N)}
+                   "bleu": BLEUScore(n_gram=BLEU_N)}
         if pl_module is not None:  # states on the module's device: DDP reduces them there
             metrics = {k: m.to(pl_module.device) for k, m in metrics.items()}
         self._metrics[stage] = metrics
@@ -135,15 +135,13 @@ class GenerationEval(L.Callback):
             return
         from torchmetrics.functional.text import rouge_score
 
-        from peftlab.compare import stats
-
         preds, refs = self.generate(pl_module, batch)
         prompts = self.prompt_texts(pl_module, batch) if stage == "test" else [""] * len(preds)
         metrics = self._metrics[stage]
         for pred, ref, prompt in zip(preds, refs, prompts):
             row = {"gen_exact_match": float(_normalise(pred) == _normalise(ref)),
                    "rougeL": float(rouge_score(pred, ref, rouge_keys="rougeL")["rougeL_fmeasure"]),
-                   **stats.bleu_stats(pred, ref)}
+                   **bleu_stats(pred, ref)}
             if len(self.examples[stage]) < 5:
                 row["sample"] = {"generated": pred, "reference": ref}
             self.examples[stage].append(row)
