@@ -736,8 +736,10 @@ def test_instruction_study_smoke_runs_end_to_end(tmp_path, capsys, monkeypatch):
             assert iv["low"] <= iv["mean"] <= iv["high"] and iv["seeds"] == 1, (m["name"], metric, iv)
         f = m["forgetting"]
         assert f["before"] > 0 and f["delta"] == pytest.approx(f["after"] - f["before"])
-    # the two methods start from the same backbone: the reference corpus loss before training is the same
-    assert methods["prompt"]["forgetting"]["before"] == pytest.approx(methods["lora r=8 q,v"]["forgetting"]["before"])
+    # "before" is the built, untrained method: LoRA's zero B leaves the backbone as it is, but prompt tuning's 20
+    # untrained virtual tokens are already in the input (measured: 4.847 vs LoRA's 4.641), so a prompt method's
+    # forgetting delta is measured from its own start, not from the bare backbone
+    assert methods["prompt"]["forgetting"]["before"] != pytest.approx(methods["lora r=8 q,v"]["forgetting"]["before"])
     report = (sd / "report.md").read_text()
     assert "[95% CI]" in report and "reference loss before → after" in report
 
