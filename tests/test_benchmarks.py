@@ -27,6 +27,7 @@ def _numbers(value):
             yield from _numbers(v)
 
 
+@pytest.mark.slow  # minutes on 2 cores: `bash scripts/test.sh -m slow`
 def test_benchmarks_smoke(tmp_path):
     sys.path.insert(0, str(ROOT))
     try:
@@ -81,6 +82,7 @@ def test_benchmarks_smoke(tmp_path):
         assert heading in text
 
 
+@pytest.mark.slow  # minutes on 2 cores: `bash scripts/test.sh -m slow`
 def test_qlora_mapping_probe_shows_the_checkpoint_released():
     """benchmarks/qlora_mapping.py on the packaged SmolLM2: without the fix the fp32 checkpoint stays mapped,
     with it nothing of the file is resident (a memory fact, not a timing)."""
@@ -93,6 +95,7 @@ def test_qlora_mapping_probe_shows_the_checkpoint_released():
     assert mapped["with"] == 0 and mapped["without"] > 100, out
 
 
+@pytest.mark.slow  # minutes on 2 cores: `bash scripts/test.sh -m slow`
 def test_defaults_and_packing_benchmarks_smoke():
     """benchmarks/defaults.py (#21's ratios) in smoke mode: every variant ran and produced sane numbers (the
     torch.compile part compiles for minutes and is left to the full run)."""

@@ -95,6 +95,7 @@ def test_a_missing_driver_is_one_line_naming_the_package_and_extra(tmp_path, tin
     assert "pip install 'peftlab[postgres]' (it installs psycopg[binary])" in err
 
 
+@pytest.mark.slow  # two compare processes on one PostgreSQL: minutes on 2 cores
 def test_two_machines_share_one_postgres_study_and_every_run_happens_once(tmp_path, tiny_bert, sentiment_csv,
                                                                          database):
     study = tiny_study(tmp_path, tiny_bert, sentiment_csv, tuning={"trials": 1, "pruner": "none", "seed": 0},

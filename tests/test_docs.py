@@ -74,11 +74,12 @@ def test_python_api_page_runs_as_written(tmp_path, monkeypatch, capsys):
 
 
 def test_extending_page_shows_the_shipped_examples():
-    """The code on docs/extending.md is the code in examples/ (the examples are run by test_examples.py)."""
+    """The code on docs/extending.md is the code in examples/ and peftlab/methods/ia3.py (run by test_examples.py
+    and test_ia3.py)."""
     blocks = _python_blocks("extending.md")
     bitfit = (ROOT / "examples" / "bitfit.py").read_text()
     assert blocks[0].strip() in bitfit
-    ia3 = (ROOT / "examples" / "ia3.py").read_text()
+    ia3 = (ROOT / "peftlab" / "methods" / "ia3.py").read_text()
     for line in blocks[1].strip().splitlines():
         assert line.strip() in ia3, line
     assert (ROOT / "examples" / "bitfit.yaml").read_text().count("examples.bitfit.BitFit") == 1

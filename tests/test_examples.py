@@ -14,8 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
     # BitFit on all-MiniLM-L6-v2: every bias (6 layers x (q,k,v,attn-out 384 + LN 384 + FFN-in 1536 + FFN-out 384
     # + LN 384) + embeddings LN 384 + pooler 384) plus the new head (384*2 + 2)
     ("bitfit", 6 * (4 * 384 + 384 + 1536 + 384 + 384) + 384 + 384 + 384 * 2 + 2),
-    # IA3: one vector per target: key, value (384 each) and the FFN output layer's input (1536), 6 layers, + head
-    ("ia3", 6 * (384 + 384 + 1536) + 384 * 2 + 2),
 ])
 def test_example_method_end_to_end(tmp_path, capsys, monkeypatch, example, expected):
     monkeypatch.chdir(ROOT)  # class_path examples.<name>.<Class> resolves from the working directory

@@ -16,11 +16,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = [
     ["experiments/inference_overhead/run.py", "--smoke"],
-    ["experiments/multi_lora/run.py", "--smoke"],
+    # the multi-LoRA runner trains several adapters: minutes on 2 cores, so behind `-m slow`
+    pytest.param(["experiments/multi_lora/run.py", "--smoke"], marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize("study", STUDIES, ids=[s[0].split("/")[1] for s in STUDIES])
+@pytest.mark.parametrize("study", STUDIES, ids=["inference_overhead", "multi_lora"])
 def test_study_smoke(study):
     proc = subprocess.run([sys.executable, *study], cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, PYTHONWARNINGS="ignore"))

@@ -65,15 +65,26 @@ class GenerationEval(L.Callback):
     # -------------------------------------------------------------- prompts and references of an eval batch
     @staticmethod
     def prompts_and_references(batch: dict, task: str, pad_id: int) -> tuple[dict, list[list[int]]]:
-        """(left-padded generation inputs, reference token ids per example) of an evaluation batch."""
+        """(left-padded generation inputs, reference token ids per example) of an evaluation batch.
+
+        A causal-LM example whose labels hold several spans (a chat trained on every assistant reply) is scored on
+        its last span: the prompt is everything before it (earlier replies included, as written), the reference
+        that span; a single response is its one span."""
         labels = batch["labels"]
-        refs = [[int(t) for t in row[row != -100]] for row in labels]
         if task == "seq2seq":
+            refs = [[int(t) for t in row[row != -100]] for row in labels]
             return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, refs
-        prompts = []
+        prompts, refs = [], []
         for ids, mask, row in zip(batch["input_ids"], batch["attention_mask"], labels):
-            targets = (row != -100).nonzero()
-            end = int(targets[0]) if len(targets) else int(mask.sum())
+            targets = (row != -100).nonzero().flatten().tolist()
+            if not targets:
+                end = int(mask.sum())
+                refs.append([])
+            else:
+                end, labelled = targets[-1], set(targets)
+                while end - 1 in labelled:  # back to the start of the last contiguous span
+                    end -= 1
+                refs.append([int(t) for t in row[end:targets[-1] + 1]])
             prompts.append(ids[:end][mask[:end].bool()])
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), pad_id, dtype=batch["input_ids"].dtype)
