@@ -175,6 +175,19 @@ def tiny_trainer(max_steps=5, **kw):
     return L.Trainer(max_steps=max_steps, **{**defaults, **kw})
 
 
+def run_main(args, capsys):
+    """Run the peftlab CLI in-process; return (exit code, stdout, stderr)."""
+    from peftlab.cli import main
+
+    code = 0
+    try:
+        main(args)
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def write_config(tmp_path, backbone, source, *, method="peftlab.methods.LoRA", model=None, trainer=None,
                  data=None, callbacks=None, name="run.yaml", runs="runs", run_name="r", seed=7, extra=None):
     """A complete small fit config for the tiny models (a few CPU seconds)."""

@@ -12,23 +12,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import write_config
+from conftest import run_main, write_config
 from peftlab.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
 PEFTLAB = str(Path(sys.executable).parent / "peftlab")
 
-
-def run_main(args, capsys):
-    """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        main(args)
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def tiny_config(tmp_path, backbone, source, **model):

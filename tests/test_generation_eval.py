@@ -8,20 +8,8 @@ import json
 
 import pytest
 
-from conftest import write_config
+from conftest import run_main, write_config
 from peftlab.errors import PeftLabError
-
-
-def run_main(args, capsys):
-    from peftlab.cli import main
-
-    code = 0
-    try:
-        main(args)
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _config(tmp_path, tiny_llama, generation_jsonl, **trainer):

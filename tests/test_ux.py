@@ -14,20 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import write_config
-from peftlab.cli import main
+from conftest import run_main, write_config
 
 PEFTLAB = str(Path(sys.executable).parent / "peftlab")
 
-
-def run_main(args, capsys):
-    code = 0
-    try:
-        main(args)
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def metrics_rows(run_dir):
