@@ -9,33 +9,26 @@ from peftlab.compat import quiet_upstream_noise as _quiet_upstream_noise  # noqa
 
 _quiet_upstream_noise()
 
+# every method class comes from peftlab.methods, which exports each shipped method (nothing lists them here)
 _LAZY = {
-    "PeftModule": "peftlab.methods",
-    "FullFineTuning": "peftlab.methods",
-    "LoRA": "peftlab.methods",
-    "QLoRA": "peftlab.methods",
-    "PromptTuning": "peftlab.methods",
-    "PTuning": "peftlab.methods",
-    "PrefixTuning": "peftlab.methods",
-    "PTuningV2": "peftlab.methods",
-    "BottleneckAdapter": "peftlab.methods",
-    "LoRAPromptTuning": "peftlab.methods",
-    "DoRA": "peftlab.methods",
-    "RSLoRA": "peftlab.methods",
-    "PiSSA": "peftlab.methods",
-    "LoRAPlus": "peftlab.methods",
-    "AdaLoRA": "peftlab.methods",
-    "Stack": "peftlab.methods",
     "PeftDataModule": "peftlab.data",
     "PeftLabError": "peftlab.errors",
 }
 
-__all__ = list(_LAZY)
+
+def _methods():
+    import importlib
+
+    return importlib.import_module("peftlab.methods")
 
 
 def __getattr__(name):
+    if name == "__all__":  # computed: the method classes are known once peftlab.methods is imported
+        return [n for n in _methods().__all__ if n != "METHODS"] + list(_LAZY)
     if name in _LAZY:
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name[:1].isupper() and name in _methods().__all__:
+        return getattr(_methods(), name)
     raise AttributeError(f"module 'peftlab' has no attribute {name!r}")

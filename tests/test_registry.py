@@ -206,3 +206,16 @@ def test_estimate_memory_all_skips_a_registered_method_that_does_not_apply(tiny_
 def test_estimate_memory_all_still_fails_on_an_option_every_method_rejects(capsys):
     code, _, err = run_main(["estimate-memory", "--size", "7b", "--batch_size", "0"], capsys)
     assert code == 2 and err.count("\n") == 1 and "skipped" not in err, err
+
+
+def test_every_shipped_method_class_is_importable_from_the_package():
+    import peftlab
+    from peftlab.methods.registry import METHODS
+
+    shipped = {cls.__name__ for cls in METHODS.values() if cls.__module__.startswith("peftlab.methods.")}
+    assert {"IA3", "VeRA", "LoRA", "PTuningV2"} <= shipped
+    for name in shipped:
+        assert getattr(peftlab, name) is getattr(peftlab.methods, name)
+        assert name in peftlab.__all__
+    with pytest.raises(AttributeError, match="no attribute 'NotAMethod'"):
+        peftlab.NotAMethod  # noqa: B018
