@@ -147,3 +147,27 @@ def test_serve_command_refuses_a_bad_adapter_argument(capsys):
 
     code, out, err = run_main(["serve", "sentiment"], capsys)
     assert code != 0 and "adapter 'sentiment': give NAME=PATH" in out + err
+
+
+def test_a_chat_trained_run_is_served_in_its_own_chat_template(tmp_path, tiny_chat_llama, capsys):
+    """/v1/chat/completions on a data.task chat run answers as Run.chat does (the run's template and system
+    prompt), not through the tokenizer's template alone."""
+    from conftest import chat_rows, run_main, write_config, write_jsonl
+
+    source = write_jsonl(tmp_path / "chat.jsonl", chat_rows(24))
+    cfg = write_config(tmp_path, tiny_chat_llama, source, trainer={"max_steps": 2},
+                       data={"task": "chat", "max_length": 256, "system_prompt": "Be brief."},
+                       model={"target_modules": ["q_proj"]})
+    code, _, err = run_main(["fit", "--config", cfg, "--test_after_fit", "false"], capsys)
+    assert code == 0, err
+    run_dir = str(next((tmp_path / "runs").rglob("version_*")))
+    messages = [{"role": "user", "content": "Fresh or rotten? A superb film."}]
+    run = load_run(run_dir)
+    expected = run.chat(messages, max_new_tokens=6)
+    # the tokenizer's template alone (no system prompt) answers otherwise, so the equality below tells them apart
+    bare = run.module.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert run.predict([bare], raw=True, max_new_tokens=6)[0]["generated"] != expected
+    with Server(create_app(load_adapters({"chat": run_dir}), max_batch_size=4, max_wait_ms=5)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="chat", messages=messages, max_tokens=6)
+    assert reply.choices[0].message.content == expected
