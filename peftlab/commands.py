@@ -48,7 +48,7 @@ class Command(NamedTuple):
 
 COMMANDS: dict[str, Command] = {
     "merge": Command("peftlab.merge:merge_command",
-                     "Merge a trained LoRA/QLoRA into its backbone: a plain transformers model, no peft needed."),
+                     "Merge a trained mergeable adapter (LoRA family, IA3, VeRA) into its backbone: a plain transformers model, no peft needed."),
     "compose": Command("peftlab.compose:compose_command",
                        "Combine trained LoRA adapters by weighted sum into one adapter (or a merged model)."),
     "plot": Command("peftlab.plot:plot_command", "Plot a run's learning curves (metrics.csv) to a PNG."),

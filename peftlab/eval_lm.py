@@ -60,7 +60,8 @@ class PeftLabLM(TemplateLM):
     backend = "causal"
 
     def __init__(self, model, tokenizer, *, batch_size: int = 8, max_length: int | None = None,
-                 max_gen_toks: int = 256, chat: bool = False, template: str | None = None):
+                 max_gen_toks: int = 256, chat: bool = False, template: str | None = None,
+                 system_prompt: str | None = None):
         super().__init__()
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -70,14 +71,16 @@ class PeftLabLM(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         self.chat = chat
         self.template = template or getattr(tokenizer, "chat_template", None)
+        self.system_prompt = system_prompt  # a chat run's data.system_prompt: added where a history has none
 
     @classmethod
     def from_run(cls, run, **kwargs) -> PeftLabLM:
         """The LM of a :class:`peftlab.api.Run` (``load_run``): its module's model, adapter applied; a chat run's
         prompts in the chat template it was trained with."""
         chat = bool(getattr(run, "is_chat", False))
-        template = (getattr(run, "prompt_format", None) or {}).get("chat_template") if chat else None
-        return cls(run.module.model, run.module.tokenizer, chat=chat, template=template, **kwargs)
+        recorded = (getattr(run, "prompt_format", None) or {}) if chat else {}
+        return cls(run.module.model, run.module.tokenizer, chat=chat, template=recorded.get("chat_template"),
+                   system_prompt=recorded.get("system_prompt"), **kwargs)
 
     # ------------------------------------------------------------------ what lm-eval asks of every LM
     @property
@@ -101,7 +104,10 @@ class PeftLabLM(TemplateLM):
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The few-shot chat history as one prompt, through the tokenizer's chat template (lm-eval's hook; called
-        when ``simple_evaluate(apply_chat_template=True)``)."""
+        when ``simple_evaluate(apply_chat_template=True)``); a chat run's system prompt leads, as in training,
+        unless the task gave its own."""
+        if self.system_prompt and not (chat_history and chat_history[0].get("role") == "system"):
+            chat_history = [{"role": "system", "content": self.system_prompt}, *chat_history]
         return self.tokenizer.apply_chat_template(chat_history, chat_template=self.template, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt,
                                                   continue_final_message=not add_generation_prompt)

@@ -78,7 +78,7 @@ def probe_batch(module, texts: list[str] | None = None) -> dict:
 
 def merge_command(run: str, /, *, output: str, dtype: Literal["float32", "bfloat16", "float16"] = "float32",
                   backbone: str | None = None) -> dict:
-    """Merge a trained LoRA/QLoRA into its backbone: a plain transformers model, no peft needed.
+    """Merge a trained mergeable adapter (LoRA family, IA3, VeRA) into its backbone: a plain transformers model, no peft needed.
 
     Folds the trained update into the backbone's weights and saves model + tokenizer (safetensors, atomically)
     to a directory that ``AutoModel*.from_pretrained`` loads without peft; prints a report with the largest

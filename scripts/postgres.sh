@@ -57,7 +57,8 @@ start)
         -o "-h 127.0.0.1 -p $port -k $dir -c fsync=off -c max_connections=100" start >/dev/null \
         || skip "the server did not start: $(tail -n 1 "$dir/server.log")"
     echo "$port" > "$dir/port"
-    as_owner "$bin/createdb" -h 127.0.0.1 -p "$port" -U peftlab peftlab
+    as_owner "$bin/createdb" -h 127.0.0.1 -p "$port" -U peftlab peftlab >"$dir/createdb.log" 2>&1 \
+        || skip "createdb failed: $(tail -n 1 "$dir/createdb.log")"
     echo "postgresql://peftlab@127.0.0.1:$port/peftlab"
     ;;
 stop)

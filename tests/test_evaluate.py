@@ -314,6 +314,12 @@ def test_a_chat_run_is_evaluated_in_its_recorded_chat_template(tmp_path, tiny_ll
     (sample, _) = [json.loads(line) for line in
                    (Path(out["directory"]) / "samples_peftlab_rotten_tomatoes_mc.jsonl").read_text().splitlines()]
     assert sample["arguments"][0][0].startswith("[user] Movie review:")  # (context, continuation) pairs
+    # the run's training system prompt leads every prompt (unless the task's history brings its own)
+    rewrite_meta(run_dir, prompt_format={"kind": "chat", "chat_template": template, "system_prompt": "Be brief."})
+    lm = PeftLabLM.from_run(load_run(str(run_dir)))
+    assert lm.apply_chat_template([{"role": "user", "content": "hi"}]) == "[system] Be brief.\n[user] hi\n[assistant]"
+    assert lm.apply_chat_template([{"role": "system", "content": "Task."}, {"role": "user", "content": "hi"}]) \
+        == "[system] Task.\n[user] hi\n[assistant]"
     plain = evaluate_command(str(run_dir), tasks=["peftlab_rotten_tomatoes_mc"], limit=2, apply_chat_template=False)
     assert json.loads((Path(plain["directory"]) / "results.json").read_text())["arguments"]["apply_chat_template"] \
         is False
