@@ -620,6 +620,7 @@ def test_shipped_study_files_pass_the_checks(study, smoke, tmp_path, capsys, mon
     assert ": ok (" in out and "method(s)" in out
 
 
+@pytest.mark.slow  # the shipped study end to end: over a minute on 2 cores
 def test_quality_vs_params_study_smoke_runs_end_to_end(tmp_path, capsys, monkeypatch):
     """The CI run of #22: part (a)'s study file with --smoke (MiniLM, the packaged reviews), through the real CLI,
     to a report with intervals and the exact trainable-parameter counts."""

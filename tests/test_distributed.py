@@ -139,6 +139,7 @@ def test_adapter_only_checkpoint_with_wrapped_parameter_names(tiny_llama):
         model.named_parameters = original
 
 
+@pytest.mark.slow  # a benchmark smoke run, like the others in test_benchmarks.py
 def test_scaling_benchmark_smoke(tmp_path):
     """benchmarks/ddp_scaling.py in its smoke mode (a few steps of 1 and 2 processes) keeps working."""
     import json

@@ -43,7 +43,14 @@ def test_the_lock_pins_every_dependency_within_pyproject_ranges():
 def test_the_environment_is_the_lock():
     """What scripts/setup.sh installed is exactly the lock (torch aside when a GPU build was kept), so CI runs the
     versions the lock names. Under `scripts/test.sh --latest` the point is to differ, so this is skipped there."""
-    installed = {lockdiff.canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    import setuptools  # noqa: F401 - as some libraries do: its vendored copies join sys.path (ignored below)
+
+    installed = {}
+    for d in metadata.distributions():
+        # once something imports setuptools, its vendored copies (setuptools/_vendor: packaging, zipp, ...) are on
+        # sys.path too: those are not what the environment installed
+        if "_vendor" not in Path(str(d.locate_file(""))).parts:
+            installed.setdefault(lockdiff.canonical(d.metadata["Name"]), d.version)
     if installed.get("peftlab") is None or installed.get("torch", "").split("+")[0] != "2.13.0":
         pytest.skip("not the locked environment (a source checkout, or a user's own torch)")
     differ = [f"{n}=={v} (installed {installed.get(n)})" for n, v in lockdiff.pins(LOCK.read_text()).items()
