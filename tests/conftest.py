@@ -175,6 +175,18 @@ def tiny_trainer(max_steps=5, **kw):
     return L.Trainer(max_steps=max_steps, **{**defaults, **kw})
 
 
+def llama_logits(model, tiny_llama):
+    """The logits of ``model`` (any module taking the tokenizer's batch) on two fixed prompts, in eval mode."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    batch = dict(tok(["Review: a fine film\nVerdict:", "The plot follows a detective"], padding=True,
+                     return_tensors="pt"))
+    with torch.no_grad():
+        return model.eval()(**batch).logits
+
+
 def run_main(args, capsys):
     """Run the peftlab CLI in-process; return (exit code, stdout, stderr)."""
     from peftlab.cli import main

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_cli import run_main
 
-from conftest import make_data, tiny_trainer, write_config
+from conftest import llama_logits, make_data, tiny_trainer, write_config
 from peftlab.export import export_adapter
 from peftlab.merge import merge_to_directory, probe_batch
 from peftlab.methods import IA3
@@ -73,16 +73,6 @@ def trained_llama(tmp_path_factory, tiny_llama, generation_jsonl):
     return model, root
 
 
-def _logits(model, tiny_llama):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_llama)
-    batch = dict(tok(["Review: a fine film\nVerdict:", "The plot follows a detective"], padding=True,
-                     return_tensors="pt"))
-    with torch.no_grad():
-        return model.eval()(**batch).logits
-
-
 def test_export_loads_with_plain_peft(trained_llama, tiny_llama):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -90,9 +80,9 @@ def test_export_loads_with_plain_peft(trained_llama, tiny_llama):
     model, root = trained_llama
     assert json.loads((root / "adapter" / "adapter_config.json").read_text())["peft_type"] == "IA3"
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), root / "adapter")
-    trained, base = _logits(model, tiny_llama), _logits(AutoModelForCausalLM.from_pretrained(tiny_llama), tiny_llama)
+    trained, base = llama_logits(model, tiny_llama), llama_logits(AutoModelForCausalLM.from_pretrained(tiny_llama), tiny_llama)
     assert (trained - base).abs().max() > 1e-4  # training moved the vectors off 1: the comparison below can fail
-    torch.testing.assert_close(_logits(plain, tiny_llama), trained, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(llama_logits(plain, tiny_llama), trained, atol=1e-5, rtol=1e-5)
 
 
 def test_merged_equals_unmerged(trained_llama, tiny_llama):
@@ -103,4 +93,4 @@ def test_merged_equals_unmerged(trained_llama, tiny_llama):
     assert report["max_abs_logit_difference"] < 1e-5
     merged = AutoModelForCausalLM.from_pretrained(root / "merged")
     assert not any("ia3" in n for n, _ in merged.named_parameters())
-    torch.testing.assert_close(_logits(merged, tiny_llama), _logits(model, tiny_llama), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(llama_logits(merged, tiny_llama), llama_logits(model, tiny_llama), atol=1e-5, rtol=1e-5)
