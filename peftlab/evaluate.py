@@ -150,6 +150,18 @@ def resolve_tasks(tasks: list[str], include_path: str | None = None) -> tuple[li
     return resolved, manager
 
 
+def check_limit(limit: float | None) -> float | int | None:
+    """``limit`` as lm-eval reads it (a whole count of documents, or a fraction below 1.0), or a one-line error."""
+    if limit is not None and limit <= 0:
+        raise PeftLabError(f"--limit must be positive (examples per task, or a fraction below 1.0), got {limit}; "
+                           "leave it out to evaluate every example")
+    if limit is not None and limit >= 1:
+        if limit != int(limit):
+            raise PeftLabError(f"--limit {limit}: a count of examples is a whole number (a fraction is below 1.0)")
+        return int(limit)
+    return limit
+
+
 def _output_type(spec: str | dict, manager) -> str | None:
     if isinstance(spec, dict):
         return spec.get("output_type")
@@ -211,13 +223,7 @@ def evaluate_command(
     lm_eval_version = check_lm_eval()
     if not tasks:
         raise PeftLabError("name at least one task: --tasks peftlab_rotten_tomatoes_mc (or any lm-eval task)")
-    if limit is not None and limit <= 0:
-        raise PeftLabError(f"--limit must be positive (examples per task, or a fraction below 1.0), got {limit}; "
-                           "leave it out to evaluate every example")
-    if limit is not None and limit >= 1:
-        if limit != int(limit):
-            raise PeftLabError(f"--limit {limit}: a count of examples is a whole number (a fraction is below 1.0)")
-        limit = int(limit)
+    limit = check_limit(limit)
     if batch_size < 1:
         raise PeftLabError(f"--batch_size must be at least 1, got {batch_size}")
     if run is None and backbone is None:
@@ -262,11 +268,27 @@ def evaluate_command(
                  "batch_size": batch_size, "seed": seed, "max_length": lm.max_length, "max_gen_toks": max_gen_toks,
                  "gen_kwargs": gen_kwargs, "apply_chat_template": bool(chat), "device": str(target)}
     write_results(directory, results, arguments, lm_eval_version)
-    from lm_eval.utils import make_table
-
-    print(make_table(results))
+    print(results_table(results))
     print(f"[peftlab] results in {directory}")
     return {"directory": str(directory), "results": results["results"]}
+
+
+def results_table(results: dict) -> str:
+    """A Markdown table of lm-eval's per-task metrics: task, filter, n-shot, metric, value, stderr, documents.
+
+    Ours, not ``lm_eval.utils.make_table``: with pytablewriter 0.38 that table's headers print as A, B, C, ..."""
+    lines = ["| Task | Filter | n-shot | Metric | Value | Stderr | Docs |", "|---|---|--:|---|--:|--:|--:|"]
+    for task, values in (results.get("results") or {}).items():
+        shots = (results.get("n-shot") or {}).get(task, "")
+        docs = ((results.get("n-samples") or {}).get(task) or {}).get("effective", "")
+        for key, value in values.items():
+            metric, _, filt = key.partition(",")
+            if not filt or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            stderr = values.get(f"{metric}_stderr,{filt}")
+            shown = f"{stderr:.4f}" if isinstance(stderr, (int, float)) else "-"
+            lines.append(f"| {task} | {filt} | {shots} | {metric} | {value:.4f} | {shown} | {docs} |")
+    return "\n".join(lines)
 
 
 def run_tasks(lm, specs: list[str | dict], manager, *, limit=None, num_fewshot=None, seed: int = 0,

@@ -528,6 +528,68 @@ def test_causal_lm_study_with_generation_and_forgetting(tmp_path, tiny_llama, ge
     assert "reference loss before → after" in report and "Generated text" in report
 
 
+MC, GEN = "peftlab_rotten_tomatoes_mc", "peftlab_rotten_tomatoes_gen"
+
+
+def test_a_study_selects_on_and_reports_lm_eval_metrics_with_intervals(tmp_path, tiny_llama, generation_jsonl, capsys):
+    """select on an lm-eval metric at each validation, report two tasks' metrics: each interval's mean is the seed
+    runs' logged value, resampled over the task's documents; differences to the baseline are paired."""
+    study = tiny_study(tmp_path, tiny_llama, generation_jsonl, task="causal_lm", seeds=[0, 1],
+                       tuning={"trials": 2, "reduction_factor": 2, "seed": 5},
+                       budget={"max_steps": 2, "val_check_interval": 1}, select=f"val/{MC}/acc",
+                       report=[f"test/{MC}/acc", f"test/{GEN}/exact_match_extract", "test/loss"],
+                       lm_eval={"tasks": [MC, GEN], "limit": 6, "batch_size": 4, "max_gen_toks": 3})
+    sd = tmp_path / "sd"
+    code, out, err = run_main(["compare", "--config", str(study), "--study_dir", str(sd)], capsys)
+    assert code == 0, err[-3000:]
+    part = json.loads((sd / "results.json").read_text())["parts"][0]
+    assert part["direction"] == "maximize" and part["lm_eval"]["during_validation"] is True
+    lora, prompt = part["methods"]
+    for m in (lora, prompt):
+        assert all(t["validations"] >= 1 for t in m["trials"] if t["state"] == "complete")
+        for metric in (f"test/{MC}/acc", f"test/{GEN}/exact_match_extract"):
+            iv = m["test"][metric]
+            logged = [s["metrics"][metric] for s in m["seeds"]]
+            assert iv["examples"] == 6 and iv["seeds"] == 2, (metric, iv)
+            assert iv["mean"] == pytest.approx(sum(logged) / 2, abs=1e-6) and iv["per_seed"] == pytest.approx(logged)
+            assert 0 <= iv["low"] <= iv["mean"] <= iv["high"] <= 1
+    diff = prompt["vs_baseline"][f"test/{MC}/acc"]
+    assert diff["mean"] == pytest.approx(prompt["test"][f"test/{MC}/acc"]["mean"] - lora["test"][f"test/{MC}/acc"]["mean"])
+    report = (sd / "report.md").read_text()
+    assert f"test/{MC}/acc mean" in report and "lm-eval tasks (`peftlab_rotten_tomatoes_mc`" in report
+
+
+def test_lm_eval_metrics_without_per_document_scores_get_the_seed_interval():
+    from peftlab.compare import stats
+
+    iv = stats.seed_interval([0.5, 0.7], 0.95, (0.0, 1.0))
+    assert iv.mean == pytest.approx(0.6) and iv.examples == 0
+    # t(0.975, 1) = 12.706 times the standard error 0.1
+    assert iv.low == 0.0 and iv.high == 1.0
+    iv = stats.seed_interval([0.5, 0.52, 0.54], 0.95)
+    assert (iv.high - iv.mean) == pytest.approx(4.303 * 0.02 / 3 ** 0.5, rel=1e-3)  # t(0.975, 2)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"report": [f"test/{MC}/acc"]}, f"is an lm-eval metric (<stage>/<task>/<metric>); add an lm_eval section"),
+    ({"report": [f"test/{MC}/acc"], "lm_eval": {"tasks": [GEN]}}, f"names task '{MC}', which lm_eval.tasks does not run"),
+    ({"report": [f"test/{MC}/accuracy"], "lm_eval": {"tasks": [MC]}}, f"task {MC} reports test/{MC}/acc"),
+    ({"select": f"test/{MC}/acc", "lm_eval": {"tasks": [MC]}}, "select uses the val split"),
+    ({"lm_eval": {"tasks": ["peftlab_rotten_tomatos_mc"]}}, "unknown task 'peftlab_rotten_tomatos_mc'. Did you mean"),
+    ({"lm_eval": {"tasks": [MC], "limit": 0}}, "lm_eval: --limit must be positive"),
+    ({"lm_eval": {"tasks": []}}, "lm_eval.tasks: must list lm-eval tasks"),
+    ({"lm_eval": {"tasks": [MC], "shots": 2}}, "unknown key 'shots'"),
+])
+def test_lm_eval_study_errors_are_one_line_before_any_run(tmp_path, tiny_llama, generation_jsonl, capsys, change,
+                                                          expected):
+    study = tiny_study(tmp_path, tiny_llama, generation_jsonl, task="causal_lm", **change)
+    code, out, err = run_main(["compare", "--config", str(study), "--study_dir", str(tmp_path / "sd")], capsys)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines[0]
+    assert not (tmp_path / "sd").exists()
+
+
 # ---------------------------------------------------------------------------------------------- shipped studies
 STUDIES = sorted(ROOT.glob("experiments/*/study*.yaml"))
 
@@ -718,7 +780,8 @@ def test_forgetting_keeps_the_loss_measured_before_training_across_a_resume(monk
 @pytest.mark.slow  # ~1-2 min on 2 CPU cores: SmolLM2-135M, 6 runs with generation and forgetting
 def test_instruction_study_smoke_runs_end_to_end(tmp_path, capsys, monkeypatch):
     """#35's study file with --smoke: SmolLM2-135M-Instruct on the packaged chats (data.task chat), tuned LoRA and
-    prompt tuning, to a report with the loss per assistant token, the generated-text metrics and forgetting."""
+    prompt tuning, to a report with the loss per assistant token, the generated-text metrics, the shipped lm-eval
+    tasks and forgetting."""
     monkeypatch.chdir(ROOT)
     sd = tmp_path / "sd"
     code, out, err = run_main(["compare", "--config", "experiments/instruction/study.yaml", "--smoke",
@@ -732,9 +795,11 @@ def test_instruction_study_smoke_runs_end_to_end(tmp_path, capsys, monkeypatch):
     assert methods["lora r=8 q,v"]["trainable"] == 30 * 8 * (1152 + 768) == 460_800
     assert methods["prompt"]["trainable"] == 20 * 576
     for m in methods.values():
-        for metric in ("test/loss", "test/exact_match", "test/gen_exact_match", "test/rougeL", "test/bleu"):
+        for metric in ("test/loss", "test/exact_match", "test/gen_exact_match", "test/rougeL", "test/bleu",
+                       f"test/{MC}/acc", f"test/{GEN}/exact_match_extract"):
             iv = m["test"][metric]
             assert iv["low"] <= iv["mean"] <= iv["high"] and iv["seeds"] == 1, (m["name"], metric, iv)
+        assert m["test"][f"test/{MC}/acc"]["examples"] == 4  # lm_eval.limit of the smoke run
         f = m["forgetting"]
         assert f["before"] > 0 and f["delta"] == pytest.approx(f["after"] - f["before"])
     # "before" is the built, untrained method: LoRA's zero B leaves the backbone as it is, but prompt tuning's 20

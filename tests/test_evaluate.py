@@ -169,8 +169,10 @@ def test_evaluate_a_p_tuning_v2_run_writes_results_and_samples(tmp_path, tiny_ll
     assert record["versions_of_libraries"]["lm_eval"] and record["arguments"]["limit"] == 4
     samples = [json.loads(line) for line in (directory / "samples_peftlab_rotten_tomatoes_mc.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and {"doc", "resps", "acc"} <= set(samples[0])
-    table = capsys.readouterr().out
-    assert "peftlab_rotten_tomatoes_mc" in table and "acc" in table
+    table = capsys.readouterr().out.splitlines()
+    assert "| Task | Filter | n-shot | Metric | Value | Stderr | Docs |" in table  # (lm-eval's own prints A, B, C)
+    assert f"| peftlab_rotten_tomatoes_mc | none | 0 | acc | {mc['acc,none']:.4f} | " \
+           f"{mc['acc_stderr,none']:.4f} | 4 |" in table
 
 
 def test_a_local_copy_of_a_standard_task_reads_its_own_format(tmp_path, tiny_llama, tokenizer_dir):

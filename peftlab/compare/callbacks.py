@@ -6,6 +6,8 @@
   target tokens' loss, teacher-forced exact match and the generated-text scores), which the bootstrap of the
   report resamples; optionally the loss on a reference corpus before and after training (forgetting) and the
   forward latency of a test batch;
+* lm-eval task metrics (``{val,test}/<task>/<metric>``) come from :class:`peftlab.callbacks.LMEval`
+  (:func:`lm_eval_callback`), whose per-document scores :class:`TestOutcomes` keeps beside its own columns;
 * :class:`TrialReporter`: reports the validation metric to an Optuna trial at every validation (successive
   halving prunes on it: the run stops), prints progress, and remembers the best value.
 """
@@ -20,7 +22,17 @@ import lightning as L
 import torch
 
 from peftlab.callbacks.generation import GenerationEval
+from peftlab.callbacks.harness import LMEval
 from peftlab.compare import stats
+
+
+def lm_eval_callback(settings: dict | None, stages: tuple[str, ...]) -> LMEval | None:
+    """The :class:`~peftlab.callbacks.LMEval` of a study part's ``lm_eval`` section for ``stages`` (None without
+    one)."""
+    if not settings or not stages:
+        return None
+    return LMEval(settings["tasks"], stages=stages, limit=settings.get("limit"), num_fewshot=settings.get("num_fewshot"),
+                  batch_size=int(settings.get("batch_size") or 8), max_gen_toks=int(settings.get("max_gen_toks") or 32))
 
 
 class TestOutcomes(L.Callback):
@@ -33,14 +45,17 @@ class TestOutcomes(L.Callback):
         forgetting: ``{source, text_column, max_samples, max_length, batch_size}``: the LM loss on that corpus before training
             (on_fit_start) and after (the tested checkpoint, on_test_end)
         latency: ``{repeats, warmup}``: median forward time of the first test batch
+        lm_eval: the run's :class:`~peftlab.callbacks.LMEval`, whose per-document test scores go to
+            ``result["lm_eval"]`` (``{task: {metric: [...], "n": [...]}}``: lm-eval's documents, not the test split's)
     """
 
     __test__ = False  # not a pytest test class
 
     def __init__(self, generation: GenerationEval | None = None, forgetting: dict | None = None,
-                 latency: dict | None = None):
+                 latency: dict | None = None, lm_eval: LMEval | None = None):
         super().__init__()
         self.generation = generation
+        self.lm_eval = lm_eval
         self.forgetting = forgetting
         self.latency = latency
         self.result: dict = {}
@@ -155,6 +170,9 @@ class TestOutcomes(L.Callback):
                            task=pl_module.task, examples=len(rows))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         self.result["metrics"] = metrics
+        if self.lm_eval is not None and "test" in self.lm_eval.outcomes:
+            self.result["lm_eval"] = {task: {k: [round(v, 6) for v in vals] for k, vals in cols.items()}
+                                      for task, cols in self.lm_eval.outcomes["test"].items()}
         if self.forgetting:
             after = self._reference_loss(pl_module)
             self.result["forgetting"] = {"before": self._before, "after": after,

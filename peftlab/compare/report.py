@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from peftlab.compare import stats
-from peftlab.compare.study import Part, Study, slug
+from peftlab.compare.study import Part, Study, lm_eval_metric, slug
 
 PCT = 100.0
 
@@ -137,7 +137,8 @@ def collect(study: Study, worker) -> dict:
             "seeds": part.seeds, "budget": part.budget, "base": part.base,
             "overrides": {k: v for k, v in part.overrides.items()},
             "tuning": {**part.tuning, "seed": part.tuning_seed}, "generation": part.generation,
-            "forgetting": part.forgetting, "bootstrap": part.bootstrap, "expected_duration": part.expected_duration,
+            "forgetting": part.forgetting, "lm_eval": part.lm_eval, "bootstrap": part.bootstrap,
+            "expected_duration": part.expected_duration,
             "methods": methods})
     return {"study": study.name, "title": study.title, "description": study.description,
             "expected_duration": study.expected_duration, "study_file": str(study.path), "smoke": study.smoke,
@@ -157,6 +158,10 @@ def _intervals(part: Part, methods: list[dict], runs_by_method: dict[str, dict[i
         columns = {s: _columns(runs[s]) for s in seeds}
         k = int(next(iter(runs.values())).get("num_labels") or 2)
         for metric in part.report:
+            harness = lm_eval_metric(metric)
+            if harness is not None:
+                _lm_eval_interval(part, m, metric, harness[1], runs, base_runs, reps, rng_seed, level)
+                continue
             try:
                 fn = stats.metric_function(metric, part.task, k)
                 cols = stats.columns_for(metric, part.task, k)
@@ -188,6 +193,42 @@ def _intervals(part: Part, methods: list[dict], runs_by_method: dict[str, dict[i
             first = next(r["latency"] for r in runs.values() if r.get("latency"))
             m["latency"] = {"ms_per_batch": float(np.mean(latency)), "batch_size": first["batch_size"],
                             "tokens": first["tokens"]}
+
+
+def _lm_eval_interval(part: Part, m: dict, metric: str, task: str, runs: dict[int, dict], base_runs: dict[int, dict],
+                      reps: int, rng_seed: int, level: float) -> None:
+    """An lm-eval metric's interval: over seeds and the task's documents when it is a mean of per-document scores
+    (``result["lm_eval"]``), else over seeds only (lm-eval's own stderr is over documents of one run)."""
+    name = metric.split("/", 2)[2]
+    bounds = stats.metric_range(name)
+    seeds = sorted(s for s in runs if metric in runs[s].get("metrics", {}))
+    if not seeds:
+        return
+    per_doc = {s: (runs[s].get("lm_eval") or {}).get(task) or {} for s in seeds}
+    cols = [name, "n"]
+    fn = stats.metric_function(f"test/{name}", "lm_eval")
+    if all(name in per_doc[s] for s in seeds):
+        m["test"][metric] = stats.bootstrap([per_doc[s] for s in seeds], fn, cols, reps=reps, rng_seed=rng_seed,
+                                            level=level, bounds=bounds).as_dict()
+    else:
+        m["test"][metric] = stats.seed_interval([runs[s]["metrics"][metric] for s in seeds], level, bounds).as_dict()
+    if not part.baseline or m["name"] == part.baseline:
+        return
+    shared = [s for s in seeds if metric in base_runs.get(s, {}).get("metrics", {})]
+    if not shared:
+        return
+    base_doc = {s: (base_runs[s].get("lm_eval") or {}).get(task) or {} for s in shared}
+    if all(name in per_doc[s] and name in base_doc[s] for s in shared):
+        if len({len(per_doc[s][name]) for s in shared} | {len(base_doc[s][name]) for s in shared}) > 1:
+            m["vs_baseline"][metric] = {"error": "different documents"}
+            return
+        m["vs_baseline"][metric] = stats.paired_bootstrap(
+            [per_doc[s] for s in shared], [base_doc[s] for s in shared], fn, cols, reps=reps, rng_seed=rng_seed,
+            level=level, bounds=bounds).as_dict()
+    else:
+        m["vs_baseline"][metric] = stats.seed_interval(
+            [runs[s]["metrics"][metric] - base_runs[s]["metrics"][metric] for s in shared], level,
+            (-(bounds[1] - bounds[0]), bounds[1] - bounds[0])).as_dict()
 
 
 # ---------------------------------------------------------------------------------------------- render
@@ -334,6 +375,13 @@ def _render_part(part: dict, out_dir: Path, image_prefix: str, several: bool,
         f"(e.g. [0, 1] for accuracy); differences are paired by seed and example"
         + (f" against **{part['baseline']}**" if part["baseline"] else "") + ".",
         ""]
+    harness = part.get("lm_eval")
+    if harness:
+        limit = "every document" if harness.get("limit") is None else f"limit {harness['limit']}"
+        shots = "" if harness.get("num_fewshot") is None else f", {harness['num_fewshot']}-shot"
+        lines += [f"lm-eval tasks ({', '.join(f'`{t}`' for t in harness['tasks'])}; {limit}{shots}) "
+                  "score each seed run's tested checkpoint through `peftlab.callbacks.LMEval` (`peftlab evaluate`'s "
+                  "model); their intervals resample the task's documents where the metric is a mean over them.", ""]
     if part.get("expected_duration"):
         lines += [f"Expected duration of the default budget: {part['expected_duration']}.", ""]
     metrics = part["report"]

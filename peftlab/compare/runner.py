@@ -442,12 +442,14 @@ class Worker:
         self.say(f"{label(part, method)}: tuning trial {done + 1}/{part.trials} (#{number}"
                  f"{', again' if 'retry_of' in attrs else ''}) {shown or '(no search space)'}")
         from peftlab.callbacks.generation import GenerationEval
-        from peftlab.compare.callbacks import TrialReporter
+        from peftlab.compare.callbacks import TrialReporter, lm_eval_callback
 
         reporter = TrialReporter(part.select, part.direction, self.say, trial, label="")
         callbacks: list = [reporter]
         if part.generation and part.generation.get("during_validation"):
             callbacks.append(GenerationEval(part.generation["max_new_tokens"], stages=("val",)))
+        harness = lm_eval_callback(part.lm_eval, ("val",) if (part.lm_eval or {}).get("during_validation") else ())
+        callbacks += [harness] if harness else []
         run_dir = self.run_dir(part, method, run)
         if run_dir.exists():  # an interrupted trial restarts from scratch (its reported values went with it)
             shutil.rmtree(run_dir)
@@ -516,7 +518,7 @@ class Worker:
         from optuna.trial import TrialState
 
         from peftlab.callbacks.generation import GenerationEval
-        from peftlab.compare.callbacks import TestOutcomes, TrialReporter
+        from peftlab.compare.callbacks import TestOutcomes, TrialReporter, lm_eval_callback
 
         run = frozen.user_attrs.get("run") or f"seed-{seed}"
         params = dict(frozen.params) or dict(best.params)
@@ -533,9 +535,11 @@ class Worker:
             stages = ("val", "test") if part.generation.get("during_validation") else ("test",)
             gen = GenerationEval(part.generation["max_new_tokens"], stages=stages)
         latency = part.latency or ({"repeats": 10, "warmup": 2} if self.latency else None)
-        outcomes = TestOutcomes(gen, part.forgetting, latency)
+        harness = lm_eval_callback(part.lm_eval, ("val", "test") if (part.lm_eval or {}).get("during_validation")
+                                   else ("test",))
+        outcomes = TestOutcomes(gen, part.forgetting, latency, harness)
         reporter = TrialReporter(part.select, part.direction, self.say, None, label="")
-        callbacks = [reporter, *([gen] if gen else []), outcomes]
+        callbacks = [reporter, *([gen] if gen else []), outcomes, *([harness] if harness else [])]
         args = fit_args(part, method, seed=seed, params=params, kind="seed", save_dir=str(self.save_dir(part)),
                         version=run)
         if resume:

@@ -90,14 +90,17 @@ def metric_function(metric: str, task: str, num_classes: int = 2) -> Callable[[M
             return _ratio(name, "n")
         if name == "bleu":
             return corpus_bleu
+    if task == "lm_eval":  # a mean of per-document scores (peftlab.callbacks.LMEval's outcomes)
+        return _ratio(name, "n")
     raise KeyError(f"no per-example form of {metric} for task {task}")
 
 
 def metric_range(metric: str) -> tuple[float, float]:
     """The values ``metric`` can take: intervals are cut to it (the true value lies inside, so cutting keeps the
     coverage; an uncut t-interval over 2 seeds can reach an accuracy above 1)."""
-    name = metric.split("/", 1)[-1]
-    if name in ("acc", "f1", "exact_match", "gen_exact_match", "rougeL", "bleu"):
+    name = metric.split("/")[-1]
+    bounded = ("acc", "f1", "exact_match", "gen_exact_match", "rougeL", "bleu")
+    if name in bounded or name.startswith(("acc_", "exact_match_")):  # (lm-eval's filtered and normalised variants)
         return 0.0, 1.0
     if name in ("loss", "ppl"):
         return 0.0, math.inf
@@ -218,6 +221,15 @@ def bootstrap(runs: Sequence[Mapping[str, Sequence[float]]], fn, columns: Sequen
     values = np.concatenate([_replicates(x, columns, fn, w) for w in _example_draws(x.shape[1], reps, rng_seed)])
     low, high = _interval(mean, per_seed, values, level)
     return Interval(mean, float(max(low, bounds[0])), float(min(high, bounds[1])), x.shape[0], x.shape[1], per_seed)
+
+
+def seed_interval(per_seed: Sequence[float], level: float = 0.95,
+                  bounds: tuple[float, float] = (-math.inf, math.inf)) -> Interval:
+    """The t-interval over seeds alone, for a metric without per-example scores (e.g. an lm-eval corpus metric)."""
+    values = [float(v) for v in per_seed if finite(v)]
+    mean = float(np.mean(values)) if values else math.nan
+    low, high = _interval(mean, values, np.empty(0), level)
+    return Interval(mean, float(max(low, bounds[0])), float(min(high, bounds[1])), len(values), 0, values)
 
 
 def paired_bootstrap(runs_a: Sequence[Mapping[str, Sequence[float]]], runs_b: Sequence[Mapping[str, Sequence[float]]],

@@ -24,19 +24,20 @@ from peftlab.errors import PeftLabError, did_you_mean
 
 TOP_KEYS = {"name", "title", "description", "study_dir", "publish", "base", "overrides", "budget", "seeds", "tuning",
             "select", "report", "baseline", "generation", "forgetting", "latency", "bootstrap", "search", "methods",
-            "parts", "smoke", "keep_checkpoints", "expected_duration"}
+            "parts", "smoke", "keep_checkpoints", "expected_duration", "lm_eval"}
 PART_KEYS = TOP_KEYS - {"parts", "study_dir", "publish", "name"}
 METHOD_KEYS = {"config", "overrides", "search", "title"}
 BUDGET_KEYS = {"max_steps", "max_epochs", "val_check_interval", "batch_size"}
 TUNING_KEYS = {"trials", "seed", "sampler", "pruner", "min_resource", "reduction_factor", "overrides"}
 GENERATION_KEYS = {"max_new_tokens", "during_validation"}
+LM_EVAL_KEYS = {"tasks", "limit", "num_fewshot", "batch_size", "max_gen_toks", "during_validation"}
 FORGETTING_KEYS = {"source", "text_column", "max_samples", "max_length", "batch_size"}
 LATENCY_KEYS = {"repeats", "warmup"}
 BOOTSTRAP_KEYS = {"reps", "seed", "level"}
 SMOKE_ONLY = {"methods", "parts"}
 #: dict-valued keys merged key by key over the top level (a part's or smoke's ``overrides`` add to the study's);
 #: every other key a part sets replaces the study's (``methods`` included)
-MERGED = {"overrides", "budget", "tuning", "search", "generation", "forgetting", "bootstrap"}
+MERGED = {"overrides", "budget", "tuning", "search", "generation", "forgetting", "bootstrap", "lm_eval"}
 #: what peftlab logs per task (``val/`` and ``test/``); generation adds GENERATED
 LOGGED = {"classification": ("acc", "f1", "loss"), "causal_lm": ("loss", "ppl", "exact_match"),
           "seq2seq": ("loss", "ppl", "exact_match")}
@@ -48,6 +49,13 @@ FIT_ROOTS = ("model", "data", "trainer", "seed_everything")
 def direction(metric: str) -> str:
     """``minimize`` for losses and perplexities, ``maximize`` for the rest."""
     return "minimize" if metric.split("/", 1)[-1] in LOWER_IS_BETTER else "maximize"
+
+
+def lm_eval_metric(metric: str) -> tuple[str, str, str] | None:
+    """(stage, task, metric) of an lm-eval metric name ``<stage>/<task>/<metric>`` (``test/arc_easy/acc``), the names
+    :class:`peftlab.callbacks.LMEval` logs; None for peftlab's own ``<stage>/<metric>``."""
+    parts = metric.split("/")
+    return (parts[0], parts[1], parts[2]) if len(parts) == 3 and all(parts) else None
 
 
 def slug(name: str) -> str:
@@ -115,6 +123,7 @@ class Part:
     latency: dict[str, Any] | None
     bootstrap: dict[str, Any]
     methods: dict[str, Method]
+    lm_eval: dict[str, Any] | None = None
     keep_checkpoints: bool = False
     expected_duration: str | None = None
     task: str | None = None  # from the parsed configs (check_methods)
@@ -145,6 +154,7 @@ class Part:
         data = {"base": contents(self.base), "overrides": self.overrides, "budget": self.budget,
                 "select": self.select, "tuning": {k: v for k, v in self.tuning.items()},
                 "generation": self.generation, "forgetting": self.forgetting, "latency": self.latency,
+                **({"lm_eval": self.lm_eval} if self.lm_eval else {}),  # (studies without one keep their fingerprint)
                 "configs": contents(method.configs),
                 "method_overrides": method.overrides, "search": [vars(p) for p in method.search]}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -363,6 +373,15 @@ def _part(where: str, name: str, raw: dict, study_path: Path, keep: list | None)
                                    {"source": "packaged:rotten_tomatoes_plots", "text_column": "text",
                                     "max_samples": 64, "max_length": 128, "batch_size": 8})
     latency = _optional_section(f"{where}: latency", raw.get("latency"), LATENCY_KEYS, {"repeats": 10, "warmup": 2})
+    lm_eval = _optional_section(f"{where}: lm_eval", raw.get("lm_eval"), LM_EVAL_KEYS,
+                                {"tasks": None, "limit": None, "num_fewshot": None, "batch_size": 8,
+                                 "max_gen_toks": 32, "during_validation": None})
+    if lm_eval is not None:
+        tasks = lm_eval["tasks"]
+        if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+            raise _fail(f"{where}: lm_eval.tasks", "must list lm-eval tasks (peftlab_* tasks, lm-eval task names "
+                        f"or task YAML files), e.g. tasks: [peftlab_rotten_tomatoes_mc] (got {tasks!r})")
+        lm_eval["tasks"] = [_resolve(t, study_path) if t.endswith((".yaml", ".yml")) else t for t in tasks]
     bootstrap = {"reps": 2000, "seed": 0, "level": 0.95,
                  **_check_keys(f"{where}: bootstrap", raw.get("bootstrap"), BOOTSTRAP_KEYS)}
     default_search = raw.get("search") or {}
@@ -399,6 +418,7 @@ def _part(where: str, name: str, raw: dict, study_path: Path, keep: list | None)
                 base=base, overrides=_overrides(f"{where}: overrides", raw.get("overrides")), budget=dict(budget),
                 seeds=list(seeds), tuning=tuning, select=select, report=list(report), baseline=baseline,
                 generation=generation, forgetting=forgetting, latency=latency, bootstrap=bootstrap, methods=methods,
+                lm_eval=lm_eval,
                 keep_checkpoints=bool(raw.get("keep_checkpoints", False)),
                 expected_duration=raw.get("expected_duration"))
 
@@ -539,7 +559,25 @@ def _check_metrics(where: str, part: Part) -> None:
     hint = "" if gen or task == "classification" else \
         f" (generation: {{max_new_tokens: N}} adds {', '.join(GENERATED)})"
 
+    lm_names = _lm_eval_names(where, part)
+
     def check(metric: str, stage: str, what: str) -> None:
+        harness = lm_eval_metric(metric)
+        if harness is not None:
+            prefix, task, name = harness
+            if lm_names is None:
+                raise _fail(where, f"{what} metric {metric!r} is an lm-eval metric (<stage>/<task>/<metric>); add "
+                            f"an lm_eval section naming its task: lm_eval: {{tasks: [{task}]}}")
+            if prefix != stage:
+                raise _fail(where, f"{what} metric {metric!r}: {what} uses the {stage} split ({stage}/{task}/{name})")
+            if task not in lm_names:
+                raise _fail(where, f"{what} metric {metric!r} names task {task!r}, which lm_eval.tasks does not "
+                            f"run ({', '.join(lm_names)}).{did_you_mean(task, list(lm_names))}")
+            known = lm_names[task]
+            if known is not None and name not in known:
+                raise _fail(where, f"{what} metric {metric!r}: task {task} reports "
+                            f"{', '.join(f'{stage}/{task}/{k}' for k in known)}.{did_you_mean(name, known)}")
+            return
         prefix, _, name = metric.partition("/")
         allowed = [f"{stage}/{n}" for n in names]
         if prefix != stage or name not in names:
@@ -554,6 +592,29 @@ def _check_metrics(where: str, part: Part) -> None:
         check(metric, "test", "report")
     if part.select.split("/", 1)[1] in GENERATED and part.generation is not None:
         part.generation["during_validation"] = True
+    if lm_eval_metric(part.select) is not None:
+        part.lm_eval["during_validation"] = True
+
+
+def _lm_eval_names(where: str, part: Part) -> dict[str, list[str] | None] | None:
+    """The metrics each of the part's lm-eval tasks reports (``{task: [metric, ...]}``; None for a task from
+    lm-eval's index, whose metrics are known when it is built), or None without an ``lm_eval`` section. Task
+    names, task files and the lm-eval version are checked here, one line each."""
+    if part.lm_eval is None:
+        return None
+    from peftlab.callbacks.harness import declared_metrics
+    from peftlab.evaluate import check_limit, check_lm_eval, resolve_tasks, task_label
+
+    try:
+        check_lm_eval()
+        check_limit(part.lm_eval.get("limit"))
+        specs, _ = resolve_tasks(part.lm_eval["tasks"])
+    except PeftLabError as err:
+        raise _fail(f"{where}: lm_eval", str(err)) from err
+    if part.task != "causal_lm":
+        raise _fail(f"{where}: lm_eval", f"lm-eval tasks score a causal LM's text; this study's task is {part.task}")
+    return {task_label(spec): ([n.split("/", 1)[1] for n in declared_metrics(spec)] if isinstance(spec, dict)
+                               else None) for spec in specs}
 
 
 def _check_options(where: str, part: Part) -> None:
