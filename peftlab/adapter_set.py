@@ -254,11 +254,8 @@ class AdapterSet:
             return self._pool_cache
         from peft import get_peft_model  # peft is imported by the methods anyway; here only when a pool is built
 
-        # chat runs' prompts carry their own special tokens, which the router (one tokenization for every row) would
-        # add again: their rows are grouped
         members = {name: run for name, run in self.runs.items()
-                   if run.module.num_labels == self._template.num_labels and run.module.per_row_config() is not None
-                   and not getattr(run, "is_chat", False)}
+                   if run.module.num_labels == self._template.num_labels and run.module.per_row_config() is not None}
         # the pool's own adapter names: a user's name could be a module's ("q_proj") or start like peft's keys
         inner = {name: f"set{i}" for i, name in enumerate(members)}
         pool = None
@@ -304,8 +301,9 @@ class AdapterSet:
                 raw: bool = False, **settings) -> list[dict]:
         """:meth:`peftlab.api.Run.predict` through adapter ``adapter`` (default: the one :meth:`switch` chose), or a
         **mixed batch**: a list with one adapter name (or ``None`` for the plain backbone) per text, routed per row or
-        grouped per adapter (module docstring); the results come back in the order of ``texts``. ``raw`` and the
-        generation settings are :meth:`peftlab.api.Run.predict`'s; each row gets its own run's prompt format."""
+        grouped per adapter (module docstring); the results come back in the order of ``texts``. ``raw``,
+        ``add_special_tokens`` and the generation settings are :meth:`peftlab.api.Run.predict`'s; each row gets its
+        own run's prompt format and special tokens."""
         texts = list(texts)
         common = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, raw=raw, **settings)
         if adapter is None or isinstance(adapter, str):
@@ -332,14 +330,21 @@ class AdapterSet:
 
     def _routed_predict(self, texts, names, common: dict) -> list[dict]:
         router = self._pool()[2]
+        common = dict(common)
+        special = common.pop("add_special_tokens", None)
         if not common["raw"] and router.module.task != "classification":  # each row in its own run's prompt format
             texts = [self._run(n).format_prompt(t) for t, n in zip(texts, names)]
+        if special is None:  # and its own special tokens (none added to a chat-templated row)
+            special = [self._run(n).adds_special_tokens(common["raw"]) for n in names]
+        elif isinstance(special, bool):
+            special = [special] * len(texts)
         batch_size = common["batch_size"]
         out = []
         for start in range(0, len(texts), batch_size):
             chunk = names[start:start + batch_size]
             router.module.model.adapter_names = self._peft_names(chunk)
-            results = router.predict(texts[start:start + batch_size], **{**common, "raw": True})
+            results = router.predict(texts[start:start + batch_size], **{**common, "raw": True},
+                                     add_special_tokens=special[start:start + batch_size])
             for name, result in zip(chunk, results):
                 labels = self._run(name).label_names
                 if "probs" in result and labels:  # the router knows no label names: each row gets its adapter's

@@ -77,42 +77,82 @@ class Run:
             return render(template, {fields[0]: text})
         return str(text)
 
+    def adds_special_tokens(self, raw: bool = False) -> bool:
+        """Whether this run's prompts are tokenized with the tokenizer's special tokens (BOS, ...): a chat template
+        writes its own, so a templated chat prompt gets none added; prompt templates were trained with them."""
+        return not (self.is_chat and not raw)
+
+    @property
+    def pads_left(self) -> bool:
+        """Decoder-only models read the last position (classification) or continue it (generation)."""
+        module = self.module
+        return module.task == "causal_lm" or (module.task == "classification"
+                                              and is_decoder_only(module.hparams.backbone))
+
+    def encode(self, texts: list, *, add_special_tokens: bool | list[bool] = True):
+        """The model inputs of ``texts`` (already in their final form), padded on the side the task reads and cut
+        to ``max_length`` from the side generation does not continue; ``add_special_tokens`` per text or for all."""
+        module, tok = self.module, self.module.tokenizer
+        chunk = [str(t) for t in texts]
+        tok.padding_side = "left" if self.pads_left else "right"
+        # an over-long prompt loses its start, never the end that generation continues
+        tok.truncation_side = "left" if module.task == "causal_lm" else "right"
+        try:
+            if not isinstance(add_special_tokens, bool) and len(set(add_special_tokens)) == 1:
+                add_special_tokens = bool(add_special_tokens[0])  # one tokenizer call for the batch
+            if isinstance(add_special_tokens, bool):
+                return tok(chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
+                           add_special_tokens=add_special_tokens)
+            if len(add_special_tokens) != len(chunk):
+                raise PeftLabError(f"add_special_tokens has {len(add_special_tokens)} entries for {len(chunk)} texts")
+            rows = [tok(t, truncation=True, max_length=self.max_length, add_special_tokens=bool(s))["input_ids"]
+                    for t, s in zip(chunk, add_special_tokens)]
+            return tok.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+        finally:
+            tok.padding_side = tok.truncation_side = "right"
+
     @torch.no_grad()
     def predict(self, texts: list, batch_size: int = 32, max_new_tokens: int | None = None, *, raw: bool = False,
-                generation: GenerationSettings | None = None, **settings) -> list[dict]:
+                add_special_tokens: bool | list[bool] | None = None, generation: GenerationSettings | None = None,
+                **settings) -> list[dict]:
         """Class and probabilities (classification) or generated text (causal LM / seq2seq / chat) for each text.
 
         Generative runs put each text in the training format first (:meth:`format_prompt`) unless ``raw``.
+        ``add_special_tokens`` (one for all texts, or one per text) overrides :meth:`adds_special_tokens`: pass
+        False for a text that already holds them (one a chat template rendered).
         ``generation`` and keyword settings (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``,
         ``top_k``, ``repetition_penalty``, ``stop``, ``seed``: :class:`peftlab.generation.GenerationSettings`)
         say how text is generated."""
-        module, tok = self.module, self.module.tokenizer
-        out: list[dict] = []
-        # decoder-only models read the last position (classification) or continue it (generation)
-        pad_left = module.task == "causal_lm" or (module.task == "classification"
-                                                  and is_decoder_only(module.hparams.backbone))
+        module = self.module
         prompts = list(texts) if raw or module.task == "classification" else [self.format_prompt(t) for t in texts]
-        # a chat template writes its own special tokens; prompt templates were tokenized with them added
-        special = not (self.is_chat and not raw)
+        special = self.adds_special_tokens(raw) if add_special_tokens is None else add_special_tokens
+        special = [special] * len(prompts) if isinstance(special, bool) else list(special)
+        if len(special) != len(prompts):
+            raise PeftLabError(f"add_special_tokens has {len(special)} entries for {len(prompts)} texts")
+        rows = [list(range(len(prompts)))]
+        if self.pads_left and not type(module).pads_exactly:  # batches of one length: no padding (pads_exactly)
+            by_length: dict[int, list[int]] = {}
+            for i, (p, s) in enumerate(zip(prompts, special)):
+                by_length.setdefault(len(self.encode([p], add_special_tokens=s)["input_ids"][0]), []).append(i)
+            rows = list(by_length.values())
+        out: list[dict | None] = [None] * len(prompts)
         saved = getattr(module, "generation", None)
         module.generation = GenerationSettings.from_kwargs(generation, max_new_tokens=max_new_tokens, **settings)
         try:
-            for start in range(0, len(prompts), batch_size):
-                chunk = [str(p) for p in prompts[start:start + batch_size]]
-                tok.padding_side = "left" if pad_left else "right"
-                # an over-long prompt loses its start, never the end that generation continues
-                tok.truncation_side = "left" if module.task == "causal_lm" else "right"
-                batch = tok(chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
-                            add_special_tokens=special)
-                tok.padding_side = tok.truncation_side = "right"
-                batch = {k: v.to(module.device) for k, v in batch.items()}
-                if module.task == "classification":
-                    probs = module(**batch).logits.float().softmax(-1).cpu()
-                    names = self.label_names or [str(i) for i in range(probs.shape[1])]
-                    out += [{"label": names[int(p.argmax())], "probs": {n: float(q) for n, q in zip(names, p)}}
-                            for p in probs]
-                else:
-                    out += [{"generated": t} for t in module.predict_step(batch, 0)["text"]]
+            for group in rows:
+                for start in range(0, len(group), batch_size):
+                    index = group[start:start + batch_size]
+                    batch = self.encode([prompts[i] for i in index], add_special_tokens=[special[i] for i in index])
+                    batch = {k: v.to(module.device) for k, v in batch.items()}
+                    if module.task == "classification":
+                        probs = module(**batch).logits.float().softmax(-1).cpu()
+                        names = self.label_names or [str(i) for i in range(probs.shape[1])]
+                        results = [{"label": names[int(p.argmax())],
+                                    "probs": {n: float(q) for n, q in zip(names, p)}} for p in probs]
+                    else:
+                        results = [{"generated": t} for t in module.predict_step(batch, 0)["text"]]
+                    for i, result in zip(index, results):
+                        out[i] = result
         finally:
             module.generation = saved
         return out

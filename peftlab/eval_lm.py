@@ -55,13 +55,15 @@ class PeftLabLM(TemplateLM):
         chat: the run was trained on chat-formatted prompts; ``peftlab evaluate`` then applies the chat template
             unless told otherwise (``apply_chat_template`` below is lm-eval's hook for it)
         template: the Jinja chat template to apply (a chat run's recorded one; default: the tokenizer's)
+        pads_exactly: a left-padded generation batch gives each row what it gives alone (the method class's
+            ``pads_exactly``); False: generation batches hold contexts of one length only
     """
 
     backend = "causal"
 
     def __init__(self, model, tokenizer, *, batch_size: int = 8, max_length: int | None = None,
                  max_gen_toks: int = 256, chat: bool = False, template: str | None = None,
-                 system_prompt: str | None = None):
+                 system_prompt: str | None = None, pads_exactly: bool = True):
         super().__init__()
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -72,6 +74,7 @@ class PeftLabLM(TemplateLM):
         self.chat = chat
         self.template = template or getattr(tokenizer, "chat_template", None)
         self.system_prompt = system_prompt  # a chat run's data.system_prompt: added where a history has none
+        self.pads_exactly = pads_exactly
 
     @classmethod
     def from_run(cls, run, **kwargs) -> PeftLabLM:
@@ -80,7 +83,7 @@ class PeftLabLM(TemplateLM):
         chat = bool(getattr(run, "is_chat", False))
         recorded = (getattr(run, "prompt_format", None) or {}) if chat else {}
         return cls(run.module.model, run.module.tokenizer, chat=chat, template=recorded.get("chat_template"),
-                   system_prompt=recorded.get("system_prompt"), **kwargs)
+                   system_prompt=recorded.get("system_prompt"), pads_exactly=type(run.module).pads_exactly, **kwargs)
 
     # ------------------------------------------------------------------ what lm-eval asks of every LM
     @property
@@ -201,24 +204,39 @@ class PeftLabLM(TemplateLM):
                 kwargs = {k: v for k, v in kwargs.items() if k not in ("temperature", "top_p", "top_k")}
                 kwargs["do_sample"] = False
             encoded = [self.tok_encode(c)[-(self.max_length - max_new):] for c in contexts]
-            width = max(len(e) for e in encoded)
-            ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(encoded), width), dtype=torch.long)
-            for i, e in enumerate(encoded):  # left padding: every row continues from the last position
-                ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
-                mask[i, width - len(e):] = 1
-            generated = self.model.generate(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new,
-                pad_token_id=pad, stopping_criteria=StoppingCriteriaList([_StopStrings(self.tokenizer, until, width)]),
-                **kwargs)
-            for context, row in zip(contexts, generated[:, width:].tolist()):
-                text = self.tok_decode(row)
-                for stop in until:
-                    if stop:
-                        text = text.split(stop)[0]
+            groups: dict[int, list[int]] = {}
+            for i, e in enumerate(encoded):  # (one group unless the method needs contexts of one length)
+                groups.setdefault(0 if self.pads_exactly else len(e), []).append(i)
+            texts: list[str] = [""] * len(encoded)
+            for index in groups.values():
+                rows = [encoded[i] for i in index]
+                for i, row in zip(index, self._generate(rows, pad, until, max_new, kwargs)):
+                    texts[i] = row
+            for context, text in zip(contexts, texts):
                 out.append(text)
                 self.cache_hook.add_partial("generate_until", (context, settings[0]), text)
         return order.get_original(out)
+
+    def _generate(self, encoded: list[list[int]], pad: int, until: list[str], max_new: int, kwargs: dict) -> list[str]:
+        """The continuation of each left-padded row, cut at the first stop string."""
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, e in enumerate(encoded):  # left padding: every row continues from the last position
+            ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
+            mask[i, width - len(e):] = 1
+        generated = self.model.generate(
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new,
+            pad_token_id=pad, stopping_criteria=StoppingCriteriaList([_StopStrings(self.tokenizer, until, width)]),
+            **kwargs)
+        texts = []
+        for row in generated[:, width:].tolist():
+            text = self.tok_decode(row)
+            for stop in until:
+                if stop:
+                    text = text.split(stop)[0]
+            texts.append(text)
+        return texts
 
 
 def _inner_config(model):

@@ -109,11 +109,13 @@ class Batcher:
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=max_queue)
         self.batches: list[int] = []  # sizes of the batches run (the tests and the benchmark read them)
 
-    def submit(self, adapter: str, text, max_new_tokens: int | None, raw: bool = True) -> asyncio.Future:
-        """Queue one prompt (``raw``: as given; else in the adapter's training prompt format, a chat run's messages)."""
+    def submit(self, adapter: str, text, max_new_tokens: int | None, raw: bool = True,
+               add_special_tokens: bool | None = None) -> asyncio.Future:
+        """Queue one prompt (``raw``: as given; else in the adapter's training prompt format, a chat run's messages;
+        ``add_special_tokens`` False for a text a chat template rendered, None for the run's default)."""
         future = asyncio.get_running_loop().create_future()
         try:
-            self.queue.put_nowait((adapter, text, (max_new_tokens, raw), future))
+            self.queue.put_nowait((adapter, text, (max_new_tokens, raw, add_special_tokens), future))
         except asyncio.QueueFull:
             raise BadRequest(503, f"the server's queue is full ({self.queue.maxsize} requests); retry later",
                              "server_busy") from None
@@ -135,12 +137,12 @@ class Batcher:
             by_settings: dict[tuple, list] = {}
             for job in jobs:
                 by_settings.setdefault(job[2], []).append(job)
-            for (max_new_tokens, raw), group in by_settings.items():
+            for (max_new_tokens, raw, special), group in by_settings.items():
                 self.batches.append(len(group))
                 try:
                     results = await asyncio.to_thread(self.adapters.predict, [j[1] for j in group],
                                                       adapter=[j[0] for j in group], max_new_tokens=max_new_tokens,
-                                                      raw=raw)
+                                                      raw=raw, add_special_tokens=special)
                 except Exception as err:  # noqa: BLE001 - answered to the clients; the worker keeps serving
                     for job in group:
                         if not job[3].done():
@@ -203,9 +205,9 @@ def create_app(adapters, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, 
             raise BadRequest(400, f"{body.model!r} is a classification adapter: POST /v1/classify instead")
         return body.max_tokens or run.module.hparams.max_new_tokens
 
-    def check_length(run, text: str, max_new_tokens: int) -> int:
+    def check_length(run, text: str, max_new_tokens: int, special: bool = True) -> int:
         tok = run.module.tokenizer
-        n = len(tok(text)["input_ids"])
+        n = len(tok(text, add_special_tokens=special)["input_ids"])
         # the shared backbone's config: a wrapper such as P-tuning v2's input-tokens model has none of its own
         limit = min(run.max_length, getattr(adapters.backbone.config, "max_position_embeddings", None) or 10 ** 9)
         if n + max_new_tokens > limit:
@@ -213,8 +215,9 @@ def create_app(adapters, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, 
                                   f"{limit} tokens this model takes; shorten the prompt or lower max_tokens")
         return n
 
-    async def answer(name: str, text, max_new_tokens: int | None, raw: bool = True) -> dict:
-        future = state["batcher"].submit(name, text, max_new_tokens, raw)
+    async def answer(name: str, text, max_new_tokens: int | None, raw: bool = True,
+                     add_special_tokens: bool | None = None) -> dict:
+        future = state["batcher"].submit(name, text, max_new_tokens, raw, add_special_tokens)
         try:
             return await asyncio.wait_for(future, timeout_s)
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
@@ -274,15 +277,16 @@ def create_app(adapters, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, 
         tok = run.module.tokenizer
         messages = [m.model_dump() for m in body.messages]
         if getattr(run, "is_chat", False):  # a chat run: its own chat template and system prompt (Run.chat's)
-            text, raw = messages, False
-            count = check_length(run, run.format_prompt(messages), max_new_tokens)
+            text, raw, special = messages, False, None
+            count = check_length(run, run.format_prompt(messages), max_new_tokens, special=False)
         elif getattr(tok, "chat_template", None):  # else the tokenizer's template, as vLLM does
-            text, raw = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
-            count = check_length(run, text, max_new_tokens)
+            # the template writes the special tokens (BOS, ...) itself: none are added again, as in vLLM
+            text, raw, special = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True, False
+            count = check_length(run, text, max_new_tokens, special=False)
         else:
             raise BadRequest(400, f"{body.model!r} has no chat template (it was not trained on chat data and its "
                                   "tokenizer defines none); use /v1/completions with a plain prompt")
-        result = await answer(body.model, text, max_new_tokens, raw)
+        result = await answer(body.model, text, max_new_tokens, raw, special)
         content, stopped = cut(result["generated"], body.stop)
         n, reason = finish(tok, content, stopped, max_new_tokens)
         ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -264,3 +264,58 @@ def test_export_says_which_server_loads_it(tmp_path, tiny_llama, cls, kw, expect
     card = (Path(exported(tmp_path, "a", cls, tiny_llama, **kw)) / "README.md").read_text()
     assert "peftlab serve NAME=<this directory>" in card and expect in card
     assert ("vllm serve" in card) == (expect == "vllm serve")
+
+
+def test_a_mixed_batch_gives_a_chat_run_its_own_special_tokens(tmp_path, tiny_chat_llama, capsys, monkeypatch):
+    """A chat run's rows are rendered by its chat template, which writes its own special tokens: routed per row
+    beside a prompt-template run's rows (which get the tokenizer's BOS), each row is encoded as its run alone
+    encodes it, and answers as that run alone does."""
+    from conftest import chat_rows, run_main, write_config, write_jsonl
+
+    source = write_jsonl(tmp_path / "chat.jsonl", chat_rows(24))
+    cfg = write_config(tmp_path, tiny_chat_llama, source, trainer={"max_steps": 2},
+                       data={"task": "chat", "max_length": 256}, model={"target_modules": ["q_proj"]})
+    assert run_main(["fit", "--config", cfg, "--test_after_fit", "false"], capsys)[0] == 0
+    chat_dir = str(next((tmp_path / "runs").rglob("version_*")))
+    plain_dir = exported(tmp_path, "plain", LoRA, tiny_chat_llama, seed=3, r=2, target_modules=["v_proj"])
+    adapters = load_adapters({"chat": chat_dir, "plain": plain_dir})
+    assert adapters.routing() == {"chat": "per row", "plain": "per row"}
+    texts, names = ["Fresh or rotten? A superb film.", "Review: dull\nVerdict:"], ["chat", "plain"]
+    alone = [load_run(chat_dir).predict([texts[0]], max_new_tokens=5)[0],
+             load_run(plain_dir).predict([texts[1]], max_new_tokens=5)[0]]
+    from peftlab.api import Run
+
+    seen = []
+    encode = Run.encode
+    monkeypatch.setattr(Run, "encode", lambda self, t, **kw: seen.append(kw["add_special_tokens"]) or
+                        encode(self, t, **kw))
+    assert adapters.predict(texts, adapter=names, max_new_tokens=5) == alone
+    assert seen == [[False, True]]  # one routed batch: the chat row without the tokenizer's BOS, the other with it
+
+
+@pytest.mark.parametrize("name", list(CAUSAL_CASES))
+def test_a_padded_batch_generates_what_each_row_generates_alone(causal_set, name):
+    """Rows of different lengths in one predict call (left-padded for generation) get exactly their one-row answers.
+    The prompt and prefix families put their virtual positions ahead of the padding (peft drops position_ids for
+    them: a padded row's logits move by ~1e-3, measured), so they declare pads_exactly = False and are batched by
+    length; every other family is padded."""
+    paths, _, _ = causal_set
+    run = load_run(paths[name])
+    texts = [*TEXTS, *(f"{t} {t}" for t in TEXTS)]  # eight rows of different lengths
+    assert len({len(run.encode([t])["input_ids"][0]) for t in texts}) == 8
+    alone = [run.predict([t], max_new_tokens=6)[0] for t in texts]
+    assert run.predict(texts, batch_size=8, max_new_tokens=6) == alone
+    exact = type(run.module).pads_exactly
+    assert exact == (name in ("lora", "dora", "bottleneck")), name
+
+
+def test_without_length_batches_the_prompt_family_would_differ(causal_set, monkeypatch):
+    """What pads_exactly = False guards against: prompt tuning's last-position logits in a left-padded batch are not
+    the row's own (so the equality above is not luck)."""
+    paths, _, _ = causal_set
+    run = load_run(paths["ptv2"])
+    texts = ["Dull.", TEXTS[0] + " " + TEXTS[3]]
+    with torch.no_grad():
+        padded = run.module(**run.encode(texts)).logits[:, -1]
+        alone = torch.cat([run.module(**run.encode([t])).logits[:, -1] for t in texts])
+    assert (padded - alone).abs().max() > 1e-4

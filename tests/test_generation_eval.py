@@ -70,3 +70,36 @@ def test_bad_settings_are_refused():
         GenerationEval(stages=["train"])
     with pytest.raises(PeftLabError, match="every_n_validations"):
         GenerationEval(every_n_validations=0)
+
+
+def test_prompt_family_generations_of_a_batch_equal_each_row_alone(tiny_llama, generation_jsonl):
+    """Prompt tuning's virtual positions sit ahead of the left padding (pads_exactly = False): GenerationEval
+    generates its rows in batches of one prompt length, so a batch's generations are each row's own."""
+    import torch
+
+    from peftlab.callbacks import GenerationEval
+    from peftlab.data import PeftDataModule
+    from peftlab.methods import PromptTuning
+
+    module = PromptTuning(backbone=tiny_llama, task="causal_lm", num_virtual_tokens=3, max_new_tokens=5).build()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.5)
+    module.eval()
+    data = PeftDataModule(source=generation_jsonl, task="causal_lm", tokenizer=tiny_llama, max_length=64,
+                          batch_size=8, max_eval_samples=8, loss_on="response")
+    data.prepare_data()
+    data.setup("validate")
+    batch = next(iter(data.val_dataloader()))
+    lengths = {int((row != -100).nonzero()[0]) for row in batch["labels"]}
+    assert len(lengths) > 2  # prompts of several lengths in the batch
+    callback = GenerationEval(max_new_tokens=5)
+    masks, generate = [], module.model.generate
+    module.model.generate = lambda **kw: masks.append(kw["attention_mask"]) or generate(**kw)
+    with torch.no_grad():
+        together, _ = callback.generate(module, batch)
+        assert len(masks) == len(lengths) and all(bool(m.all()) for m in masks)  # no padding in any call
+        alone = [callback.generate(module, {k: v[i:i + 1] for k, v in batch.items()})[0][0] for i in range(8)]
+    assert together == alone

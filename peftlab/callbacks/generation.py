@@ -100,11 +100,25 @@ class GenerationEval(L.Callback):
         """(generated texts, reference texts) of an evaluation batch."""
         tok = pl_module.tokenizer
         inputs, refs = self.prompts_and_references(batch, pl_module.task, _pad_id(tok))
-        out = pl_module.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                       pad_token_id=_pad_id(tok))
-        if pl_module.task == "causal_lm":
-            out = out[:, inputs["input_ids"].shape[1]:]
-        return tok.batch_decode(out, skip_special_tokens=True), tok.batch_decode(refs, skip_special_tokens=True)
+        groups = [list(range(len(refs)))]
+        if pl_module.task == "causal_lm" and not type(pl_module).pads_exactly:  # rows of one length: no padding
+            by_length: dict[int, list[int]] = {}
+            for i, n in enumerate(inputs["attention_mask"].sum(-1).tolist()):
+                by_length.setdefault(int(n), []).append(i)
+            groups = list(by_length.values())
+        texts: list[str] = [""] * len(refs)
+        for index in groups:
+            part = inputs
+            if len(groups) > 1:
+                width = max(int(inputs["attention_mask"][i].sum()) for i in index)
+                part = {k: v[index][:, v.shape[1] - width:] for k, v in inputs.items()}
+            out = pl_module.model.generate(**part, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                           pad_token_id=_pad_id(tok))
+            if pl_module.task == "causal_lm":
+                out = out[:, part["input_ids"].shape[1]:]
+            for i, text in zip(index, tok.batch_decode(out, skip_special_tokens=True)):
+                texts[i] = text
+        return texts, tok.batch_decode(refs, skip_special_tokens=True)
 
     def prompt_texts(self, pl_module, batch: dict) -> list[str]:
         """The prompt (input) text of each example of an evaluation batch, as the model saw it."""

@@ -163,7 +163,7 @@ class LMEval(L.Callback):
         chat = fmt.get("kind") == "chat"
         lm = PeftLabLM(pl_module.model, pl_module.tokenizer, batch_size=self.batch_size,
                        max_gen_toks=self.max_gen_toks, chat=chat, template=fmt.get("chat_template"),
-                       system_prompt=fmt.get("system_prompt"))
+                       system_prompt=fmt.get("system_prompt"), pads_exactly=type(pl_module).pads_exactly)
         use_chat = chat if self.apply_chat_template is None else self.apply_chat_template
         was_training = pl_module.model.training
         quiet = logging.getLogger("lm_eval")

@@ -143,6 +143,10 @@ class PeftModule(TokenWeightedLoss, Optimization, AdapterCheckpoints, L.Lightnin
     #: causal-LM training rows may hold several examples (``data.packing``); methods that add virtual tokens
     #: per row (prompt / prefix families) cannot share them between packed examples
     supports_packing: ClassVar[bool] = True
+    #: a left-padded batch (generation) gives every row exactly what it gives alone; methods whose virtual tokens
+    #: come before the padding set False (peft drops ``position_ids`` for them, so the padding shifts the distance
+    #: between virtual and real tokens): their rows are batched with rows of the same length only
+    pads_exactly: ClassVar[bool] = True
     #: what to try when the method (underfits, overfits); ``peftlab recommend`` prints it
     advice: ClassVar[tuple[str, str]] = ("a larger adapter or a higher learning rate; more steps",
                                          "a smaller adapter; dropout; fewer steps; stop early on validation loss")

@@ -30,6 +30,7 @@ class PTuning(PeftBackedMethod):
     name = "p_tuning"
     scaled_knobs = ("num_virtual_tokens",)
     supports_packing = False  # virtual tokens per row
+    pads_exactly = False  # virtual positions ahead of the padding
     advice = ("more virtual tokens (50-100) or a larger encoder_hidden_size; or graduate to LoRA",
               "fewer virtual tokens; encoder_dropout 0.1; train fewer epochs")
 

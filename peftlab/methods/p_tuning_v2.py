@@ -164,6 +164,7 @@ class PTuningV2(PeftBackedMethod):
     scaled_knobs = ("num_virtual_tokens",)
     stack_role = "prompt"
     supports_packing = False  # virtual tokens per row
+    pads_exactly = False  # virtual positions ahead of the padding
     supports_gradient_checkpointing = False  # the prefixes are in the attention cache (see PeftModule)
     advice = ("more virtual tokens (e.g. 64-128) or a larger prefix_hidden_size; or move to LoRA",
               "fewer virtual tokens (10); train fewer epochs; stop early on validation loss")

@@ -38,6 +38,7 @@ class PrefixTuning(PeftBackedMethod):
     scaled_knobs = ("num_virtual_tokens",)
     stack_role = "prompt"
     supports_packing = False  # virtual tokens per row
+    pads_exactly = False  # virtual positions ahead of the padding
     supports_gradient_checkpointing = False  # the prefixes are in the attention cache (see PeftModule)
     advice = ("more virtual tokens; prefix_projection: true", "fewer virtual tokens; fewer epochs")
 

@@ -35,6 +35,7 @@ class PromptTuning(PeftBackedMethod):
     scaled_knobs = ("num_virtual_tokens",)
     stack_role = "prompt"
     supports_packing = False  # virtual tokens per row
+    pads_exactly = False  # virtual positions ahead of the padding
     advice = ("more virtual tokens (50-100); init: text from a task description; or graduate to LoRA",
               "fewer virtual tokens; train fewer epochs; stop early on validation loss")
 

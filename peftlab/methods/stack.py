@@ -125,6 +125,7 @@ class StackedMethod(PeftModule):
     spec or None, "prompt": spec or None}``, each checked by :func:`parse_part`) after ``super().__init__``."""
 
     supports_packing = False  # a prompt part adds virtual tokens per row
+    pads_exactly = False  # virtual positions ahead of the padding
     mergeable = True  # when its additive part is (merge_refusal)
     composable = False  # the prompt part is not a weight update
 
