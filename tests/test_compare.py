@@ -571,7 +571,7 @@ def test_lm_eval_metrics_without_per_document_scores_get_the_seed_interval():
 
 
 @pytest.mark.parametrize("change, expected", [
-    ({"report": [f"test/{MC}/acc"]}, f"is an lm-eval metric (<stage>/<task>/<metric>); add an lm_eval section"),
+    ({"report": [f"test/{MC}/acc"]}, "is an lm-eval metric (<stage>/<task>/<metric>); add an lm_eval section"),
     ({"report": [f"test/{MC}/acc"], "lm_eval": {"tasks": [GEN]}}, f"names task '{MC}', which lm_eval.tasks does not run"),
     ({"report": [f"test/{MC}/accuracy"], "lm_eval": {"tasks": [MC]}}, f"task {MC} reports test/{MC}/acc"),
     ({"select": f"test/{MC}/acc", "lm_eval": {"tasks": [MC]}}, "select uses the val split"),

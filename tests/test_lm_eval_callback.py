@@ -71,7 +71,6 @@ def test_per_document_scores_average_to_the_logged_metric(tmp_path, tiny_llama, 
     from lightning.pytorch import Trainer
 
     from peftlab.callbacks import LMEval
-
     from peftlab.data import PeftDataModule
     from peftlab.methods import LoRA
 

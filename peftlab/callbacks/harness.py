@@ -89,7 +89,7 @@ class LMEval(L.Callback):
                  max_gen_toks: int = 256, seed: int = 0, apply_chat_template: bool | None = None,
                  include_path: str | None = None):
         super().__init__()
-        from peftlab.evaluate import check_lm_eval, check_limit, resolve_tasks
+        from peftlab.evaluate import check_limit, check_lm_eval, resolve_tasks
 
         unknown = sorted(set(stages) - {"val", "test"})
         if unknown:
