@@ -564,19 +564,19 @@ def _check_metrics(where: str, part: Part) -> None:
     def check(metric: str, stage: str, what: str) -> None:
         harness = lm_eval_metric(metric)
         if harness is not None:
-            prefix, task, name = harness
+            prefix, htask, name = harness
             if lm_names is None:
                 raise _fail(where, f"{what} metric {metric!r} is an lm-eval metric (<stage>/<task>/<metric>); add "
-                            f"an lm_eval section naming its task: lm_eval: {{tasks: [{task}]}}")
+                            f"an lm_eval section naming its task: lm_eval: {{tasks: [{htask}]}}")
             if prefix != stage:
-                raise _fail(where, f"{what} metric {metric!r}: {what} uses the {stage} split ({stage}/{task}/{name})")
-            if task not in lm_names:
-                raise _fail(where, f"{what} metric {metric!r} names task {task!r}, which lm_eval.tasks does not "
-                            f"run ({', '.join(lm_names)}).{did_you_mean(task, list(lm_names))}")
-            known = lm_names[task]
+                raise _fail(where, f"{what} metric {metric!r}: {what} uses the {stage} split ({stage}/{htask}/{name})")
+            if htask not in lm_names:
+                raise _fail(where, f"{what} metric {metric!r} names task {htask!r}, which lm_eval.tasks does not "
+                            f"run ({', '.join(lm_names)}).{did_you_mean(htask, list(lm_names))}")
+            known = lm_names[htask]
             if known is not None and name not in known:
-                raise _fail(where, f"{what} metric {metric!r}: task {task} reports "
-                            f"{', '.join(f'{stage}/{task}/{k}' for k in known)}.{did_you_mean(name, known)}")
+                raise _fail(where, f"{what} metric {metric!r}: task {htask} reports "
+                            f"{', '.join(f'{stage}/{htask}/{k}' for k in known)}.{did_you_mean(name, known)}")
             return
         prefix, _, name = metric.partition("/")
         allowed = [f"{stage}/{n}" for n in names]
