@@ -19,7 +19,7 @@ import torch
 from peftlab.adapters import adapter_directory, load_weights, read_meta
 from peftlab.backbones import is_decoder_only
 from peftlab.errors import PeftLabError
-from peftlab.generation import GenerationSettings
+from peftlab.generation import GenerationSettings, length_groups
 
 
 def build_module(meta: dict, backbone: str | None = None):
@@ -129,12 +129,10 @@ class Run:
         special = [special] * len(prompts) if isinstance(special, bool) else list(special)
         if len(special) != len(prompts):
             raise PeftLabError(f"add_special_tokens has {len(special)} entries for {len(prompts)} texts")
-        rows = [list(range(len(prompts)))]
-        if self.pads_left and not type(module).pads_exactly:  # batches of one length: no padding (pads_exactly)
-            by_length: dict[int, list[int]] = {}
-            for i, (p, s) in enumerate(zip(prompts, special)):
-                by_length.setdefault(len(self.encode([p], add_special_tokens=s)["input_ids"][0]), []).append(i)
-            rows = list(by_length.values())
+        exact = not self.pads_left or type(module).pads_exactly
+        lengths = [0] * len(prompts) if exact else \
+            [len(self.encode([p], add_special_tokens=s)["input_ids"][0]) for p, s in zip(prompts, special)]
+        rows = length_groups(lengths, exact)
         out: list[dict | None] = [None] * len(prompts)
         saved = getattr(module, "generation", None)
         module.generation = GenerationSettings.from_kwargs(generation, max_new_tokens=max_new_tokens, **settings)

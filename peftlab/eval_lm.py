@@ -25,6 +25,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import Collator
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from peftlab.generation import length_groups
+
 #: context length when neither the caller nor the model's config says (lm-eval's HFLM uses the same)
 DEFAULT_MAX_LENGTH = 2048
 
@@ -204,11 +206,8 @@ class PeftLabLM(TemplateLM):
                 kwargs = {k: v for k, v in kwargs.items() if k not in ("temperature", "top_p", "top_k")}
                 kwargs["do_sample"] = False
             encoded = [self.tok_encode(c)[-(self.max_length - max_new):] for c in contexts]
-            groups: dict[int, list[int]] = {}
-            for i, e in enumerate(encoded):  # (one group unless the method needs contexts of one length)
-                groups.setdefault(0 if self.pads_exactly else len(e), []).append(i)
             texts: list[str] = [""] * len(encoded)
-            for index in groups.values():
+            for index in length_groups([len(e) for e in encoded], self.pads_exactly):
                 rows = [encoded[i] for i in index]
                 for i, row in zip(index, self._generate(rows, pad, until, max_new, kwargs)):
                     texts[i] = row

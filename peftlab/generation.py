@@ -104,3 +104,14 @@ def generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Te
     if continues:
         out = out[:, input_ids.shape[1]:]
     return [settings.cut(t) for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def length_groups(lengths: list[int], pads_exactly: bool = True) -> list[list[int]]:
+    """The row indices to batch together for generation: all of them when a left-padded batch is exact (the method
+    class's ``pads_exactly``), else one group per prompt length (rows of one length need no padding)."""
+    if pads_exactly:
+        return [list(range(len(lengths)))]
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(int(n), []).append(i)
+    return list(groups.values())

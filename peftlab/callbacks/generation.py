@@ -17,6 +17,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from peftlab.generation import length_groups
 from peftlab.text_metrics import BLEU_N, bleu_stats
 
 
@@ -100,12 +101,8 @@ class GenerationEval(L.Callback):
         """(generated texts, reference texts) of an evaluation batch."""
         tok = pl_module.tokenizer
         inputs, refs = self.prompts_and_references(batch, pl_module.task, _pad_id(tok))
-        groups = [list(range(len(refs)))]
-        if pl_module.task == "causal_lm" and not type(pl_module).pads_exactly:  # rows of one length: no padding
-            by_length: dict[int, list[int]] = {}
-            for i, n in enumerate(inputs["attention_mask"].sum(-1).tolist()):
-                by_length.setdefault(int(n), []).append(i)
-            groups = list(by_length.values())
+        groups = length_groups(inputs["attention_mask"].sum(-1).tolist(),
+                               pl_module.task != "causal_lm" or type(pl_module).pads_exactly)
         texts: list[str] = [""] * len(refs)
         for index in groups:
             part = inputs

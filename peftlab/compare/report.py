@@ -146,8 +146,6 @@ def collect(study: Study, worker) -> dict:
 
 
 def _intervals(part: Part, methods: list[dict], runs_by_method: dict[str, dict[int, dict]]) -> None:
-    b = part.bootstrap
-    reps, rng_seed, level = int(b["reps"]), int(b["seed"]), float(b["level"])
     base_runs = runs_by_method.get(part.baseline or "", {})
     for m in methods:
         runs = runs_by_method[m["name"]]
@@ -160,7 +158,7 @@ def _intervals(part: Part, methods: list[dict], runs_by_method: dict[str, dict[i
         for metric in part.report:
             harness = lm_eval_metric(metric)
             if harness is not None:
-                _lm_eval_interval(part, m, metric, harness[1], runs, base_runs, reps, rng_seed, level)
+                _lm_eval_interval(part, m, metric, harness[1], runs, base_runs)
                 continue
             try:
                 fn = stats.metric_function(metric, part.task, k)
@@ -169,20 +167,10 @@ def _intervals(part: Part, methods: list[dict], runs_by_method: dict[str, dict[i
                 continue
             if not all(c in columns[seeds[0]] for c in cols):
                 continue
-            bounds = stats.metric_range(metric)
-            m["test"][metric] = stats.bootstrap([columns[s] for s in seeds], fn, cols, reps=reps, rng_seed=rng_seed,
-                                                level=level, bounds=bounds).as_dict()
-            if part.baseline and m["name"] != part.baseline and base_runs:
-                shared = [s for s in seeds if s in base_runs]
-                if not shared:
-                    continue
-                base_cols = {s: _columns(base_runs[s]) for s in shared}
-                if len({len(columns[s][cols[0]]) for s in shared} | {len(base_cols[s][cols[0]]) for s in shared}) > 1:
-                    m["vs_baseline"][metric] = {"error": "different test sets"}
-                    continue
-                m["vs_baseline"][metric] = stats.paired_bootstrap(
-                    [columns[s] for s in shared], [base_cols[s] for s in shared], fn, cols, reps=reps,
-                    rng_seed=rng_seed, level=level, bounds=bounds).as_dict()
+            paired = part.baseline and m["name"] != part.baseline
+            base_cols = {s: _columns(base_runs[s]) for s in seeds if s in base_runs} if paired else {}
+            _example_intervals(part, m, metric, columns, base_cols, fn, cols, stats.metric_range(metric),
+                               "different test sets")
         forgetting = [r["forgetting"] for r in runs.values() if r.get("forgetting")]
         if forgetting:
             m["forgetting"] = {key: float(np.mean([f[key] for f in forgetting if f.get(key) is not None]))
@@ -195,37 +183,49 @@ def _intervals(part: Part, methods: list[dict], runs_by_method: dict[str, dict[i
                             "tokens": first["tokens"]}
 
 
-def _lm_eval_interval(part: Part, m: dict, metric: str, task: str, runs: dict[int, dict], base_runs: dict[int, dict],
-                      reps: int, rng_seed: int, level: float) -> None:
+def _example_intervals(part: Part, m: dict, metric: str, columns: dict[int, dict], base_columns: dict[int, dict],
+                       fn, cols: list[str], bounds: tuple[float, float], differ: str) -> None:
+    """``m["test"][metric]`` over the seeds and examples of ``columns`` (per seed, per-example columns), and its
+    paired difference to the baseline's ``base_columns`` on the seeds both have (``differ`` when their example
+    counts differ)."""
+    b = part.bootstrap
+    reps, rng_seed, level = int(b["reps"]), int(b["seed"]), float(b["level"])
+    seeds = sorted(columns)
+    m["test"][metric] = stats.bootstrap([columns[s] for s in seeds], fn, cols, reps=reps, rng_seed=rng_seed,
+                                        level=level, bounds=bounds).as_dict()
+    shared = [s for s in seeds if s in base_columns]
+    if not shared:
+        return
+    if len({len(columns[s][cols[0]]) for s in shared} | {len(base_columns[s][cols[0]]) for s in shared}) > 1:
+        m["vs_baseline"][metric] = {"error": differ}
+        return
+    m["vs_baseline"][metric] = stats.paired_bootstrap(
+        [columns[s] for s in shared], [base_columns[s] for s in shared], fn, cols, reps=reps, rng_seed=rng_seed,
+        level=level, bounds=bounds).as_dict()
+
+
+def _lm_eval_interval(part: Part, m: dict, metric: str, task: str, runs: dict[int, dict],
+                      base_runs: dict[int, dict]) -> None:
     """An lm-eval metric's interval: over seeds and the task's documents when it is a mean of per-document scores
     (``result["lm_eval"]``), else over seeds only (lm-eval's own stderr is over documents of one run)."""
     name = metric.split("/", 2)[2]
     bounds = stats.metric_range(name)
+    level = float(part.bootstrap["level"])
     seeds = sorted(s for s in runs if metric in runs[s].get("metrics", {}))
     if not seeds:
         return
+    paired = bool(part.baseline) and m["name"] != part.baseline
+    shared = [s for s in seeds if metric in base_runs.get(s, {}).get("metrics", {})] if paired else []
     per_doc = {s: (runs[s].get("lm_eval") or {}).get(task) or {} for s in seeds}
-    cols = [name, "n"]
-    fn = stats.metric_function(f"test/{name}", "lm_eval")
-    if all(name in per_doc[s] for s in seeds):
-        m["test"][metric] = stats.bootstrap([per_doc[s] for s in seeds], fn, cols, reps=reps, rng_seed=rng_seed,
-                                            level=level, bounds=bounds).as_dict()
+    base_doc = {s: (base_runs[s].get("lm_eval") or {}).get(task) or {} for s in shared}
+    documents = all(name in per_doc[s] for s in seeds)
+    paired_documents = documents and all(name in base_doc[s] for s in shared)
+    if documents:
+        _example_intervals(part, m, metric, per_doc, base_doc if paired_documents else {},
+                           stats.metric_function(f"test/{name}", "lm_eval"), [name, "n"], bounds, "different documents")
     else:
         m["test"][metric] = stats.seed_interval([runs[s]["metrics"][metric] for s in seeds], level, bounds).as_dict()
-    if not part.baseline or m["name"] == part.baseline:
-        return
-    shared = [s for s in seeds if metric in base_runs.get(s, {}).get("metrics", {})]
-    if not shared:
-        return
-    base_doc = {s: (base_runs[s].get("lm_eval") or {}).get(task) or {} for s in shared}
-    if all(name in per_doc[s] and name in base_doc[s] for s in shared):
-        if len({len(per_doc[s][name]) for s in shared} | {len(base_doc[s][name]) for s in shared}) > 1:
-            m["vs_baseline"][metric] = {"error": "different documents"}
-            return
-        m["vs_baseline"][metric] = stats.paired_bootstrap(
-            [per_doc[s] for s in shared], [base_doc[s] for s in shared], fn, cols, reps=reps, rng_seed=rng_seed,
-            level=level, bounds=bounds).as_dict()
-    else:
+    if shared and not paired_documents:
         m["vs_baseline"][metric] = stats.seed_interval(
             [runs[s]["metrics"][metric] - base_runs[s]["metrics"][metric] for s in shared], level,
             (-(bounds[1] - bounds[0]), bounds[1] - bounds[0])).as_dict()
