@@ -1,6 +1,6 @@
 """The adapter format on disk: everything written to and read from an adapter directory, in one place.
 
-An adapter directory (``<run>/adapter/best``, ``peftlab export``'s output) holds:
+An adapter directory (``<run>/adapter/best``, ``peftlab export-lora``'s output) holds:
 
 * ``adapter_config.json`` + ``adapter_model.safetensors``: peft's own format for peft-backed methods
   (``peft.PeftModel.from_pretrained(base, dir)`` loads them), or peftlab's for the others

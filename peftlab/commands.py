@@ -64,6 +64,8 @@ COMMANDS: dict[str, Command] = {
                         "Run lm-evaluation-harness tasks on a trained run of any method (or a bare backbone)."),
     "chat": Command("peftlab.api:chat_command",
                     "Talk to a trained chat adapter in the terminal, in its chat template, streaming the reply."),
+    "export-lora": Command("peftlab.lora_export:export_lora_command",
+                           "Write a trained run as a plain LoRA adapter that serving engines load (vLLM --enable-lora), converting other methods."),
     "serve": Command("peftlab.serve:serve_command",
                      "Serve trained adapters on one backbone over an OpenAI-compatible HTTP API (model = adapter name)."),
     "compare": Command("peftlab.compare:compare_command",

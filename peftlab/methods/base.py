@@ -370,9 +370,12 @@ class PeftModule(TokenWeightedLoss, Optimization, AdapterCheckpoints, L.Lightnin
 
     def serving_engine_refusal(self) -> str | None:
         """Why a serving engine's multi-LoRA loader (vLLM's ``--enable-lora``) cannot load this method's export, in
-        one line naming what serves it instead; None when it can. Default: the export is not a plain LoRA."""
+        one line naming what serves it instead; None when it can. Default: the export is not a plain LoRA (a method
+        whose update folds into the weights can be converted to one: ``peftlab export-lora``)."""
+        fix = ("convert it with peftlab export-lora (fidelity measured) or serve it with peftlab serve"
+               if type(self).can_merge() else "serve it with peftlab serve (docs/multi-adapter.md)")
         return (f"{type(self).__name__}'s export is not a plain LoRA adapter, which is all vLLM's multi-LoRA server "
-                "loads; serve it with peftlab serve (docs/multi-adapter.md)")
+                f"loads; {fix}")
 
     def per_row_config(self):
         """The peft config under which this built adapter can join one peft model with others and be chosen per row

@@ -187,14 +187,15 @@ class LoRA(PeftBackedMethod):
             return None
         return (f"init: {self.hparams.init} rewrites the backbone's weights (W - s B0 A0), so it cannot share a "
                 "backbone; add the run's exported adapter, which peftlab converts to a plain LoRA on the original "
-                "backbone (peftlab export)")
+                "backbone (its adapter/ directory, or peftlab export-lora)")
 
     def serving_engine_refusal(self) -> str | None:
         """vLLM's LoRA loader takes plain LoRA (PiSSA / OLoRA exports are converted to one): not DoRA, trained
         biases or extra saved modules (issue #32's measurement with vLLM 0.32; not re-run here)."""
         h = self.hparams
         if h.get("use_dora"):
-            return "DoRA's magnitude vectors are not a plain LoRA and vLLM's loader refuses them; serve it with peftlab serve"
+            return ("DoRA's magnitude vectors are not a plain LoRA and vLLM's loader refuses them; convert it with "
+                    "peftlab export-lora (fidelity measured) or serve it with peftlab serve")
         if h.get("bias", "none") != "none":
             return (f"trained biases (model.bias: {h.bias}) are not part of a plain LoRA and vLLM's loader refuses them; "
                     "serve it with peftlab serve, or train with bias: none")
