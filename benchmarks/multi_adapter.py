@@ -10,7 +10,10 @@ adapters (20 virtual tokens) exported to a temporary directory and loaded into o
   adapters, one sub-batch of its 2 rows at a time (what hot-swapping without mixed batches costs). LoRA rows are
   routed per row by peft (``adapter_names``); prompt-tuning rows are grouped per adapter inside the batch;
 * ``server``: ``peftlab serve`` over the LoRA set: requests/s of 16 concurrent clients vs one client at a time
-  (16 requests of 4 new tokens each; the requests of the concurrent clients are batched).
+  (16 requests of 4 new tokens each; the requests of the concurrent clients are batched);
+* ``multitask_fit``: wall time of 4 separate fits of one LoRA task each vs one ``MultiTask`` fit of the 4 tasks on
+  the same per-task batches (4 rows of each task per step, 6 steps; loading included: the separate fits load the
+  backbone 4 times, the multi-task fit once).
 
 Rounds are interleaved (variant a, b, c, a, b, c, ...); each ratio is the median over rounds of the per-round ratio.
 """
@@ -117,6 +120,44 @@ def _ratios(part: dict) -> str:
     return ", ".join(f"{k} {v['median']:.2f}x" for k, v in part["ratio"].items())
 
 
+def _multitask_fit(tasks: int, steps: int, rows: int, rounds: int) -> dict:
+    import lightning as L
+
+    from peftlab.data import PeftDataModule
+    from peftlab.methods import LoRA
+    from peftlab.multitask import MultiTask
+
+    lora = {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    prompts = {f"task{i}": f"Task {i}. Movie review: {{text}}\nAnswer:" for i in range(tasks)}
+    common = dict(source="packaged:rotten_tomatoes", task="causal_lm", tokenizer=BACKBONE, response_template=" {label}",
+                  max_length=64, max_train_samples=rows * steps, max_eval_samples=4, shuffle=False)
+
+    def trainer():
+        return L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, accelerator="cpu", devices=1,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         num_sanity_val_steps=0)
+
+    def separate():
+        for prompt in prompts.values():
+            trainer().fit(LoRA(backbone=BACKBONE, task="causal_lm", **lora),
+                          datamodule=PeftDataModule(batch_size=rows, prompt_template=prompt, **common))
+
+    def together():
+        data = PeftDataModule(batch_size=rows * tasks, tasks={n: {"prompt_template": p} for n, p in prompts.items()},
+                              **common)
+        model = MultiTask(backbone=BACKBONE, task="causal_lm",
+                          tasks={n: {"class_path": "peftlab.methods.LoRA", "init_args": lora} for n in prompts})
+        trainer().fit(model, datamodule=data)
+
+    times = {"separate": [], "multitask": []}
+    for _ in range(rounds):
+        times["separate"].append(_time(separate))
+        times["multitask"].append(_time(together))
+    return {"tasks": tasks, "steps": steps, "rows_per_task": rows,
+            "seconds": {k: summary(v) for k, v in times.items()},
+            "ratio": {"separate/multitask": ratio_summary(times["separate"], times["multitask"])}}
+
+
 def bench_multi_adapter(smoke: bool) -> dict:
     from peftlab.api import load_adapters, load_run
     from peftlab.methods import LoRA, PromptTuning
@@ -157,4 +198,6 @@ def bench_multi_adapter(smoke: bool) -> dict:
         out["server"] = _server(adapters, names, 4 if smoke else 16, 1 if smoke else 2, 2 if smoke else 4)
         log(f"  server: 16 clients / one client {out['server']['ratio']['16_clients/one_client']['median']:.2f}x "
             f"(mean batch {out['server']['mean_batch']:.1f})")
+    out["multitask_fit"] = _multitask_fit(2 if smoke else 4, 2 if smoke else 6, 2 if smoke else 4, 1 if smoke else 2)
+    log("  multi-task fit: " + _ratios(out["multitask_fit"]))
     return out

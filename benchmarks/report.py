@@ -60,6 +60,10 @@ def targets(results: dict) -> list[tuple[str, str, str, str]]:
         r = ma["server"]["ratio"]["16_clients/one_client"]
         rows.append(("`peftlab serve`: 16 concurrent clients / one client at a time (requests/s)", _r(r), ">= 3",
                      verdict(r, 3, True)))
+        mt = ma.get("multitask_fit")
+        if mt:
+            rows.append((f"{mt['tasks']} separate LoRA fits / one multi-task fit of the {mt['tasks']} tasks (wall time, "
+                         "loading included)", _r(mt["ratio"]["separate/multitask"]), "reported", "-"))
     st = results.get("startup")
     if st:
         s = st["help"]["seconds"]
@@ -481,6 +485,14 @@ def _multi_adapter(results) -> list[str]:
             f"{ma['mixed_lora']['rows_per_s']['loop']['median']:.1f}), so the gain of batched requests here comes "
             "mostly from sharing each generation step's fixed costs and overlapping the HTTP and tokenizer work; "
             "not run on a GPU.", ""]
+    mt = ma.get("multitask_fit")
+    if mt:
+        sec = mt["seconds"]
+        out += [f"Several tasks in one run (docs/multi-task.md): {mt['tasks']} LoRA tasks (r 8 on q/v), {mt['steps']} "
+                f"steps of {mt['rows_per_task']} rows per task: {mt['tasks']} separate fits take "
+                f"{_r(sec['separate'], 1)} s, one `MultiTask` fit of the same per-task batches {_r(sec['multitask'], 1)} "
+                f"s (loading included: one backbone load instead of {mt['tasks']}): separate / multi-task "
+                f"{_r(mt['ratio']['separate/multitask'])}.", ""]
     return out
 
 

@@ -56,6 +56,17 @@ def shared_copy(backbone: nn.Module) -> nn.Module:
     return copy.deepcopy(backbone, memo)
 
 
+def build_on_shared(module: PeftModule, backbone: nn.Module, tokenizer) -> PeftModule:
+    """Build ``module`` on a :func:`shared_copy` of ``backbone`` (with a head of its own label count): its new
+    parameters are its own, every frozen weight is ``backbone``'s (an adapter set, a multi-task run)."""
+    model = shared_copy(backbone)
+    if module.task == "classification" and module.num_labels:
+        _fit_head(model, module.num_labels)
+    module.build(model, tokenizer)
+    _untie_trainable(module.model, {id(p) for p in backbone.parameters()})
+    return module
+
+
 def _fit_head(model: nn.Module, num_labels: int) -> None:
     """Give a classification backbone copy a head with ``num_labels`` outputs (the adapter's trained head is loaded
     into it, so its start does not matter); the shared backbone keeps its own."""
@@ -186,11 +197,7 @@ class AdapterSet:
                              for k in sorted(set(key) | set(self.key)) if key.get(k) != self.key.get(k))
             raise PeftLabError(f"adapter {name!r} ({directory}) needs a different backbone: {diff}; an adapter set "
                                "holds adapters of one backbone, load the others in a set of their own")
-        model = shared_copy(self.backbone)
-        if module.task == "classification" and module.num_labels:
-            _fit_head(model, module.num_labels)
-        module.build(model, self.tokenizer)  # one tokenizer for the set: same backbone, and loading it is most of add
-        _untie_trainable(module.model, {id(p) for p in self.backbone.parameters()})
+        build_on_shared(module, self.backbone, self.tokenizer)  # one tokenizer: loading it is most of add
         if self.device:
             module.to(self.device)
         load_weights(module, directory)

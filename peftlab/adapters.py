@@ -128,13 +128,25 @@ def write_peftlab_adapter(module, directory) -> str:
 
 
 def adapter_directory(path: Path) -> Path:
-    """The exported adapter in ``path``: ``path`` itself, or a run directory's ``adapter/best``, else ``adapter/last``."""
-    if (path / "adapter_config.json").is_file():
+    """The exported adapter in ``path``: ``path`` itself, or a run directory's ``adapter/best``, else ``adapter/last``
+    (a multi-task export, one adapter per task in subdirectories, counts as one: :func:`task_directories`)."""
+    def exported(directory: Path) -> bool:
+        return (directory / "adapter_config.json").is_file() or bool(task_directories(directory))
+
+    if exported(path):
         return path
     for name in ("best", "last"):
-        if (path / "adapter" / name / "adapter_config.json").is_file():
+        if exported(path / "adapter" / name):
             return path / "adapter" / name
     raise PeftLabError(f"{path} is neither an exported adapter nor a run directory with adapter/best or adapter/last")
+
+
+def task_directories(directory) -> dict[str, Path] | None:
+    """A multi-task export's ``{task: its adapter directory}`` (``peftlab_meta.json`` lists ``tasks``, each exported
+    in a subdirectory of that name); None for an export of one adapter."""
+    path = Path(directory) / META_FILE
+    tasks = json.loads(path.read_text(encoding="utf-8")).get("tasks") if path.is_file() else None
+    return {name: Path(directory) / name for name in tasks} if tasks else None
 
 
 def read_adapter_config(directory) -> dict:

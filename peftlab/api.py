@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from peftlab.adapters import adapter_directory, load_weights, read_meta
+from peftlab.adapters import adapter_directory, load_weights, read_meta, task_directories
 from peftlab.backbones import is_decoder_only
 from peftlab.errors import PeftLabError
 from peftlab.generation import GenerationSettings, length_groups
@@ -186,17 +186,24 @@ class Run:
                         batch["attention_mask"].to(module.device), settings_, streamer=streamer)[0]
 
 
-def load_adapters(adapters: dict, backbone: str | None = None, device: str | None = None):
+def load_adapters(adapters: dict | str, backbone: str | None = None, device: str | None = None):
     """Load several trained runs or exported adapters onto **one** shared backbone: an
     :class:`~peftlab.adapter_set.AdapterSet` (``predict(texts, adapter="name")``, ``switch``, ``add``, ``remove``).
 
     Args:
-        adapters: ``{name: run directory, adapter directory or a loaded Run}``.
+        adapters: ``{name: run directory, adapter directory or a loaded Run}``, or the directory of a multi-task
+            run (:class:`peftlab.multitask.MultiTask`): every task's adapter, named by its task.
         backbone: use this backbone instead of the recorded one (as in :func:`load_run`).
         device: where the backbone and adapters live (default: where loading put them, usually the CPU).
     """
     from peftlab.adapter_set import AdapterSet
 
+    if isinstance(adapters, (str, Path)):
+        tasks = task_directories(adapter_directory(Path(adapters)))
+        if not tasks:
+            raise PeftLabError(f"{adapters} is not a multi-task run; give load_adapters a {{name: run or adapter "
+                               "directory}} mapping")
+        adapters = {name: str(path) for name, path in tasks.items()}
     return AdapterSet(adapters, backbone=backbone, device=device, make_run=run_of)
 
 
@@ -213,6 +220,10 @@ def load_run(path: str, backbone: str | None = None) -> Run:
         backbone: use this backbone instead of the recorded one (e.g. a local copy of a hub model).
     """
     directory = adapter_directory(Path(path))
+    tasks = task_directories(directory)
+    if tasks:
+        raise PeftLabError(f"{path} is a multi-task run with one adapter per task ({', '.join(tasks)}): load one, "
+                           f"load_run('{tasks[next(iter(tasks))]}'), or all of them with load_adapters('{path}')")
     meta = read_meta(directory)
     module = build_module(meta, backbone)
     load_weights(module, directory)

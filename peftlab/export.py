@@ -123,12 +123,14 @@ def _copy_small_tensors(real: torch.nn.Module, copy: torch.nn.Module) -> None:
 
 
 def export_adapter(module, directory, *, config_yaml: str | None = None, metrics: dict | None = None,
-                   label_names: list[str] | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
+                   label_names: list[str] | None = None, state: dict[str, torch.Tensor] | None = None,
+                   prompt: dict | None = None) -> Path:
     """Write ``module``'s trained parameters to ``directory`` (atomically); return the directory.
 
     ``state``: the full trainable parameters of a sharded module (:func:`trainable_state`, gathered on every
-    rank); the files are then written from an unsharded copy of the method (:func:`unsharded_copy`)."""
-    prompt = prompt_format(module)  # from the trainer's data, before a sharded module is replaced by its copy
+    rank); the files are then written from an unsharded copy of the method (:func:`unsharded_copy`). ``prompt``:
+    the prompt format inference applies, when not the trainer's data's (one task of a multi-task run)."""
+    prompt = prompt or prompt_format(module)  # from the trainer's data, before a sharded module is replaced by its copy
     if state is not None:
         module = unsharded_copy(module, state)
     with atomic_directory(directory) as tmp:

@@ -48,7 +48,7 @@ def test_every_shipped_config_loads(config, capsys):
         return
     own = yaml.safe_load((ROOT / config).read_text())["model"]
     assert printed["model"]["class_path"] == own["class_path"]
-    assert printed["model"]["class_path"].startswith("peftlab.methods.")
+    assert printed["model"]["class_path"].startswith(("peftlab.methods.", "peftlab.multitask."))
     if base:
         # jsonargparse keeps init_args of the same name when a layered config switches class: every value
         # the method file does not set itself must be the class default, not inherited from the base config

@@ -128,7 +128,9 @@ def _lora(rule: str, task_type: str, reason: str, *, qlora: bool = False, altern
 
 
 #: what ``recommend`` prints for the hot-swap rule: the commands that do it (docs/multi-adapter.md)
-HOT_SWAP_SERVING = ("train one adapter per task, then load them all on one backbone: "
+HOT_SWAP_SERVING = ("train one adapter per task (or all of them in one run on one backbone: model "
+                    "peftlab.multitask.MultiTask with data.tasks, configs/multitask_lora.yaml, docs/multi-task.md), "
+                    "then load them all on one backbone: "
                     "peftlab.api.load_adapters({'task_a': 'runs/a/version_0', ...}).predict(texts, adapter='task_a'), "
                     "or serve them: peftlab serve task_a=runs/a/version_0 task_b=... (OpenAI API, model = adapter "
                     "name; docs/multi-adapter.md)")

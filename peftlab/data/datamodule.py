@@ -17,7 +17,7 @@ import lightning as L
 import torch
 
 from peftlab.backbones import DATA_TASKS, DataTask, is_decoder_only, load_tokenizer, model_task
-from peftlab.data import chat, formats, transforms
+from peftlab.data import chat, formats, multitask, transforms
 from peftlab.data.loading import ResumableLoader, _rank, eval_generator, training_sampler
 from peftlab.data.sources import PACKAGED_LABELS, load_source
 from peftlab.errors import PeftLabError
@@ -114,6 +114,13 @@ class PeftDataModule(L.LightningDataModule):
             with its own position ids so attention never crosses examples; the loss is unchanged (each
             example's targets, as unpacked). Methods that add virtual tokens per row (prompt / prefix tuning,
             P-tuning, P-tuning v2, LoRA + prompt) refuse it. Validation and test stay unpacked.
+        tasks: several tasks in one run (with :class:`peftlab.multitask.MultiTask` as the model): ``{name:
+            {setting: value}}``, each task's data settings over the ones above (``source`` at least), e.g.
+            ``{sentiment: {source: a.csv}, topics: {source: b.jsonl, max_length: 64}}``. Every training batch
+            holds rows of every task (docs/multi-task.md).
+        task_weights: each task's share of a training batch's ``batch_size`` rows (``{name: weight}``, default
+            equal; each task gets at least one row). The epoch ends with the task that has the most batches;
+            the others cycle.
     """
 
     def __init__(
@@ -154,6 +161,9 @@ class PeftDataModule(L.LightningDataModule):
         system_prompt: str | None = None,
         train_on: chat.TrainOn = "assistant",
         train_on_eos: bool = True,
+        # values typed str first: jsonargparse would read a str under Any as YAML ("Review: {text}" -> a mapping)
+        tasks: dict[str, dict[str, str | int | float | bool | list | dict | None]] | None = None,
+        task_weights: dict[str, float] | None = None,
     ):
         super().__init__()
         if task not in DATA_TASKS:
@@ -176,9 +186,12 @@ class PeftDataModule(L.LightningDataModule):
             raise PeftLabError("data.val_fraction + data.test_fraction must leave some training data (< 1)")
         # Lightning refuses a key that model and data both log with different values: chat data's model task is
         # causal_lm, so the data logs its task as chat_task instead
-        self.save_hyperparameters(ignore=["task"] if task == "chat" else None)
+        # and the model's tasks (MultiTask) are its methods, the data's their sources: logged as data_tasks
+        self.save_hyperparameters(ignore=["tasks", *(["task"] if task == "chat" else [])])
         if task == "chat":
             self.hparams["chat_task"] = task
+        if tasks is not None:
+            self.hparams["data_tasks"] = tasks
         self.source = source
         self.task = task
         self.model_task = model_task(task)  # what the model trains: chat data trains a causal LM
@@ -223,6 +236,11 @@ class PeftDataModule(L.LightningDataModule):
         self.train_on_eos = train_on_eos
         self._loaded: LoadedData | None = None  # set by load(), the only place that reads the source
         self.datasets: dict = {}  # tokenized splits, set by setup()
+        #: several tasks: one data module per task (``tasks``), built over these settings; None: one task
+        self.task_data: dict[str, PeftDataModule] | None = None
+        self.task_batch_sizes: dict[str, int] = {}
+        if tasks is not None or task_weights is not None:
+            self.task_data, self.task_batch_sizes = multitask.task_modules(self, tasks, task_weights)
 
     # ------------------------------------------------------------------ raw data and labels
     @cached_property
@@ -242,6 +260,10 @@ class PeftDataModule(L.LightningDataModule):
         ``num_labels`` and ``few_shot_ids`` all go through it). Reading labels does not need the tokenizer,
         so ``num_labels`` works right after construction (the CLI passes it to the model then).
         """
+        if self.task_data is not None:  # several tasks: each reads its own source
+            for data in self.task_data.values():
+                data.load()
+            return None
         if self._loaded is None:
             with quiet_progress():
                 self._loaded = self._load()
@@ -288,7 +310,7 @@ class PeftDataModule(L.LightningDataModule):
     def label_names(self) -> list[str] | None:
         """Class names in index order (classification), read from the data or ``labels``; with ``predict_source``
         and ``labels`` the source is not read (predicting on a file of inputs needs no training file)."""
-        if self.task != "classification":
+        if self.task != "classification" or self.task_data is not None:  # several tasks: per task
             return None
         if self._labels and self.predict_source is not None:
             return [str(n) for n in self._labels]
@@ -313,6 +335,9 @@ class PeftDataModule(L.LightningDataModule):
         JSON-serialisable: the source and its settings, the split sizes, the class names and, for few-shot
         runs, the chosen rows (``few_shot_ids``).
         """
+        if self.task_data is not None:
+            return {"tasks": {name: data.run_record() for name, data in self.task_data.items()},
+                    "task_batch_sizes": self.task_batch_sizes}
         loaded = self.load()
         source = self.source
         record = {
@@ -339,6 +364,8 @@ class PeftDataModule(L.LightningDataModule):
     def prompt_format(self) -> dict | None:
         """How inputs are put to the model, recorded with the run and its adapter so inference uses it too
         (``Run.predict``): the chat template, or the prompt/response templates; ``None`` for classification."""
+        if self.task_data is not None:  # each task's own, in its export
+            return None
         if self.task == "chat":
             return {"kind": "chat", "chat_template": self.chat_template_text, "system_prompt": self.system_prompt}
         if self.task == "classification":
@@ -419,12 +446,23 @@ class PeftDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         # datasets caches every map on disk, so running this on rank 0 first makes the other ranks' setup cheap
+        if self.task_data is not None:
+            for data in self.task_data.values():
+                data.prepare_data()
+            return
         if self.predict_source is None:
             self.load()
             for split in ("train", "validation", "test"):
                 self._tokenize(split)
 
     def setup(self, stage: str | None = None) -> None:
+        if self.task_data is not None:
+            if stage == "predict":
+                raise PeftLabError("peftlab predict runs one task: predict with one task's adapter "
+                                   "(<run>/adapter/best/<task>) and its data instead of the multi-task config")
+            for data in self.task_data.values():
+                data.setup(stage)
+            return
         if stage == "predict" and self.predict_source is not None:  # inputs alone: the training data is not read
             if "predict" not in self.datasets:
                 self.datasets["predict"] = self._counted(
@@ -513,12 +551,18 @@ class PeftDataModule(L.LightningDataModule):
         return torch.utils.data.DataLoader(dataset, generator=eval_generator(), **common)
 
     def train_dataloader(self):
+        if self.task_data is not None:
+            return multitask.train_loader(self)
         return self._loader("train", batch_size=self.batch_size, pad_left=self.pad_left)
 
     def val_dataloader(self):
+        if self.task_data is not None:  # one loader per task, in task order (the model's dataloader_idx)
+            return [data.val_dataloader() for data in self.task_data.values()]
         return self._loader("validation", pad_left=self.pad_left)
 
     def test_dataloader(self):
+        if self.task_data is not None:
+            return [data.test_dataloader() for data in self.task_data.values()]
         return self._loader("test", pad_left=self.pad_left)
 
     def predict_dataloader(self):

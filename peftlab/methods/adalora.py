@@ -134,6 +134,10 @@ class AdaLoRA(PeftBackedMethod):
         self._require_built("AdaLoRA")
         return self.model.peft_config["default"]
 
+    def multitask_refusal(self) -> str | None:
+        """The rank allocation runs in this module's own training hooks, which a multi-task run does not call."""
+        return "AdaLoRA's rank allocator runs in the hooks of a run of its own; train it alone, or use LoRA as a task"
+
     # ------------------------------------------------------------------ training
     def on_fit_start(self):
         super().on_fit_start()

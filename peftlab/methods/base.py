@@ -368,6 +368,11 @@ class PeftModule(TokenWeightedLoss, Optimization, AdapterCheckpoints, L.Lightnin
         backbone's own weights), in one line with the fix; None when it can (every method that only adds parts)."""
         return None
 
+    def multitask_refusal(self) -> str | None:
+        """Why this method cannot be one task of a multi-task run (:class:`peftlab.multitask.MultiTask`), in one
+        line; None (default) when it can: every method that only adds parts to a shared backbone."""
+        return self.adapter_set_refusal()
+
     def serving_engine_refusal(self) -> str | None:
         """Why a serving engine's multi-LoRA loader (vLLM's ``--enable-lora``) cannot load this method's export, in
         one line naming what serves it instead; None when it can. Default: the export is not a plain LoRA (a method

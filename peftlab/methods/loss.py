@@ -26,11 +26,21 @@ class TokenWeightedLoss:
         whatever the batching (the fix transformers, torchtune and TRL made in late 2024). The loss is checked for
         NaN / inf once per optimizer step, not here: that check is a host sync.
         """
+        loss, loss_sum, count = self.micro_batch_loss(batch)
+        self._add_to_step(loss_sum, count)
+        if self.task == "classification":
+            return loss
+        # Lightning divides what training_step returns by accumulate_grad_batches; multiplying by it first leaves
+        # sum / token_scale, a constant that on_before_optimizer_step replaces by the step's token count
+        return loss * (self.trainer.accumulate_grad_batches / self._token_scale)
+
+    def micro_batch_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
+        """``(loss, detached loss sum, count)`` of one micro-batch: classification's mean over its examples, or the
+        causal-LM / seq2seq *sum* over its target tokens (see :meth:`training_step`), and what it counts."""
         if self.task == "classification":
             loss = self(**batch).loss
             n = len(batch["labels"])
-            self._add_to_step(loss.detach() * n, n)
-            return loss
+            return loss, loss.detach() * n, n
         labels = batch["labels"]
         # no KV cache in training: it would only cost memory, and transformers (5.24) builds the block-diagonal
         # mask of packed rows (data.packing) only when there is none
@@ -38,10 +48,7 @@ class TokenWeightedLoss:
         if self.task == "seq2seq":  # the decoder reads the shifted targets; the loss is computed here, once
             inputs["decoder_input_ids"] = decoder_inputs(self.model, labels)
         nll, count = token_nll(self(**inputs).logits, labels, self.task)
-        self._add_to_step(nll.detach(), count)
-        # Lightning divides what training_step returns by accumulate_grad_batches; multiplying by it first leaves
-        # sum / token_scale, a constant that on_before_optimizer_step replaces by the step's token count
-        return nll * (self.trainer.accumulate_grad_batches / self._token_scale)
+        return nll, nll.detach(), count
 
     def _add_to_step(self, loss_sum: torch.Tensor, count) -> None:
         """Accumulate this micro-batch's loss sum and its count (targets or examples) until the optimizer step."""
@@ -55,6 +62,13 @@ class TokenWeightedLoss:
         stats, self._step_stats = self._step_stats, None
         if stats is None:
             return
+        mean = self.finish_step(stats, self.parameters(), self._token_scale)
+        self.log("train/loss", mean, prog_bar=True, on_step=True, on_epoch=False, sync_dist=False)
+
+    def finish_step(self, stats: torch.Tensor, params, token_scale: float) -> torch.Tensor:
+        """Sum a step's ``(loss sum, count)`` over every rank, refuse a non-finite loss before the weights change,
+        and (causal LM / seq2seq) turn the gradient of ``params`` into the mean over every target token of the
+        step; return the step's mean loss (what ``train/loss`` logs)."""
         strategy = self.trainer.strategy
         if self.trainer.world_size > 1:
             stats = strategy.reduce(stats.clone(), reduce_op="sum")
@@ -68,11 +82,11 @@ class TokenWeightedLoss:
             )
         if self.task != "classification":
             # each rank's gradient is sum / token_scale over its micro-batches; data parallelism averages over ranks
-            scale = self._token_scale * self.trainer.world_size / count
-            for p in self.parameters():
+            scale = token_scale * self.trainer.world_size / count
+            for p in params:
                 if p.grad is not None:
                     p.grad.mul_(scale.to(p.grad.dtype))
-        self.log("train/loss", total / count, prog_bar=True, on_step=True, on_epoch=False, sync_dist=False)
+        return total / count
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val")
