@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import statistics
-import time
 import warnings
 from pathlib import Path
+
+from peftlab.runinfo import logger, machine  # noqa: F401 - machine: recorded beside every benchmark's numbers
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 42
@@ -20,8 +20,7 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*The number of training batches.*")
 
 
-def log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+log = logger("bench")
 
 
 def summary(values: list[float]) -> dict:
@@ -38,26 +37,6 @@ def ratio_summary(a: list[float], b: list[float]) -> dict:
     return summary([x / y for x, y in zip(a, b)])
 
 
-def machine() -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import lightning
-    import peft
-    import transformers
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "lightning": lightning.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "os": platform.platform()}
 
 
 def quiet():

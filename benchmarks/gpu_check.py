@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from peftlab.runinfo import logger
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,8 +54,7 @@ METHODS = {
 }
 
 
-def log(message: str) -> None:
-    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {message}", flush=True)
+log = logger("gpu_check")
 
 
 def texts(n: int) -> list[str]:

@@ -10,24 +10,19 @@ from __future__ import annotations
 import csv
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from peftlab.runinfo import logger  # noqa: F401 - the experiments' progress lines
+from peftlab.runinfo import machine_line as machine  # noqa: F401 - the result pages' machine line
+
 ROOT = Path(__file__).resolve().parents[1]
 # PEFTLAB_RESULTS_DIR: where reports go instead (the tests regenerate them there and compare with docs/)
 RESULTS = Path(os.environ.get("PEFTLAB_RESULTS_DIR") or ROOT / "docs" / "results")
 PEFTLAB = [sys.executable, "-m", "peftlab"]
-
-
-def machine() -> str:
-    import torch
-
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-            f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
 
 
 def run_fit(study: str, name: str, args: list[str], log) -> dict:
@@ -76,12 +71,6 @@ def read_metrics(path: Path) -> dict:
 def save_json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1))
-
-
-def logger(prefix: str):
-    def log(message: str) -> None:
-        print(f"[{prefix} {time.strftime('%H:%M:%S')}] {message}", flush=True)
-    return log
 
 
 def save_figure(fig, name: str, alt: str) -> str:

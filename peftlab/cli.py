@@ -49,7 +49,7 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _make_cli_class():
+def make_cli_class():
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     class PeftSaveConfigCallback(SaveConfigCallback):
@@ -486,7 +486,7 @@ def run_cli(argv: list[str], *, callbacks: list | tuple = ()):
     from peftlab.data import PeftDataModule
     from peftlab.methods import PeftModule
 
-    cli_class = _make_cli_class()
+    cli_class = make_cli_class()
     # LightningCLI reads sys.argv (it warns when given both), so hand it argv that way
     saved, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "peftlab", *argv]
     try:

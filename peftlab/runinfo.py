@@ -22,6 +22,46 @@ LIBRARIES = ("peftlab", "torch", "lightning", "transformers", "peft", "bitsandby
              "torchmetrics", "jsonargparse", "safetensors", "numpy")
 
 
+def stamp(prefix: str) -> str:
+    """``[prefix HH:MM:SS]``: how progress lines of long work (studies, benchmarks, experiments) begin."""
+    return f"[{prefix} {time.strftime('%H:%M:%S')}]"
+
+
+def logger(prefix: str):
+    """A function printing ``[prefix HH:MM:SS] message`` lines, flushed (they are read while the work runs)."""
+    def log(message: str) -> None:
+        print(f"{stamp(prefix)} {message}", flush=True)
+    return log
+
+
+def machine() -> dict:
+    """The machine a measurement ran on (CPU model, cores, torch threads, GPU, OS) and the main library versions:
+    what benchmarks and studies record beside their numbers."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = library_versions()
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": versions["transformers"],
+            "peft": versions["peft"], "lightning": versions["lightning"],
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "os": platform.platform()}
+
+
+def machine_line() -> str:
+    """The machine in one line, as result pages print it: ``<cpu>, N CPU cores, torch X, no GPU | CUDA <card>``."""
+    import torch
+
+    gpu = f"CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {gpu}"
+
+
 @functools.lru_cache(maxsize=1)
 def library_versions() -> dict[str, str | None]:
     versions = {"python": platform.python_version()}

@@ -437,7 +437,7 @@ def test_prediction_writer_orders_rows_and_drops_padding(tmp_path, monkeypatch, 
     rank1 = ([_classification_batch([p[1], p[3]]), _classification_batch([p[0]])], [[[1, 3], [0]]])
     trainer = _fake_trainer(tmp_path, texts)
     other = []
-    monkeypatch.setattr(module, "_gather", lambda mine, trainer: [mine, other])
+    monkeypatch.setattr(module, "gather_records", lambda mine, trainer: [mine, other])
     writer = PredictionWriter()
     other[:] = [(0, i, row) for (batch, idx) in zip(rank1[0], rank1[1][0])
                 for i, row in zip(idx, module.prediction_rows(batch, ["rotten", "fresh"]))]

@@ -256,13 +256,13 @@ def test_predict_classification_and_generation(tiny_bert, sentiment_csv, tiny_ll
 
 
 def test_schedules():
-    from peftlab.methods.base import _schedule
+    from peftlab.methods.base import lr_lambda
 
-    lin = _schedule("linear", 10, 110)
+    lin = lr_lambda("linear", 10, 110)
     assert lin(0) == pytest.approx(1 / 11) and lin(10) == 1.0 and lin(60) == pytest.approx(0.5) and lin(110) == 0.0
-    cos = _schedule("cosine", 0, 100)
+    cos = lr_lambda("cosine", 0, 100)
     assert cos(0) == 1.0 and cos(50) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0)
-    assert _schedule("constant", 5, 100)(99) == 1.0
+    assert lr_lambda("constant", 5, 100)(99) == 1.0
 
 
 def test_backbone_dtype_is_explicit(tmp_path, tiny_llama):

@@ -279,9 +279,9 @@ def _peftlab_classes():
             continue
         module = importlib.import_module(info.name)
         classes += [c for c in vars(module).values() if inspect.isclass(c) and c.__module__ == module.__name__]
-    from peftlab.cli import _make_cli_class
+    from peftlab.cli import make_cli_class
 
-    cli = _make_cli_class()  # built inside a function (Lightning is imported only when a command runs)
+    cli = make_cli_class()  # built inside a function (Lightning is imported only when a command runs)
     return classes + [cli, cli.save_config_class]
 
 

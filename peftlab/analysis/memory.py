@@ -442,7 +442,7 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
-def _precision_of(trainer_precision: Any) -> str:
+def precision_of(trainer_precision: Any) -> str:
     text = str(trainer_precision or "32")
     return "bf16" if "bf16" in text else "fp16" if text.startswith("16") else "fp32"
 
@@ -536,7 +536,7 @@ def estimate_memory_command(
                 batch_size=_first(batch_size, data.get("batch_size"), 1),
                 seq_len=_first(seq_len, data.get("max_length"), 512),
                 target_len=_first(target_len, data.get("max_target_length")),
-                precision=precision or (_precision_of(trainer.get("precision")) if trainer else "bf16"),
+                precision=precision or (precision_of(trainer.get("precision")) if trainer else "bf16"),
                 optimizer=optimizer or model.get("optimizer") or "adamw",
                 gradient_checkpointing=bool(gradient_checkpointing if gradient_checkpointing is not None
                                             else model.get("gradient_checkpointing", False)),

@@ -92,11 +92,11 @@ def parse_fit_config(args: list[str], prog: str = "peftlab params") -> MethodSpe
     """
     from jsonargparse import Namespace
 
-    from peftlab.cli import _make_cli_class
+    from peftlab.cli import make_cli_class
     from peftlab.data import PeftDataModule
     from peftlab.methods import PeftModule
 
-    class ParseOnly(_make_cli_class()):
+    class ParseOnly(make_cli_class()):
         def instantiate_classes(self) -> None:  # parse and link only
             pass
 

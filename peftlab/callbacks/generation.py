@@ -207,9 +207,9 @@ class GenerationEval(L.Callback):
         path = self.generations_file
         if path == "auto":
             path = os.path.join(trainer.log_dir, "generations.jsonl")  # a collective: every rank asks
-        from peftlab.callbacks.predictions import _gather
+        from peftlab.callbacks.predictions import gather_records
 
-        gathered = _gather(self.records, trainer)
+        gathered = gather_records(self.records, trainer)
         if gathered is None:  # not rank 0
             return
         rows = [row for part in gathered for row in part]

@@ -63,7 +63,7 @@ def _per_dataloader(predictions: list, batch_indices: list) -> list[tuple[list, 
     return [(predictions, batch_indices[0] if batch_indices else [])]
 
 
-def _gather(obj: Any, trainer) -> list[Any] | None:
+def gather_records(obj: Any, trainer) -> list[Any] | None:
     """Every rank's ``obj`` on rank 0 (None elsewhere); ``[obj]`` in a single process."""
     import torch.distributed as dist
 
@@ -108,7 +108,7 @@ class PredictionWriter(BasePredictionWriter):
                                        "does not report batch indices (use a torch DataLoader)")
                 position += len(rows)
                 mine += [(dataloader, int(i), row) for i, row in zip(where, rows)]
-        gathered = _gather(mine, trainer)
+        gathered = gather_records(mine, trainer)
         if not trainer.is_global_zero:
             return
         unique: dict[tuple[int, int], dict] = {}

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +18,9 @@ import numpy as np
 
 from peftlab.compare import stats
 from peftlab.compare.study import Part, Study, lm_eval_metric, slug
+from peftlab.runinfo import machine_line
 
 PCT = 100.0
-
-
-def machine() -> str:
-    import torch
-
-    gpu = f"CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {gpu}"
 
 
 # ---------------------------------------------------------------------------------------------- collect
@@ -45,7 +37,7 @@ def _columns(outcome: dict) -> dict[str, list[float]]:
 def _memory(part: Part, method) -> dict | None:
     """Training memory of the method as its seed runs train it (batch, length, precision, optimizer of the parsed
     config), by peftlab.analysis.memory.estimate on the meta device."""
-    from peftlab.analysis.memory import _precision_of, estimate
+    from peftlab.analysis.memory import estimate, precision_of
     from peftlab.errors import PeftLabError
 
     spec = method.spec
@@ -55,7 +47,7 @@ def _memory(part: Part, method) -> dict | None:
         est = estimate(spec, batch_size=int(spec.data.get("batch_size") or 1),
                        seq_len=int(spec.data.get("max_length") or 512),
                        target_len=spec.data.get("max_target_length"),
-                       precision=_precision_of(spec.trainer.get("precision")),
+                       precision=precision_of(spec.trainer.get("precision")),
                        optimizer=spec.init_args.get("optimizer") or "adamw",
                        gradient_checkpointing=bool(spec.init_args.get("gradient_checkpointing")), label=method.name)
     except (PeftLabError, RuntimeError, ValueError) as err:
@@ -142,7 +134,7 @@ def collect(study: Study, worker) -> dict:
             "methods": methods})
     return {"study": study.name, "title": study.title, "description": study.description,
             "expected_duration": study.expected_duration, "study_file": str(study.path), "smoke": study.smoke,
-            "machine": machine(), "parts": parts}
+            "machine": machine_line(), "parts": parts}
 
 
 def _intervals(part: Part, methods: list[dict], runs_by_method: dict[str, dict[int, dict]]) -> None:

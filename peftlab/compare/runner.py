@@ -45,6 +45,7 @@ from typing import Any
 
 from peftlab.compare.study import Method, Part, Study, fit_args
 from peftlab.errors import PeftLabError
+from peftlab.runinfo import stamp
 
 # a running trial records a heartbeat every HEARTBEAT_S; one silent for GRACE_S is a dead worker's, run again
 HEARTBEAT_S = int(os.environ.get("PEFTLAB_COMPARE_HEARTBEAT_S") or 30)  # (Optuna: a positive integer)
@@ -694,5 +695,5 @@ class Printer:
         if prefix is not None:  # a worker's line, already stamped
             self.stream.write(f"{prefix}{message}\n")
         else:
-            self.stream.write(f"{self.prefix}[compare {time.strftime('%H:%M:%S')}] {message}\n")
+            self.stream.write(f"{self.prefix}{stamp('compare')} {message}\n")
         self.stream.flush()

@@ -18,7 +18,7 @@ import torch
 
 from peftlab.backbones import DATA_TASKS, DataTask, is_decoder_only, load_tokenizer, model_task
 from peftlab.data import chat, formats, multitask, transforms
-from peftlab.data.loading import ResumableLoader, _rank, eval_generator, training_sampler
+from peftlab.data.loading import ResumableLoader, eval_generator, process_rank, training_sampler
 from peftlab.data.sources import PACKAGED_LABELS, load_source
 from peftlab.errors import PeftLabError
 
@@ -472,7 +472,7 @@ class PeftDataModule(L.LightningDataModule):
         if not self.datasets:
             self.datasets = {split: self._counted(self._tokenize(split), split)
                              for split in ("train", "validation", "test")}
-            if _rank() == 0:
+            if process_rank() == 0:
                 print(f"[peftlab] data {self.summary()}", flush=True)
             if self.packing:
                 import datasets

@@ -130,7 +130,7 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state: dict) -> None:
         rng = state.get("rng")
         if isinstance(rng, list):  # one state per rank (see _every_rank): this rank's
-            rank = _rank()
+            rank = process_rank()
             state = {**state, "rng": rng[rank] if rank < len(rng) else rng[0]}
         self._resume = state
 
@@ -164,7 +164,7 @@ class ResumableLoader(DataLoader):
             yield batch
 
 
-def _rank() -> int:
+def process_rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -63,7 +63,7 @@ from peftlab.errors import PeftLabError
 from peftlab.generation import GenerationSettings, generate
 from peftlab.methods.checkpoints import AdapterCheckpoints
 from peftlab.methods.loss import TokenWeightedLoss, decoder_inputs, target_logits, token_nll  # noqa: F401
-from peftlab.methods.optim import Optimization, _schedule, optimizer_class  # noqa: F401
+from peftlab.methods.optim import Optimization, lr_lambda, optimizer_class  # noqa: F401
 from peftlab.methods.registry import (  # noqa: F401 - re-exported
     METHODS,
     PRESETS_DIR,

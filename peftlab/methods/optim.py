@@ -46,7 +46,7 @@ class Optimization:
         total = max(1, int(self.total_optimizer_steps()))
         warmup = int(self.hparams.warmup_ratio * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _schedule(self.hparams.scheduler, warmup, total)
+            optimizer, lr_lambda(self.hparams.scheduler, warmup, total)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -79,7 +79,7 @@ def optimizer_class(name: str):
             "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
 
 
-def _schedule(name: str, warmup: int, total: int):
+def lr_lambda(name: str, warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
