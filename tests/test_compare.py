@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from conftest import write_config
+from peftlab.errors import PeftLabError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -657,6 +658,31 @@ def test_parts_do_not_inherit_the_study_title_description_and_duration(tmp_path)
     assert text.count(results["title"]) == 1 and text.count("Duration of the default budget: 1 min.") == 1
     assert "\n## k=8\n" in text and "\n## k=all (2000)\n" in text
     assert "(pareto-k=all_2000.png)" in text and (tmp_path / "pareto-k=all_2000.png").is_file()
+
+
+def test_notes_are_read_into_the_results_and_end_the_page(tmp_path):
+    """``notes:`` (a markdown file written after a study ran) is carried in results.json, so the page regenerates
+    with it; a missing file is one line at load time; the notes change no method's fingerprint."""
+    from peftlab.compare.report import render
+    from peftlab.compare.study import load_study
+
+    src = ROOT / "experiments/quality_vs_params/study_variants.yaml"
+    notes = tmp_path / "notes.md"
+    notes.write_text("## Beside the published table\n\nLoRA first, as in PEFT's table.\n")
+    with_notes = tmp_path / "study.yaml"
+    with_notes.write_text(src.read_text() + f"\nnotes: {notes}\n")
+    study, plain = load_study(with_notes), load_study(src)
+    assert study.notes == notes
+    assert [study.parts[0].fingerprint(m) for m in study.parts[0].methods.values()] == \
+        [plain.parts[0].fingerprint(m) for m in plain.parts[0].methods.values()]
+    results = json.loads((ROOT / "experiments/quality_vs_params/study_variants.results.json").read_text())
+    text = render({**results, "notes": notes.read_text()}, tmp_path)
+    assert text.endswith("## Beside the published table\n\nLoRA first, as in PEFT's table.\n")
+    assert "Beside the published table" not in render(results, tmp_path)
+    with_notes.write_text(src.read_text() + "\nnotes: missing.md\n")
+    with pytest.raises(PeftLabError, match="notes: missing.md is not a file") as info:
+        load_study(with_notes)
+    assert "\n" not in str(info.value)
 
 
 def _readme_study(tmp_path) -> Path:

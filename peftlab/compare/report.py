@@ -134,7 +134,8 @@ def collect(study: Study, worker) -> dict:
             "methods": methods})
     return {"study": study.name, "title": study.title, "description": study.description,
             "expected_duration": study.expected_duration, "study_file": str(study.path), "smoke": study.smoke,
-            "machine": machine_line(), "parts": parts}
+            "machine": machine_line(), "parts": parts,
+            **({"notes": study.notes.read_text(encoding="utf-8")} if study.notes else {})}
 
 
 def _intervals(part: Part, methods: list[dict], runs_by_method: dict[str, dict[int, dict]]) -> None:
@@ -326,6 +327,8 @@ def render(results: dict, out_dir: Path, image_prefix: str = "") -> str:
         lines += _render_part(part, out_dir, image_prefix, several=several,
                               plot_title=None if several else results["title"])
     lines += _render_summary(results)
+    if results.get("notes"):
+        lines += ["", results["notes"].strip(), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

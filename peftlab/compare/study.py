@@ -24,8 +24,8 @@ from peftlab.errors import PeftLabError, did_you_mean
 
 TOP_KEYS = {"name", "title", "description", "study_dir", "publish", "base", "overrides", "budget", "seeds", "tuning",
             "select", "report", "baseline", "generation", "forgetting", "latency", "bootstrap", "search", "methods",
-            "parts", "smoke", "keep_checkpoints", "expected_duration", "lm_eval"}
-PART_KEYS = TOP_KEYS - {"parts", "study_dir", "publish", "name"}
+            "parts", "smoke", "keep_checkpoints", "expected_duration", "lm_eval", "notes"}
+PART_KEYS = TOP_KEYS - {"parts", "study_dir", "publish", "name", "notes"}
 METHOD_KEYS = {"config", "overrides", "search", "title"}
 BUDGET_KEYS = {"max_steps", "max_epochs", "val_check_interval", "batch_size"}
 TUNING_KEYS = {"trials", "seed", "sampler", "pruner", "min_resource", "reduction_factor", "overrides"}
@@ -172,6 +172,9 @@ class Study:
     parts: list[Part]
     raw: dict = field(default_factory=dict)
     expected_duration: str | None = None
+    #: a markdown file written after the study ran (what its numbers mean beside published ones), read into the
+    #: results and printed at the end of the report; not part of any method's fingerprint
+    notes: Path | None = None
 
     def method_count(self) -> int:
         return sum(len(p.methods) for p in self.parts)
@@ -299,7 +302,7 @@ def load_study(path: str | os.PathLike, *, smoke: bool = False, study_dir: str |
     name = str(top.get("name") or path.parent.name or path.stem)
     # the study's own title, description and duration are the page's: a part has its own or none
     common = {k: v for k, v in top.items() if k not in ("parts", "smoke", "study_dir", "publish", "name", "title",
-                                                        "description", "expected_duration")}
+                                                        "description", "expected_duration", "notes")}
     parts_raw = top.get("parts")
     if parts_raw is None:
         parts_raw = {"main": {}}
@@ -328,9 +331,12 @@ def load_study(path: str | os.PathLike, *, smoke: bool = False, study_dir: str |
     chosen_dir = Path(study_dir) if study_dir else (
         Path(str(top["study_dir"]) + ("-smoke" if smoke else "")) if top.get("study_dir") else default_dir)
     publish = Path(top["publish"]) if top.get("publish") else None
+    notes = Path(top["notes"]) if top.get("notes") else None
+    if notes is not None and not notes.is_file():
+        raise _fail(f"{path}: notes", f"{notes} is not a file (a markdown file, relative to the working directory)")
     return Study(name=name, path=path, title=str(top.get("title") or name),
                  description=str(top.get("description") or "").strip(), study_dir=chosen_dir, publish=publish,
-                 smoke=smoke, parts=parts, raw=raw, expected_duration=top.get("expected_duration"))
+                 smoke=smoke, parts=parts, raw=raw, expected_duration=top.get("expected_duration"), notes=notes)
 
 
 def _part(where: str, name: str, raw: dict, study_path: Path, keep: list | None) -> Part:
