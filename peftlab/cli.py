@@ -386,9 +386,6 @@ def _print_summary(model, trainer, log_dir, best, results, seconds):
     print("\n[peftlab] fit summary\n  " + "\n  ".join(lines), flush=True)
 
 
-#: the commands besides Lightning's fit/validate/test/predict (peftlab.commands.COMMANDS: name -> function)
-EXTRA_COMMANDS = COMMANDS
-
 LIGHTNING_COMMANDS = {
     "fit": "train a method (then test it with the best checkpoint); --help: the common options, --help-all: all",
     "validate": "evaluate on the validation split",
@@ -520,9 +517,8 @@ def main(args: list[str] | None = None) -> None:
     if debug:
         argv.remove("--debug")
     if argv in ([], ["-h"], ["--help"]):
-        # the top-level help lists commands only, so it is printed without importing Lightning (2.5 s of
-        # torch/_dynamo/torchmetrics imports plus 1.2 s to build LightningCLI's parser, docs/benchmarks.md);
-        # `peftlab fit --help-all` is LightningCLI's own, complete help
+        # the top-level help lists commands only, so it is printed without importing Lightning (most of its time,
+        # docs/benchmarks.md); `peftlab fit --help-all` is LightningCLI's own, complete help
         print(top_level_help())
         if not argv:
             sys.exit(2)
@@ -550,9 +546,8 @@ def main(args: list[str] | None = None) -> None:
             run_command(argv[0], argv[1:])
             if one_shot:
                 # The interpreter's last garbage collection at exit walks every object that torch, transformers and
-                # Lightning created: ~1.0 of the ~5.4 s a `peftlab params` on a 70B shape took (measured, docs/
-                # benchmarks.md section 6). These commands have written and closed all they write, so leave those
-                # objects to the operating system, as the process is about to end anyway.
+                # Lightning created, a fifth of a `peftlab params` run (docs/benchmarks.md, section 6). These commands
+                # have written and closed all they write, so leave those objects to the operating system.
                 import gc
 
                 gc.freeze()

@@ -8,7 +8,7 @@ Every workaround here is applied only when the installed libraries show the beha
 The KV-cache argument rename (transformers 5.24.0, peft <= 0.21.2)
     transformers 5.24 renamed the key/value-cache argument of every model's ``forward`` and of
     ``prepare_inputs_for_generation`` from ``past_key_values`` to ``cache`` (the old name stays a deprecated
-    alias until 5.40). peft 0.21.2, the newest release on 2026-11-27, still speaks ``past_key_values``, and
+    alias until 5.40). peft <= 0.21.2 still speaks ``past_key_values``, and
     breaks in two ways:
 
     * prefix tuning for sequence classification looks for a ``past_key_values`` parameter in the model's

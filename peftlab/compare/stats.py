@@ -9,8 +9,8 @@ bootstrap exact for every metric (not an average of per-example scores where the
 
 The interval has two parts, added as variances: the test examples, by that bootstrap (every seed sees the same
 draw of examples; the metric is computed per seed and averaged), and the training seeds, as the standard error of
-a mean over seeds with Student's t quantile for ``seeds - 1`` degrees of freedom. (Resampling the seeds themselves,
-the first version, gave far too narrow intervals with the 2-3 seeds a CPU study affords.) The paired difference of
+a mean over seeds with Student's t quantile for ``seeds - 1`` degrees of freedom (docs/compare.md: why t, and the
+measured coverage). The paired difference of
 two methods uses the same example draws for both and the per-seed differences, so what both methods share (a
 hard test set, a lucky seed) cancels. The RNG is seeded (``rng_seed``), so a report is
 reproducible to the last digit.
@@ -189,14 +189,11 @@ def _interval(mean: float, per_seed: Sequence[float], example_replicates: np.nda
     """``mean`` +- sqrt(t^2 * v_seeds + z^2 * v_examples): each part of the uncertainty with its own quantile.
 
     The seed part ``v_seeds`` is the usual squared standard error of a mean over seeds, estimated from
-    ``seeds - 1`` degrees of freedom, hence Student's t: resampling 2-3 seeds (a percentile bootstrap over seeds)
-    cannot see how far seeds spread and gave intervals that covered the truth 63% (2 seeds) / 78% (3 seeds) of the
-    time at a nominal 95% (a simulation made in a review). The example part ``v_examples`` is the bootstrap variance
-    over the test examples (all seeds see the same draw, so what is shared by the seeds is counted once), estimated
-    from hundreds of examples, hence the normal quantile. One t for the sum (the first version) made two agreeing
-    seeds look hopeless (t = 12.7 times the examples' well-known part). Simulated coverage of a nominal 95%: 98%, 98%
-    and 96% for 2, 3 and 5 seeds at seed sd 0.05, more when seeds agree (tests/test_compare.py asserts >= 90% at sd
-    0.05, and that agreeing seeds give the one-seed interval). One seed: the examples' part alone."""
+    ``seeds - 1`` degrees of freedom, hence Student's t (a bootstrap over 2-3 seeds cannot see how far seeds spread).
+    The example part ``v_examples`` is the bootstrap variance over the test examples (all seeds see the same draw,
+    so what is shared by the seeds is counted once), estimated from hundreds of examples, hence the normal quantile;
+    one t for the sum would make two agreeing seeds look hopeless. One seed: the examples' part alone. Measured
+    coverage and the versions this replaced: docs/compare.md."""
     with np.errstate(invalid="ignore"):
         var_examples = float(np.nanvar(example_replicates)) if example_replicates.size else 0.0
     seeds = np.asarray([v for v in per_seed if finite(v)], dtype=float)

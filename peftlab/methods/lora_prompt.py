@@ -2,9 +2,9 @@
 
 peft's mixed-adapter model (``PeftMixedModel``) accepts only LoRA-family adapters, not prompt learning, so the soft
 prompt is peftlab's own: an ``N x hidden`` embedding inserted in the inputs of a LoRA ``PeftModel`` (the wrapper
-P-tuning v2 uses). Since stacks became general (:mod:`peftlab.methods.stack`), this is the stack
-``{additive: {method: lora, ...}, prompt: {method: prompt_tuning, ...}}`` under its earlier name and arguments:
-same model, parameter names, initialisation and outputs as before.
+P-tuning v2 uses). It is the stack ``{additive: {method: lora, ...}, prompt: {method: prompt_tuning, ...}}`` with
+flat arguments (``r``, ``num_virtual_tokens``, ``prompt_learning_rate``), kept as a class of its own because shipped
+configs and studies name it (``experiments/instruction/study.yaml``, ``configs/methods/lora_prompt.yaml``).
 """
 
 from __future__ import annotations

@@ -56,8 +56,8 @@ class Optimization:
 
         Lightning 2.6's ``estimated_stepping_batches`` sets up the train dataloader and creates its iterator when
         called from ``configure_optimizers``, which runs before a checkpoint is restored; the loader's saved position
-        is then never loaded, and a resumed run starts a fresh epoch instead (Lightning issue #20550, open on
-        2026-11-27; docs/dependencies.md lists it). Here the length comes from a separate loader of the same data
+        is then never loaded, and a resumed run starts a fresh epoch instead (Lightning issue #20550;
+        docs/dependencies.md tracks it). Here the length comes from a separate loader of the same data
         (never iterated), with Lightning's formula; without a DataModule, Lightning's own property is used."""
         trainer = self.trainer
         datamodule = trainer.datamodule

@@ -28,8 +28,6 @@ PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "methods"
 #: the baseline first, then by family; other registered methods after, as imported
 DISPLAY_ORDER = ("full", "lora", "qlora", "dora", "rslora", "pissa", "lora_plus", "adalora", "prompt_tuning",
                  "p_tuning", "prefix_tuning", "p_tuning_v2", "adapters", "lora_prompt", "stack")
-#: earlier names of --method, still accepted
-ALIASES = {"prefix": "prefix_tuning", "prompt": "prompt_tuning"}
 
 
 def register(cls: type) -> None:
@@ -86,13 +84,12 @@ def method_names() -> list[str]:
 
 
 def method_class(name: str) -> type:
-    """The registered method class called ``name`` (or an earlier alias: prefix, prompt)."""
-    key = ALIASES.get(name, name)
+    """The registered method class called ``name``."""
     names = method_names()
-    if key not in names:
+    if name not in names:
         raise PeftLabError(f"--method {name!r} is unknown; choose one of {', '.join(names)} or all."
                            f"{did_you_mean(name, names)}")
-    return METHODS[key]
+    return METHODS[name]
 
 
 def import_method(path: str, what: str = "model.class_path") -> type:

@@ -165,8 +165,8 @@ class StackedMethod(PeftModule):
             raise PeftLabError(f"model.gradient_checkpointing cannot be used with a {prompt['method']} prompt part: its "
                                "K/V prefixes are in the attention cache and a recomputed layer would add them twice; "
                                "turn gradient_checkpointing off")
-        # input tokens first: creating the embedding draws from the RNG before the additive part does, as
-        # LoRAPromptTuning always did (so a seed gives it the same start as before)
+        # input tokens first: the embedding draws from the RNG before the additive part, so a seed gives
+        # LoRAPromptTuning's checkpoints their start
         embedding = self._prompt_embedding(backbone) if prompt and prompt["method"] == "prompt_tuning" else None
         head_by_prompt = prompt is not None and embedding is None  # peft's prompt model wraps the head itself
         part = self._part_module("additive")
