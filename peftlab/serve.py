@@ -10,15 +10,19 @@ Endpoints: ``GET /health``, ``GET /v1/models`` (every adapter and ``base``, the 
 /v1/completions``, ``POST /v1/chat/completions`` (the messages go through the tokenizer's chat template) and ``POST
 /v1/classify`` for classification adapters. As in vLLM's multi-LoRA server, the request's ``model`` names the
 adapter; a completion's prompt is sent as given (``Run.predict(raw=True)``), a chat's messages go through the run's
-chat template when it was trained on chat data (``Run.chat``'s format), else through the tokenizer's. Decoding is greedy (``temperature`` 0), as :meth:`peftlab.api.Run.predict` does.
+chat template when it was trained on chat data (``Run.chat``'s format), else through the tokenizer's. Decoding is
+greedy unless a request sets ``temperature`` > 0 (then sampled, with ``top_p``); a request with a ``seed`` is
+generated on its own, so the same seed gives the same answer as :meth:`peftlab.api.Run.predict` of that adapter alone
+with that seed.
 
 Requests that arrive together are **batched across adapters**: a single worker takes up to ``max_batch_size``
 requests from a bounded queue (waiting at most ``max_wait_ms`` for more), runs them as one mixed batch
 (:meth:`peftlab.adapter_set.AdapterSet.predict`, grouped per adapter inside it) and answers each. A full queue
 answers 503, a request not answered within ``timeout_s`` 504; a bad request (unknown adapter, malformed body, a prompt
 longer than the context, an option peftlab does not implement) answers 4xx with one line, and the server keeps
-serving. ``stream: true`` sends the whole answer as one server-sent event and ``[DONE]`` (the text is generated as a
-batch, not token by token).
+serving. ``stream: true`` streams the answer token by token as server-sent events (OpenAI's chunks, then
+``[DONE]``); a streamed request is generated on its own by the same worker (not batched with others), so the
+streamed text is the text the request gets unstreamed.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from typing import Any, Literal
+
+import torch
 
 from peftlab.api import load_adapters
 from peftlab.errors import PeftLabError
@@ -63,7 +69,7 @@ class _Request(BaseModel):
     stream: bool = False
     stop: str | list[str] | None = None
     user: str | None = None
-    seed: int | None = None  # greedy decoding does not draw: accepted, no effect
+    seed: int | None = None  # with temperature > 0: the request is sampled alone, reproducibly
 
 
 class CompletionRequest(_Request):
@@ -100,6 +106,20 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": status}})
 
 
+class _Pieces:
+    """A ``transformers`` streamer that hands each newly decoded piece of text to ``push`` (from the worker's thread)."""
+
+    def __new__(cls, tokenizer, push):
+        from transformers import TextStreamer
+
+        class Pieces(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                if text:
+                    push(text)
+
+        return Pieces(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
 class Batcher:
     """One worker that runs queued requests as mixed batches (see the module docstring)."""
 
@@ -110,12 +130,15 @@ class Batcher:
         self.batches: list[int] = []  # sizes of the batches run (the tests and the benchmark read them)
 
     def submit(self, adapter: str, text, max_new_tokens: int | None, raw: bool = True,
-               add_special_tokens: bool | None = None) -> asyncio.Future:
+               add_special_tokens: bool | None = None, settings: dict | None = None,
+               stream: asyncio.Queue | None = None) -> asyncio.Future:
         """Queue one prompt (``raw``: as given; else in the adapter's training prompt format, a chat run's messages;
-        ``add_special_tokens`` False for a text a chat template rendered, None for the run's default)."""
+        ``add_special_tokens`` False for a text a chat template rendered, None for the run's default; ``settings``:
+        sampling settings; ``stream``: a queue that receives the answer's pieces as they are generated, then None)."""
         future = asyncio.get_running_loop().create_future()
+        key = (max_new_tokens, raw, add_special_tokens, tuple(sorted((settings or {}).items())))
         try:
-            self.queue.put_nowait((adapter, text, (max_new_tokens, raw, add_special_tokens), future))
+            self.queue.put_nowait((adapter, text, key, future, stream))
         except asyncio.QueueFull:
             raise BadRequest(503, f"the server's queue is full ({self.queue.maxsize} requests); retry later",
                              "server_busy") from None
@@ -134,23 +157,52 @@ class Batcher:
                 except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                     break
             jobs = [j for j in jobs if not j[3].done()]  # a client that timed out or went away
-            by_settings: dict[tuple, list] = {}
-            for job in jobs:
-                by_settings.setdefault(job[2], []).append(job)
-            for (max_new_tokens, raw, special), group in by_settings.items():
+            groups: dict[tuple, list] = {}
+            for i, job in enumerate(jobs):
+                # streamed and seeded requests run alone: their answer must not depend on who else is in the batch
+                alone = job[4] is not None or dict(job[2][3]).get("seed") is not None
+                groups.setdefault((i,) if alone else job[2], []).append(job)
+            for group in groups.values():
                 self.batches.append(len(group))
                 try:
-                    results = await asyncio.to_thread(self.adapters.predict, [j[1] for j in group],
-                                                      adapter=[j[0] for j in group], max_new_tokens=max_new_tokens,
-                                                      raw=raw, add_special_tokens=special)
+                    if group[0][4] is not None:
+                        results = [await asyncio.to_thread(self._stream, group[0], asyncio.get_running_loop())]
+                    else:
+                        (max_new_tokens, raw, special, settings) = group[0][2]
+                        results = await asyncio.to_thread(
+                            self.adapters.predict, [j[1] for j in group], adapter=[j[0] for j in group],
+                            max_new_tokens=max_new_tokens, raw=raw, add_special_tokens=special, **dict(settings))
                 except Exception as err:  # noqa: BLE001 - answered to the clients; the worker keeps serving
                     for job in group:
                         if not job[3].done():
                             job[3].set_exception(err)
+                        if job[4] is not None:
+                            job[4].put_nowait(None)
                     continue
                 for job, result in zip(group, results):
                     if not job[3].done():
                         job[3].set_result(result)
+
+    def _stream(self, job, loop) -> dict:
+        """Generate one request alone, pushing its pieces into its stream queue as they are decoded."""
+        from peftlab.generation import GenerationSettings, generate
+
+        name, text, (max_new_tokens, raw, special, settings), _, queue = job
+        run = self.adapters.run(name)
+        module = run.module
+        prompt = text if raw else run.format_prompt(text)
+        batch = run.encode([prompt], add_special_tokens=run.adds_special_tokens(raw) if special is None else special)
+        push = lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece)  # noqa: E731
+        try:
+            settings_ = GenerationSettings.from_kwargs(None, max_new_tokens=max_new_tokens or module.hparams.max_new_tokens,
+                                                       **dict(settings))
+            with torch.no_grad():
+                answer = generate(module.model, module.tokenizer, batch["input_ids"].to(module.device),
+                                  batch["attention_mask"].to(module.device), settings_,
+                                  continues=module.task == "causal_lm", streamer=_Pieces(module.tokenizer, push))[0]
+        finally:
+            push(None)
+        return {"generated": answer}
 
 
 def create_app(adapters, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256,
@@ -194,16 +246,23 @@ def create_app(adapters, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, 
             raise BadRequest(404, f"the model {name!r} does not exist; this server has: "
                                   f"{', '.join(['base', *adapters.names])}", "not_found_error") from None
 
-    def check_generation(body: _Request, run) -> int:
-        if body.temperature not in (None, 0, 0.0):
-            raise BadRequest(400, "peftlab serve decodes greedily: set temperature to 0 or leave it out")
-        if body.top_p not in (None, 1, 1.0):
-            raise BadRequest(400, "peftlab serve decodes greedily: top_p must be 1 or left out")
+    def check_generation(body: _Request, run) -> tuple[int, dict]:
+        """``(max_new_tokens, sampling settings)`` of a request: greedy unless ``temperature`` > 0."""
         if body.n not in (None, 1):
-            raise BadRequest(400, "peftlab serve returns one choice per prompt (greedy decoding): n must be 1")
+            raise BadRequest(400, "peftlab serve returns one choice per prompt: n must be 1 (send n requests)")
         if run.module.task == "classification":
             raise BadRequest(400, f"{body.model!r} is a classification adapter: POST /v1/classify instead")
-        return body.max_tokens or run.module.hparams.max_new_tokens
+        settings: dict = {}
+        if body.temperature not in (None, 0, 0.0):
+            if body.top_p is not None and not 0 < body.top_p <= 1:
+                raise BadRequest(400, f"top_p must be in (0, 1] (got {body.top_p})")
+            settings = {"do_sample": True, "temperature": float(body.temperature), "top_p": float(body.top_p or 1.0),
+                        "top_k": 0}
+            if body.seed is not None:
+                settings["seed"] = int(body.seed)
+        elif body.top_p not in (None, 1, 1.0):
+            raise BadRequest(400, "top_p needs sampling: set temperature > 0, or leave top_p out (greedy decoding)")
+        return body.max_tokens or run.module.hparams.max_new_tokens, settings
 
     def check_length(run, text: str, max_new_tokens: int, special: bool = True) -> int:
         tok = run.module.tokenizer
@@ -216,13 +275,52 @@ def create_app(adapters, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, 
         return n
 
     async def answer(name: str, text, max_new_tokens: int | None, raw: bool = True,
-                     add_special_tokens: bool | None = None) -> dict:
-        future = state["batcher"].submit(name, text, max_new_tokens, raw, add_special_tokens)
+                     add_special_tokens: bool | None = None, settings: dict | None = None) -> dict:
+        future = state["batcher"].submit(name, text, max_new_tokens, raw, add_special_tokens, settings)
         try:
             return await asyncio.wait_for(future, timeout_s)
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             raise BadRequest(504, f"no answer within {timeout_s} s; the server is overloaded, retry later",
                              "timeout") from None
+
+    async def streamed(name: str, text, max_new_tokens: int, raw: bool, special: bool | None, settings: dict,
+                       stop, tok, chunk) -> StreamingResponse:
+        """Stream one answer: ``chunk(piece, finish_reason)`` is the event for a piece of text (or the end). The
+        first piece is awaited before the response starts, so a queue that is full or too slow is still a 503 / 504."""
+        pieces: asyncio.Queue = asyncio.Queue()
+        future = state["batcher"].submit(name, text, max_new_tokens, raw, special, settings, stream=pieces)
+        try:
+            first = await asyncio.wait_for(pieces.get(), timeout_s)
+        except asyncio.TimeoutError:
+            raise BadRequest(504, f"no answer within {timeout_s} s; the server is overloaded, retry later",
+                             "timeout") from None
+        if first is None:  # nothing was generated: the request failed (or the answer is empty)
+            result = await asyncio.wait_for(future, timeout_s)  # a failure raises here, before the stream starts
+            if result["generated"]:
+                first = result["generated"]
+
+        async def events():
+            sent, piece, stopped = "", first, False
+            while piece is not None:
+                if not stopped:
+                    text_now, stopped = cut(sent + piece, stop)
+                    if len(text_now) > len(sent):
+                        yield f"data: {json.dumps(chunk(text_now[len(sent):], None))}\n\n"
+                        sent = text_now
+                piece = await pieces.get()
+            try:
+                result = await future
+                text_all, stopped_all = cut(result["generated"], stop)
+                if len(text_all) > len(sent) and text_all.startswith(sent):  # what decoding settled at the end
+                    yield f"data: {json.dumps(chunk(text_all[len(sent):], None))}\n\n"
+                    sent = text_all
+                _, reason = finish(tok, sent, stopped or stopped_all, max_new_tokens)
+                yield f"data: {json.dumps(chunk('', reason))}\n\n"
+            except Exception as err:  # noqa: BLE001 - the stream has started: the error is its last event
+                yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'server_error', 'code': 500}})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     def cut(text: str, stop) -> tuple[str, bool]:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -232,13 +330,6 @@ def create_app(adapters, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, 
     def finish(tok, text: str, stopped: bool, max_new_tokens: int) -> tuple[int, str]:
         n = len(tok(text, add_special_tokens=False)["input_ids"])
         return n, "stop" if stopped or n < max_new_tokens else "length"
-
-    def stream_of(payload: dict):
-        async def events():
-            yield f"data: {json.dumps(payload)}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.get("/health")
     async def health():
@@ -252,28 +343,36 @@ def create_app(adapters, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
         run = run_of(body.model)
-        max_new_tokens = check_generation(body, run)
+        max_new_tokens, settings = check_generation(body, run)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise BadRequest(400, "prompt is an empty list; give at least one prompt")
         counts = [check_length(run, p, max_new_tokens) for p in prompts]
-        results = await asyncio.gather(*(answer(body.model, p, max_new_tokens) for p in prompts))
+        ident, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            if len(prompts) > 1:
+                raise BadRequest(400, "stream: true takes one prompt; send one streamed request per prompt")
+
+            def chunk(text: str, reason):
+                return {"id": ident, "object": "text_completion", "created": now, "model": body.model,
+                        "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]}
+
+            return await streamed(body.model, prompts[0], max_new_tokens, True, None, settings, body.stop,
+                                  run.module.tokenizer, chunk)
+        results = await asyncio.gather(*(answer(body.model, p, max_new_tokens, settings=settings) for p in prompts))
         choices, used = [], 0
         for i, result in enumerate(results):
             text, stopped = cut(result["generated"], body.stop)
             n, reason = finish(run.module.tokenizer, text, stopped, max_new_tokens)
             used += n
             choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": None})
-        payload = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                   "model": body.model, "choices": choices,
-                   "usage": {"prompt_tokens": sum(counts), "completion_tokens": used,
-                             "total_tokens": sum(counts) + used}}
-        return stream_of(payload) if body.stream else payload
+        return {"id": ident, "object": "text_completion", "created": now, "model": body.model, "choices": choices,
+                "usage": {"prompt_tokens": sum(counts), "completion_tokens": used, "total_tokens": sum(counts) + used}}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
         run = run_of(body.model)
-        max_new_tokens = check_generation(body, run)
+        max_new_tokens, settings = check_generation(body, run)
         tok = run.module.tokenizer
         messages = [m.model_dump() for m in body.messages]
         if getattr(run, "is_chat", False):  # a chat run: its own chat template and system prompt (Run.chat's)
@@ -286,14 +385,27 @@ def create_app(adapters, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, 
         else:
             raise BadRequest(400, f"{body.model!r} has no chat template (it was not trained on chat data and its "
                                   "tokenizer defines none); use /v1/completions with a plain prompt")
-        result = await answer(body.model, text, max_new_tokens, raw, special)
+        ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:  # OpenAI's chat.completion.chunk events: the role first, then the content piece by piece
+            def chunk(piece: str, reason):
+                delta = {} if reason else {"content": piece}
+                return {"id": ident, "object": "chat.completion.chunk", "created": now, "model": body.model,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+
+            first = True
+
+            def with_role(piece: str, reason):
+                nonlocal first
+                event = chunk(piece, reason)
+                if first:
+                    event["choices"][0]["delta"]["role"] = "assistant"
+                    first = False
+                return event
+
+            return await streamed(body.model, text, max_new_tokens, raw, special, settings, body.stop, tok, with_role)
+        result = await answer(body.model, text, max_new_tokens, raw, special, settings)
         content, stopped = cut(result["generated"], body.stop)
         n, reason = finish(tok, content, stopped, max_new_tokens)
-        ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.stream:  # one chunk with the whole message, as a chat.completion.chunk
-            return stream_of({"id": ident, "object": "chat.completion.chunk", "created": now, "model": body.model,
-                              "choices": [{"index": 0, "delta": {"role": "assistant", "content": content},
-                                           "finish_reason": reason}]})
         return {"id": ident, "object": "chat.completion", "created": now, "model": body.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                              "finish_reason": reason}],

@@ -94,14 +94,49 @@ def test_chat_uses_the_chat_template_and_streams(served):
     assert "".join(c.choices[0].text for c in chunks) == alone(paths["prompt"], PROMPTS[0], 3)
 
 
+def test_streams_arrive_token_by_token_and_equal_the_unstreamed_answer(served):
+    paths, _, client = served
+    for name in ("sentiment", "prefix"):
+        whole = client.completions.create(model=name, prompt=PROMPTS[2], max_tokens=12).choices[0]
+        chunks = list(client.completions.create(model=name, prompt=PROMPTS[2], max_tokens=12, stream=True))
+        pieces = [c.choices[0].text for c in chunks if c.choices[0].text]
+        assert "".join(pieces) == whole.text == alone(paths[name], PROMPTS[2], 12)
+        assert 1 < len(pieces) <= 12  # events as tokens are decoded (at most one per token), not one at the end
+        assert chunks[-1].choices[0].finish_reason == whole.finish_reason and chunks[-1].choices[0].text == ""
+    stop = whole.text[5:7]
+    stopped = list(client.completions.create(model="prefix", prompt=PROMPTS[2], max_tokens=12, stream=True,
+                                             stop=[stop]))
+    assert "".join(c.choices[0].text for c in stopped) == whole.text[:whole.text.index(stop)]
+    assert stopped[-1].choices[0].finish_reason == "stop"
+
+
+def test_sampling_with_a_seed_equals_the_adapter_alone_with_that_seed(served):
+    paths, _, client = served
+
+    def ask(seed):
+        return client.completions.create(model="topics", prompt=PROMPTS[0], max_tokens=6, temperature=1.0,
+                                         seed=seed).choices[0].text
+
+    with ThreadPoolExecutor(4) as pool:  # concurrent: a seeded request runs alone, whoever else is queued
+        answers = list(pool.map(ask, [11, 11, 12, 12]))
+    want = {seed: load_run(paths["topics"]).predict([PROMPTS[0]], max_new_tokens=6, do_sample=True, temperature=1.0,
+                                                    top_p=1.0, top_k=0, seed=seed)[0]["generated"] for seed in (11, 12)}
+    assert answers == [want[11], want[11], want[12], want[12]]
+    assert want[11] != want[12] != alone(paths["topics"], PROMPTS[0], 6)  # it samples
+
+
 def test_bad_requests_get_a_4xx_with_one_line_and_the_server_keeps_serving(served):
     paths, server, client = served
     with pytest.raises(openai.NotFoundError, match="the model 'nope' does not exist; this server has: base, "):
         client.completions.create(model="nope", prompt="hi", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="the prompt has .* tokens and max_tokens is 8: more than the 256"):
         client.completions.create(model="sentiment", prompt="word " * 300, max_tokens=8)
-    with pytest.raises(openai.BadRequestError, match="decodes greedily"):
-        client.completions.create(model="sentiment", prompt="hi", max_tokens=2, temperature=0.7)
+    with pytest.raises(openai.BadRequestError, match="top_p needs sampling: set temperature > 0"):
+        client.completions.create(model="sentiment", prompt="hi", max_tokens=2, top_p=0.5)
+    with pytest.raises(openai.BadRequestError, match="n must be 1"):
+        client.completions.create(model="sentiment", prompt="hi", max_tokens=2, n=2)
+    with pytest.raises(openai.BadRequestError, match="stream: true takes one prompt"):
+        client.completions.create(model="sentiment", prompt=["a", "b"], max_tokens=2, stream=True)
     with pytest.raises(openai.BadRequestError, match="logprobs: Extra inputs are not permitted"):
         client.completions.create(model="sentiment", prompt="hi", max_tokens=2, logprobs=2)
     raw = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
