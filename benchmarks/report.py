@@ -60,9 +60,9 @@ def targets(results: dict) -> list[tuple[str, str, str, str]]:
         r = ma["server"]["ratio"]["16_clients/one_client"]
         rows.append(("`peftlab serve`: 16 concurrent clients / one client at a time (requests/s)", _r(r), ">= 3",
                      verdict(r, 3, True)))
-        mt = ma.get("multitask_fit")
-        if mt:
-            rows.append((f"{mt['tasks']} separate LoRA fits / one multi-task fit of the {mt['tasks']} tasks (wall time, "
+    mt = results.get("multitask_fit")
+    if mt:
+        rows.append((f"{mt['tasks']} separate LoRA fits / one multi-task fit of the {mt['tasks']} tasks (wall time, "
                          "loading included)", _r(mt["ratio"]["separate/multitask"]), "reported", "-"))
     st = results.get("startup")
     if st:
@@ -485,7 +485,7 @@ def _multi_adapter(results) -> list[str]:
             f"{ma['mixed_lora']['rows_per_s']['loop']['median']:.1f}), so the gain of batched requests here comes "
             "mostly from sharing each generation step's fixed costs and overlapping the HTTP and tokenizer work; "
             "not run on a GPU.", ""]
-    mt = ma.get("multitask_fit")
+    mt = results.get("multitask_fit")
     if mt:
         sec = mt["seconds"]
         out += [f"Several tasks in one run (docs/multi-task.md): {mt['tasks']} LoRA tasks (r 8 on q/v), {mt['steps']} "

@@ -7,7 +7,8 @@
 
 Benchmarks (each compares peftlab with its reference in the same process, interleaved, and reports ratios):
 throughput (LoRA; includes the step-time breakdown), methods (prompt/prefix tuning, QLoRA), padding,
-inference, memory, startup, multi_adapter (adapter sets and peftlab serve). The default run writes benchmarks/results.json and docs/benchmarks.md; with
+inference, memory, startup, multi_adapter (adapter sets and peftlab serve), multitask_fit (one multi-task fit vs
+separate fits). The default run writes benchmarks/results.json and docs/benchmarks.md; with
 --only, the new entries are merged into the existing results.json before rendering.
 """
 
@@ -25,7 +26,7 @@ if str(HERE.parent) not in sys.path:
 
 from benchmarks.common import ROOT, SEED, log, machine, quiet  # noqa: E402
 
-NAMES = ["throughput", "methods", "padding", "inference", "memory", "startup", "multi_adapter"]
+NAMES = ["throughput", "methods", "padding", "inference", "memory", "startup", "multi_adapter", "multitask_fit"]
 
 
 def benchmark(name: str):
@@ -41,6 +42,8 @@ def benchmark(name: str):
         from benchmarks.memory import bench_memory as fn
     elif name == "multi_adapter":
         from benchmarks.multi_adapter import bench_multi_adapter as fn
+    elif name == "multitask_fit":
+        from benchmarks.multi_adapter import bench_multitask_fit as fn
     else:
         from benchmarks.startup import bench_startup as fn
     return fn
