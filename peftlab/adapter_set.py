@@ -64,6 +64,9 @@ def build_on_shared(module: PeftModule, backbone: nn.Module, tokenizer) -> PeftM
         _fit_head(model, module.num_labels)
     module.build(model, tokenizer)
     _untie_trainable(module.model, {id(p) for p in backbone.parameters()})
+    # a method that trains backbone tensors in place (LoRA's bias: all) set them trainable on the shared backbone
+    # too; its own copies are now untied, so the shared ones are frozen again for every other user
+    backbone.requires_grad_(False)
     return module
 
 

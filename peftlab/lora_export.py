@@ -30,8 +30,9 @@ from peft import LoraConfig, PeftModel
 from safetensors.torch import save_file
 from torch import nn
 
-from peftlab.adapters import PEFT_TASK, adapter_directory, peftlab_meta, read_meta, write_meta
+from peftlab.adapters import PEFT_TASK, adapter_directory, peftlab_meta, read_meta, rewrite_meta, write_meta
 from peftlab.api import load_run
+from peftlab.assets import resolve_model
 from peftlab.errors import PeftLabError
 from peftlab.export import atomic_directory, export_adapter
 from peftlab.merge import probe_batch
@@ -86,9 +87,12 @@ def export_lora(module, output, *, rank: int = 16, source: Path | None = None,
     if refusal is None:
         config_file = source / "peftlab_config.yaml" if source else None
         config_yaml = config_file.read_text() if config_file and config_file.is_file() else None
-        export_adapter(module, output, config_yaml=config_yaml)
-        meta = read_meta(output)
-        conversion = "exact" if meta.get("converted_from") else "none"
+        trained = read_meta(source) if source else {}  # the loaded module has no trainer to ask for these
+        export_adapter(module, output, config_yaml=config_yaml, label_names=trained.get("label_names"),
+                       prompt=trained.get("prompt_format"))
+        if trained.get("converted_from"):  # converted when the run exported it (PiSSA / OLoRA): keep the record
+            rewrite_meta(output, converted_from=trained["converted_from"])
+        conversion = "exact" if read_meta(output).get("converted_from") else "none"
         report = {"conversion": conversion, "method": type(module).__name__}
     else:
         report = _convert(module, Path(output), rank, source, refusal)
@@ -102,6 +106,7 @@ def export_lora(module, output, *, rank: int = 16, source: Path | None = None,
 
 def vllm_command(backbone: str, directory, rank: int) -> str:
     """The ``vllm serve`` line that loads the adapter in ``directory`` (``--max-lora-rank`` only above 16)."""
+    backbone = resolve_model(backbone)  # a packaged model is served from its local directory
     allowed = [r for r in VLLM_MAX_LORA_RANKS if r >= rank]
     if not allowed:
         return f"not servable by vLLM: rank {rank} is above its largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})"
@@ -188,7 +193,7 @@ def target_names(model: nn.Module, layers: set[str]) -> list[str]:
 
 def _write_lora(module, output: Path, state: dict, rank: int, targets: list[str], source: Path | None) -> None:
     config = LoraConfig(task_type=PEFT_TASK[module.task], r=rank, lora_alpha=rank, lora_dropout=0.0,
-                        target_modules=targets, base_model_name_or_path=module.hparams.backbone,
+                        target_modules=targets, base_model_name_or_path=resolve_model(module.hparams.backbone),
                         inference_mode=True)
     meta = read_meta(source) if source else peftlab_meta(module)
     base_args = set(inspect.signature(PeftModule.__init__).parameters) - {"self", "kwargs"}
@@ -223,7 +228,8 @@ def fidelity(module, directory, texts: list[str] | None = None) -> dict:
     with torch.no_grad():
         a = module(**batch).logits.float()
         b = plain(**{k: v.to(plain.device) for k, v in batch.items()}).logits.float().to(a.device)
-    keep = batch["attention_mask"].bool() if a.dim() == 3 and "attention_mask" in batch else None
+    # causal LM: every real position (the mask is the input's); seq2seq's logits are the decoder's: all of them
+    keep = batch["attention_mask"].bool() if module.task == "causal_lm" else None
     logp, logq = a.log_softmax(-1), b.log_softmax(-1)
     kl = (logp.exp() * (logp - logq)).sum(-1)
     diff = (a - b).abs().amax(-1)

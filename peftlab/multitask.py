@@ -95,8 +95,11 @@ class MultiTask(PeftModule):
         backbone.requires_grad_(False)
         # every task starts from the same random state, as a run of that task alone with the run's seed would
         state = torch.random.get_rng_state()
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         for method in self.task_methods.values():
             torch.random.set_rng_state(state)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
             build_on_shared(method, backbone, self.tokenizer)
         self.model = backbone.train()  # never called itself (each task runs its copy); in train mode as they are
         self.trainable_count, self.total_count = count_parameters(self)

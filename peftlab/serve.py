@@ -295,18 +295,23 @@ def create_app(adapters, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, 
             raise BadRequest(504, f"no answer within {timeout_s} s; the server is overloaded, retry later",
                              "timeout") from None
         if first is None:  # nothing was generated: the request failed (or the answer is empty)
-            result = await asyncio.wait_for(future, timeout_s)  # a failure raises here, before the stream starts
-            if result["generated"]:
-                first = result["generated"]
+            await asyncio.wait_for(future, timeout_s)  # a failure raises here, before the stream starts
+        stops = [stop] if isinstance(stop, str) else [x for x in (stop or []) if x]
+
+        def held(text: str) -> int:
+            """How many trailing characters could still be the start of a stop string (not sent yet)."""
+            return max((k for x in stops for k in range(1, min(len(x), len(text) + 1)) if text.endswith(x[:k])),
+                       default=0)
 
         async def events():
-            sent, piece, stopped = "", first, False
+            sent, text, piece, stopped = "", "", first, False
             while piece is not None:
                 if not stopped:
-                    text_now, stopped = cut(sent + piece, stop)
-                    if len(text_now) > len(sent):
-                        yield f"data: {json.dumps(chunk(text_now[len(sent):], None))}\n\n"
-                        sent = text_now
+                    text, stopped = cut(text + piece, stop)
+                    ready = text if stopped else text[:len(text) - held(text)]
+                    if len(ready) > len(sent):
+                        yield f"data: {json.dumps(chunk(ready[len(sent):], None))}\n\n"
+                        sent = ready
                 piece = await pieces.get()
             try:
                 result = await future

@@ -38,8 +38,13 @@ def plain_peft(backbone, directory):
 ], ids=["lora", "pissa"])
 def test_plain_lora_runs_are_written_exactly(tmp_path, tiny_llama, generation_jsonl, method, kw, conversion, rank):
     model = trained(method, tiny_llama, generation_jsonl, **kw)
-    report = export_lora(model, tmp_path / "out")
+    export_adapter(model, tmp_path / "src")  # as a run exports it: with the data's prompt format
+    loaded = load_run(str(tmp_path / "src")).module
+    report = export_lora(loaded, tmp_path / "out", source=tmp_path / "src")
     assert (report["conversion"], report["rank"]) == (conversion, rank)
+    meta = json.loads((tmp_path / "out" / "peftlab_meta.json").read_text())
+    assert meta["prompt_format"] == json.loads((tmp_path / "src" / "peftlab_meta.json").read_text())["prompt_format"]
+    assert meta["prompt_format"]["kind"] == "template"
     assert report["fidelity"]["max_abs_logit_difference"] < 1e-4
     assert report["fidelity"]["top1_agreement"] == 1.0
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "LORA"
@@ -88,6 +93,14 @@ def test_dora_conversion_keeps_the_magnitudes(tmp_path, tiny_llama, generation_j
         layer.lora_magnitude_vector["default"].weight.mul_(1.5)  # a change s B A alone cannot show
     report = export_lora(model, tmp_path / "d", rank=64)
     assert report["fidelity"]["max_abs_logit_difference"] < 1e-3
+
+
+def test_a_seq2seq_lora_is_written_and_measured(tmp_path, tiny_t5, generation_jsonl):
+    data = make_data(generation_jsonl, "seq2seq", tiny_t5, max_eval_samples=4)
+    model = LoRA(backbone=tiny_t5, task="seq2seq", learning_rate=5e-2, r=2, target_modules=["q", "v"]).build()
+    tiny_trainer(max_steps=2).fit(model, datamodule=data)
+    report = export_lora(model.eval(), tmp_path / "t5")
+    assert report["conversion"] == "none" and report["fidelity"]["max_abs_logit_difference"] < 1e-4
 
 
 def test_low_rank_is_the_truncated_svd_zero_padded():

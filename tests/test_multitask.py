@@ -85,6 +85,31 @@ def test_a_rows_gradient_reaches_only_its_own_adapter(tiny_llama, two_sources):
     assert all(p.grad is None for p in model.model.parameters())
 
 
+def test_an_epoch_bounded_multitask_fit_runs(tiny_llama, two_sources):
+    """max_epochs (the shipped config's bound): the schedule's length is the longest task's epoch; a CombinedLoader
+    has no length before it is iterated."""
+    model = multitask(tiny_llama)
+    L.seed_everything(0)
+    trainer = tiny_trainer(max_steps=-1, max_epochs=1, limit_val_batches=0)
+    trainer.fit(model, datamodule=data(tiny_llama, two_sources))
+    assert trainer.global_step == model.total_optimizer_steps() == 24  # b: 48 training rows at 2 per batch
+
+
+def test_a_task_training_backbone_biases_leaves_the_shared_ones_frozen(tiny_bert):
+    """LoRA's bias: all makes peft set the backbone's biases trainable; the task gets its own copies and the
+    shared backbone (every other task's) stays frozen."""
+    from peftlab.adapter_set import build_on_shared
+    from peftlab.backbones import load_backbone, load_tokenizer
+
+    backbone = load_backbone(tiny_bert, "classification", num_labels=2).requires_grad_(False)
+    method = build_on_shared(LoRA(backbone=tiny_bert, num_labels=2, r=2, bias="all"), backbone,
+                             load_tokenizer(tiny_bert))
+    assert not any(p.requires_grad for p in backbone.parameters())
+    shared = {id(p) for p in backbone.parameters()}
+    biases = [n for n, p in method.named_parameters() if p.requires_grad and n.endswith(".bias")]
+    assert biases and all(id(p) not in shared for p in method.parameters() if p.requires_grad)
+
+
 def fit(module, datamodule, steps=4):
     L.seed_everything(3)
     tiny_trainer(max_steps=steps, limit_val_batches=0).fit(module, datamodule=datamodule)

@@ -103,11 +103,15 @@ def test_streams_arrive_token_by_token_and_equal_the_unstreamed_answer(served):
         assert "".join(pieces) == whole.text == alone(paths[name], PROMPTS[2], 12)
         assert 1 < len(pieces) <= 12  # events as tokens are decoded (at most one per token), not one at the end
         assert chunks[-1].choices[0].finish_reason == whole.finish_reason and chunks[-1].choices[0].text == ""
-    stop = whole.text[5:7]
-    stopped = list(client.completions.create(model="prefix", prompt=PROMPTS[2], max_tokens=12, stream=True,
-                                             stop=[stop]))
-    assert "".join(c.choices[0].text for c in stopped) == whole.text[:whole.text.index(stop)]
-    assert stopped[-1].choices[0].finish_reason == "stop"
+    for start in range(1, 8):  # stop strings across piece boundaries: nothing of one is ever sent
+        stop = whole.text[start:start + 3]
+        stopped = list(client.completions.create(model="prefix", prompt=PROMPTS[2], max_tokens=12, stream=True,
+                                                 stop=[stop]))
+        assert "".join(c.choices[0].text for c in stopped) == whole.text[:whole.text.index(stop)], stop
+        assert stopped[-1].choices[0].finish_reason == "stop"
+    near = list(client.completions.create(model="prefix", prompt=PROMPTS[2], max_tokens=12, stream=True,
+                                          stop=[whole.text[3:5] + "\u2603"]))  # starts like the text, never matches
+    assert "".join(c.choices[0].text for c in near) == whole.text
 
 
 def test_sampling_with_a_seed_equals_the_adapter_alone_with_that_seed(served):

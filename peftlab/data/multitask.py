@@ -1,8 +1,9 @@
 """Several tasks' data in one run (``data.tasks``): one :class:`~peftlab.data.PeftDataModule` per task, and
 training batches that hold rows of every task (``{task: sub-batch}``, Lightning's ``CombinedLoader``).
 
-Each task's rows are its own data module's batches at its share of the batch size, so a task sees exactly the
-batches a run of that task alone at that batch size would see (``tests/test_multitask.py`` relies on it).
+Each task's rows are its own data module's batches at its share of the batch size: with ``shuffle: false`` exactly
+the batches a run of that task alone at that batch size sees (``tests/test_multitask.py`` relies on it); shuffled,
+each task's order is drawn from the run's random state after the tasks before it drew theirs.
 """
 
 from __future__ import annotations
