@@ -549,3 +549,16 @@ def test_recommended_ptuning_v2_rates_are_the_shipped_configs():
     shipped = yaml.safe_load((ROOT / "configs/methods/p_tuning_v2.yaml").read_text())["model"]["init_args"]
     for key in ("learning_rate", "head_learning_rate", "num_virtual_tokens", "prefix_hidden_size"):
         assert rec.init_args[key] == shipped[key], key
+
+
+def test_estimate_memory_bottleneck_sets_the_adapter_width(capsys):
+    """--bottleneck scales the adapter presets (the knob BottleneckAdapter declares in scaled_knobs): Houlsby
+    adapters on a 1b shape, 22 layers x 2 adapters x (2 x 2048 x b + b + 2048) parameters."""
+    def trainable(*extra):
+        code, out, err = run_main(["estimate-memory", "--size", "1b", "--method", "adapters", "--json", *extra], capsys)
+        assert code == 0, err
+        rows = json.loads(out)
+        return (rows[0] if isinstance(rows, list) else rows)["trainable"]
+
+    assert trainable("--bottleneck", "16") == 22 * 2 * (2 * 2048 * 16 + 16 + 2048)
+    assert trainable() != trainable("--bottleneck", "16")

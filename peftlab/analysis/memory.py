@@ -453,7 +453,8 @@ def specs_from_args(args: Any, fit_args: Sequence[str], backbone: str | None) ->
     ``num_virtual_tokens``; ``fit_args`` are ``peftlab fit`` arguments (``--config FILE``, overrides)."""
     def presets(methods, backbone: str, task: str, like: MethodSpec | None = None) -> list[MethodSpec]:
         specs = [preset_spec(m, backbone, task, r=args.r, target_modules=args.target_modules,
-                             num_virtual_tokens=args.num_virtual_tokens) for m in methods]
+                             num_virtual_tokens=args.num_virtual_tokens, bottleneck=getattr(args, "bottleneck", None))
+                 for m in methods]
         for spec in specs:
             spec.data, spec.trainer = (like.data, like.trainer) if like else ({}, {})
         return specs
@@ -482,7 +483,8 @@ def estimate_memory_command(
     batch_size: int | None = None, seq_len: int | None = None, target_len: int | None = None,
     precision: Precision | None = None, optimizer: str | None = None, gradient_checkpointing: bool | None = None,
     attention: Literal["fused", "eager"] = "fused", r: int | None = None, target_modules: list[str] | None = None,
-    num_virtual_tokens: int | None = None, json: bool = False, fit_args: Sequence[str] = (),
+    num_virtual_tokens: int | None = None, bottleneck: int | None = None, json: bool = False,
+    fit_args: Sequence[str] = (),
 ) -> list[MemoryEstimate]:
     """Training memory of a method by component, without loading weights.
 
@@ -511,6 +513,7 @@ def estimate_memory_command(
         r: LoRA-family rank for --method presets (alpha = 2r; default: the preset's)
         target_modules: LoRA/QLoRA targets for presets (default: Q and V)
         num_virtual_tokens: virtual tokens of the prompt/prefix presets (default: the preset's)
+        bottleneck: bottleneck width of the adapter presets (default: the preset's)
         json: print a JSON list of estimates
         fit_args: `peftlab fit`'s arguments: --config FILE and --model.* / --data.* / --trainer.* overrides
 
@@ -522,7 +525,7 @@ def estimate_memory_command(
     if size and backbone:
         raise PeftLabError("give either --size or --backbone, not both")
     args = argparse.Namespace(method=method, task=task, r=r, target_modules=target_modules,
-                              num_virtual_tokens=num_virtual_tokens)
+                              num_virtual_tokens=num_virtual_tokens, bottleneck=bottleneck)
     with contextlib.ExitStack() as stack:
         chosen = stack.enter_context(size_backbone(size)) if size else backbone
         results = []
