@@ -36,9 +36,11 @@ from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from peftlab.api import load_adapters
 from peftlab.errors import PeftLabError
+from peftlab.generation import GenerationSettings, generate
 
 try:  # the `serve` extra
     import uvicorn
@@ -106,18 +108,33 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": status}})
 
 
-class _Pieces:
-    """A ``transformers`` streamer that hands each newly decoded piece of text to ``push`` (from the worker's thread)."""
+class _Pieces(BaseStreamer):
+    """A streamer for ``generate`` that hands every newly decoded piece of the answer to ``push`` (called on the
+    worker's thread), token by token. transformers' TextStreamer waits for a space or a newline before it prints
+    (to avoid half words), which holds a whole answer back when it has none; here the text is decoded again at
+    each token and only an incomplete character (a trailing U+FFFD) waits for its next bytes."""
 
-    def __new__(cls, tokenizer, push):
-        from transformers import TextStreamer
+    def __init__(self, tokenizer, push):
+        self.tokenizer, self.push = tokenizer, push
+        self.ids: list[int] = []
+        self.sent = ""
+        self.prompt_seen = False
 
-        class Pieces(TextStreamer):
-            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-                if text:
-                    push(text)
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() puts the prompt (or the decoder's start) first
+            self.prompt_seen = True
+            return
+        self.ids.extend(int(i) for i in value.reshape(-1).tolist())
+        self._flush(final=False)
 
-        return Pieces(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    def end(self) -> None:
+        self._flush(final=True)
+
+    def _flush(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if (final or not text.endswith("\ufffd")) and len(text) > len(self.sent) and text.startswith(self.sent):
+            self.push(text[len(self.sent):])
+            self.sent = text
 
 
 class Batcher:
@@ -185,8 +202,6 @@ class Batcher:
 
     def _stream(self, job, loop) -> dict:
         """Generate one request alone, pushing its pieces into its stream queue as they are decoded."""
-        from peftlab.generation import GenerationSettings, generate
-
         name, text, (max_new_tokens, raw, special, settings), _, queue = job
         run = self.adapters.run(name)
         module = run.module
