@@ -54,6 +54,25 @@ def test_batch_shares_split_the_batch_by_weight():
         batch_shares(1, {"a": 1.0, "b": 1.0})
 
 
+def test_the_cycle_loader_restarts_a_shorter_loader_with_a_fresh_shuffle():
+    from torch.utils.data.distributed import DistributedSampler
+
+    from peftlab.data.loading import CycleLoader, EpochShuffleSampler, ResumableLoader
+
+    torch.manual_seed(0)
+    short, long = range(4), range(100, 106)
+    loader = CycleLoader({"s": ResumableLoader(short, sampler=EpochShuffleSampler(short), batch_size=2),
+                          "l": ResumableLoader(long, sampler=EpochShuffleSampler(long), batch_size=2)})
+    batches = list(loader)
+    assert len(loader) == len(batches) == 3  # the longer loader's epoch
+    rows = [sorted(b["s"].tolist()) for b in batches]
+    assert sorted(rows[0] + rows[1]) == [0, 1, 2, 3] and set(rows[2]) <= {0, 1, 2, 3}  # then a new cycle
+    assert sorted(x for b in batches for x in b["l"].tolist()) == list(long)
+    ddp = DistributedSampler(short, num_replicas=1, rank=0)
+    CycleLoader({"s": ResumableLoader(short, sampler=ddp)}).sampler.set_epoch(3)  # Lightning calls this per epoch
+    assert ddp.epoch == 3
+
+
 def test_one_backbone_and_every_batch_holds_every_task(tiny_llama, two_sources):
     model = multitask(tiny_llama).build()
     a, b = model.task_methods["a"], model.task_methods["b"]
@@ -64,7 +83,7 @@ def test_one_backbone_and_every_batch_holds_every_task(tiny_llama, two_sources):
     assert model.trainable_count == a.trainable_count + b.trainable_count
     dm = data(tiny_llama, two_sources)
     dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))[0]
+    batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"a", "b"} and len(batch["a"]["input_ids"]) == 6 and len(batch["b"]["input_ids"]) == 2
 
 
@@ -74,7 +93,7 @@ def test_a_rows_gradient_reaches_only_its_own_adapter(tiny_llama, two_sources):
     model.trainer = tiny_trainer()
     dm = data(tiny_llama, two_sources)
     dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))[0]
+    batch = next(iter(dm.train_dataloader()))
     for method in model.task_methods.values():
         method._token_scale = 1.0
     model.training_step({"a": batch["a"]}, 0).backward()
@@ -158,7 +177,8 @@ def test_refusals_are_one_line(tiny_llama, two_sources):
         model.check_data(PeftDataModule(task="causal_lm", tokenizer=tiny_llama, source=two_sources[0]))
 
 
-def write_multitask_config(tmp_path, tiny_llama, sources, steps=4, extra_trainer=None, scheduler="linear"):
+def write_multitask_config(tmp_path, tiny_llama, sources, steps=4, extra_trainer=None, scheduler="linear",
+                           rows=(None, None)):
     import yaml
 
     a, b = sources
@@ -177,7 +197,8 @@ def write_multitask_config(tmp_path, tiny_llama, sources, steps=4, extra_trainer
                                 "tasks": {"a": LORA_A, "b": {"class_path": "peftlab.methods.PromptTuning",
                                                              "init_args": {"num_virtual_tokens": 3}}}}},
         "data": {"task": "causal_lm", "batch_size": 4, "max_length": 48, "max_eval_samples": 4,
-                 "tasks": {"a": {"source": a}, "b": {"source": b, "max_length": 40}},
+                 "tasks": {"a": {"source": a, "max_train_samples": rows[0]},
+                           "b": {"source": b, "max_length": 40, "max_train_samples": rows[1]}},
                  "task_weights": {"a": 1, "b": 1}},
     }
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -208,14 +229,26 @@ def test_cli_fits_tests_and_exports_every_task(tmp_path, tiny_llama, two_sources
         str(run / "adapter" / "best" / "a")).predict(texts, max_new_tokens=2)
 
 
-def test_cli_resumes_a_killed_multitask_run_exactly(tmp_path, tiny_llama, two_sources, capsys):
-    # a constant rate: the interrupted run's first part is a 2-step run, whose linear schedule would differ
-    full = write_multitask_config(tmp_path / "full", tiny_llama, two_sources, steps=4, scheduler="constant")
+# (rows of a, rows of b; checkpoint step; total steps) at 2 rows per task and batch: mid-epoch for both; on the
+# step where b (2 batches) starts its second cycle while a is mid-epoch; at the end of an epoch (3 batches, b's) with
+# a (2 batches) one batch into its second cycle, which the next epoch must drop
+RESUMES = {"mid-epoch": ((None, None), 2, 4, 2), "shorter task's cycle end": ((None, 4), 2, 5, 2),
+           "epoch end inside a shorter task's cycle": ((4, 6), 3, 5, 3),
+           "stopped by max_steps at an epoch end": ((4, 6), 3, 5, 2)}
+
+
+@pytest.mark.parametrize("rows,stop,steps,every", RESUMES.values(), ids=RESUMES.keys())
+def test_cli_resumes_a_killed_multitask_run_exactly(tmp_path, tiny_llama, two_sources, capsys, rows, stop, steps,
+                                                    every):
+    # a constant rate: the interrupted run's first part is a shorter run, whose linear schedule would differ
+    full = write_multitask_config(tmp_path / "full", tiny_llama, two_sources, steps=steps, scheduler="constant",
+                                  rows=rows, extra_trainer={"val_check_interval": every})
     assert run_main(["fit", "--config", full, "--test_after_fit", "false"], capsys)[0] == 0
-    part = write_multitask_config(tmp_path / "part", tiny_llama, two_sources, steps=2, scheduler="constant")
+    part = write_multitask_config(tmp_path / "part", tiny_llama, two_sources, steps=stop, scheduler="constant",
+                                  rows=rows, extra_trainer={"val_check_interval": every})
     assert run_main(["fit", "--config", part, "--test_after_fit", "false"], capsys)[0] == 0
     last = tmp_path / "part" / "runs" / "mt" / "version_0" / "checkpoints" / "last.ckpt"
-    code, _, err = run_main(["fit", "--config", part, "--trainer.max_steps", "4", "--test_after_fit", "false",
+    code, _, err = run_main(["fit", "--config", part, "--trainer.max_steps", str(steps), "--test_after_fit", "false",
                              "--ckpt_path", str(last)], capsys)
     assert code == 0, err
 

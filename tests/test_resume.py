@@ -164,3 +164,25 @@ def test_a_checkpoint_of_another_run_starts_a_new_run(tmp_path, tiny_bert, senti
     assert code == 0, err
     assert "resuming from" not in out
     assert torch.load(tmp_path / "b/r/version_0/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_a_run_stopped_by_max_steps_at_an_epoch_end_continues_exactly(tmp_path, tiny_bert, sentiment_csv, capsys):
+    """A run whose max_steps ends an epoch (12 batches) and is continued to 14 steps equals a 14-step run: on resume
+    Lightning draws once from the finished epoch's iterator, which must be empty and leave the RNG as it was saved.
+    A constant rate: the 12-step part's schedule would otherwise differ; no validation at step 12."""
+    def config(name, steps):
+        return write_config(tmp_path, tiny_bert, sentiment_csv, runs=name, name=f"{name}.yaml",
+                            model={"dropout": 0.1, "scheduler": "constant"},
+                            trainer={"max_steps": steps, "val_check_interval": 5, "limit_val_batches": 1})
+
+    assert run_main(["fit", "--config", config("reference", 14), "--test_after_fit", "false"], capsys)[0] == 0
+    part = config("part", 12)
+    assert run_main(["fit", "--config", part, "--test_after_fit", "false"], capsys)[0] == 0
+    code, _, err = run_main(["fit", "--config", part, "--test_after_fit", "false", "--trainer.max_steps", "14",
+                             "--ckpt_path", "last"], capsys)
+    assert code == 0, err
+    expected = load_file(str(_run_dir(tmp_path, "reference") / "adapter/last/adapter_model.safetensors"))
+    got = load_file(str(_run_dir(tmp_path, "part") / "adapter/last/adapter_model.safetensors"))
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name

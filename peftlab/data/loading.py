@@ -122,21 +122,30 @@ class ResumableLoader(DataLoader):
             seen += 1
         return sampler if isinstance(sampler, EpochShuffleSampler) else None
 
-    def state_dict(self) -> dict:
+    def progress(self) -> dict:
+        """Where this epoch stands: batches handed out and the seed of its shuffle."""
         sampler = self._shuffle_sampler()
-        return {"position": self._position, "epoch_seed": sampler.epoch_seed if sampler else None,
-                "rng": _every_rank(rng_state())}
+        return {"position": self._position, "epoch_seed": sampler.epoch_seed if sampler else None}
+
+    def state_dict(self) -> dict:
+        return {**self.progress(), "rng": _every_rank(rng_state())}
 
     def load_state_dict(self, state: dict) -> None:
-        rng = state.get("rng")
-        if isinstance(rng, list):  # one state per rank (see _every_rank): this rank's
-            rank = process_rank()
-            state = {**state, "rng": rng[rank] if rank < len(rng) else rng[0]}
-        self._resume = state
+        self._resume = _this_rank(state)
+
+    def resume_at(self, progress: dict) -> None:
+        """Continue at ``progress`` (see :meth:`progress`) and leave the global RNG to the caller (CycleLoader)."""
+        self._resume = {**progress, "rng": None}
 
     def __iter__(self):
         state, self._resume = self._resume, None
         position = 0
+        if state is not None and state["position"] >= len(self) and state["rng"] is not None:
+            # the finished epoch's iterator, which Lightning draws from once when the checkpoint ended a run at an
+            # epoch's last step: nothing is left in it, and the next epoch's starts from the restored RNG
+            self._position = state["position"]
+            set_rng_state(state["rng"])
+            return iter(())
         if state is not None and 0 < state["position"] < len(self):
             # mid-epoch: same shuffle, skip what was trained on, RNG restored before the next batch
             position = self._skip = state["position"]
@@ -145,11 +154,10 @@ class ResumableLoader(DataLoader):
                 sampler.replay(state["epoch_seed"])
         iterator = super().__iter__()
         self._skip = 0
-        if state is not None and position == 0:
-            # at an epoch boundary: the next shuffle is drawn from the restored RNG, as it was originally. Restored
-            # after creating the iterator, which draws DataLoader's worker base seed from the global RNG: the
-            # iterator Lightning creates here is the finished epoch's, and the uninterrupted run drew that seed
-            # before the checkpoint, not after it
+        if state is not None and position == 0 and state["rng"] is not None:
+            # before the epoch's first batch: its shuffle is drawn from the restored RNG, as it was originally.
+            # Restored after creating the iterator, which draws DataLoader's worker base seed from the global RNG,
+            # as the uninterrupted run did before the checkpoint
             set_rng_state(state["rng"])
             state = None
         return self._count(iterator, position, state)
@@ -157,11 +165,99 @@ class ResumableLoader(DataLoader):
     def _count(self, iterator, position, state):
         self._position = position
         for batch in iterator:
-            if state is not None:
+            if state is not None and state["rng"] is not None:
                 set_rng_state(state["rng"])
                 state = None
             self._position += 1
             yield batch
+
+
+class CycleLoader:
+    """Batches ``{name: batch}`` over several :class:`ResumableLoader` s, resumable like one of them.
+
+    An epoch lasts as long as the longest loader; a shorter one starts its next cycle (a fresh shuffle) when it runs
+    out, as Lightning's ``CombinedLoader`` does in ``max_size_cycle`` mode. It is not that CombinedLoader because
+    each of its loaders would save and restore the global RNG on its own: on resume the first one's restore undoes
+    what another drew meanwhile, and a loader whose cycle ended with the checkpoint started its next one before the
+    restore rather than after. Here the RNG has one owner: restored once, before the first batch (mid-epoch) or after
+    the loaders' iterators are created (at an epoch boundary), as in ResumableLoader; a loader that had just run out
+    starts its next cycle at the next batch, from the restored RNG, as it would have.
+    """
+
+    def __init__(self, loaders: dict[str, ResumableLoader]) -> None:
+        self.loaders = loaders
+        self.sampler = _EverySampler(loaders)
+        self._position = 0
+        self._resume: dict | None = None
+
+    def __len__(self) -> int:
+        return max(len(loader) for loader in self.loaders.values())
+
+    def state_dict(self) -> dict:
+        return {"position": self._position, "rng": _every_rank(rng_state()),
+                "loaders": {name: loader.progress() for name, loader in self.loaders.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = _this_rank(state)
+
+    def __iter__(self):
+        state, self._resume = self._resume, None
+        if state is not None and state["position"] >= len(self):  # the finished epoch's (see ResumableLoader)
+            self._position = state["position"]
+            set_rng_state(state["rng"])
+            return iter(())
+        if state is not None and state["position"] == 0:
+            iterators = {name: iter(loader) for name, loader in self.loaders.items()}
+            set_rng_state(state["rng"])
+            return self._batches(iterators, 0, None)
+        if state is None:
+            return self._batches({name: iter(loader) for name, loader in self.loaders.items()}, 0, None)
+        iterators = {}
+        for name, loader in self.loaders.items():
+            progress = state["loaders"][name]
+            if progress["position"] < len(loader):
+                loader.resume_at(progress)
+                iterators[name] = iter(loader)
+            else:  # its cycle ended with the checkpoint: the next one starts at the next batch
+                iterators[name] = iter(())
+        return self._batches(iterators, state["position"], state)
+
+    def _batches(self, iterators: dict, position: int, state: dict | None):
+        self._position = position
+        while self._position < len(self):
+            if state is not None:
+                set_rng_state(state["rng"])
+                state = None
+            batch = {}
+            for name, iterator in iterators.items():
+                try:
+                    batch[name] = next(iterator)
+                except StopIteration:
+                    iterators[name] = iterator = iter(self.loaders[name])
+                    batch[name] = next(iterator)
+            self._position += 1
+            yield batch
+
+
+class _EverySampler:
+    """Lightning calls ``set_epoch`` on a training loader's ``sampler`` (a DistributedSampler's order per epoch)."""
+
+    def __init__(self, loaders: dict[str, DataLoader]) -> None:
+        self.loaders = loaders
+
+    def set_epoch(self, epoch: int) -> None:
+        for loader in self.loaders.values():
+            set_epoch = getattr(loader.sampler, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(epoch)
+
+
+def _this_rank(state: dict) -> dict:
+    rng = state.get("rng")
+    if isinstance(rng, list):  # one state per rank (see _every_rank): this rank's
+        rank = process_rank()
+        state = {**state, "rng": rng[rank] if rank < len(rng) else rng[0]}
+    return state
 
 
 def process_rank() -> int:

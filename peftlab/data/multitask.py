@@ -1,5 +1,5 @@
 """Several tasks' data in one run (``data.tasks``): one :class:`~peftlab.data.PeftDataModule` per task, and
-training batches that hold rows of every task (``{task: sub-batch}``, Lightning's ``CombinedLoader``).
+training batches that hold rows of every task (``{task: sub-batch}``, :class:`~peftlab.data.loading.CycleLoader`).
 
 Each task's rows are its own data module's batches at its share of the batch size: with ``shuffle: false`` exactly
 the batches a run of that task alone at that batch size sees (``tests/test_multitask.py`` relies on it); shuffled,
@@ -11,9 +11,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from lightning.pytorch.utilities.combined_loader import CombinedLoader
-
 from peftlab.backbones import model_task
+from peftlab.data.loading import CycleLoader
 from peftlab.errors import PeftLabError, did_you_mean
 
 #: a PeftDataModule (not imported here: it imports this module)
@@ -85,5 +84,4 @@ def batch_shares(batch_size: int, weights: dict[str, float]) -> dict[str, int]:
 def train_loader(parent: DataModule):
     """Batches ``{task: that task's batch}`` over every task; an epoch lasts as long as the longest task's
     (``max_size_cycle``: the shorter ones start again)."""
-    return CombinedLoader({name: data.train_dataloader() for name, data in parent.task_data.items()},
-                          mode="max_size_cycle")
+    return CycleLoader({name: data.train_dataloader() for name, data in parent.task_data.items()})

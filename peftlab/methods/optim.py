@@ -63,11 +63,7 @@ class Optimization:
         datamodule = trainer.datamodule
         if trainer.max_epochs in (None, -1) or datamodule is None or trainer.train_dataloader is not None:
             return trainer.estimated_stepping_batches
-        loader = datamodule.train_dataloader()
-        # several tasks' loaders combined (max_size_cycle): an epoch is the longest one's; a CombinedLoader has no
-        # length before it is iterated, and iterating it here would lose a resumed run's position
-        parts = getattr(loader, "flattened", None)
-        batches = max(len(part) for part in parts) if parts else len(loader)
+        batches = len(datamodule.train_dataloader())
         limit = trainer.limit_train_batches
         batches = min(batches, int(limit)) if isinstance(limit, int) else int(batches * float(limit))
         steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
