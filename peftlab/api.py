@@ -114,7 +114,7 @@ class Run:
     @torch.no_grad()
     def predict(self, texts: list, batch_size: int = 32, max_new_tokens: int | None = None, *, raw: bool = False,
                 add_special_tokens: bool | list[bool] | None = None, generation: GenerationSettings | None = None,
-                **settings) -> list[dict]:
+                streamer=None, **settings) -> list[dict]:
         """Class and probabilities (classification) or generated text (causal LM / seq2seq / chat) for each text.
 
         Generative runs put each text in the training format first (:meth:`format_prompt`) unless ``raw``.
@@ -122,8 +122,12 @@ class Run:
         False for a text that already holds them (one a chat template rendered).
         ``generation`` and keyword settings (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``,
         ``top_k``, ``repetition_penalty``, ``stop``, ``seed``: :class:`peftlab.generation.GenerationSettings`)
-        say how text is generated."""
+        say how text is generated; ``streamer`` (one text only): a transformers streamer that receives the answer's
+        tokens as they are generated."""
         module = self.module
+        if streamer is not None and (len(texts) != 1 or module.task == "classification"):
+            raise PeftLabError(f"Run.predict streams one generated answer at a time; got {len(texts)} texts for a "
+                               f"{module.task} run")
         prompts = list(texts) if raw or module.task == "classification" else [self.format_prompt(t) for t in texts]
         special = self.adds_special_tokens(raw) if add_special_tokens is None else add_special_tokens
         special = [special] * len(prompts) if isinstance(special, bool) else list(special)
@@ -136,6 +140,7 @@ class Run:
         out: list[dict | None] = [None] * len(prompts)
         saved = getattr(module, "generation", None)
         module.generation = GenerationSettings.from_kwargs(generation, max_new_tokens=max_new_tokens, **settings)
+        module.streamer = streamer
         try:
             for group in rows:
                 for start in range(0, len(group), batch_size):
@@ -152,7 +157,7 @@ class Run:
                     for i, result in zip(index, results):
                         out[i] = result
         finally:
-            module.generation = saved
+            module.generation, module.streamer = saved, None
         return out
 
     @torch.no_grad()

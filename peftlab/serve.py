@@ -35,12 +35,10 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
-import torch
 from transformers.generation.streamers import BaseStreamer
 
 from peftlab.api import load_adapters
 from peftlab.errors import PeftLabError
-from peftlab.generation import GenerationSettings, generate
 
 try:  # the `serve` extra
     import uvicorn
@@ -111,13 +109,15 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
 class _Pieces(BaseStreamer):
     """A streamer for ``generate`` that hands every newly decoded piece of the answer to ``push`` (called on the
     worker's thread), token by token. transformers' TextStreamer waits for a space or a newline before it prints
-    (to avoid half words), which holds a whole answer back when it has none; here the text is decoded again at
-    each token and only an incomplete character (a trailing U+FFFD) waits for its next bytes."""
+    (to avoid half words), which holds a whole answer back when it has none. Here each token is decoded with the
+    few tokens before it (the incremental detokenization of text-generation-inference and vLLM: the context keeps
+    a SentencePiece word's leading space, and each decode stays short), and an incomplete character (a trailing
+    U+FFFD) waits for its next bytes."""
 
     def __init__(self, tokenizer, push):
         self.tokenizer, self.push = tokenizer, push
         self.ids: list[int] = []
-        self.sent = ""
+        self.prefix = self.read = 0  # ids[prefix:read] is the context already sent
         self.prompt_seen = False
 
     def put(self, value) -> None:
@@ -131,10 +131,11 @@ class _Pieces(BaseStreamer):
         self._flush(final=True)
 
     def _flush(self, final: bool) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if (final or not text.endswith("\ufffd")) and len(text) > len(self.sent) and text.startswith(self.sent):
-            self.push(text[len(self.sent):])
-            self.sent = text
+        sent = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        text = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if (final or not text.endswith("\ufffd")) and len(text) > len(sent):
+            self.push(text[len(sent):])
+            self.prefix, self.read = self.read, len(self.ids)
 
 
 class Batcher:
@@ -203,21 +204,13 @@ class Batcher:
     def _stream(self, job, loop) -> dict:
         """Generate one request alone, pushing its pieces into its stream queue as they are decoded."""
         name, text, (max_new_tokens, raw, special, settings), _, queue = job
-        run = self.adapters.run(name)
-        module = run.module
-        prompt = text if raw else run.format_prompt(text)
-        batch = run.encode([prompt], add_special_tokens=run.adds_special_tokens(raw) if special is None else special)
         push = lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece)  # noqa: E731
         try:
-            settings_ = GenerationSettings.from_kwargs(None, max_new_tokens=max_new_tokens or module.hparams.max_new_tokens,
-                                                       **dict(settings))
-            with torch.no_grad():
-                answer = generate(module.model, module.tokenizer, batch["input_ids"].to(module.device),
-                                  batch["attention_mask"].to(module.device), settings_,
-                                  continues=module.task == "causal_lm", streamer=_Pieces(module.tokenizer, push))[0]
+            return self.adapters.predict([text], adapter=name, max_new_tokens=max_new_tokens, raw=raw,
+                                         add_special_tokens=special, **dict(settings),
+                                         streamer=_Pieces(self.adapters.run(name).module.tokenizer, push))[0]
         finally:
             push(None)
-        return {"generated": answer}
 
 
 def create_app(adapters, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256,

@@ -8,6 +8,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from peftlab.api import load_adapters, load_run
 from peftlab.methods import LoRA, PrefixTuning, PromptTuning, PTuningV2
@@ -217,3 +218,32 @@ def test_a_chat_trained_run_is_served_in_its_own_chat_template(tmp_path, tiny_ch
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         reply = client.chat.completions.create(model="chat", messages=messages, max_tokens=6)
     assert reply.choices[0].message.content == expected
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_stream_pieces_join_to_the_whole_answer(kind, tokenizer_dir):
+    """Each token is decoded with its context only (not the whole answer again), and the pieces still join to
+    exactly the decoded answer: multi-byte characters split over tokens and SentencePiece's word-leading spaces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from peftlab.serve import _Pieces
+
+    text = "Fresh: a café in 東京, mostly 🎬 and  two spaces. Rotten? no"
+    if kind == "byte-level":
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        raw = Tokenizer(models.BPE(unk_token="<unk>"))
+        raw.pre_tokenizer, raw.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        raw.train_from_iterator([text, "a fresh film", "rotten"],
+                                trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>"]))
+        tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    pieces = []
+    streamer = _Pieces(tok, pieces.append)
+    streamer.put(torch.tensor([[0]]))  # the prompt, skipped
+    for i in ids:
+        streamer.put(torch.tensor([i]))
+    streamer.end()
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
+    assert len(pieces) > len(ids) // 2  # token by token, not held back

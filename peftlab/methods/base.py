@@ -456,7 +456,8 @@ class PeftModule(TokenWeightedLoss, Optimization, AdapterCheckpoints, L.Lightnin
             self.model.unshard()
         try:
             text = generate(self.model, self.tokenizer, inputs["input_ids"], inputs["attention_mask"],
-                            self.generation_settings(), continues=self.task == "causal_lm")
+                            self.generation_settings(), continues=self.task == "causal_lm",
+                            streamer=getattr(self, "streamer", None))
         finally:
             if sharded_root:
                 self.model.reshard()
@@ -464,7 +465,8 @@ class PeftModule(TokenWeightedLoss, Optimization, AdapterCheckpoints, L.Lightnin
 
     def generation_settings(self) -> GenerationSettings:
         """How ``predict_step`` generates: ``self.generation`` when set (``peftlab predict --generation.*``,
-        ``Run.predict``), else greedy decoding of ``max_new_tokens`` tokens."""
+        ``Run.predict``, which also sets ``self.streamer`` for a streamed answer), else greedy decoding of
+        ``max_new_tokens`` tokens."""
         settings = getattr(self, "generation", None) or GenerationSettings()
         return settings if settings.max_new_tokens else replace(settings, max_new_tokens=self.hparams.max_new_tokens)
 
