@@ -52,6 +52,8 @@ def _quiet_libraries() -> None:
 def make_cli_class():
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+    from peftlab.checkpointing import install as install_checkpoint_io
+
     class PeftSaveConfigCallback(SaveConfigCallback):
         """Lightning's SaveConfigCallback, writing ``config.yaml`` once the model is built (at the start of
         fit / validate / test / predict) instead of in ``setup``: the model is built in ``configure_model``,
@@ -146,6 +148,7 @@ def make_cli_class():
 
                 kwargs["callbacks"] = [*kwargs.get("callbacks", configured), ShortRunLogging()]
             trainer = super().instantiate_trainer(**kwargs)
+            install_checkpoint_io(trainer)  # crash-safe, weights-only checkpoint files (peftlab.checkpointing)
             if not user_bar:
                 from peftlab.callbacks.progress import replace_default_progress_bar
 

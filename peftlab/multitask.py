@@ -42,7 +42,6 @@ from peftlab.adapter_set import build_on_shared
 from peftlab.adapters import rewrite_meta
 from peftlab.backbones import count_parameters, load_tokenizer
 from peftlab.callbacks import GenerationEval, LMEval
-from peftlab.checkpointing import install
 from peftlab.errors import PeftLabError
 from peftlab.export import export_adapter
 from peftlab.methods.base import PeftModule
@@ -129,15 +128,13 @@ class MultiTask(PeftModule):
     def forward(self, **batch):
         raise PeftLabError("a MultiTask run has one model per task: call run.task_methods[name](**batch)")
 
+    def set_token_scale(self, datamodule) -> None:
+        for name, method in self.task_methods.items():  # each task's own constant, as a run of it alone
+            method.set_token_scale(datamodule.task_data[name])
+
     def setup(self, stage: str) -> None:
-        install(self.trainer)
-        if self.hparams.get("matmul_precision"):
-            torch.set_float32_matmul_precision(self.hparams.matmul_precision)
+        super().setup(stage)
         if stage == "fit":
-            self.check_data(self.trainer.datamodule)
-            for name, method in self.task_methods.items():  # each task's own constant (see TokenWeightedLoss)
-                data = self.trainer.datamodule.task_data[name]
-                method._token_scale = 1.0 if method.task == "classification" else float(data.target_tokens_per_batch())
             unsupported = [type(c).__name__ for c in self.trainer.callbacks if isinstance(c, (GenerationEval, LMEval))]
             if unsupported:
                 raise PeftLabError(f"{', '.join(unsupported)} does not evaluate a multi-task run yet; remove it and "

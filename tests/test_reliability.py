@@ -280,14 +280,21 @@ def test_crash_during_checkpoint_save_keeps_previous_one(tmp_path, tiny_bert, se
     assert torch.load(last, weights_only=True)["global_step"] == 2
 
 
-def test_atomic_checkpoint_io_is_installed_and_reads_weights_only(tmp_path, tiny_bert, sentiment_csv):
-    from test_export import trained
+def test_atomic_checkpoint_io_is_installed_by_the_cli_and_reads_weights_only(tmp_path, tiny_bert, sentiment_csv):
+    from lightning.pytorch.callbacks import Callback
 
     from peftlab.checkpointing import AtomicCheckpointIO
-    from peftlab.methods import LoRA
+    from peftlab.cli import run_cli
 
-    model, _ = trained(LoRA, tiny_bert, "classification", sentiment_csv, steps=1, r=2)
-    assert type(model.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+    seen = []
+
+    class See(Callback):
+        def on_fit_start(self, trainer, pl_module):
+            seen.append(type(trainer.strategy.checkpoint_io))
+
+    cfg = _checkpoint_config(tmp_path, tiny_bert, sentiment_csv, max_steps=1)
+    run_cli(["fit", "--config", cfg, "--test_after_fit", "false"], callbacks=[See()])
+    assert seen == [AtomicCheckpointIO]
 
 
 # ---------------------------------------------------------------------------------------------- faults

@@ -428,19 +428,19 @@ class PeftModule(TokenWeightedLoss, Optimization, AdapterCheckpoints, L.Lightnin
         return self.model(**batch)
 
     def setup(self, stage: str) -> None:
-        # crash-safe, weights-only checkpoint files (see peftlab.checkpointing for why Lightning's default is not)
-        from peftlab.checkpointing import install
-
-        install(self.trainer)
         if self.hparams.get("matmul_precision"):
             torch.set_float32_matmul_precision(self.hparams.matmul_precision)
         if stage == "fit":
             self.check_data(self.trainer.datamodule)  # before the model is built (configure_model comes next)
-            tokens = getattr(self.trainer.datamodule, "target_tokens_per_batch", None)
-            # any constant works (on_before_optimizer_step divides it out); one near the real count keeps the summed
-            # loss at the scale of a mean, which fp16's gradient scaler expects. Deterministic, so a resumed run
-            # computes exactly what the uninterrupted one did.
-            self._token_scale = float(tokens()) if callable(tokens) and self.task != "classification" else 1.0
+            self.set_token_scale(self.trainer.datamodule)
+
+    def set_token_scale(self, datamodule) -> None:
+        """The constant a step's summed token loss is divided by (see :mod:`peftlab.methods.loss`). Any constant
+        works (on_before_optimizer_step divides it out); one near the real count keeps the summed loss at the scale
+        of a mean, which fp16's gradient scaler expects. Deterministic, so a resumed run computes exactly what the
+        uninterrupted one did."""
+        tokens = getattr(datamodule, "target_tokens_per_batch", None)
+        self._token_scale = float(tokens()) if callable(tokens) and self.task != "classification" else 1.0
 
     def predict_step(self, batch, batch_idx):
         """Class probabilities (classification) or generated text (causal LM / seq2seq)."""
