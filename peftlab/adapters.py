@@ -172,20 +172,27 @@ def load_adapter_weights(directory) -> dict[str, torch.Tensor]:
         raise PeftLabError(f"{path} is corrupt or not a safetensors file ({err}); export the adapter again") from err
 
 
+def state_mismatch(expected: dict, got: dict, *, shapes: bool = True) -> str:
+    """What keeps the tensors ``got`` from loading into ``expected`` (both ``{name: tensor or shape}``): the
+    missing, unexpected and wrong-shape names (three of each), or "" when they fit. ``shapes`` False: names only
+    (a sharded rank holds flat shards)."""
+    def shape(value):
+        return tuple(getattr(value, "shape", value))
+
+    absent = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(got) & set(expected) if shape(got[k]) != shape(expected[k])) if shapes else []
+    return "; ".join(f"{what} {keys[:3]}{' ...' if len(keys) > 3 else ''}" for what, keys in
+                     (("missing", absent), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
+
+
 def load_weights(module, directory) -> None:
     """Load an exported adapter's weights into the built ``module`` (shapes and names checked)."""
     config = read_adapter_config(directory)
     weights = load_adapter_weights(directory)
     if config.get("format") == "peftlab":
         expected = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
-        missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-        wrong = [k for k in set(weights) & set(expected) if weights[k].shape != expected[k].shape]
-        if missing or unexpected or wrong:
-            raise PeftLabError(
-                f"adapter {directory} does not fit this {type(module).__name__} model "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]}); "
-                "was it trained on another backbone or with other settings?"
-            )
+        _refuse_mismatch(module, directory, state_mismatch(expected, weights))
         with torch.no_grad():
             for name, value in weights.items():
                 expected[name].copy_(value)
@@ -197,13 +204,9 @@ def load_weights(module, directory) -> None:
         raise PeftLabError(f"adapter {directory}: adapter_config.json has fields peft does not know: {unknown[:5]}; "
                            "it was written by another peft version or edited by hand")
     expected = get_peft_model_state_dict(module.model)
-    wrong = sorted(k for k in set(weights) & set(expected) if weights[k].shape != expected[k].shape)
-    missing = sorted(set(expected) - set(weights))
-    if wrong or missing:
-        raise PeftLabError(
-            f"adapter {directory} does not fit this {type(module).__name__} model (wrong shape {wrong[:3]}, "
-            f"missing {missing[:3]}); was it trained on another backbone or with other settings?"
-        )
+    # peft reports keys it does not know after loading (below): only what is missing or misshapen here
+    known = {k: v for k, v in weights.items() if k in expected}
+    _refuse_mismatch(module, directory, state_mismatch(expected, known))
     if "prompt_embeddings" in weights:
         _inference_prompt(module, weights["prompt_embeddings"])
     result = set_peft_model_state_dict(module.model, weights)
@@ -212,6 +215,12 @@ def load_weights(module, directory) -> None:
     unexpected = [k for k in getattr(result, "unexpected_keys", None) or [] if k != "prompt_embeddings"]
     if unexpected:
         raise PeftLabError(f"adapter {directory} has weights this model does not: {unexpected[:3]}")
+
+
+def _refuse_mismatch(module, directory, mismatch: str) -> None:
+    if mismatch:
+        raise PeftLabError(f"adapter {directory} does not fit this {type(module).__name__} model ({mismatch}); was "
+                           "it trained on another backbone or with other settings?")
 
 
 def _inference_prompt(module, value: torch.Tensor) -> None:

@@ -268,10 +268,16 @@ def classification_head(model: nn.Module) -> nn.Module:
     )
 
 
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside ``model``: through the input-tokens wrapper (P-tuning v2, stacks with input
+    tokens: ``.peft_model``) and a peft model (``get_base_model()``); ``model`` itself when it is neither."""
+    inner = getattr(model, "peft_model", model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Turn on activation recomputation in the transformers model inside ``model`` (peft-wrapped or not)."""
-    inner = getattr(model, "peft_model", model)  # the input-tokens wrapper (P-tuning v2, stacks with input tokens)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    inner = transformers_model(model)
     if not getattr(inner, "supports_gradient_checkpointing", False):
         raise PeftLabError(f"model.gradient_checkpointing: {type(inner).__name__} does not support it; turn it off")
     # non-reentrant checkpointing needs no input that requires grad, so it works with a frozen embedding

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from peftlab.adapters import unwrapped_name
+from peftlab.adapters import state_mismatch, unwrapped_name
 from peftlab.errors import PeftLabError
 from peftlab.strategies import is_sharded
 
@@ -30,16 +30,10 @@ class AdapterCheckpoints:
             # a sharding strategy (FSDP2's distributed checkpoint, DeepSpeed) loaded the weights itself, by name,
             # before this hook: there is nothing here to compare
             return
-        expected = {n: p.shape for n, p in self.trainable_named_parameters().items()}
         got = {unwrapped_name(k): v for k, v in checkpoint["state_dict"].items()}
-        missing = sorted(set(expected) - set(got))
-        unexpected = sorted(set(got) - set(expected))
         # under a sharding strategy a rank holds flat shards, not the parameters' shapes: compare names only
-        wrong = [] if is_sharded(self) else sorted(k for k in set(got) & set(expected)
-                                                   if tuple(got[k].shape) != tuple(expected[k]))
-        if missing or unexpected or wrong:
-            detail = "; ".join(f"{what}: {keys[:3]}{' ...' if len(keys) > 3 else ''}" for what, keys in
-                               (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
+        detail = state_mismatch(self.trainable_named_parameters(), got, shapes=not is_sharded(self))
+        if detail:
             raise PeftLabError(
                 f"checkpoint does not match this {type(self).__name__} model ({detail}); it was written by "
                 "another method, backbone or setting. Resume with the config the checkpoint was trained with."

@@ -11,6 +11,7 @@ import torch
 import torchmetrics
 from torch import nn
 
+from peftlab.backbones import transformers_model
 from peftlab.errors import PeftLabError
 
 
@@ -177,7 +178,4 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[to
 def decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
     """A seq2seq model's decoder inputs for ``labels`` (the targets shifted right), through the transformers model
     inside ``model`` (peft-wrapped or not)."""
-    inner = getattr(model, "peft_model", model)  # the input-tokens wrapper of P-tuning v2 / LoRA + prompt
-    if hasattr(inner, "get_base_model"):  # a peft model
-        inner = inner.get_base_model()
-    return inner.prepare_decoder_input_ids_from_labels(labels=labels)
+    return transformers_model(model).prepare_decoder_input_ids_from_labels(labels=labels)

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from peftlab.backbones import transformers_model
 from peftlab.errors import PeftLabError
 from peftlab.methods.base import PeftModule
 from peftlab.methods.peft_backed import PEFT_TASK, PeftBackedMethod
@@ -81,8 +82,7 @@ class InputTokensModel(nn.Module):
 
     def inner_model(self) -> nn.Module:
         """The transformers model inside (``get_base_model()`` of a peft model, else the wrapped model itself)."""
-        inner = self.peft_model
-        return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+        return transformers_model(self.peft_model)
 
     def _with_prompt(self, input_ids, attention_mask, labels=None, token_type_ids=None):
         embeds = self.inner_model().get_input_embeddings()(input_ids)

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from peftlab.backbones import load_backbone, torch_dtype
+from peftlab.backbones import load_backbone, torch_dtype, transformers_model
 from peftlab.errors import PeftLabError
 from peftlab.methods.base import HEAD_NAMES
 from peftlab.methods.lora import RESIDUAL_INITS, LoRA
@@ -164,7 +164,7 @@ class QLoRA(LoRA):
         from transformers.quantizers.quantizers_utils import should_convert_module
 
         self._require_built("the quantized weights")
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = transformers_model(self.model)
         skip = list(HEAD_NAMES) if self.task == "classification" else get_keys_to_not_convert(base)
         skip += list(getattr(base, "_keep_in_fp32_modules", None) or [])
         out = {}
