@@ -856,3 +856,23 @@ def test_generation_scores_the_last_reply_of_a_multi_turn_chat():
     assert refs == [[16, 17], [27, 28, 29]]
     assert inputs["input_ids"].tolist() == [[0, 11, 12, 13, 14, 15], [21, 22, 23, 24, 25, 26]]
     assert inputs["attention_mask"].tolist() == [[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+
+
+def test_fingerprints_of_a_shipped_study_stay_the_same():
+    """A method's fingerprint (the hash of its settings a storage's results are kept under) must not change when
+    the code that reads the study file does: committed storage (experiments/instruction/study.partial.db) and
+    users' study directories resume by it. The values are those stored in that database."""
+    from peftlab.compare.study import load_study
+
+    study = load_study(ROOT / "experiments/instruction/study.yaml")
+    (part,) = study.parts
+    assert {m.slug: part.fingerprint(m) for m in part.methods.values()} == {
+        "full": "abe72094bca2ebf6", "lora_r=8_q_v": "caa4af25b5a3a416", "lora_r=16_all-linear": "ba8464a901facffa",
+        "lora_r=85_q_v": "c40e71e6b8c91a43", "dora_r=16_all-linear": "638609e656a59e99",
+        "rslora_r=16_all-linear": "d4613e24eeb94934", "adapters_b=64": "c3478810e8d667e2",
+        "prefix": "d883de20967af779", "prompt": "757d0777a0a285a8", "p-tuning_v2": "18117d8f53ab3e62",
+        "qlora_r=16_all-linear": "0127bcaaea95a8b7"}
+    few_shot = load_study(ROOT / "experiments/few_shot/study.yaml")
+    assert [(p.slug, m.slug, p.fingerprint(m)) for p in few_shot.parts[:2] for m in list(p.methods.values())[:2]] == [
+        ("k=8", "prompt", "4b88e7ce71dfcc55"), ("k=8", "prefix", "2a08ff1526b8a65b"),
+        ("k=16", "prompt", "6c92e35a97005853"), ("k=16", "prefix", "21a76b51954bd082")]
