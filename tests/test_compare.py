@@ -222,7 +222,7 @@ def test_an_interrupted_study_continues_where_it_stopped(tmp_path, tiny_bert, se
     """Ctrl-C in the middle of the third run: the next invocation runs that one again and nothing finished."""
     import lightning as L
 
-    from peftlab.compare import runner
+    from peftlab.compare import worker
 
     class Interrupt(L.Callback):
         def on_train_batch_end(self, trainer, *args):
@@ -230,7 +230,7 @@ def test_an_interrupted_study_continues_where_it_stopped(tmp_path, tiny_bert, se
                 raise KeyboardInterrupt
 
     calls = []
-    real = runner.run_fit
+    real = worker.run_fit
 
     def flaky(args, callbacks, log_path):
         calls.append(log_path.name)
@@ -238,12 +238,12 @@ def test_an_interrupted_study_continues_where_it_stopped(tmp_path, tiny_bert, se
 
     study = tiny_study(tmp_path, tiny_bert, sentiment_csv, methods={"lora": {}}, seeds=[0, 1])
     sd = tmp_path / "sd"
-    monkeypatch.setattr(runner, "run_fit", flaky)
+    monkeypatch.setattr(worker, "run_fit", flaky)
     code, out, _ = run_main(["compare", "--config", str(study), "--study_dir", str(sd)], capsys)
     assert code == 130 and "the same command continues the study" in out
     first = starts(sd)
     assert list(first) == ["main/lora/tune-000", "main/lora/tune-001", "main/lora/tune-002"]
-    monkeypatch.setattr(runner, "run_fit", real)
+    monkeypatch.setattr(worker, "run_fit", real)
     code, out, err = run_main(["compare", "--config", str(study), "--study_dir", str(sd)], capsys)
     assert code == 0, err[-3000:]
     ran = starts(sd)
@@ -737,13 +737,13 @@ def test_claims_on_a_sqlite_study_are_serialised_between_processes(tmp_path):
     """SQLite does not make Optuna's WAITING -> RUNNING claim atomic (two workers both claimed seed 0 and trained
     it in one directory, in CI): claiming happens under claim_lock. A second process must not enter while the
     first holds it: its entry comes after the first one's exit."""
-    from peftlab.compare.runner import claim_lock
+    from peftlab.compare.storage import claim_lock
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     held, released = tmp_path / "held", tmp_path / "released"
     holder = subprocess.Popen([sys.executable, "-c", (
         "import time, pathlib\n"
-        "from peftlab.compare.runner import claim_lock\n"
+        "from peftlab.compare.storage import claim_lock\n"
         f"with claim_lock({url!r}):\n"
         f"    pathlib.Path({str(held)!r}).write_text('1')\n"
         "    time.sleep(1.5)\n"

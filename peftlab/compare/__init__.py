@@ -49,8 +49,10 @@ def compare_command(*, config: str, smoke: bool = False, workers: int = 1, stora
         peftlab compare --config experiments/quality_vs_params/study.yaml --workers 2
         peftlab compare --config study.yaml --storage postgresql://user@db/peftlab   # on every machine
     """
-    from peftlab.compare.runner import Printer, Worker, default_storage, open_storage, run_workers
+    from peftlab.compare.launcher import Printer, run_workers
+    from peftlab.compare.storage import default_storage, open_storage
     from peftlab.compare.study import check_methods, load_study
+    from peftlab.compare.worker import Worker
 
     if workers < 1:
         raise PeftLabError(f"--workers must be >= 1 (got {workers})")
