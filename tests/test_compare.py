@@ -761,6 +761,18 @@ def test_claims_on_a_sqlite_study_are_serialised_between_processes(tmp_path):
     assert [p.name for p in tmp_path.glob("*.lock")] == ["study.db.claims.lock"]
 
 
+def test_a_zombie_worker_counts_as_dead():
+    """A worker killed on this machine whose parent has not reaped it yet is a zombie: its runs are recovered."""
+    from peftlab.compare.storage import pid_alive
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 60
+    while pid_alive(proc.pid):  # exited, not yet reaped
+        assert time.time() < deadline, "a finished child still counts as alive"
+        time.sleep(0.05)
+    assert proc.poll() == 0 and not pid_alive(proc.pid) and pid_alive(os.getpid())
+
+
 def test_a_changed_config_layer_is_refused_instead_of_mixing_results(tmp_path, tiny_bert, sentiment_csv, capsys):
     """The stored results remember what the config layers said (their contents, not their paths): editing the
     base config under a finished study is refused in one line before anything trains."""

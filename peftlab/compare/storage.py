@@ -25,6 +25,9 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import psutil
+from filelock import FileLock
+
 from peftlab.errors import PeftLabError
 
 # a running trial records a heartbeat every HEARTBEAT_S; one silent for GRACE_S is a dead worker's, run again
@@ -120,16 +123,13 @@ def done_or_live(trial) -> bool:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` on this machine is running; a killed child its parent has not reaped yet is a zombie:
+    dead for our purpose. Another user's process counts as alive."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # (ZombieProcess is one)
         return False
-    except PermissionError:
-        return True
-    try:  # a killed child its parent has not reaped yet is a zombie: dead for our purpose
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
+    except psutil.AccessDenied:
         return True
 
 
@@ -156,14 +156,9 @@ def claim_lock(url: str):
     if not path:
         yield
         return
-    import fcntl
-
-    with open(path + ".claims.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    # blocks until the lock is free; the file stays for the next claim (as the database beside it does)
+    with FileLock(path + ".claims.lock", preserve_lock_file=True):
+        yield
 
 
 def best_trial(study):
