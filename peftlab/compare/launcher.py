@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import subprocess
 import sys
@@ -12,12 +11,11 @@ import threading
 from peftlab.compare.study import Study
 from peftlab.compare.worker import WORKER_ENV
 from peftlab.errors import PeftLabError
-from peftlab.runinfo import stamp
 
 
 def run_workers(study: Study, storage_url: str, n: int, *, smoke: bool, latency: bool, say) -> None:
     """Start ``n`` worker processes of the same command on the same storage and wait for them; their output is
-    shown with a ``[wK]`` prefix."""
+    shown through ``say`` (:func:`peftlab.runinfo.logger`'s) with a ``[wK]`` prefix."""
     cmd = [sys.executable, "-m", "peftlab", "compare", "--config", str(study.path), "--study_dir",
            str(study.study_dir), "--storage", storage_url, "--workers", "1", "--no-report"]
     if smoke:
@@ -35,7 +33,7 @@ def run_workers(study: Study, storage_url: str, n: int, *, smoke: bool, latency:
     def pump(i: int, proc) -> None:
         for line in proc.stdout:
             tails[i] = (tails[i] + [line.rstrip()])[-20:]
-            say(line.rstrip(), prefix=f"[w{i + 1}] ")
+            say(line.rstrip(), extra={"verbatim": f"[w{i + 1}] "})
 
     threads = [threading.Thread(target=pump, args=(i, p), daemon=True) for i, p in enumerate(procs)]
     for t in threads:
@@ -54,18 +52,3 @@ def run_workers(study: Study, storage_url: str, n: int, *, smoke: bool, latency:
         i, code = failed[0]
         last = next((line for line in reversed(tails[i]) if line.strip()), "")
         raise PeftLabError(f"worker {i + 1} of {n} exited with status {code}: {last}")
-
-
-class Printer:
-    """Progress lines: ``[compare HH:MM:SS] message`` on the terminal the command started with."""
-
-    def __init__(self, stream: io.TextIOBase | None = None, prefix: str = ""):
-        self.stream = stream or sys.stdout
-        self.prefix = prefix
-
-    def __call__(self, message: str, prefix: str | None = None) -> None:
-        if prefix is not None:  # a worker's line, already stamped
-            self.stream.write(f"{prefix}{message}\n")
-        else:
-            self.stream.write(f"{self.prefix}{stamp('compare')} {message}\n")
-        self.stream.flush()
