@@ -789,12 +789,14 @@ def test_a_changed_config_layer_is_refused_instead_of_mixing_results(tmp_path, t
 
 
 def test_tuning_runs_use_a_seed_no_seed_run_uses(tmp_path, tiny_bert, sentiment_csv):
-    from peftlab.compare.study import fit_args, load_study
+    from peftlab.compare.study import cli_args, load_study, run_arguments
 
     study = tiny_study(tmp_path, tiny_bert, sentiment_csv, seeds=[0, 1, 2], tuning={"trials": 2})
     part = load_study(study).parts[0]
     assert part.tuning_seed == 3 and part.tuning_seed not in part.seeds
-    args = fit_args(part, part.methods["lora"], seed=part.tuning_seed, kind="tune")
+    run = run_arguments(part, part.methods["lora"], seed=part.tuning_seed, kind="tune")
+    assert run["seed_everything"] == 3 and run["test_after_fit"] is False
+    args = cli_args(run)
     assert "--seed_everything=3" in args and "--test_after_fit=false" in args
 
 

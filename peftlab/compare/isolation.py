@@ -13,6 +13,9 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
+
+from peftlab.compare.study import cli_args
 
 
 @contextlib.contextmanager
@@ -55,11 +58,13 @@ def isolated(log_path: Path):
                 torch.cuda.empty_cache()
 
 
-def run_fit(args: list[str], callbacks: list, log_path: Path) -> None:
-    """``peftlab fit ARGS`` in this process, with ``callbacks`` added to the trainer's; output goes to ``log_path``.
-    Raises what the run raises (a PeftLabError for the user's errors, as the CLI would print)."""
+def run_fit(run: dict[str, Any], callbacks: list, log_path: Path) -> None:
+    """``peftlab fit`` with the arguments ``run`` (:func:`~peftlab.compare.study.run_arguments`) in this process,
+    with ``callbacks`` added to the trainer's; output goes to ``log_path``. Raises what the run raises (a
+    PeftLabError for the user's errors, as the CLI would print)."""
     from peftlab.cli import run_cli
 
+    args = cli_args(run)
     with isolated(log_path) as log:
         print(f"$ peftlab fit {' '.join(args)}", file=log, flush=True)
         cli = run_cli(["fit", *args], callbacks=callbacks)

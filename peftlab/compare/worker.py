@@ -49,7 +49,7 @@ from peftlab.compare.storage import (
     recover,
     requeue,
 )
-from peftlab.compare.study import Method, Part, Study, fit_args
+from peftlab.compare.study import Method, Part, Study, run_arguments
 from peftlab.errors import PeftLabError
 
 POLL_S = 2.0
@@ -221,8 +221,8 @@ class Worker:
         run_dir = self.run_dir(part, method, run)
         if run_dir.exists():  # an interrupted trial restarts from scratch (its reported values went with it)
             shutil.rmtree(run_dir)
-        args = fit_args(part, method, seed=part.tuning_seed, params=params, kind="tune",
-                        save_dir=str(self.save_dir(part)), version=run)
+        args = run_arguments(part, method, seed=part.tuning_seed, params=params, kind="tune",
+                             save_dir=str(self.save_dir(part)), version=run)
         start = time.time()
         error = self._fit(part, method, study, trial._trial_id, frozen, run, args, callbacks)
         seconds = time.time() - start
@@ -303,10 +303,10 @@ class Worker:
         outcomes = TestOutcomes(gen, part.forgetting, latency, harness)
         reporter = TrialReporter(part.select, part.direction, self.say, None, label="")
         callbacks = [reporter, *([gen] if gen else []), outcomes, *([harness] if harness else [])]
-        args = fit_args(part, method, seed=seed, params=params, kind="seed", save_dir=str(self.save_dir(part)),
-                        version=run)
+        args = run_arguments(part, method, seed=seed, params=params, kind="seed", save_dir=str(self.save_dir(part)),
+                             version=run)
         if resume:
-            args += ["--ckpt_path", str(last)]
+            args["ckpt_path"] = str(last)
         start = time.time()
         error = self._fit(part, method, study, trial._trial_id, frozen, run, args, callbacks)
         seconds = time.time() - start
