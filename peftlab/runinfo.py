@@ -11,27 +11,57 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import platform
 import subprocess
 import sys
 import time
 from importlib import metadata
+from typing import TextIO
 
 LIBRARIES = ("peftlab", "torch", "lightning", "transformers", "peft", "bitsandbytes", "datasets",
              "torchmetrics", "jsonargparse", "safetensors", "numpy")
 
 
-def stamp(prefix: str) -> str:
-    """``[prefix HH:MM:SS]``: how progress lines of long work (studies, benchmarks, experiments) begin."""
-    return f"[{prefix} {time.strftime('%H:%M:%S')}]"
+class _Lines(logging.Formatter):
+    """``[prefix HH:MM:SS] message``; a record with ``verbatim`` (a line another process already stamped, shown
+    behind e.g. ``[w1] ``) is that text and the message as they are."""
+
+    def __init__(self, prefix: str):
+        super().__init__("[" + prefix.replace("%", "%%") + " %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        verbatim = getattr(record, "verbatim", None)
+        return super().format(record) if verbatim is None else f"{verbatim}{record.getMessage()}"
 
 
-def logger(prefix: str):
-    """A function printing ``[prefix HH:MM:SS] message`` lines, flushed (they are read while the work runs)."""
-    def log(message: str) -> None:
-        print(f"{stamp(prefix)} {message}", flush=True)
-    return log
+class _Stdout(logging.StreamHandler):
+    """Writes to the stream it was given, or else to ``sys.stdout`` as it is at each line (where print writes)."""
+
+    def __init__(self, stream: TextIO | None = None):
+        super().__init__(stream or sys.stdout)
+        self._follow = stream is None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._follow:
+            self.stream = sys.stdout
+        super().emit(record)
+
+
+def logger(prefix: str, stream: TextIO | None = None):
+    """The ``info`` of the logger ``peftlab.<prefix>``: ``[prefix HH:MM:SS] message`` lines, flushed (they are read
+    while the work runs), on ``stream`` or else on ``sys.stdout``. ``extra={"verbatim": "[w1] "}`` shows a line
+    another process already stamped behind that text. Calling it again replaces the logger's handler."""
+    log = logging.getLogger(f"peftlab.{prefix}")
+    for handler in [h for h in log.handlers if isinstance(h, _Stdout)]:
+        log.removeHandler(handler)
+    handler = _Stdout(stream)
+    handler.setFormatter(_Lines(prefix))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # the lines are the command's output, not records for the application's handlers
+    return log.info
 
 
 def machine() -> dict:

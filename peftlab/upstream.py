@@ -108,7 +108,7 @@ PRIVATE_APIS: tuple[Private, ...] = (
             "set_trial_state_values(trial_id, RUNNING), recovers trials of dead workers and writes their "
             "attributes: the storage API takes the trial id, which FrozenTrial and Trial expose only as _trial_id "
             "(Optuna's own ask() claims WAITING trials the same way)",
-            "peftlab/compare/runner.py"),
+            "peftlab/compare/worker.py"),
     Private("transformers.quantizers.base.get_keys_to_not_convert", "transformers", "function", ("model",),
             "which linear layers bitsandbytes leaves unquantized (the output head), for QLoRA's weight count "
             "(internal module, no underscore)",

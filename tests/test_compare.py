@@ -222,7 +222,7 @@ def test_an_interrupted_study_continues_where_it_stopped(tmp_path, tiny_bert, se
     """Ctrl-C in the middle of the third run: the next invocation runs that one again and nothing finished."""
     import lightning as L
 
-    from peftlab.compare import runner
+    from peftlab.compare import worker
 
     class Interrupt(L.Callback):
         def on_train_batch_end(self, trainer, *args):
@@ -230,7 +230,7 @@ def test_an_interrupted_study_continues_where_it_stopped(tmp_path, tiny_bert, se
                 raise KeyboardInterrupt
 
     calls = []
-    real = runner.run_fit
+    real = worker.run_fit
 
     def flaky(args, callbacks, log_path):
         calls.append(log_path.name)
@@ -238,12 +238,12 @@ def test_an_interrupted_study_continues_where_it_stopped(tmp_path, tiny_bert, se
 
     study = tiny_study(tmp_path, tiny_bert, sentiment_csv, methods={"lora": {}}, seeds=[0, 1])
     sd = tmp_path / "sd"
-    monkeypatch.setattr(runner, "run_fit", flaky)
+    monkeypatch.setattr(worker, "run_fit", flaky)
     code, out, _ = run_main(["compare", "--config", str(study), "--study_dir", str(sd)], capsys)
     assert code == 130 and "the same command continues the study" in out
     first = starts(sd)
     assert list(first) == ["main/lora/tune-000", "main/lora/tune-001", "main/lora/tune-002"]
-    monkeypatch.setattr(runner, "run_fit", real)
+    monkeypatch.setattr(worker, "run_fit", real)
     code, out, err = run_main(["compare", "--config", str(study), "--study_dir", str(sd)], capsys)
     assert code == 0, err[-3000:]
     ran = starts(sd)
@@ -737,13 +737,13 @@ def test_claims_on_a_sqlite_study_are_serialised_between_processes(tmp_path):
     """SQLite does not make Optuna's WAITING -> RUNNING claim atomic (two workers both claimed seed 0 and trained
     it in one directory, in CI): claiming happens under claim_lock. A second process must not enter while the
     first holds it: its entry comes after the first one's exit."""
-    from peftlab.compare.runner import claim_lock
+    from peftlab.compare.storage import claim_lock
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     held, released = tmp_path / "held", tmp_path / "released"
     holder = subprocess.Popen([sys.executable, "-c", (
         "import time, pathlib\n"
-        "from peftlab.compare.runner import claim_lock\n"
+        "from peftlab.compare.storage import claim_lock\n"
         f"with claim_lock({url!r}):\n"
         f"    pathlib.Path({str(held)!r}).write_text('1')\n"
         "    time.sleep(1.5)\n"
@@ -759,6 +759,18 @@ def test_claims_on_a_sqlite_study_are_serialised_between_processes(tmp_path):
     with claim_lock("postgresql://user@host/db"):  # other databases lock rows themselves: no lock file
         pass
     assert [p.name for p in tmp_path.glob("*.lock")] == ["study.db.claims.lock"]
+
+
+def test_a_zombie_worker_counts_as_dead():
+    """A worker killed on this machine whose parent has not reaped it yet is a zombie: its runs are recovered."""
+    from peftlab.compare.storage import pid_alive
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 60
+    while pid_alive(proc.pid):  # exited, not yet reaped
+        assert time.time() < deadline, "a finished child still counts as alive"
+        time.sleep(0.05)
+    assert proc.poll() == 0 and not pid_alive(proc.pid) and pid_alive(os.getpid())
 
 
 def test_a_changed_config_layer_is_refused_instead_of_mixing_results(tmp_path, tiny_bert, sentiment_csv, capsys):
@@ -777,12 +789,14 @@ def test_a_changed_config_layer_is_refused_instead_of_mixing_results(tmp_path, t
 
 
 def test_tuning_runs_use_a_seed_no_seed_run_uses(tmp_path, tiny_bert, sentiment_csv):
-    from peftlab.compare.study import fit_args, load_study
+    from peftlab.compare.study import cli_args, load_study, run_arguments
 
     study = tiny_study(tmp_path, tiny_bert, sentiment_csv, seeds=[0, 1, 2], tuning={"trials": 2})
     part = load_study(study).parts[0]
     assert part.tuning_seed == 3 and part.tuning_seed not in part.seeds
-    args = fit_args(part, part.methods["lora"], seed=part.tuning_seed, kind="tune")
+    run = run_arguments(part, part.methods["lora"], seed=part.tuning_seed, kind="tune")
+    assert run["seed_everything"] == 3 and run["test_after_fit"] is False
+    args = cli_args(run)
     assert "--seed_everything=3" in args and "--test_after_fit=false" in args
 
 
@@ -856,3 +870,23 @@ def test_generation_scores_the_last_reply_of_a_multi_turn_chat():
     assert refs == [[16, 17], [27, 28, 29]]
     assert inputs["input_ids"].tolist() == [[0, 11, 12, 13, 14, 15], [21, 22, 23, 24, 25, 26]]
     assert inputs["attention_mask"].tolist() == [[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+
+
+def test_fingerprints_of_a_shipped_study_stay_the_same():
+    """A method's fingerprint (the hash of its settings a storage's results are kept under) must not change when
+    the code that reads the study file does: committed storage (experiments/instruction/study.partial.db) and
+    users' study directories resume by it. The values are those stored in that database."""
+    from peftlab.compare.study import load_study
+
+    study = load_study(ROOT / "experiments/instruction/study.yaml")
+    (part,) = study.parts
+    assert {m.slug: part.fingerprint(m) for m in part.methods.values()} == {
+        "full": "abe72094bca2ebf6", "lora_r=8_q_v": "caa4af25b5a3a416", "lora_r=16_all-linear": "ba8464a901facffa",
+        "lora_r=85_q_v": "c40e71e6b8c91a43", "dora_r=16_all-linear": "638609e656a59e99",
+        "rslora_r=16_all-linear": "d4613e24eeb94934", "adapters_b=64": "c3478810e8d667e2",
+        "prefix": "d883de20967af779", "prompt": "757d0777a0a285a8", "p-tuning_v2": "18117d8f53ab3e62",
+        "qlora_r=16_all-linear": "0127bcaaea95a8b7"}
+    few_shot = load_study(ROOT / "experiments/few_shot/study.yaml")
+    assert [(p.slug, m.slug, p.fingerprint(m)) for p in few_shot.parts[:2] for m in list(p.methods.values())[:2]] == [
+        ("k=8", "prompt", "4b88e7ce71dfcc55"), ("k=8", "prefix", "2a08ff1526b8a65b"),
+        ("k=16", "prompt", "6c92e35a97005853"), ("k=16", "prefix", "21a76b51954bd082")]

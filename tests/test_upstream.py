@@ -156,7 +156,7 @@ def _optuna_trial_id(tmp_path):
     study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
     study.enqueue_trial({"x": 1.0})
     waiting = study.get_trials(states=(TrialState.WAITING,))[0]
-    storage = study._storage  # noqa: SLF001 - the test reaches the storage peftlab opened itself in runner.py
+    storage = study._storage  # noqa: SLF001 - the test reaches the storage peftlab opened itself in compare/storage.py
     assert storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING)  # claimed once ...
     assert not storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING)  # ... and only once
     trial = optuna.trial.Trial(study, waiting._trial_id)

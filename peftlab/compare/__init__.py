@@ -12,6 +12,7 @@ Importing this package imports nothing heavy (``peftlab --help`` lists it withou
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from peftlab.errors import PeftLabError
@@ -49,12 +50,15 @@ def compare_command(*, config: str, smoke: bool = False, workers: int = 1, stora
         peftlab compare --config experiments/quality_vs_params/study.yaml --workers 2
         peftlab compare --config study.yaml --storage postgresql://user@db/peftlab   # on every machine
     """
-    from peftlab.compare.runner import Printer, Worker, default_storage, open_storage, run_workers
+    from peftlab.compare.launcher import run_workers
+    from peftlab.compare.storage import default_storage, open_storage
     from peftlab.compare.study import check_methods, load_study
+    from peftlab.compare.worker import Worker
+    from peftlab.runinfo import logger
 
     if workers < 1:
         raise PeftLabError(f"--workers must be >= 1 (got {workers})")
-    say = Printer()
+    say = logger("compare", sys.stdout)  # the terminal the command started with, not a run's log
     study = load_study(config, smoke=smoke, study_dir=study_dir)
     check_methods(study, log=say)
     url = storage or default_storage(study.study_dir)

@@ -430,64 +430,76 @@ def _part(where: str, name: str, raw: dict, study_path: Path, keep: list | None)
 
 
 # ---------------------------------------------------------------------------------------------- fit arguments
-def _value(value: Any, seed: int) -> str:
-    if value == "{seed}":
-        return str(seed)
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (dict, list)):
-        return json.dumps(value)
-    return str(value)
-
-
-def budget_args(part: Part) -> list[str]:
+def budget_arguments(part: Part) -> dict[str, Any]:
+    """The budget as fit arguments: steps or epochs, the validation interval, the batch size."""
     b = part.budget
-    args = []
+    run: dict[str, Any] = {}
     if b.get("max_steps"):
-        args.append(f"--trainer.max_steps={int(b['max_steps'])}")
-        args.append(f"--trainer.max_epochs={int(b['max_epochs']) if b.get('max_epochs') else -1}")
+        run["trainer.max_steps"] = int(b["max_steps"])
+        run["trainer.max_epochs"] = int(b["max_epochs"]) if b.get("max_epochs") else -1
     elif b.get("max_epochs"):
-        args += [f"--trainer.max_epochs={int(b['max_epochs'])}", "--trainer.max_steps=-1"]
+        run.update({"trainer.max_epochs": int(b["max_epochs"]), "trainer.max_steps": -1})
     vci = b.get("val_check_interval")
     if isinstance(vci, int):  # every vci steps, counted across epochs (few-shot epochs are shorter than that)
-        args += [f"--trainer.val_check_interval={vci}", "--trainer.check_val_every_n_epoch=null"]
+        run.update({"trainer.val_check_interval": vci, "trainer.check_val_every_n_epoch": None})
     elif vci is not None:
-        args.append(f"--trainer.val_check_interval={vci}")
+        run["trainer.val_check_interval"] = vci
     if b.get("batch_size"):
-        args.append(f"--data.batch_size={int(b['batch_size'])}")
-    return args
+        run["data.batch_size"] = int(b["batch_size"])
+    return run
 
 
-def fit_args(part: Part, method: Method, *, seed: int, params: dict[str, Any] | None = None, kind: str = "seed",
-             save_dir: str | None = None, version: str | None = None) -> list[str]:
-    """The ``peftlab fit`` arguments of one run: the config layers, the study's and the method's overrides, the
-    budget, the trial's parameters, then what ``peftlab compare`` fixes (logger, seed, one device, no progress bar).
+def run_arguments(part: Part, method: Method, *, seed: int, params: dict[str, Any] | None = None,
+                  kind: str = "seed", save_dir: str | None = None, version: str | None = None) -> dict[str, Any]:
+    """The ``peftlab fit`` arguments of one run, ``{fit key: value}`` (``config``: the list of config layers): the
+    study's and the method's overrides, the budget, the trial's parameters, then what ``peftlab compare`` fixes
+    (logger, seed, one device, no progress bar). :func:`cli_args` writes them as the command line.
 
     ``kind`` is ``tune`` (no test, no adapter export: the test split is never looked at while selecting) or ``seed``.
     """
-    args: list[str] = []
-    for config in [*part.base, *method.configs]:
-        args += ["--config", config]
+    def value(v: Any) -> Any:
+        return seed if v == "{seed}" else v
+
+    run: dict[str, Any] = {"config": [*part.base, *method.configs]}
     overrides = {**part.overrides, **(part.tuning["overrides"] if kind == "tune" else {}), **method.overrides}
     if "model" in overrides:  # the class first: `--model X` keeps the init_args X shares with the config's class
-        args.append(f"--model={overrides.pop('model')}")
-    args += [f"--{key}={_value(value, seed)}" for key, value in overrides.items()]
-    args += budget_args(part)
+        run["model"] = overrides.pop("model")
+    run.update({key: value(v) for key, v in overrides.items()})
+    run.update(budget_arguments(part))
     by_name = {p.name: p for p in method.search}
-    for name, value in (params or {}).items():
-        args.append(f"--{by_name[name].key if name in by_name else fit_key(name)}={_value(value, seed)}")
-    args += [f"--seed_everything={seed}", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-             "--trainer.num_sanity_val_steps=0", "--trainer.devices=1"]
+    for name, v in (params or {}).items():
+        run[by_name[name].key if name in by_name else fit_key(name)] = value(v)
+    run.update({"seed_everything": seed, "trainer.enable_progress_bar": False, "trainer.enable_model_summary": False,
+                "trainer.num_sanity_val_steps": 0, "trainer.devices": 1})
     if save_dir is not None:
-        logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                  "init_args": {"save_dir": save_dir, "name": method.slug, "version": version}}
-        args.append(f"--trainer.logger={json.dumps(logger)}")
+        run["trainer.logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                 "init_args": {"save_dir": save_dir, "name": method.slug, "version": version}}
     if kind == "tune":
-        args += ["--test_after_fit=false", "--adapter_export.enabled=false", "--last_checkpoint.enabled=false"]
+        run.update({"test_after_fit": False, "adapter_export.enabled": False, "last_checkpoint.enabled": False})
     else:  # a seed run is tested, whatever the base config says (its outcomes are the study's results)
-        args.append("--test_after_fit=true")
+        run["test_after_fit"] = True
+    return run
+
+
+def cli_args(run: dict[str, Any]) -> list[str]:
+    """``run`` (:func:`run_arguments`) as ``peftlab fit``'s command line: ``--config FILE`` per layer, then
+    ``--key=value`` with values as jsonargparse reads them (null, true/false, JSON for lists and mappings)."""
+    def text(value: Any) -> str:
+        if value is None:
+            return "null"
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (dict, list)):
+            return json.dumps(value)
+        return str(value)
+
+    args: list[str] = []
+    for key, value in run.items():
+        if key == "config":
+            for config in value:
+                args += ["--config", config]
+        else:
+            args.append(f"--{key}={text(value)}")
     return args
 
 
@@ -517,9 +529,9 @@ def check_methods(study: Study, log=lambda message: None) -> None:
                                 "configs/methods/: " + ", ".join(sorted(p.name for p in Path("configs/methods").glob(
                                     "*.yaml"))) + ")" if Path("configs/methods").is_dir() else
                                 f"method layer {path} does not exist")
-            args = fit_args(part, method, seed=part.seeds[0])
+            run = run_arguments(part, method, seed=part.seeds[0])
             try:
-                spec = parse_fit_config(args, prog="peftlab compare")
+                spec = parse_fit_config(cli_args(run), prog="peftlab compare")
             except PeftLabError as err:
                 raise _fail(mwhere, str(err).replace(" (in the config files or overrides given to peftlab compare; ",
                                                      " (")) from err
@@ -543,10 +555,10 @@ def check_methods(study: Study, log=lambda message: None) -> None:
                                     f"{did_you_mean(rest, sorted(section))}")
             # the tuning runs' own arguments too (tuning.overrides, a value from every search dimension): a
             # mistake there must stop the study here, not fail every tuning run the same way
-            tune_args = fit_args(part, method, seed=part.tuning_seed, kind="tune",
-                                 params={p.name: midpoint(p) for p in method.search})
+            tune_run = run_arguments(part, method, seed=part.tuning_seed, kind="tune",
+                                     params={p.name: midpoint(p) for p in method.search})
             try:
-                parse_fit_config(tune_args, prog="peftlab compare")
+                parse_fit_config(cli_args(tune_run), prog="peftlab compare")
             except PeftLabError as err:
                 raise _fail(f"{mwhere} (tuning runs)", str(err).replace(
                     " (in the config files or overrides given to peftlab compare; ", " (")) from err

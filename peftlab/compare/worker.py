@@ -1,4 +1,5 @@
-"""The work of ``peftlab compare``: tuning trials and seed runs, claimed through Optuna's storage.
+"""The worker of ``peftlab compare``: runs the study's missing tuning trials and seed runs, one at a time, claimed
+through the study's storage (:mod:`peftlab.compare.storage`).
 
 Every (part, method) has two Optuna studies in the study's storage:
 
@@ -7,240 +8,53 @@ Every (part, method) has two Optuna studies in the study's storage:
   worker creates a trial with ``study.ask()`` only while fewer than ``tuning.trials`` trials are live (complete,
   pruned, running or waiting); a trial that finds ``tuning.trials`` live trials numbered below it (another worker
   asked at the same moment) is closed unrun as ``surplus``, so exactly ``tuning.trials`` trials train;
-* ``<study>/<part>/<method>/seeds``: one enqueued (WAITING) trial per seed, at the best tuning trial's parameters.
-  A worker claims one by moving it from WAITING to RUNNING (the same call Optuna's own ``ask`` uses for enqueued
-  trials). PostgreSQL and MySQL make that claim atomic; SQLite does not, so on a SQLite study every claim (and
-  the recovery of dead workers' trials) happens under a file lock beside the database (:func:`claim_lock`).
+* ``<study>/<part>/<method>/seeds``: one enqueued (WAITING) trial per seed, at the best tuning trial's parameters,
+  claimed by moving it from WAITING to RUNNING.
 
-A run whose worker died stays RUNNING in the storage: it is found by its heartbeat (Optuna's RDB heartbeat, for
-workers on other machines) or, on this machine, because its process is gone; it is then marked FAIL and enqueued
-again with the same parameters, and a seed run continues from its last checkpoint. Finished trials are never run
+A run whose worker died is run again (a seed run continues from its last checkpoint); finished trials are never run
 again, so re-running the command after an interruption does only what is missing.
 
-Each run is a real ``peftlab fit`` in this process, through the CLI's own class (:func:`run_fit`), with its own
-run directory ``<study_dir>/runs/<part>/<method>/<tune-NNN|seed-S>`` and log ``<study_dir>/logs/...``; process
-state a run may change (matmul precision, environment, warning filters) is restored after it.
+Each run is a real ``peftlab fit`` in this process (:func:`~peftlab.compare.isolation.run_fit`), with its own run
+directory ``<study_dir>/runs/<part>/<method>/<tune-NNN|seed-S>`` and log ``<study_dir>/logs/...``.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import gc
-import io
 import json
-import logging
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 import warnings
 import zlib
 from pathlib import Path
 from typing import Any
 
-from peftlab.compare.study import Method, Part, Study, fit_args
-from peftlab.errors import PeftLabError
-from peftlab.runinfo import stamp
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
 
-# a running trial records a heartbeat every HEARTBEAT_S; one silent for GRACE_S is a dead worker's, run again
-HEARTBEAT_S = int(os.environ.get("PEFTLAB_COMPARE_HEARTBEAT_S") or 30)  # (Optuna: a positive integer)
-GRACE_S = 4 * HEARTBEAT_S
+from peftlab.callbacks.generation import GenerationEval
+from peftlab.cli_errors import find_user_error
+from peftlab.compare.callbacks import Heartbeat, TestOutcomes, TrialReporter, lm_eval_callback
+from peftlab.compare.isolation import run_fit
+from peftlab.compare.storage import (
+    HEARTBEAT_S,
+    HOST,
+    best_trial,
+    claim,
+    claim_lock,
+    done_or_live,
+    pack,
+    recover,
+    requeue,
+)
+from peftlab.compare.study import Method, Part, Study, run_arguments
+from peftlab.errors import PeftLabError
+
 POLL_S = 2.0
-# this machine's name in the storage: runs it owns whose process is gone are recovered at once (others wait for
-# the heartbeat); set PEFTLAB_COMPARE_HOST where machines share a host name (cloned VMs, containers)
-HOST = os.environ.get("PEFTLAB_COMPARE_HOST") or socket.gethostname()
 WORKER_ENV = "PEFTLAB_COMPARE_WORKER"
 LIVE = ("COMPLETE", "PRUNED", "RUNNING", "WAITING")
-
-
-def default_storage(study_dir: Path) -> str:
-    return f"sqlite:///{(study_dir / 'study.db').resolve()}"
-
-
-# ask/tell with the RDB heartbeat is what this module does on purpose (it records the heartbeat itself)
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-
-
-def open_storage(url: str, *, heartbeat: bool = True):
-    """Optuna's RDB storage at ``url`` (tables created if needed), with the heartbeat that finds dead workers.
-    Any failure is one line naming the URL."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        # several worker processes share the file: wait for the write lock instead of failing at once
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
-    if heartbeat:
-        kwargs.update(heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, heartbeat_stale_trial_callback=requeue)
-    check_driver(url)
-    from sqlalchemy.exc import IntegrityError
-
-    try:
-        for attempt in range(5):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # heartbeat_interval is "experimental" in some releases
-                    return optuna.storages.RDBStorage(url, **kwargs)
-            except IntegrityError:
-                # machines starting at once race to create Optuna's tables (PostgreSQL: "duplicate key value ...
-                # pg_type_typname_nsp_index", seen in tests/test_compare_postgres.py): the loser's retry finds them
-                if attempt == 4:
-                    raise
-                time.sleep(1.0 + attempt)
-    except Exception as err:  # noqa: BLE001 - sqlalchemy and optuna raise many types for a bad URL
-        text = " ".join(str(err).split())
-        raise PeftLabError(f"storage {url!r} cannot be opened ({type(err).__name__}: {text[:200]}); give a "
-                           "database URL that exists and is reachable, e.g. sqlite:///study.db or "
-                           "postgresql://user@host/db") from err
-
-
-#: SQLAlchemy's database drivers -> (the package that provides it, the peftlab extra that installs it)
-DRIVER_PACKAGES = {"psycopg": ("psycopg[binary]", "postgres"), "psycopg2": ("psycopg2-binary", None),
-                   "pymysql": ("PyMySQL", None), "mysqldb": ("mysqlclient", None)}
-
-
-def check_driver(url: str) -> None:
-    """Refuse in one line a database URL whose driver is not installed, naming the package (and peftlab's extra)
-    to install: Optuna's own message names neither, and SQLAlchemy 2.1 maps ``postgresql://`` to psycopg 3, not
-    to the psycopg2 most guides install."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        dialect = make_url(url).get_dialect()
-    except Exception:  # noqa: BLE001 - an unknown scheme or a malformed URL: RDBStorage's own error says so
-        return
-    try:
-        dialect.import_dbapi()
-    except ImportError as err:
-        driver = dialect.driver
-        package, extra = DRIVER_PACKAGES.get(driver, (driver, None))
-        how = f"pip install 'peftlab[{extra}]' (it installs {package})" if extra else f"pip install '{package}'"
-        raise PeftLabError(f"storage {url!r} needs the database driver {driver!r}, which is not installed "
-                           f"({type(err).__name__}: {' '.join(str(err).split())}); {how}, or name another installed driver in the URL "
-                           f"(e.g. {dialect.name}+<driver>://...)") from err
-
-
-def requeue(study, frozen) -> None:
-    """Enqueue a failed (dead worker, crash, interrupt) trial again with its parameters, seed and run directory."""
-    attrs = frozen.user_attrs
-    if attrs.get("surplus") or attrs.get("duplicate"):
-        return
-    study.enqueue_trial(dict(frozen.params), user_attrs={
-        **{k: attrs[k] for k in ("seed", "run") if k in attrs}, "retry_of": frozen.number})
-
-
-def done_or_live(trial) -> bool:
-    """A seed trial that stands for its seed: not failed, or failed for good (diverged); a trial that failed
-    because its worker died or crashed does not (its retry, or a new one, does)."""
-    return trial.state.name != "FAIL" or bool(trial.user_attrs.get("error"))
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed child its parent has not reaped yet is a zombie: dead for our purpose
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def pack(data: Any) -> str:
-    """JSON, compressed and base64'd: per-example outcomes stay small in the storage (a MySQL TEXT holds 64 KB)."""
-    return base64.b64encode(zlib.compress(json.dumps(data).encode(), 9)).decode()
-
-
-def unpack(text: str) -> Any:
-    return json.loads(zlib.decompress(base64.b64decode(text)))
-
-
-# ---------------------------------------------------------------------------------------------- one fit run
-@contextlib.contextmanager
-def _isolated(log_path: Path):
-    """Run a fit with its output in ``log_path`` and the process state it may change restored afterwards."""
-    import torch
-
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    matmul = torch.get_float32_matmul_precision()
-    dtype = torch.get_default_dtype()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    threads = torch.get_num_threads()
-    argv = sys.argv
-    sigint = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
-    handlers = list({id(h): h for name in ("lightning.pytorch", "lightning.fabric", "lightning")
-                     for h in logging.getLogger(name).handlers
-                     if type(h) is logging.StreamHandler}.values())  # Lightning's console handlers
-    with open(log_path, "a", encoding="utf-8") as log, warnings.catch_warnings():
-        streams = [h.setStream(log) for h in handlers]
-        sys.argv = ["peftlab"]
-        try:
-            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                yield log
-        finally:
-            for h, stream in zip(handlers, streams):
-                if stream is not None:
-                    h.setStream(stream)
-            sys.argv = argv
-            if sigint is not None:  # Lightning ignores Ctrl-C from the first one it catches on
-                signal.signal(signal.SIGINT, sigint)
-            os.environ.clear()
-            os.environ.update(env)
-            torch.set_float32_matmul_precision(matmul)
-            torch.set_default_dtype(dtype)
-            torch.use_deterministic_algorithms(deterministic)
-            torch.set_num_threads(threads)
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-
-
-def run_fit(args: list[str], callbacks: list, log_path: Path) -> None:
-    """``peftlab fit ARGS`` in this process, with ``callbacks`` added to the trainer's; output goes to ``log_path``.
-    Raises what the run raises (a PeftLabError for the user's errors, as the CLI would print)."""
-    from peftlab.cli import run_cli
-
-    with _isolated(log_path) as log:
-        print(f"$ peftlab fit {' '.join(args)}", file=log, flush=True)
-        cli = run_cli(["fit", *args], callbacks=callbacks)
-        interrupted = cli.trainer.interrupted
-        del cli
-    if interrupted:  # Lightning turns Ctrl-C into a quiet stop; for the study it is an unfinished run
-        raise KeyboardInterrupt("the run was interrupted")
-
-
-@contextlib.contextmanager
-def claim_lock(url: str):
-    """Serialise claiming work (asking a trial, moving a WAITING trial to RUNNING, failing and re-queueing a dead
-    worker's trial) between processes that share a SQLite study.
-
-    Optuna claims a trial with a read-then-write that PostgreSQL and MySQL make atomic (``SELECT ... FOR
-    UPDATE``) but SQLite does not (it ignores the row lock and starts its transaction at the write): two workers
-    could both move one WAITING trial to RUNNING and train the same run in the same directory (seen in CI). SQLite
-    works on one machine only, so an exclusive file lock beside the database closes that window; other databases
-    need nothing here. Training itself happens outside the lock."""
-    path = url.split(":///", 1)[1] if url.startswith("sqlite:///") else None
-    if not path:
-        yield
-        return
-    import fcntl
-
-    with open(path + ".claims.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------------------------- the worker
@@ -256,37 +70,15 @@ class Worker:
     # -------------------------------------------------------------- storage
     def studies(self, part: Part, method: Method):
         """(tuning study, seeds study) of a method, created on first use; refuses results of another study file."""
-        import optuna
-
         key = (part.name, method.name)
         if key in self._studies:
             return self._studies[key]
         prefix = f"{self.study.name}/{part.slug}/{method.slug}"
-        tcfg = part.tuning
-        # distinct per worker process, per resumption and per machine (equal seeds would suggest equal points:
-        # a resumed study would repeat its first trials, machines sharing a database each other's); still the same
-        # on every fresh single-worker run of a study on one machine
         existing = 0
         with contextlib.suppress(KeyError):
             existing = len(optuna.load_study(study_name=f"{prefix}/tune", storage=self.storage).trials)
-        host = 0 if str(self.storage.url).startswith("sqlite") else zlib.crc32(HOST.encode())
-        seed = (part.tuning_seed + 7919 * self.index + 104729 * existing + host) % 2**31
-        if tcfg["sampler"] == "random":
-            sampler = optuna.samplers.RandomSampler(seed=seed)
-        elif tcfg["sampler"] == "qmc":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                sampler = optuna.samplers.QMCSampler(seed=part.tuning_seed, scramble=True)
-        else:
-            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, part.trials // 2),
-                                                 constant_liar=True)
-        if tcfg.get("pruner") == "successive_halving":
-            min_resource = tcfg.get("min_resource") or part.budget.get("val_check_interval") or "auto"
-            pruner = optuna.pruners.SuccessiveHalvingPruner(
-                min_resource=min_resource if isinstance(min_resource, (int, str)) else int(min_resource),
-                reduction_factor=int(tcfg.get("reduction_factor", 3)))
-        else:
-            pruner = optuna.pruners.NopPruner()
+        sampler = make_sampler(part, sampler_seed(part, self.index, existing, str(self.storage.url)))
+        pruner = make_pruner(part)
         tune = optuna.create_study(storage=self.storage, study_name=f"{prefix}/tune", direction=part.direction,
                                    sampler=sampler, pruner=pruner, load_if_exists=True)
         seeds = optuna.create_study(storage=self.storage, study_name=f"{prefix}/seeds", direction="maximize",
@@ -313,29 +105,10 @@ class Worker:
                 self.studies(part, method)
 
     def recover(self, study) -> None:
-        """Fail and re-enqueue the RUNNING trials whose worker is gone (heartbeat expired, or its process on this
-        machine has ended)."""
-        import optuna
-        from optuna.trial import TrialState
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            optuna.storages.fail_stale_trials(study)
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            owner = t.system_attrs.get("peftlab_worker") or {}
-            if owner.get("host") != HOST or owner.get("pid") in (None, os.getpid()) or pid_alive(owner["pid"]):
-                continue
-            try:  # attributes first: a finished trial takes none
-                self.storage.set_trial_user_attr(t._trial_id, "stale", f"worker {owner.get('pid')} on {HOST} ended")
-                self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            except Exception:  # noqa: BLE001 - another worker recovered it first (UpdateFinishedTrialError)
-                continue
-            self.say(f"{study.study_name}: trial {t.number} ({t.user_attrs.get('run')}) was left running by a "
-                     "worker that ended; it runs again")
-            requeue(study, t)
+        recover(self.storage, study, self.say)
 
     def _claim_attrs(self, trial_id: int) -> None:
-        self.storage.set_trial_system_attr(trial_id, "peftlab_worker", {"host": HOST, "pid": os.getpid()})
+        claim(self.storage, trial_id)
 
     # -------------------------------------------------------------- the loop
     def work(self) -> int:
@@ -362,7 +135,6 @@ class Worker:
 
     def pending(self) -> int:
         """Runs that are not finished (running elsewhere, or waiting), over the whole study."""
-        from optuna.trial import TrialState
 
         count = 0
         for part in self.study.parts:
@@ -376,7 +148,6 @@ class Worker:
 
     def step(self, part: Part, method: Method) -> bool:
         """Run one missing tuning trial or seed run of ``method``; False when there is none to claim now."""
-        from optuna.trial import TrialState
 
         tune, seeds = self.studies(part, method)
         with claim_lock(str(self.storage.url)):  # claiming is serialised; the run itself happens after
@@ -414,7 +185,6 @@ class Worker:
     def claim_tuning_trial(self, part: Part, study):
         """Ask the next tuning trial (a re-queued one first) and claim it for this worker; None when the budget
         of trials is already full. Called under :func:`claim_lock`."""
-        from optuna.trial import TrialState
 
         trial = study.ask()
         number = trial.number
@@ -431,7 +201,6 @@ class Worker:
         return trial, frozen
 
     def tune(self, part: Part, method: Method, study, trial, frozen) -> bool:
-        from optuna.trial import TrialState
 
         number = trial.number
         attrs = frozen.user_attrs
@@ -442,8 +211,6 @@ class Worker:
         shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
         self.say(f"{label(part, method)}: tuning trial {done + 1}/{part.trials} (#{number}"
                  f"{', again' if 'retry_of' in attrs else ''}) {shown or '(no search space)'}")
-        from peftlab.callbacks.generation import GenerationEval
-        from peftlab.compare.callbacks import TrialReporter, lm_eval_callback
 
         reporter = TrialReporter(part.select, part.direction, self.say, trial, label="")
         callbacks: list = [reporter]
@@ -454,8 +221,8 @@ class Worker:
         run_dir = self.run_dir(part, method, run)
         if run_dir.exists():  # an interrupted trial restarts from scratch (its reported values went with it)
             shutil.rmtree(run_dir)
-        args = fit_args(part, method, seed=part.tuning_seed, params=params, kind="tune",
-                        save_dir=str(self.save_dir(part)), version=run)
+        args = run_arguments(part, method, seed=part.tuning_seed, params=params, kind="tune",
+                             save_dir=str(self.save_dir(part)), version=run)
         start = time.time()
         error = self._fit(part, method, study, trial._trial_id, frozen, run, args, callbacks)
         seconds = time.time() - start
@@ -494,8 +261,6 @@ class Worker:
     def claim_seed(self, study):
         """Claim the first WAITING seed trial for this worker: (trial, its frozen record), or None when none is
         left. Called under :func:`claim_lock`."""
-        import optuna
-        from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
         for waiting in sorted(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)), key=lambda t: t.number):
@@ -516,10 +281,7 @@ class Worker:
         return None
 
     def _run_seed(self, part, method, study, trial, frozen, seed: int, best) -> None:
-        from optuna.trial import TrialState
 
-        from peftlab.callbacks.generation import GenerationEval
-        from peftlab.compare.callbacks import TestOutcomes, TrialReporter, lm_eval_callback
 
         run = frozen.user_attrs.get("run") or f"seed-{seed}"
         params = dict(frozen.params) or dict(best.params)
@@ -541,10 +303,10 @@ class Worker:
         outcomes = TestOutcomes(gen, part.forgetting, latency, harness)
         reporter = TrialReporter(part.select, part.direction, self.say, None, label="")
         callbacks = [reporter, *([gen] if gen else []), outcomes, *([harness] if harness else [])]
-        args = fit_args(part, method, seed=seed, params=params, kind="seed", save_dir=str(self.save_dir(part)),
-                        version=run)
+        args = run_arguments(part, method, seed=seed, params=params, kind="seed", save_dir=str(self.save_dir(part)),
+                             version=run)
         if resume:
-            args += ["--ckpt_path", str(last)]
+            args["ckpt_path"] = str(last)
         start = time.time()
         error = self._fit(part, method, study, trial._trial_id, frozen, run, args, callbacks)
         seconds = time.time() - start
@@ -591,10 +353,7 @@ class Worker:
     def _fit(self, part, method, study, trial_id, frozen, run, args, callbacks) -> str | None:
         """Run the fit under a heartbeat; returns "diverged" for a non-finite loss, None when it finished. Any other
         error marks the trial FAIL, enqueues it again and stops the worker with the error."""
-        from optuna.trial import TrialState
 
-        from peftlab.cli_errors import find_user_error
-        from peftlab.compare.callbacks import Heartbeat
 
         rel = f"{part.slug}/{method.slug}/{run}"
         log_path = self.study.study_dir / "logs" / part.slug / method.slug / f"{run}.log"
@@ -627,73 +386,37 @@ class Worker:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
-def best_trial(study):
-    """The best COMPLETE trial of a tuning study (None if none completed)."""
-    from optuna.trial import TrialState
-
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    if not done:
-        return None
-    pick = min if study.direction.name == "MINIMIZE" else max
-    return pick(done, key=lambda t: (t.value, -t.number) if pick is max else (t.value, t.number))
-
-
 def label(part: Part, method: Method) -> str:
     return f"{part.name}/{method.name}" if part.name != "main" else method.name
 
 
-# ---------------------------------------------------------------------------------------------- several workers
-def run_workers(study: Study, storage_url: str, n: int, *, smoke: bool, latency: bool, say) -> None:
-    """Start ``n`` worker processes of the same command on the same storage and wait for them; their output is
-    shown with a ``[wK]`` prefix."""
-    cmd = [sys.executable, "-m", "peftlab", "compare", "--config", str(study.path), "--study_dir",
-           str(study.study_dir), "--storage", storage_url, "--workers", "1", "--no-report"]
-    if smoke:
-        cmd.append("--smoke")
-    if latency:
-        cmd.append("--latency")
-    procs = []
-    for i in range(n):
-        env = dict(os.environ, **{WORKER_ENV: str(i + 1)}, PYTHONUNBUFFERED="1")
-        # share the cores instead of every worker's torch taking all of them
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
-    tails: list[list[str]] = [[] for _ in procs]
-
-    def pump(i: int, proc) -> None:
-        for line in proc.stdout:
-            tails[i] = (tails[i] + [line.rstrip()])[-20:]
-            say(line.rstrip(), prefix=f"[w{i + 1}] ")
-
-    threads = [threading.Thread(target=pump, args=(i, p), daemon=True) for i, p in enumerate(procs)]
-    for t in threads:
-        t.start()
-    try:
-        codes = [p.wait() for p in procs]
-    except BaseException:
-        for p in procs:
-            with contextlib.suppress(Exception):
-                p.terminate()
-        raise
-    for t in threads:
-        t.join(timeout=5)
-    failed = [(i, c) for i, c in enumerate(codes) if c != 0]
-    if failed:
-        i, code = failed[0]
-        last = next((line for line in reversed(tails[i]) if line.strip()), "")
-        raise PeftLabError(f"worker {i + 1} of {n} exited with status {code}: {last}")
+def sampler_seed(part: Part, index: int, existing: int, url: str) -> int:
+    """The tuning sampler's seed: distinct per worker process (``index``), per resumption (``existing`` trials) and
+    per machine (equal seeds would suggest equal points: a resumed study would repeat its first trials, machines
+    sharing a database each other's); still the same on every fresh single-worker run of a study on one machine."""
+    host = 0 if url.startswith("sqlite") else zlib.crc32(HOST.encode())
+    return (part.tuning_seed + 7919 * index + 104729 * existing + host) % 2**31
 
 
-class Printer:
-    """Progress lines: ``[compare HH:MM:SS] message`` on the terminal the command started with."""
+def make_sampler(part: Part, seed: int):
+    """The part's ``tuning.sampler``: TPE (with constant liar, for parallel workers), random or QMC."""
+    kind = part.tuning["sampler"]
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "qmc":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return optuna.samplers.QMCSampler(seed=part.tuning_seed, scramble=True)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, part.trials // 2), constant_liar=True)
 
-    def __init__(self, stream: io.TextIOBase | None = None, prefix: str = ""):
-        self.stream = stream or sys.stdout
-        self.prefix = prefix
 
-    def __call__(self, message: str, prefix: str | None = None) -> None:
-        if prefix is not None:  # a worker's line, already stamped
-            self.stream.write(f"{prefix}{message}\n")
-        else:
-            self.stream.write(f"{self.prefix}{stamp('compare')} {message}\n")
-        self.stream.flush()
+def make_pruner(part: Part):
+    """The part's ``tuning.pruner``: successive halving on the validations (first rung at ``min_resource`` or the
+    validation interval), or none."""
+    tcfg = part.tuning
+    if tcfg.get("pruner") != "successive_halving":
+        return optuna.pruners.NopPruner()
+    min_resource = tcfg.get("min_resource") or part.budget.get("val_check_interval") or "auto"
+    return optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=min_resource if isinstance(min_resource, (int, str)) else int(min_resource),
+        reduction_factor=int(tcfg.get("reduction_factor", 3)))
