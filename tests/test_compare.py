@@ -96,6 +96,14 @@ def starts(study_dir: Path) -> Counter:
     ({"tuning": {"trials": 2, "overrides": {"data.max_eval_smples": 8}}}, "(tuning runs)"),
     ({"tuning": {"trials": 2, "reduction_factor": 1}}, "tuning.reduction_factor: must be an integer >= 2"),
     ({"budget": {"max_steps": 4, "val_check_interval": 0.5}}, "set tuning.min_resource"),
+    # the typed sections (peftlab.compare.schema): each key's type, a choice's values
+    ({"budget": {"max_steps": "4"}}, "budget.max_steps: must be an integer (got '4')"),
+    ({"tuning": {"trials": 2, "sampler": "grid"}}, "tuning.sampler: must be tpe, random or qmc (got 'grid')"),
+    ({"tuning": {"trials": 2, "pruner": "median"}}, "tuning.pruner: must be successive_halving or none"),
+    ({"bootstrap": {"level": "high"}}, "bootstrap.level: must be a number (got 'high')"),
+    ({"generation": {"max_new_tokens": 4, "during_validation": "yes"}},
+     "generation.during_validation: must be true or false (got 'yes')"),
+    ({"methods": {"lora": {"title": 3}}}, "methods.lora.title: must be a string (got 3)"),
 ])
 def test_study_file_errors_are_one_line_before_any_run(tmp_path, tiny_bert, sentiment_csv, capsys, change, expected):
     study = tiny_study(tmp_path, tiny_bert, sentiment_csv, **change)

@@ -20,20 +20,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peftlab.compare.schema import (
+    Bootstrap,
+    Budget,
+    Forgetting,
+    Generation,
+    Latency,
+    LmEval,
+    MethodEntry,
+    Tuning,
+    check_keys,
+    fail,
+    read_section,
+)
 from peftlab.errors import PeftLabError, did_you_mean
 
 TOP_KEYS = {"name", "title", "description", "study_dir", "publish", "base", "overrides", "budget", "seeds", "tuning",
             "select", "report", "baseline", "generation", "forgetting", "latency", "bootstrap", "search", "methods",
             "parts", "smoke", "keep_checkpoints", "expected_duration", "lm_eval", "notes"}
 PART_KEYS = TOP_KEYS - {"parts", "study_dir", "publish", "name", "notes"}
-METHOD_KEYS = {"config", "overrides", "search", "title"}
-BUDGET_KEYS = {"max_steps", "max_epochs", "val_check_interval", "batch_size"}
-TUNING_KEYS = {"trials", "seed", "sampler", "pruner", "min_resource", "reduction_factor", "overrides"}
-GENERATION_KEYS = {"max_new_tokens", "during_validation"}
-LM_EVAL_KEYS = {"tasks", "limit", "num_fewshot", "batch_size", "max_gen_toks", "during_validation"}
-FORGETTING_KEYS = {"source", "text_column", "max_samples", "max_length", "batch_size"}
-LATENCY_KEYS = {"repeats", "warmup"}
-BOOTSTRAP_KEYS = {"reps", "seed", "level"}
 SMOKE_ONLY = {"methods", "parts"}
 #: dict-valued keys merged key by key over the top level (a part's or smoke's ``overrides`` add to the study's);
 #: every other key a part sets replaces the study's (``methods`` included)
@@ -181,22 +186,6 @@ class Study:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def _fail(where: str, message: str) -> PeftLabError:
-    return PeftLabError(f"{where}: {message}")
-
-
-def _check_keys(where: str, value: Any, allowed: set[str]) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise _fail(where, f"must be a mapping (got {type(value).__name__})")
-    for key in value:
-        if key not in allowed:
-            raise _fail(where, f"unknown key {key!r}; allowed: {', '.join(sorted(allowed))}."
-                        f"{did_you_mean(key, sorted(allowed))}")
-    return value
-
-
 def _merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in (extra or {}).items():
@@ -217,35 +206,35 @@ def fit_key(key: str) -> str:
 
 def _params(where: str, space: Any) -> list[Param]:
     out = []
-    for name, spec in _check_keys(where, space, set(space or {})).items():
+    for name, spec in check_keys(where, space, set(space or {})).items():
         here = f"{where}.{name}"
         key = fit_key(name)
         if key.startswith("model.init_args."):
             pass
         elif key.split(".", 1)[0] not in ("data", "trainer") or key == "model":
-            raise _fail(here, "a search space is over model arguments (learning_rate, head_learning_rate, r, ...) "
+            raise fail(here, "a search space is over model arguments (learning_rate, head_learning_rate, r, ...) "
                         "or data.* / trainer.* settings")
         if isinstance(spec, list) and len(spec) == 2 and all(isinstance(v, (int, float)) for v in spec):
             p = Param(key, name, float(spec[0]), float(spec[1]))
         elif isinstance(spec, dict) and "choices" in spec:
-            _check_keys(here, spec, {"choices"})
+            check_keys(here, spec, {"choices"})
             if not isinstance(spec["choices"], list) or not spec["choices"]:
-                raise _fail(here, "choices must be a non-empty list")
+                raise fail(here, "choices must be a non-empty list")
             p = Param(key, name, choices=list(spec["choices"]))
         elif isinstance(spec, dict):
-            _check_keys(here, spec, {"low", "high", "log", "int"})
+            check_keys(here, spec, {"low", "high", "log", "int"})
             if "low" not in spec or "high" not in spec:
-                raise _fail(here, "needs low and high (or [low, high], log-uniform, or choices: [...])")
+                raise fail(here, "needs low and high (or [low, high], log-uniform, or choices: [...])")
             p = Param(key, name, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log", True)),
                       integer=bool(spec.get("int", False)))
         else:
-            raise _fail(here, f"must be [low, high] (log-uniform), {{low, high, log, int}} or {{choices: [...]}} "
+            raise fail(here, f"must be [low, high] (log-uniform), {{low, high, log, int}} or {{choices: [...]}} "
                         f"(got {spec!r})")
         if p.choices is None:
             if not p.low < p.high:
-                raise _fail(here, f"low must be below high (got [{p.low:g}, {p.high:g}])")
+                raise fail(here, f"low must be below high (got [{p.low:g}, {p.high:g}])")
             if p.log and p.low <= 0:
-                raise _fail(here, f"a log-uniform range must be positive (got [{p.low:g}, {p.high:g}]); "
+                raise fail(here, f"a log-uniform range must be positive (got [{p.low:g}, {p.high:g}]); "
                             "set log: false for a linear one")
         out.append(p)
     return out
@@ -256,7 +245,7 @@ def _configs(where: str, value: Any) -> list[str]:
         return []
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
-        raise _fail(where, f"must be a config file or a list of them (got {value!r})")
+        raise fail(where, f"must be a config file or a list of them (got {value!r})")
     return list(items)
 
 
@@ -272,16 +261,8 @@ def _overrides(where: str, value: Any) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _fail(where, f"must be a mapping of fit keys to values, e.g. {{data.batch_size: 16}} (got {value!r})")
+        raise fail(where, f"must be a mapping of fit keys to values, e.g. {{data.batch_size: 16}} (got {value!r})")
     return {fit_key(k): v for k, v in value.items()}
-
-
-def _optional_section(where: str, value: Any, allowed: set[str], defaults: dict) -> dict | None:
-    if value in (None, False):
-        return None
-    if value is True:
-        return dict(defaults)
-    return {**defaults, **_check_keys(where, value, allowed)}
 
 
 def load_study(path: str | os.PathLike, *, smoke: bool = False, study_dir: str | None = None) -> Study:
@@ -297,8 +278,8 @@ def load_study(path: str | os.PathLike, *, smoke: bool = False, study_dir: str |
         mark = getattr(err, "problem_mark", None)
         raise PeftLabError(f"study file {path} is not valid YAML{f' (line {mark.line + 1})' if mark else ''}: "
                            f"{getattr(err, 'problem', None) or err}") from err
-    top = _check_keys(str(path), raw, TOP_KEYS)
-    smoke_top = _check_keys(f"{path}: smoke", top.get("smoke"), (PART_KEYS - {"smoke"}) | SMOKE_ONLY)
+    top = check_keys(str(path), raw, TOP_KEYS)
+    smoke_top = check_keys(f"{path}: smoke", top.get("smoke"), (PART_KEYS - {"smoke"}) | SMOKE_ONLY)
     name = str(top.get("name") or path.parent.name or path.stem)
     # the study's own title, description and duration are the page's: a part has its own or none
     common = {k: v for k, v in top.items() if k not in ("parts", "smoke", "study_dir", "publish", "name", "title",
@@ -307,18 +288,18 @@ def load_study(path: str | os.PathLike, *, smoke: bool = False, study_dir: str |
     if parts_raw is None:
         parts_raw = {"main": {}}
     if not isinstance(parts_raw, dict) or not parts_raw:
-        raise _fail(f"{path}: parts", "must be a mapping of part names to study keys")
+        raise fail(f"{path}: parts", "must be a mapping of part names to study keys")
     keep_parts = smoke_top.get("parts") if smoke else None
     parts = []
     for part_name, part_raw in parts_raw.items():
         where = f"{path}: parts.{part_name}" if top.get("parts") is not None else str(path)
-        part_raw = _check_keys(where, part_raw, PART_KEYS)
+        part_raw = check_keys(where, part_raw, PART_KEYS)
         if keep_parts is not None and part_name not in keep_parts:
             continue
         merged = _merge(common, part_raw)
         merged.pop("smoke", None)
         if smoke:
-            part_smoke = _check_keys(f"{where}: smoke", part_raw.get("smoke"), (PART_KEYS - {"smoke"}) | SMOKE_ONLY)
+            part_smoke = check_keys(f"{where}: smoke", part_raw.get("smoke"), (PART_KEYS - {"smoke"}) | SMOKE_ONLY)
             merged = _merge(merged, {k: v for k, v in smoke_top.items() if k not in SMOKE_ONLY})
             merged = _merge(merged, {k: v for k, v in part_smoke.items() if k not in SMOKE_ONLY})
             keep = part_smoke.get("methods", smoke_top.get("methods"))
@@ -326,14 +307,14 @@ def load_study(path: str | os.PathLike, *, smoke: bool = False, study_dir: str |
             keep = None
         parts.append(_part(where, str(part_name), merged, path, keep))
     if not parts:
-        raise _fail(f"{path}: smoke.parts", "keeps no part")
+        raise fail(f"{path}: smoke.parts", "keeps no part")
     default_dir = Path("runs") / "compare" / (slug(name) + ("-smoke" if smoke else ""))
     chosen_dir = Path(study_dir) if study_dir else (
         Path(str(top["study_dir"]) + ("-smoke" if smoke else "")) if top.get("study_dir") else default_dir)
     publish = Path(top["publish"]) if top.get("publish") else None
     notes = Path(top["notes"]) if top.get("notes") else None
     if notes is not None and not notes.is_file():
-        raise _fail(f"{path}: notes", f"{notes} is not a file (a markdown file, relative to the working directory)")
+        raise fail(f"{path}: notes", f"{notes} is not a file (a markdown file, relative to the working directory)")
     return Study(name=name, path=path, title=str(top.get("title") or name),
                  description=str(top.get("description") or "").strip(), study_dir=chosen_dir, publish=publish,
                  smoke=smoke, parts=parts, raw=raw, expected_duration=top.get("expected_duration"), notes=notes)
@@ -342,62 +323,51 @@ def load_study(path: str | os.PathLike, *, smoke: bool = False, study_dir: str |
 def _part(where: str, name: str, raw: dict, study_path: Path, keep: list | None) -> Part:
     base = [_resolve(p, study_path) for p in _configs(f"{where}: base", raw.get("base"))]
     if not base:
-        raise _fail(where, "base must name at least one config layer (e.g. base: [configs/quickstart.yaml])")
-    budget = _check_keys(f"{where}: budget", raw.get("budget"), BUDGET_KEYS)
+        raise fail(where, "base must name at least one config layer (e.g. base: [configs/quickstart.yaml])")
+    budget = read_section(f"{where}: budget", raw.get("budget"), Budget)
     if not budget.get("max_steps") and not budget.get("max_epochs"):
-        raise _fail(f"{where}: budget", "needs max_steps or max_epochs (the training budget of every run)")
+        raise fail(f"{where}: budget", "needs max_steps or max_epochs (the training budget of every run)")
     vci = budget.get("val_check_interval")
     if vci is not None and not (isinstance(vci, int) and vci > 0 or isinstance(vci, float) and 0 < vci <= 1):
-        raise _fail(f"{where}: budget.val_check_interval", "must be a number of steps (int) or a fraction of an "
+        raise fail(f"{where}: budget.val_check_interval", "must be a number of steps (int) or a fraction of an "
                     f"epoch in (0, 1] (got {vci!r})")
     if isinstance(vci, int) and budget.get("max_steps") and budget["max_steps"] % vci:
-        raise _fail(f"{where}: budget", f"max_steps ({budget['max_steps']}) must be a multiple of "
+        raise fail(f"{where}: budget", f"max_steps ({budget['max_steps']}) must be a multiple of "
                     f"val_check_interval ({vci}), so the last step is validated")
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds) or \
             len(set(seeds)) != len(seeds):
-        raise _fail(f"{where}: seeds", f"must be a list of distinct integers (got {seeds!r})")
-    tuning = _check_keys(f"{where}: tuning", raw.get("tuning"), TUNING_KEYS)
-    tuning = {"trials": 4, "sampler": "tpe", "pruner": "successive_halving", "reduction_factor": 3, **tuning}
-    if not isinstance(tuning["trials"], int) or tuning["trials"] < 1:
-        raise _fail(f"{where}: tuning.trials", f"must be an integer >= 1 (got {tuning['trials']!r})")
-    if tuning["sampler"] not in ("tpe", "random", "qmc"):
-        raise _fail(f"{where}: tuning.sampler", f"must be tpe, random or qmc (got {tuning['sampler']!r})")
-    if tuning["pruner"] not in ("successive_halving", "none", None):
-        raise _fail(f"{where}: tuning.pruner", f"must be successive_halving or none (got {tuning['pruner']!r})")
+        raise fail(f"{where}: seeds", f"must be a list of distinct integers (got {seeds!r})")
+    tuning = read_section(f"{where}: tuning", raw.get("tuning"), Tuning)
+    if tuning["trials"] < 1:
+        raise fail(f"{where}: tuning.trials", f"must be an integer >= 1 (got {tuning['trials']!r})")
     tuning["overrides"] = _overrides(f"{where}: tuning.overrides", tuning.get("overrides"))
     select = raw.get("select")
     if not isinstance(select, str):
-        raise _fail(where, "select must name the validation metric to tune on, e.g. select: val/acc")
+        raise fail(where, "select must name the validation metric to tune on, e.g. select: val/acc")
     report = raw.get("report")
     report = [report] if isinstance(report, str) else report
     if not isinstance(report, list) or not report or not all(isinstance(m, str) for m in report):
-        raise _fail(where, "report must list the test metrics to report, e.g. report: [test/acc]")
-    generation = _optional_section(f"{where}: generation", raw.get("generation"), GENERATION_KEYS,
-                                   {"max_new_tokens": 32, "during_validation": None})
-    forgetting = _optional_section(f"{where}: forgetting", raw.get("forgetting"), FORGETTING_KEYS,
-                                   {"source": "packaged:rotten_tomatoes_plots", "text_column": "text",
-                                    "max_samples": 64, "max_length": 128, "batch_size": 8})
-    latency = _optional_section(f"{where}: latency", raw.get("latency"), LATENCY_KEYS, {"repeats": 10, "warmup": 2})
-    lm_eval = _optional_section(f"{where}: lm_eval", raw.get("lm_eval"), LM_EVAL_KEYS,
-                                {"tasks": None, "limit": None, "num_fewshot": None, "batch_size": 8,
-                                 "max_gen_toks": 32, "during_validation": None})
+        raise fail(where, "report must list the test metrics to report, e.g. report: [test/acc]")
+    generation = read_section(f"{where}: generation", raw.get("generation"), Generation, optional=True)
+    forgetting = read_section(f"{where}: forgetting", raw.get("forgetting"), Forgetting, optional=True)
+    latency = read_section(f"{where}: latency", raw.get("latency"), Latency, optional=True)
+    lm_eval = read_section(f"{where}: lm_eval", raw.get("lm_eval"), LmEval, optional=True)
     if lm_eval is not None:
         tasks = lm_eval["tasks"]
         if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
-            raise _fail(f"{where}: lm_eval.tasks", "must list lm-eval tasks (peftlab_* tasks, lm-eval task names "
+            raise fail(f"{where}: lm_eval.tasks", "must list lm-eval tasks (peftlab_* tasks, lm-eval task names "
                         f"or task YAML files), e.g. tasks: [peftlab_rotten_tomatoes_mc] (got {tasks!r})")
         lm_eval["tasks"] = [_resolve(t, study_path) if t.endswith((".yaml", ".yml")) else t for t in tasks]
-    bootstrap = {"reps": 2000, "seed": 0, "level": 0.95,
-                 **_check_keys(f"{where}: bootstrap", raw.get("bootstrap"), BOOTSTRAP_KEYS)}
+    bootstrap = read_section(f"{where}: bootstrap", raw.get("bootstrap"), Bootstrap)
     default_search = raw.get("search") or {}
     methods_raw = raw.get("methods")
     if not isinstance(methods_raw, dict) or not methods_raw:
-        raise _fail(where, "methods must map method names to {config, overrides, search}")
+        raise fail(where, "methods must map method names to {config, overrides, search}")
     methods: dict[str, Method] = {}
     for mname, mraw in methods_raw.items():
         mwhere = f"{where}: methods.{mname}"
-        mraw = _check_keys(mwhere, mraw if mraw is not None else {}, METHOD_KEYS)
+        mraw = read_section(mwhere, mraw if mraw is not None else {}, MethodEntry)
         search = {**default_search, **(mraw.get("search") or {})}
         method = Method(name=str(mname), configs=[_resolve(p, study_path) for p in _configs(f"{mwhere}.config",
                                                                                             mraw.get("config"))],
@@ -406,18 +376,18 @@ def _part(where: str, name: str, raw: dict, study_path: Path, keep: list | None)
         methods[method.name] = method
     slugs = [m.slug for m in methods.values()]
     if len(set(slugs)) != len(slugs):
-        raise _fail(where, f"method names must differ in letters and digits (their directories: {slugs})")
+        raise fail(where, f"method names must differ in letters and digits (their directories: {slugs})")
     if keep is not None:
         unknown = [m for m in keep if m not in methods]
         if unknown:
-            raise _fail(f"{where}: smoke.methods", f"unknown method(s) {unknown}; methods: {list(methods)}")
+            raise fail(f"{where}: smoke.methods", f"unknown method(s) {unknown}; methods: {list(methods)}")
         methods = {k: v for k, v in methods.items() if k in keep}
     baseline = raw.get("baseline")
     if baseline is not None and baseline not in methods:
         if keep is not None:
             baseline = None  # a smoke run that leaves the baseline out has no paired differences
         else:
-            raise _fail(f"{where}: baseline", f"{baseline!r} is not one of the methods ({', '.join(methods)})."
+            raise fail(f"{where}: baseline", f"{baseline!r} is not one of the methods ({', '.join(methods)})."
                         f"{did_you_mean(str(baseline), list(methods))}")
     return Part(name=name, title=str(raw.get("title") or (name if name != "main" else "")),
                 description=str(raw.get("description") or "").strip(),
@@ -519,13 +489,13 @@ def check_methods(study: Study, log=lambda message: None) -> None:
         where = f"{study.path}" + (f": parts.{part.name}" if len(study.parts) > 1 or part.name != "main" else "")
         for path in part.base:
             if not os.path.isfile(path):
-                raise _fail(f"{where}: base", f"config file {path} does not exist")
+                raise fail(f"{where}: base", f"config file {path} does not exist")
         tasks = {}
         for method in part.methods.values():
             mwhere = f"{where}: methods.{method.name}"
             for path in method.configs:
                 if not os.path.isfile(path):
-                    raise _fail(mwhere, f"method layer {path} does not exist (methods' layers are in "
+                    raise fail(mwhere, f"method layer {path} does not exist (methods' layers are in "
                                 "configs/methods/: " + ", ".join(sorted(p.name for p in Path("configs/methods").glob(
                                     "*.yaml"))) + ")" if Path("configs/methods").is_dir() else
                                 f"method layer {path} does not exist")
@@ -533,7 +503,7 @@ def check_methods(study: Study, log=lambda message: None) -> None:
             try:
                 spec = parse_fit_config(cli_args(run), prog="peftlab compare")
             except PeftLabError as err:
-                raise _fail(mwhere, str(err).replace(" (in the config files or overrides given to peftlab compare; ",
+                raise fail(mwhere, str(err).replace(" (in the config files or overrides given to peftlab compare; ",
                                                      " (")) from err
             method.spec = spec
             tasks[method.name] = spec.task
@@ -542,16 +512,16 @@ def check_methods(study: Study, log=lambda message: None) -> None:
                 if root == "model":
                     arg = rest.removeprefix("init_args.")
                     if arg not in spec.init_args:
-                        raise _fail(f"{mwhere}.search", f"{spec.name} has no argument {arg!r}."
+                        raise fail(f"{mwhere}.search", f"{spec.name} has no argument {arg!r}."
                                     f"{did_you_mean(arg, sorted(spec.init_args))} (`peftlab fit --model.help "
                                     f"{spec.name}` lists them)")
                     if arg == "head_learning_rate" and spec.task != "classification":
-                        raise _fail(f"{mwhere}.search", f"head_learning_rate only exists for classification (task "
+                        raise fail(f"{mwhere}.search", f"head_learning_rate only exists for classification (task "
                                     f"here: {spec.task}: no new head is trained)")
                 else:
                     section = spec.data if root == "data" else spec.trainer
                     if rest not in section:
-                        raise _fail(f"{mwhere}.search", f"{p.key} is not a {root} setting."
+                        raise fail(f"{mwhere}.search", f"{p.key} is not a {root} setting."
                                     f"{did_you_mean(rest, sorted(section))}")
             # the tuning runs' own arguments too (tuning.overrides, a value from every search dimension): a
             # mistake there must stop the study here, not fail every tuning run the same way
@@ -560,10 +530,10 @@ def check_methods(study: Study, log=lambda message: None) -> None:
             try:
                 parse_fit_config(cli_args(tune_run), prog="peftlab compare")
             except PeftLabError as err:
-                raise _fail(f"{mwhere} (tuning runs)", str(err).replace(
+                raise fail(f"{mwhere} (tuning runs)", str(err).replace(
                     " (in the config files or overrides given to peftlab compare; ", " (")) from err
         if len(set(tasks.values())) > 1:
-            raise _fail(where, f"the methods of a comparison must share one task (got {tasks})")
+            raise fail(where, f"the methods of a comparison must share one task (got {tasks})")
         part.task = next(iter(tasks.values()))
         _check_metrics(where, part)
         _check_options(where, part)
@@ -584,16 +554,16 @@ def _check_metrics(where: str, part: Part) -> None:
         if harness is not None:
             prefix, htask, name = harness
             if lm_names is None:
-                raise _fail(where, f"{what} metric {metric!r} is an lm-eval metric (<stage>/<task>/<metric>); add "
+                raise fail(where, f"{what} metric {metric!r} is an lm-eval metric (<stage>/<task>/<metric>); add "
                             f"an lm_eval section naming its task: lm_eval: {{tasks: [{htask}]}}")
             if prefix != stage:
-                raise _fail(where, f"{what} metric {metric!r}: {what} uses the {stage} split ({stage}/{htask}/{name})")
+                raise fail(where, f"{what} metric {metric!r}: {what} uses the {stage} split ({stage}/{htask}/{name})")
             if htask not in lm_names:
-                raise _fail(where, f"{what} metric {metric!r} names task {htask!r}, which lm_eval.tasks does not "
+                raise fail(where, f"{what} metric {metric!r} names task {htask!r}, which lm_eval.tasks does not "
                             f"run ({', '.join(lm_names)}).{did_you_mean(htask, list(lm_names))}")
             known = lm_names[htask]
             if known is not None and name not in known:
-                raise _fail(where, f"{what} metric {metric!r}: task {htask} reports "
+                raise fail(where, f"{what} metric {metric!r}: task {htask} reports "
                             f"{', '.join(f'{stage}/{htask}/{k}' for k in known)}.{did_you_mean(name, known)}")
             return
         prefix, _, name = metric.partition("/")
@@ -602,7 +572,7 @@ def _check_metrics(where: str, part: Part) -> None:
             wrong_stage = name in names and prefix in ("val", "test")
             extra = (f"; {what} uses the {stage} split" if wrong_stage else
                      did_you_mean(metric, allowed))
-            raise _fail(where, f"{what} metric {metric!r} is never logged for {task}; peftlab logs "
+            raise fail(where, f"{what} metric {metric!r} is never logged for {task}; peftlab logs "
                         f"{', '.join(allowed)}{hint}{extra}")
 
     check(part.select, "val", "select")
@@ -628,9 +598,9 @@ def _lm_eval_names(where: str, part: Part) -> dict[str, list[str] | None] | None
         check_limit(part.lm_eval.get("limit"))
         specs, _ = resolve_tasks(part.lm_eval["tasks"])
     except PeftLabError as err:
-        raise _fail(f"{where}: lm_eval", str(err)) from err
+        raise fail(f"{where}: lm_eval", str(err)) from err
     if part.task != "causal_lm":
-        raise _fail(f"{where}: lm_eval", f"lm-eval tasks score a causal LM's text; this study's task is {part.task}")
+        raise fail(f"{where}: lm_eval", f"lm-eval tasks score a causal LM's text; this study's task is {part.task}")
     return {task_label(spec): ([n.split("/", 1)[1] for n in declared_metrics(spec)] if isinstance(spec, dict)
                                else None) for spec in specs}
 
@@ -638,32 +608,32 @@ def _lm_eval_names(where: str, part: Part) -> dict[str, list[str] | None] | None
 def _check_options(where: str, part: Part) -> None:
     if part.generation is not None:
         if part.task == "classification":
-            raise _fail(f"{where}: generation", "generated-text metrics need a causal_lm or seq2seq task")
+            raise fail(f"{where}: generation", "generated-text metrics need a causal_lm or seq2seq task")
         loss_on = next(iter(part.methods.values())).spec.data.get("loss_on")
         if part.task == "causal_lm" and loss_on != "response":
-            raise _fail(f"{where}: generation", "generation continues the prompt and scores the response: it needs "
+            raise fail(f"{where}: generation", "generation continues the prompt and scores the response: it needs "
                         f"data.loss_on: response (got {loss_on!r})")
         if not isinstance(part.generation.get("max_new_tokens"), int) or part.generation["max_new_tokens"] < 1:
-            raise _fail(f"{where}: generation.max_new_tokens", "must be an integer >= 1")
+            raise fail(f"{where}: generation.max_new_tokens", "must be an integer >= 1")
     if part.forgetting is not None and part.task != "causal_lm":
-        raise _fail(f"{where}: forgetting", "the loss on a reference corpus needs a causal_lm task (an LM head)")
+        raise fail(f"{where}: forgetting", "the loss on a reference corpus needs a causal_lm task (an LM head)")
     if part.tuning.get("pruner") == "successive_halving":
         vci = part.budget.get("val_check_interval")
         if vci is None:
-            raise _fail(f"{where}: budget", "successive halving needs validations during a run: set "
+            raise fail(f"{where}: budget", "successive halving needs validations during a run: set "
                         "budget.val_check_interval (steps), or tuning.pruner: none")
         if isinstance(vci, float) and not part.tuning.get("min_resource"):
-            raise _fail(f"{where}: tuning", f"successive halving counts validation steps: with val_check_interval "
+            raise fail(f"{where}: tuning", f"successive halving counts validation steps: with val_check_interval "
                         f"{vci} (a fraction of an epoch) set tuning.min_resource (the steps before the first rung)")
         rf = part.tuning.get("reduction_factor", 3)
         if not isinstance(rf, int) or rf < 2:
-            raise _fail(f"{where}: tuning.reduction_factor", f"must be an integer >= 2 (got {rf!r})")
+            raise fail(f"{where}: tuning.reduction_factor", f"must be an integer >= 2 (got {rf!r})")
         mr = part.tuning.get("min_resource")
         if mr is not None and (not isinstance(mr, int) or mr < 1):
-            raise _fail(f"{where}: tuning.min_resource", f"must be an integer >= 1 (got {mr!r})")
+            raise fail(f"{where}: tuning.min_resource", f"must be an integer >= 1 (got {mr!r})")
     level = part.bootstrap.get("level", 0.95)
     if not 0 < float(level) < 1:
-        raise _fail(f"{where}: bootstrap.level", f"must be in (0, 1) (got {level})")
+        raise fail(f"{where}: bootstrap.level", f"must be in (0, 1) (got {level})")
 
 
 def midpoint(p: Param) -> Any:
