@@ -117,10 +117,7 @@ def with_targets(kwargs, targets):
 
 #: (column, case id) -> a defect a column found and that is not fixed yet: the case is xfail(strict=True), so fixing
 #: it fails the suite until the entry goes. Columns: train, save_load, merge.
-DEFECTS: dict[tuple[str, str], str] = {
-    ("merge", "qlora-t5"): "QLoRA's merged_model drops the LoRA update of a layer the backbone keeps in full precision "
-                           "(T5's wo, _keep_in_fp32_modules): only Linear4bit layers are merged",
-}
+DEFECTS: dict[tuple[str, str], str] = {}
 
 
 def matrix(column: str) -> list:
