@@ -1,4 +1,7 @@
-"""Every method x every backbone family through the same assertions (peft's TEST_CASES pattern)."""
+"""Every registered method x every backbone family through the same assertions (peft's TEST_CASES pattern), in three
+columns: train (exact parameter count, frozen weights unchanged, metrics, predictions), save -> load (the export
+that ``peftlab fit`` writes, loaded by ``load_run``, gives the same logits) and merge (merged == unmerged logits for
+a method whose class merges, a one-line refusal for one that does not)."""
 
 from __future__ import annotations
 
@@ -7,59 +10,165 @@ import torch
 
 from conftest import FAMILIES, make_data, tiny_trainer
 from peftlab.errors import PeftLabError
-from peftlab.methods import (  # noqa: E402
-    BottleneckAdapter,
-    FullFineTuning,
-    LoRA,
-    PeftModule,
-    PrefixTuning,
-    PromptTuning,
-    PTuning,
-    PTuningV2,
-    QLoRA,
-)
+from peftlab.methods import METHODS, FullFineTuning, LoRA, PeftModule, PromptTuning, PTuningV2
+from peftlab.methods.registry import method_names
 
 # Exact trainable-parameter counts, by hand from the tiny models' shapes (see conftest):
-# bert: hidden 32, 2 layers, head 32*2+2 = 66; llama: hidden 64, KV dim 32 (2 of 4 heads), FFN 128, 2 layers;
+# bert: hidden 32, FFN 64, 2 layers, head 32*2+2 = 66; llama: hidden 64, KV dim 32 (2 of 4 heads), FFN 128, 2 layers;
 # t5: d_model 64 (2 heads of 32), FFN 128, 2 encoder + 2 decoder layers. N = 4 virtual tokens, MLP hidden 8.
 HEAD = 32 * 2 + 2
 MLP8 = lambda d_in, d_out: (d_in * 8 + 8) + (8 * d_out + d_out)  # noqa: E731 - Linear(d_in,8), Linear(8,d_out)
 ADAPTER4 = lambda d: 2 * d * 4 + 4 + d  # noqa: E731 - down d->4 and up 4->d with biases
-MATRIX = [
-    # (id, class, kwargs, {family: trainable parameters})
-    ("lora", LoRA, {"r": 4}, {
-        "bert": 2 * 2 * 4 * (32 + 32) + HEAD,
-        "llama": 2 * (4 * (64 + 64) + 4 * (64 + 32)),
-        "t5": 6 * 2 * 4 * (64 + 64)}),  # q and v in 2 encoder self, 2 decoder self and 2 cross attentions
-    ("full", FullFineTuning, {}, {}),  # all parameters, checked below
-    ("prompt", PromptTuning, {"num_virtual_tokens": 4}, {
-        "bert": 4 * 32 + HEAD, "llama": 4 * 64, "t5": 2 * 4 * 64}),  # t5: one prompt for encoder, one for decoder
-    ("ptuning", PTuning, {"num_virtual_tokens": 4, "encoder_hidden_size": 8}, {
+#: stands for the family's LoRA targets (conftest.FAMILIES: query/value, q_proj/v_proj, q/v) in a method's arguments
+TARGETS = "<the family's targets>"
+#: a count meaning "every parameter of the model" (full fine-tuning)
+ALL = "all"
+
+# LoRA r=4 on the targets: r (d_in + d_out) per adapted layer
+LORA4 = {
+    "bert": 2 * 2 * 4 * (32 + 32) + HEAD,
+    "llama": 2 * (4 * (64 + 64) + 4 * (64 + 32)),
+    "t5": 6 * 2 * 4 * (64 + 64)}  # q and v in 2 encoder self, 2 decoder self and 2 cross attentions
+# one value per output feature of each target (DoRA's magnitudes, VeRA's b): bert 4 x 32, llama q 64 + v 32 per
+# layer, t5 12 x 64
+TARGET_OUTPUTS = {"bert": 2 * 2 * 32, "llama": 2 * (64 + 32), "t5": 6 * 2 * 64}
+TARGET_LAYERS = {"bert": 2 * 2, "llama": 2 * 2, "t5": 6 * 2}
+# 4 input embeddings of the hidden size (the t5 prompt is on the encoder input only)
+PROMPT4 = {"bert": 4 * 32, "llama": 4 * 64, "t5": 4 * 64}
+PREFIX4 = {"bert": 2 * 2 * 4 * 32 + HEAD, "llama": 2 * 2 * 4 * 32, "t5": 2 * 2 * 4 * 64}
+
+#: registry name -> [(case id, the method's arguments, {family: trainable parameters})]. Every method that
+#: ``method_names()`` lists has a row here or is excluded below (test_the_matrix_covers_every_registered_method).
+SPECS = {
+    "full": [("full", {}, dict.fromkeys(FAMILIES, ALL))],
+    "lora": [("lora", {"r": 4, "target_modules": TARGETS}, LORA4)],
+    "qlora": [("qlora", {"r": 2, "target_modules": "all-linear", "optimizer": "adamw"}, {
+        # every linear layer but the head: sum of r*(d_in+d_out)
+        "llama": 2 * 2 * (64 + 64 + 64 + 32 + 64 + 32 + 64 + 64 + 64 + 128 + 64 + 128 + 128 + 64),
+        "t5": 2 * 2 * (4 * 128 + 192 + 192) + 2 * 2 * (8 * 128 + 192 + 192)})],
+    # LoRA + one magnitude per output feature of each adapted layer
+    "dora": [("dora", {"r": 4, "target_modules": TARGETS}, {f: LORA4[f] + TARGET_OUTPUTS[f] for f in FAMILIES})],
+    # the variants that change LoRA's scaling, start or optimizer only: LoRA's count
+    "rslora": [("rslora", {"r": 4, "target_modules": TARGETS}, LORA4)],
+    "pissa": [("pissa", {"r": 4, "target_modules": TARGETS}, LORA4)],
+    "lora_plus": [("lora_plus", {"r": 4, "target_modules": TARGETS}, LORA4)],
+    # P (d_out x 4), E (4), Q (4 x d_in) per adapted layer: LoRA's count + 4 per layer
+    "adalora": [("adalora", {"init_r": 4, "target_r": 2, "target_modules": TARGETS},
+                 {f: LORA4[f] + 4 * TARGET_LAYERS[f] for f in FAMILIES})],
+    "prompt_tuning": [("prompt", {"num_virtual_tokens": 4}, {
+        "bert": 4 * 32 + HEAD, "llama": 4 * 64, "t5": 2 * 4 * 64})],  # t5: one prompt for encoder, one for decoder
+    "p_tuning": [("ptuning", {"num_virtual_tokens": 4, "encoder_hidden_size": 8}, {
         # E (N x d) + MLP d->8->8->d
         "bert": 4 * 32 + (32 * 8 + 8) + (8 * 8 + 8) + (8 * 32 + 32) + HEAD,
         "llama": 4 * 64 + (64 * 8 + 8) + (8 * 8 + 8) + (8 * 64 + 64),
-        "t5": 2 * 4 * 64 + (64 * 8 + 8) + (8 * 8 + 8) + (8 * 64 + 64)}),
-    ("prefix", PrefixTuning, {"num_virtual_tokens": 4}, {
+        "t5": 2 * 4 * 64 + (64 * 8 + 8) + (8 * 8 + 8) + (8 * 64 + 64)})],
+    "prefix_tuning": [
         # layers x 2 (K,V) x N x KV dim
-        "bert": 2 * 2 * 4 * 32 + HEAD, "llama": 2 * 2 * 4 * 32, "t5": 2 * 2 * 4 * 64}),
-    ("prefix_mlp", PrefixTuning, {"num_virtual_tokens": 4, "prefix_projection": True, "prefix_hidden_size": 8}, {
-        # E (N x KV dim) + MLP KV dim -> 8 -> layers*2*KV dim
-        "bert": 4 * 32 + MLP8(32, 2 * 2 * 32) + HEAD,
-        "llama": 4 * 32 + MLP8(32, 2 * 2 * 32),
-        "t5": 4 * 64 + MLP8(64, 2 * 2 * 64)}),
-    ("ptv2", PTuningV2, {"num_virtual_tokens": 4, "prefix_hidden_size": 8}, {
+        ("prefix", {"num_virtual_tokens": 4}, PREFIX4),
+        ("prefix_mlp", {"num_virtual_tokens": 4, "prefix_projection": True, "prefix_hidden_size": 8}, {
+            # E (N x KV dim) + MLP KV dim -> 8 -> layers*2*KV dim
+            "bert": 4 * 32 + MLP8(32, 2 * 2 * 32) + HEAD,
+            "llama": 4 * 32 + MLP8(32, 2 * 2 * 32),
+            "t5": 4 * 64 + MLP8(64, 2 * 2 * 64)})],
+    "p_tuning_v2": [("ptv2", {"num_virtual_tokens": 4, "prefix_hidden_size": 8}, {
         # E (N x hidden: the input tokens) + MLP hidden -> 8 -> layers*2*KV dim
         "bert": 4 * 32 + MLP8(32, 2 * 2 * 32) + HEAD,
         "llama": 4 * 64 + MLP8(64, 2 * 2 * 32),
-        "t5": 4 * 64 + MLP8(64, 2 * 2 * 64)}),
-    ("adapters", BottleneckAdapter, {"bottleneck": 4}, {
+        "t5": 4 * 64 + MLP8(64, 2 * 2 * 64)})],
+    "adapters": [("adapters", {"bottleneck": 4}, {
         # Houlsby: after attention and FFN output projections; t5 decoder also after cross-attention
-        "bert": 2 * 2 * ADAPTER4(32) + HEAD, "llama": 2 * 2 * ADAPTER4(64), "t5": (2 * 2 + 2 * 3) * ADAPTER4(64)}),
-    ("qlora", QLoRA, {"r": 2, "target_modules": "all-linear", "optimizer": "adamw"}, {
-        # every linear layer but the head: sum of r*(d_in+d_out)
-        "llama": 2 * 2 * (64 + 64 + 64 + 32 + 64 + 32 + 64 + 64 + 64 + 128 + 64 + 128 + 128 + 64),
-        "t5": 2 * 2 * (4 * 128 + 192 + 192) + 2 * 2 * (8 * 128 + 192 + 192)}),
-]
+        "bert": 2 * 2 * ADAPTER4(32) + HEAD, "llama": 2 * 2 * ADAPTER4(64), "t5": (2 * 2 + 2 * 3) * ADAPTER4(64)})],
+    # LoRA + 4 input embeddings (the head counted once, in LoRA's)
+    "lora_prompt": [("lora_prompt", {"r": 4, "num_virtual_tokens": 4, "target_modules": TARGETS},
+                     {f: LORA4[f] + PROMPT4[f] for f in FAMILIES})],
+    # each part as the method alone; the head once
+    "stack": [("stack", {"additive": {"method": "lora", "r": 4, "target_modules": TARGETS},
+                         "prompt": {"method": "prefix_tuning", "num_virtual_tokens": 4}},
+               {f: LORA4[f] + PREFIX4[f] - (HEAD if f == "bert" else 0) for f in FAMILIES})],
+    "ia3": [("ia3", {}, {
+        # peft's targets: one vector per output of the keys and values, per input of the FFN's output layer
+        "bert": 2 * (32 + 32 + 32 + 64) + HEAD,  # key, value, attention output.dense (32 in), FFN output.dense (64 in)
+        "llama": 2 * (32 + 32 + 128),  # k_proj, v_proj (32 outputs), down_proj (128 in)
+        "t5": 2 * (64 + 64 + 128) + 2 * (4 * 64 + 128)})],  # k, v (+ cross k, v in the decoder), wo (128 in)
+    # d (r) and b (d_out) per adapted layer
+    "vera": [("vera", {"r": 8, "target_modules": TARGETS},
+              {f: 8 * TARGET_LAYERS[f] + TARGET_OUTPUTS[f] + (HEAD if f == "bert" else 0) for f in FAMILIES})],
+}
+
+#: (method, family) -> why the combination cannot run in this suite. test_excluded_combinations_are_refused checks
+#: that each is still refused, so an exclusion that stops being needed fails.
+EXCLUDED = {
+    # bitsandbytes' CPU kernels pack 4-bit weights in blocks of 64 input features; tiny_bert's layers have 32
+    ("qlora", "bert"): "QLoRA on CPU needs linear layers with >= 64 input features",
+}
+
+
+def shipped_methods() -> list[str]:
+    """The registered methods defined in peftlab (other tests register methods of their own while they run)."""
+    return [n for n in method_names() if METHODS[n].__module__.startswith("peftlab.")]
+
+
+def with_targets(kwargs, targets):
+    """``kwargs`` with :data:`TARGETS` replaced by the family's targets (nested too: a stack's parts)."""
+    if kwargs == TARGETS:
+        return targets
+    return {k: with_targets(v, targets) for k, v in kwargs.items()} if isinstance(kwargs, dict) else kwargs
+
+
+#: (column, case id) -> a defect a column found and that is not fixed yet: the case is xfail(strict=True), so fixing
+#: it fails the suite until the entry goes. Columns: train, save_load, merge.
+DEFECTS: dict[tuple[str, str], str] = {}
+
+
+def matrix(column: str) -> list:
+    """``(name, family, kwargs, expected count)`` for every shipped method x family not excluded; a method with no
+    row in SPECS gets one case per family, which fails naming it."""
+    cases = []
+    for name in shipped_methods():
+        for fam in FAMILIES:
+            if (name, fam) in EXCLUDED:
+                continue
+            for case, kwargs, counts in SPECS.get(name, [(name, None, {})]):
+                defect = DEFECTS.get((column, f"{case}-{fam}"))
+                marks = [pytest.mark.xfail(reason=defect, strict=True)] if defect else []
+                cases.append(pytest.param(name, fam, kwargs, counts.get(fam), id=f"{case}-{fam}", marks=marks))
+    return cases
+
+
+def spec_of(name, kwargs):
+    if kwargs is None:
+        pytest.fail(f"method {name!r} is registered but has no row in tests/test_methods.py SPECS and no EXCLUDED "
+                    "reason: add its arguments and exact counts")
+    return kwargs
+
+
+def build(name, family, kwargs, num_labels=None):
+    backbone, task, _, targets = family
+    cls = METHODS[name]
+    return cls(backbone=backbone, task=task, num_labels=num_labels, learning_rate=1e-2,
+               **with_targets(spec_of(name, kwargs), targets)).build()
+
+
+def test_the_matrix_covers_every_registered_method():
+    shipped = set(shipped_methods())
+    missing = {(n, f) for n in shipped for f in FAMILIES if n not in SPECS and (n, f) not in EXCLUDED}
+    assert missing == set(), "registered methods with neither a row in SPECS nor an EXCLUDED reason"
+    assert set(SPECS) - shipped == set(), "rows for methods that are not registered"
+    assert {n for n, _ in EXCLUDED} <= shipped and {f for _, f in EXCLUDED} <= set(FAMILIES)
+    for name, variants in SPECS.items():
+        for case, _, counts in variants:  # an exact count for every family the method runs on
+            assert set(counts) == {f for f in FAMILIES if (name, f) not in EXCLUDED}, case
+    for column, case in DEFECTS:  # each names a case of its column
+        assert case in {p.id for p in matrix(column)}, (column, case)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the exclusions are the CPU's")
+@pytest.mark.parametrize("name, family, fam", [(n, f, f) for n, f in EXCLUDED], indirect=["family"],
+                         ids=[f"{n}-{f}" for n, f in EXCLUDED])
+def test_excluded_combinations_are_refused(name, family, fam):
+    (_, kwargs, _), *_ = SPECS.get(name, [(name, {}, {})])
+    with pytest.raises(PeftLabError, match=EXCLUDED[(name, fam)]):
+        build(name, family, kwargs, num_labels=2 if family[1] == "classification" else None)
 
 
 def frozen_snapshot(model):
@@ -83,24 +192,15 @@ def frozen_snapshot(model):
     return snap
 
 
-def build(method, backbone, task, data, targets, **kw):
-    if method in (LoRA,) and "target_modules" not in kw:
-        kw["target_modules"] = targets
-    return method(backbone=backbone, task=task, num_labels=data.num_labels, learning_rate=1e-2, **kw).build()
-
-
-CASES = [pytest.param(fam, cls, kw, counts.get(fam), id=f"{name}-{fam}")
-         for name, cls, kw, counts in MATRIX for fam in FAMILIES
-         if not (cls is QLoRA and fam == "bert")]  # bnb's CPU kernels need >= 64 input features: see integration
-
-
-@pytest.mark.parametrize("family, method, kwargs, expected", [(c.values[0], *c.values[1:]) for c in CASES],
-                         ids=[c.id for c in CASES], indirect=["family"])
-def test_every_method_on_every_family(family, method, kwargs, expected):
+# ---------------------------------------------------------------- column 1: train
+@pytest.mark.parametrize("name, family, kwargs, expected", matrix("train"), indirect=["family"])
+def test_every_method_on_every_family(name, family, kwargs, expected):
     backbone, task, source, targets = family
     data = make_data(source, task, backbone, max_eval_samples=4)
-    model = build(method, backbone, task, data, targets, **kwargs)
-    if expected is not None:
+    model = build(name, family, kwargs, num_labels=data.num_labels)
+    if expected == ALL:
+        assert model.trainable_count == model.total_count
+    else:
         assert model.trainable_count == expected
     frozen = frozen_snapshot(model)
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -118,8 +218,8 @@ def test_every_method_on_every_family(family, method, kwargs, expected):
         assert torch.equal(after[n], p), n
     params = dict(model.named_parameters())
     assert any(not torch.equal(params[n], p) for n, p in trainable.items())  # ... the trainable ones moved
-    if method is FullFineTuning:
-        assert not frozen and model.trainable_count == model.total_count
+    if expected == ALL:
+        assert not frozen
     # predictions: probabilities, or generated text (generate works for every method)
     out = tiny_trainer().predict(model, datamodule=data)
     if task == "classification":
@@ -127,6 +227,77 @@ def test_every_method_on_every_family(family, method, kwargs, expected):
     else:
         texts = [t for b in out for t in b["text"]]
         assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
+
+
+# ---------------------------------------------------------------- columns 2 and 3: save -> load, merge
+LABELS = ["fresh", "rotten"]
+
+
+def perturbed(name, family, kwargs):
+    """The built module with every trainable parameter moved by seeded noise (as training would, but in no time):
+    a zero-started part (LoRA's B, VeRA's b, AdaLoRA's E) would otherwise make both columns trivially equal. Seeded
+    (the method's own random start too), so a case computes the same numbers whatever ran before it."""
+    torch.manual_seed(0)
+    module = build(name, family, kwargs, num_labels=len(LABELS) if family[1] == "classification" else None)
+    batch = fixed_batch(module)
+    before = logits(module, batch)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in module.named_parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn(p.shape, generator=generator).to(p))
+    after = logits(module, batch)
+    assert float((after - before).abs().max()) > 1e-4  # the perturbation reaches the logits, beyond the tolerances
+    return module, batch, after
+
+
+def fixed_batch(module) -> dict:
+    batch = module.tokenizer(["A moving, beautifully shot film.", "Dull."], padding=True, return_tensors="pt")
+    batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if module.task == "seq2seq":
+        batch["decoder_input_ids"] = batch["input_ids"][:, :4]
+    return batch
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(**batch).logits
+
+
+@pytest.mark.parametrize("name, family, kwargs, expected", matrix("save_load"), indirect=["family"])
+def test_save_then_load_gives_the_same_logits(name, family, kwargs, expected, tmp_path):
+    from peftlab.adapters import read_meta
+    from peftlab.api import load_run
+    from peftlab.export import export_adapter
+
+    module, batch, want = perturbed(name, family, kwargs)
+    # as peftlab fit's AdapterExport writes it: <run dir>/adapter/last, with the data's label names
+    export_adapter(module, tmp_path / "adapter" / "last",
+                   label_names=LABELS if module.task == "classification" else None)
+    run = load_run(str(tmp_path))
+    got = logits(run.module, batch)
+    if "converted_from" in read_meta(tmp_path / "adapter" / "last"):
+        # exported as another method (PiSSA: a plain LoRA on the original backbone): the same function computed
+        # in another order, equal up to float rounding
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:  # the trained tensors themselves, in the same model: bit-equal
+        assert type(run.module) is type(module)
+        assert torch.equal(got, want), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("name, family, kwargs, expected", matrix("merge"), indirect=["family"])
+def test_merged_equals_unmerged(name, family, kwargs, expected):
+    from peftlab.merge import merged_model
+
+    module, batch, want = perturbed(name, family, kwargs)
+    if type(module).can_merge() and module.merge_refusal() is None:  # the class (and its settings) say it merges
+        merged = merged_model(module)
+        torch.testing.assert_close(logits(merged, batch), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits(module, batch), want, atol=0, rtol=0)  # the module itself is unchanged
+    else:
+        with pytest.raises(PeftLabError, match="cannot be merged") as err:
+            merged_model(module)
+        assert "\n" not in str(err.value)
 
 
 def test_lora_parameter_count_bert(tiny_bert, sentiment_csv):

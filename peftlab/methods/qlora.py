@@ -120,7 +120,8 @@ class QLoRA(LoRA):
         """Merging into 4-bit weights would requantize ``W + dW`` and lose the update's precision: the backbone is
         rebuilt in full precision, every 4-bit layer set to dequant(W) (+ its LoRA update; with DoRA
         ``m * (W + dW) / ||W + dW||``), and the result cast to ``dtype``. Not bit-equal to the 4-bit model that was
-        trained (``peftlab merge`` reports the difference)."""
+        trained (``peftlab merge`` reports the difference). An adapted layer the backbone kept in full precision
+        (``_keep_in_fp32_modules``, e.g. T5's ``wo``) gets its update on its own weight."""
         import bitsandbytes as bnb
         from peft.utils.integrations import dequantize_bnb_weight
 
@@ -132,10 +133,12 @@ class QLoRA(LoRA):
         prefix = "base_model.model."
         with torch.no_grad():
             for name, layer in peft_model.named_modules():
-                if not isinstance(layer, bnb.nn.Linear4bit):
+                quantized = isinstance(layer, bnb.nn.Linear4bit)
+                if not (quantized or name.endswith(".base_layer")):
                     continue
                 target = name.removeprefix(prefix).removesuffix(".base_layer")
-                weight = dequantize_bnb_weight(layer.weight, state=layer.weight.quant_state).float()
+                weight = dequantize_bnb_weight(layer.weight, state=layer.weight.quant_state).float() if quantized \
+                    else layer.weight.detach().float()
                 if name.endswith(".base_layer"):
                     lora = peft_model.get_submodule(name.removesuffix(".base_layer"))
                     for adapter in lora.active_adapters:
