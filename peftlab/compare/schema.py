@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from peftlab.errors import PeftLabError, did_you_mean
 
+
 class _Unset:
     def __repr__(self) -> str:
         return "UNSET"
