@@ -120,6 +120,12 @@ def with_targets(kwargs, targets):
 DEFECTS: dict[tuple[str, str], str] = {}
 
 
+#: methods whose training is also tested in their own files (test_lora_variants, test_stack, test_ia3, test_vera,
+#: test_compose): their train-column cases run with -m slow, to keep the default suite's time; their save -> load
+#: and merge cases (fast) always run
+TRAINED_ELSEWHERE = {"dora", "rslora", "pissa", "lora_plus", "adalora", "lora_prompt", "stack", "ia3", "vera"}
+
+
 def matrix(column: str) -> list:
     """``(name, family, kwargs, expected count)`` for every shipped method x family not excluded; a method with no
     row in SPECS gets one case per family, which fails naming it."""
@@ -131,6 +137,8 @@ def matrix(column: str) -> list:
             for case, kwargs, counts in SPECS.get(name, [(name, None, {})]):
                 defect = DEFECTS.get((column, f"{case}-{fam}"))
                 marks = [pytest.mark.xfail(reason=defect, strict=True)] if defect else []
+                if column == "train" and name in TRAINED_ELSEWHERE:
+                    marks.append(pytest.mark.slow)
                 cases.append(pytest.param(name, fam, kwargs, counts.get(fam), id=f"{case}-{fam}", marks=marks))
     return cases
 
