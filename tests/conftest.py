@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
+import sys
 import warnings
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import yaml
@@ -281,3 +285,91 @@ def write_jsonl(path, rows) -> str:
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return str(path)
+
+
+# ---------------------------------------------------------------------------------------------- shared helpers
+#: the repository root
+ROOT = Path(__file__).resolve().parents[1]
+#: the installed peftlab console script (subprocess tests)
+PEFTLAB = str(Path(sys.executable).parent / "peftlab")
+
+
+def tiny_config(tmp_path, backbone, source, **model):
+    """A 4-step LoRA fit config on the tiny models, written to tmp_path/tiny.yaml."""
+    return write_config(tmp_path, backbone, source, model=model, name="tiny.yaml", run_name="tiny", seed=3)
+
+
+def trained(method, backbone, task, source, steps=3, seed=None, **kw):
+    """``(module, data)``: ``method`` trained ``steps`` steps on ``source`` (``seed``: torch's seed before building)."""
+    import torch
+
+    data = make_data(source, task, backbone, max_eval_samples=4)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = method(backbone=backbone, task=task, num_labels=data.num_labels, learning_rate=5e-2, **kw).build()
+    tiny_trainer(max_steps=steps).fit(model, datamodule=data)
+    return model.eval(), data
+
+
+def trained_module(cls, backbone, task="causal_lm", seed=0, label_names=None, **kw):
+    """A method whose trainable parameters are random (not its zero start, so that a wrong adapter shows)."""
+    import torch
+
+    num_labels = len(label_names) if label_names else None
+    module = cls(backbone=backbone, task=task, num_labels=num_labels, max_new_tokens=4, **kw).build()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.2)
+    return module.eval()
+
+
+def exported(tmp_path, name, cls, backbone, task="causal_lm", seed=0, label_names=None, **kw):
+    """The export directory of :func:`trained_module` (as AdapterExport writes it)."""
+    from peftlab.export import export_adapter
+
+    module = trained_module(cls, backbone, task, seed, label_names, **kw)
+    return str(export_adapter(module, tmp_path / name, label_names=label_names))
+
+
+def tiny_study(tmp_path, backbone, data, *, task="classification", name="study.yaml", **changes):
+    """A small study file on the tiny models: LoRA vs prompt tuning, 3 trials, 2 seeds, 4 steps per run."""
+    trainer = {"max_steps": 4, "limit_val_batches": 2, "limit_test_batches": 2, "log_every_n_steps": 1}
+    data_cfg = {} if task == "classification" else {"task": task, "prompt_template": "{prompt}",
+                                                    "response_template": "{response}", "max_length": 48}
+    targets = {"classification": ["query", "value"], "causal_lm": ["q_proj", "v_proj"]}[task]
+    base = write_config(tmp_path, backbone, data, trainer=trainer, data=data_cfg, model={"target_modules": targets},
+                        name=f"base-{name}")
+    study = {
+        "name": "tiny",
+        "base": [base],
+        "budget": {"max_steps": 4, "val_check_interval": 1},
+        "seeds": [0, 1],
+        "tuning": {"trials": 3, "reduction_factor": 2, "seed": 0},
+        "select": "val/acc" if task == "classification" else "val/loss",
+        "report": ["test/acc", "test/f1", "test/loss"] if task == "classification" else ["test/loss",
+                                                                                         "test/exact_match"],
+        "baseline": "lora",
+        "bootstrap": {"reps": 300},
+        "search": {"learning_rate": [1e-3, 1e-1]},
+        "methods": {
+            "lora": {},
+            "prompt": {"overrides": {"model": "peftlab.methods.PromptTuning", "num_virtual_tokens": 4,
+                                     "init": "random"}},
+        },
+    }
+    for key, value in changes.items():
+        study[key] = value
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def runs_log(study_dir: Path) -> list[dict]:
+    path = study_dir / "runs.log"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def starts(study_dir: Path) -> Counter:
+    return Counter(e["run"] for e in runs_log(study_dir) if e["event"] == "start")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import exported, trained_module
 from peftlab.api import load_adapters, load_run
 from peftlab.errors import PeftLabError
 from peftlab.export import export_adapter
@@ -36,23 +37,6 @@ CAUSAL_CASES = {
     "stack": (Stack, {"additive": {"method": "lora", "r": 2, "target_modules": ["q_proj"]},
                       "prompt": {"method": "prefix_tuning", "num_virtual_tokens": 2}}),
 }
-
-
-def trained_module(cls, backbone, task="causal_lm", seed=0, label_names=None, **kw):
-    """A method whose trainable parameters are random (not its zero start, so that a wrong adapter shows)."""
-    num_labels = len(label_names) if label_names else None
-    module = cls(backbone=backbone, task=task, num_labels=num_labels, max_new_tokens=4, **kw).build()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.2)
-    return module.eval()
-
-
-def exported(tmp_path, name, cls, backbone, task="causal_lm", seed=0, label_names=None, **kw):
-    module = trained_module(cls, backbone, task, seed, label_names, **kw)
-    return str(export_adapter(module, tmp_path / name, label_names=label_names))
 
 
 def tokenized(run, texts, pad_left=True):
@@ -211,9 +195,8 @@ def test_refusals_are_one_line(tmp_path, tiny_llama, tiny_bert):
 
 
 def test_recommend_for_many_tasks_points_at_adapter_sets_and_serve(tmp_path, tiny_bert, capsys):
-    from test_cli import run_main
-
     import peftlab.api
+    from conftest import run_main
     from peftlab.commands import COMMANDS
 
     code, out, err = run_main(["recommend", "--num_tasks", "12", "--backbone", tiny_bert, "--output",

@@ -9,19 +9,17 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 
 import peft  # noqa: F401 - imports bitsandbytes, whose import-time notice must not land in a captured test
 import psutil
 import pytest
 import torch
 import yaml
-from test_cli import run_main
 
+from conftest import ROOT, run_main
 from peftlab.analysis import memory, recommend
 from peftlab.analysis.params import MethodSpec, build_meta
 
-ROOT = Path(__file__).resolve().parents[1]
 PE = ROOT / "experiments" / "param_efficiency"
 QS = str(ROOT / "configs" / "quickstart.yaml")
 

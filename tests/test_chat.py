@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import run_main
 
-from conftest import chat_rows, make_data, write_config, write_jsonl
+from conftest import ROOT, chat_rows, make_data, run_main, write_config, write_jsonl
 from peftlab.data.formats import IGNORE_INDEX
 
-ROOT = Path(__file__).resolve().parents[1]
 SMOL = "packaged:SmolLM2-135M-Instruct"
 # a second template family (Llama-3 style: headers, <|eot_id|>, no newline after the end of a turn, trimmed content)
 LLAMA3 = ("{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim"
@@ -353,7 +351,8 @@ def test_chat_data_trains_the_same_adapter_on_two_processes(tmp_path, tiny_chat_
     import subprocess
 
     from safetensors.torch import load_file
-    from test_cli import PEFTLAB
+
+    from conftest import PEFTLAB
 
     def fit(name, devices, batch_size):
         cfg = write_config(tmp_path, tiny_chat_llama, chat_jsonl, name=f"{name}.yaml", runs=name, callbacks=[],

@@ -12,18 +12,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_main, write_config
+from conftest import PEFTLAB, ROOT, run_main, tiny_config, write_config
 from peftlab.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
-PEFTLAB = str(Path(sys.executable).parent / "peftlab")
 
-
-
-def tiny_config(tmp_path, backbone, source, **model):
-    """A 4-step LoRA fit config on the tiny models, written to tmp_path/tiny.yaml."""
-    return write_config(tmp_path, backbone, source, model=model, name="tiny.yaml", run_name="tiny", seed=3)
 
 
 @pytest.mark.parametrize("config", CONFIGS)

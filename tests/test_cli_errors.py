@@ -6,17 +6,16 @@ release that rewords an error therefore fails here, with the message it now give
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import pytest
 from jsonargparse import ArgumentError
 
+from conftest import ROOT
 from peftlab import cli_errors
 from peftlab.cli import main
 from peftlab.errors import PeftLabError
 
-ROOT = Path(__file__).resolve().parents[1]
 QS = str(ROOT / "configs/quickstart.yaml")
 
 

@@ -12,71 +12,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from conftest import write_config
+from conftest import ROOT, run_main, runs_log, starts, tiny_study, write_config
 from peftlab.errors import PeftLabError
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_main(argv, capsys):
-    from peftlab.cli import main
-
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def tiny_study(tmp_path, backbone, data, *, task="classification", name="study.yaml", **changes):
-    """A small study file on the tiny models: LoRA vs prompt tuning, 3 trials, 2 seeds, 4 steps per run."""
-    trainer = {"max_steps": 4, "limit_val_batches": 2, "limit_test_batches": 2, "log_every_n_steps": 1}
-    data_cfg = {} if task == "classification" else {"task": task, "prompt_template": "{prompt}",
-                                                    "response_template": "{response}", "max_length": 48}
-    targets = {"classification": ["query", "value"], "causal_lm": ["q_proj", "v_proj"]}[task]
-    base = write_config(tmp_path, backbone, data, trainer=trainer, data=data_cfg, model={"target_modules": targets},
-                        name=f"base-{name}")
-    study = {
-        "name": "tiny",
-        "base": [base],
-        "budget": {"max_steps": 4, "val_check_interval": 1},
-        "seeds": [0, 1],
-        "tuning": {"trials": 3, "reduction_factor": 2, "seed": 0},
-        "select": "val/acc" if task == "classification" else "val/loss",
-        "report": ["test/acc", "test/f1", "test/loss"] if task == "classification" else ["test/loss",
-                                                                                         "test/exact_match"],
-        "baseline": "lora",
-        "bootstrap": {"reps": 300},
-        "search": {"learning_rate": [1e-3, 1e-1]},
-        "methods": {
-            "lora": {},
-            "prompt": {"overrides": {"model": "peftlab.methods.PromptTuning", "num_virtual_tokens": 4,
-                                     "init": "random"}},
-        },
-    }
-    for key, value in changes.items():
-        study[key] = value
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(study, sort_keys=False))
-    return path
-
-
-def runs_log(study_dir: Path) -> list[dict]:
-    path = study_dir / "runs.log"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def starts(study_dir: Path) -> Counter:
-    return Counter(e["run"] for e in runs_log(study_dir) if e["event"] == "start")
 
 
 # ---------------------------------------------------------------------------------------------- bad input

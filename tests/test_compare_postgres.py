@@ -21,9 +21,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_compare import run_main, runs_log, tiny_study
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, run_main, runs_log, tiny_study
 
 
 @pytest.fixture(scope="session")

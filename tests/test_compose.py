@@ -118,8 +118,9 @@ def test_incompatible_adapters_are_refused(tmp_path, tiny_llama, tiny_bert, two_
 
 def test_compose_command_writes_a_peft_adapter_and_a_merged_model(tmp_path, tiny_llama, two_adapters, capsys):
     from peft import PeftModel
-    from test_cli import run_main
     from transformers import AutoModelForCausalLM
+
+    from conftest import run_main
 
     code, out, err = run_main(["compose", *two_adapters, "--weights", "0.7", "0.3", "--output",
                                str(tmp_path / "c")], capsys)

@@ -208,7 +208,7 @@ def test_few_shot_n_for_generation_and_errors(generation_jsonl, sentiment_csv, t
 
 
 def test_few_shot_ids_written_to_run_dir(tmp_path, tiny_bert, sentiment_csv, capsys):
-    from test_cli import run_main, tiny_config
+    from conftest import run_main, tiny_config
 
     cfg = tiny_config(tmp_path, tiny_bert, sentiment_csv)
     code, _, err = run_main(["fit", "--config", cfg, "--data.few_shot_k", "4", "--test_after_fit", "false"], capsys)

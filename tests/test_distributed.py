@@ -13,11 +13,9 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_cli import PEFTLAB
 
-from conftest import write_config
+from conftest import PEFTLAB, ROOT, write_config
 
-ROOT = Path(__file__).resolve().parents[1]
 STRATEGY_CONFIGS = sorted((ROOT / "configs" / "strategies").glob("*.yaml"))
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 DOCS = ROOT / "docs"
 
 
@@ -87,9 +87,7 @@ def test_extending_page_shows_the_shipped_examples():
 
 @pytest.mark.parametrize("logger", ["lightning.pytorch.loggers.TensorBoardLogger", "lightning.pytorch.loggers.CSVLogger"])
 def test_loggers_work_out_of_the_box(tmp_path, tiny_bert, sentiment_csv, capsys, logger):
-    from test_cli import run_main
-
-    from conftest import write_config
+    from conftest import run_main, write_config
 
     cfg = write_config(tmp_path, tiny_bert, sentiment_csv)
     code, out, err = run_main(["fit", "--config", cfg, "--trainer.logger", logger,

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from test_cli import run_main
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, run_main
 
 
 @pytest.mark.parametrize("example, expected", [

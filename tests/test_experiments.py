@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 STUDIES = [
     ["experiments/inference_overhead/run.py", "--smoke"],
     # the multi-LoRA runner trains several adapters: minutes on 2 cores, so behind `-m slow`

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_data, tiny_trainer
+from conftest import trained
 from peftlab.api import load_run
 from peftlab.errors import PeftLabError
 from peftlab.export import export_adapter
@@ -23,13 +23,6 @@ from peftlab.methods import (
     PTuningV2,
     QLoRA,
 )
-
-
-def trained(method, backbone, task, source, steps=3, **kw):
-    data = make_data(source, task, backbone, max_eval_samples=4)
-    model = method(backbone=backbone, task=task, num_labels=data.num_labels, learning_rate=5e-2, **kw).build()
-    tiny_trainer(max_steps=steps).fit(model, datamodule=data)
-    return model.eval(), data
 
 
 def batch_of(data):
@@ -186,7 +179,7 @@ def test_merge_refuses_methods_that_cannot_merge(tiny_llama, method, kw):
 
 # ---------------------------------------------------------------- through the CLI
 def test_cli_exports_best_and_merges(tmp_path, tiny_bert, sentiment_csv, capsys):
-    from test_cli import run_main, tiny_config
+    from conftest import run_main, tiny_config
 
     cfg = tiny_config(tmp_path, tiny_bert, sentiment_csv)
     code, out, err = run_main(["fit", "--config", cfg, "--trainer.val_check_interval", "2",

@@ -13,11 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import PEFTLAB
 
-from conftest import make_data, tiny_trainer, write_config
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import PEFTLAB, ROOT, make_data, tiny_trainer, write_config
 
 # method class, its settings; each must train under FSDP2 exactly like in one process
 METHODS = {

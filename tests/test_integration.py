@@ -6,10 +6,8 @@ from pathlib import Path
 
 import torch
 
-from conftest import make_data, tiny_trainer
+from conftest import ROOT, make_data, tiny_trainer
 from peftlab.methods import LoRA
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_loss_decreases_on_real_subset():
@@ -28,7 +26,7 @@ def test_loss_decreases_on_real_subset():
 
 def test_causal_lm_config_on_smollm2(tmp_path, capsys):
     """configs/causal_lm_lora.yaml on the real SmolLM2-135M, capped at 3 steps."""
-    from test_cli import run_main
+    from conftest import run_main
 
     code, out, err = run_main(
         ["fit", "--config", str(ROOT / "configs/causal_lm_lora.yaml"), "--trainer.max_steps", "3",

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import make_data, run_main, tiny_trainer
+from conftest import trained as shared_trained
 from peftlab.api import load_run
 from peftlab.errors import PeftLabError
 from peftlab.export import export_adapter
@@ -19,10 +20,7 @@ QV = ["q_proj", "v_proj"]
 
 
 def trained(method, backbone, source, steps=3, **kw):
-    data = make_data(source, "causal_lm", backbone, max_eval_samples=4)
-    model = method(backbone=backbone, task="causal_lm", learning_rate=5e-2, **kw).build()
-    tiny_trainer(max_steps=steps).fit(model, datamodule=data)
-    return model.eval()
+    return shared_trained(method, backbone, "causal_lm", source, steps, **kw)[0]
 
 
 def plain_peft(backbone, directory):

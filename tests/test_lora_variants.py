@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import make_data, tiny_trainer
+from conftest import trained as shared_trained
 from peftlab.errors import PeftLabError
 from peftlab.export import export_adapter
 from peftlab.merge import merge_to_directory, probe_batch
@@ -26,12 +27,8 @@ def logits(model, batch):
         return model(**batch).logits
 
 
-def trained(method, backbone, task, source, steps=3, **kw):
-    data = make_data(source, task, backbone, max_eval_samples=4)
-    torch.manual_seed(0)
-    model = method(backbone=backbone, task=task, num_labels=data.num_labels, learning_rate=5e-2, **kw).build()
-    tiny_trainer(max_steps=steps).fit(model, datamodule=data)
-    return model.eval(), data
+def trained(*args, **kw):  # seeded: these tests compare a run with its merged / exported / converted form
+    return shared_trained(*args, seed=0, **kw)
 
 
 def llama_batch(tiny_llama):
@@ -281,7 +278,8 @@ def test_compose_is_exact_for_rslora_and_converted_pissa_whatever_the_ranks(expo
     exact weighted sum through the command, written as an adapter plain peft loads (peft alone gets the scale
     wrong when the first adapter is an rsLoRA)."""
     from peft import PeftModel
-    from test_cli import run_main
+
+    from conftest import run_main
 
     adapters = [exported[first][1] / "adapter", plain_lora_r2]
     weights = (0.7, -0.4)
@@ -296,7 +294,7 @@ def test_compose_is_exact_for_rslora_and_converted_pissa_whatever_the_ranks(expo
 
 @pytest.mark.parametrize("name, message", [("dora", "is a DoRA adapter"), ("adalora", "is an AdaLoRA adapter")])
 def test_compose_refuses_dora_and_adalora_in_one_line(exported, plain_lora_r2, tmp_path, capsys, name, message):
-    from test_cli import run_main
+    from conftest import run_main
 
     code, out, err = run_main(["compose", str(exported[name][1] / "adapter"), str(plain_lora_r2), "--weights", "0.5",
                                "0.5", "--output", str(tmp_path / "c")], capsys)
@@ -428,7 +426,7 @@ def test_every_variant_is_registered_with_its_capabilities():
 
 
 def test_estimate_memory_lists_every_variant_and_sees_dora_and_adalora(tiny_llama, capsys):
-    from test_cli import run_main
+    from conftest import run_main
 
     code, out, err = run_main(["estimate-memory", "--backbone", tiny_llama, "--task", "causal_lm", "--seq_len", "16",
                                "--method", "all", "--json"], capsys)
@@ -474,7 +472,7 @@ def test_dora_activations_exclude_its_dropped_identity_graph(tiny_llama):
 
 
 def test_params_reports_the_parts(tiny_bert, tmp_path, capsys):
-    from test_cli import run_main
+    from conftest import run_main
 
     config = tmp_path / "dora.yaml"
     config.write_text(f"model:\n  class_path: peftlab.methods.DoRA\n  init_args:\n    backbone: {tiny_bert}\n"
@@ -490,9 +488,7 @@ def test_params_reports_the_parts(tiny_bert, tmp_path, capsys):
 def test_fit_with_each_preset_through_the_cli(preset, tmp_path, tiny_bert, sentiment_csv, capsys):
     """`peftlab fit` with the variant's preset config (on the tiny backbone) trains, exports a peft adapter and merges
     (LoRAMerge) with outputs equal to the unmerged model's."""
-    from test_cli import ROOT, run_main
-
-    from conftest import write_config
+    from conftest import ROOT, run_main, write_config
 
     cfg = write_config(tmp_path, tiny_bert, sentiment_csv, method="peftlab.methods.LoRA", run_name="v")
     code, out, err = run_main(["fit", "--config", cfg, "--config", str(ROOT / f"configs/methods/{preset}.yaml"),

@@ -9,7 +9,8 @@ import sys
 import textwrap
 
 import pytest
-from test_cli import run_main
+
+from conftest import run_main
 
 METHOD_FILE = '''
 """Scale-only tuning: a trainable scale per hidden unit after each feed-forward output (written outside peftlab)."""

@@ -15,12 +15,9 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from test_cli import PEFTLAB, run_main
 
-from conftest import write_config
+from conftest import PEFTLAB, run_main, write_config
 from peftlab.errors import PeftLabError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -191,9 +188,8 @@ def test_adapter_from_another_backbone_is_refused_by_merge(tmp_path, tiny_bert, 
 
 # ---------------------------------------------------------------------------------------------- safe loading
 def _exported(tmp_path, tiny_llama, generation_jsonl, method="LoRA", **kw):
-    from test_export import trained
-
     import peftlab.methods as methods
+    from conftest import trained
     from peftlab.export import export_adapter
 
     model, _ = trained(getattr(methods, method), tiny_llama, "causal_lm", generation_jsonl, steps=1, **kw)

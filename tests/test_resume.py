@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import PEFTLAB, run_main
 
-from conftest import write_config
+from conftest import PEFTLAB, run_main, write_config
 
 KILLER = '''
 import os

@@ -17,8 +17,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from test_adapter_set import exported  # noqa: E402
-
+from conftest import exported  # noqa: E402
 from peftlab.serve import Batcher, Server, create_app  # noqa: E402
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -190,7 +189,7 @@ def test_classification_endpoint(tmp_path, tiny_bert):
 
 
 def test_serve_command_refuses_a_bad_adapter_argument(capsys):
-    from test_cli import run_main
+    from conftest import run_main
 
     code, out, err = run_main(["serve", "sentiment"], capsys)
     assert code != 0 and "adapter 'sentiment': give NAME=PATH" in out + err

@@ -307,9 +307,7 @@ def test_a_bad_value_in_a_part_names_the_part(tiny_bert):
 
 # ---------------------------------------------------------------- through the CLI
 def test_fit_params_and_merge_through_the_cli(tmp_path, tiny_bert, sentiment_csv, capsys):
-    from test_cli import ROOT, run_main
-
-    from conftest import write_config
+    from conftest import ROOT, run_main, write_config
     from peftlab.methods.stack import load_merged
 
     cfg = write_config(tmp_path, tiny_bert, sentiment_csv, method="peftlab.methods.LoRA", run_name="s")

@@ -12,11 +12,8 @@ import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import PEFTLAB
 
-from conftest import make_data, tiny_trainer, write_config
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import PEFTLAB, make_data, tiny_trainer, write_config
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +242,7 @@ def test_pack_examples_fills_rows_and_masks_each_first_label():
 
 
 def test_methods_with_virtual_tokens_refuse_packing_in_one_line(tmp_path, tiny_llama, uneven_jsonl, capsys):
-    from test_cli import run_main
+    from conftest import run_main
 
     cfg = write_config(tmp_path, tiny_llama, uneven_jsonl, method="peftlab.methods.PromptTuning",
                        model={"num_virtual_tokens": 4}, data={"task": "causal_lm", "packing": True})

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from peftlab.upstream import PRIVATE_APIS, Private
 
-ROOT = Path(__file__).resolve().parents[1]
 BY_NAME = {p.name: p for p in PRIVATE_APIS}
 
 

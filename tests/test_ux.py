@@ -14,10 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_main, write_config
-
-PEFTLAB = str(Path(sys.executable).parent / "peftlab")
-
+from conftest import PEFTLAB, run_main, write_config
 
 
 def metrics_rows(run_dir):

@@ -8,9 +8,8 @@ import json
 
 import pytest
 import torch
-from test_cli import run_main
 
-from conftest import llama_logits, make_data, tiny_trainer, write_config
+from conftest import llama_logits, make_data, run_main, tiny_trainer, write_config
 from peftlab.export import export_adapter
 from peftlab.merge import merge_to_directory, probe_batch
 from peftlab.methods import VeRA
