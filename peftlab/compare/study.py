@@ -48,7 +48,9 @@ LOGGED = {"classification": ("acc", "f1", "loss"), "causal_lm": ("loss", "ppl", 
           "seq2seq": ("loss", "ppl", "exact_match")}
 GENERATED = ("gen_exact_match", "rougeL", "bleu")
 LOWER_IS_BETTER = ("loss", "ppl")
-FIT_ROOTS = ("model", "data", "trainer", "seed_everything")
+#: the first segment of a study key that is a fit key as written; any other key is a method argument
+#: (``model.init_args.<key>``). Not commands.FIT_ROOTS: here ``optimizer`` is PeftModule's own argument
+STUDY_FIT_ROOTS = ("model", "data", "trainer", "seed_everything")
 
 
 def direction(metric: str) -> str:
@@ -199,7 +201,7 @@ def _merge(base: dict, extra: dict) -> dict:
 def fit_key(key: str) -> str:
     """``learning_rate`` -> ``model.init_args.learning_rate``; ``data.batch_size`` stays; ``model`` (the class) too."""
     key = str(key)
-    if key == "model" or key.split(".", 1)[0] in FIT_ROOTS:
+    if key == "model" or key.split(".", 1)[0] in STUDY_FIT_ROOTS:
         return key
     return f"model.init_args.{key}"
 
