@@ -825,7 +825,7 @@ def test_generation_scores_the_last_reply_of_a_multi_turn_chat():
 
 def test_fingerprints_of_a_shipped_study_stay_the_same():
     """A method's fingerprint (the hash of its settings a storage's results are kept under) must not change when
-    the code that reads the study file does: committed storage (experiments/instruction/study.partial.db) and
+    the code that reads the study file does: committed storage (experiments/instruction/study.db) and
     users' study directories resume by it. The values are those stored in that database."""
     from peftlab.compare.study import load_study
 
@@ -836,7 +836,8 @@ def test_fingerprints_of_a_shipped_study_stay_the_same():
         "lora_r=85_q_v": "c40e71e6b8c91a43", "dora_r=16_all-linear": "638609e656a59e99",
         "rslora_r=16_all-linear": "d4613e24eeb94934", "adapters_b=64": "c3478810e8d667e2",
         "prefix": "d883de20967af779", "prompt": "757d0777a0a285a8", "p-tuning_v2": "18117d8f53ab3e62",
-        "qlora_r=16_all-linear": "0127bcaaea95a8b7"}
+        "qlora_r=16_all-linear": "0127bcaaea95a8b7",
+        "lora_prompt": "d440e5ae4ae8a7cc"}
     few_shot = load_study(ROOT / "experiments/few_shot/study.yaml")
     assert [(p.slug, m.slug, p.fingerprint(m)) for p in few_shot.parts[:2] for m in list(p.methods.values())[:2]] == [
         ("k=8", "prompt", "4b88e7ce71dfcc55"), ("k=8", "prefix", "2a08ff1526b8a65b"),
