@@ -769,7 +769,7 @@ def test_forgetting_keeps_the_loss_measured_before_training_across_a_resume(monk
     assert resumed.state_dict() == saved
 
 
-@pytest.mark.slow  # ~1-2 min on 2 CPU cores: SmolLM2-135M, 6 runs with generation and forgetting
+# in the default suite (#35: the smoke run in CI): SmolLM2-135M, 4 runs (1 tuning trial + 1 seed per method)
 def test_instruction_study_smoke_runs_end_to_end(tmp_path, capsys, monkeypatch):
     """#35's study file with --smoke: SmolLM2-135M-Instruct on the packaged chats (data.task chat), tuned LoRA and
     prompt tuning, to a report with the loss per assistant token, the generated-text metrics, the shipped lm-eval
