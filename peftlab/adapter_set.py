@@ -318,6 +318,8 @@ class AdapterSet:
         common = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, raw=raw, **settings)
         if adapter is None or isinstance(adapter, str):
             return self._run(adapter or self.active).predict(texts, **common)
+        if settings.get("streamer") is not None:
+            raise PeftLabError("predict streams one answer of one adapter: pass adapter as a name, not one per text")
         adapter = list(adapter)
         if len(adapter) != len(texts):
             raise PeftLabError(f"predict got {len(texts)} texts but {len(adapter)} adapter names; give one per text "

@@ -185,6 +185,8 @@ def test_refusals_are_one_line(tmp_path, tiny_llama, tiny_bert):
         adapters.add("bert", other)
     with pytest.raises(PeftLabError, match="not allowed"):
         adapters.add("base", lora)
+    with pytest.raises(PeftLabError, match="streams one answer of one adapter"):  # a streamer sees one answer
+        adapters.predict(["a", "b"], adapter=["lora", None], streamer=object())
     # methods that rewrite the backbone's weights say so themselves (exports of PiSSA are plain LoRA and load)
     pissa = LoRA(backbone=tiny_llama, task="causal_lm", init="pissa")
     assert "rewrites the backbone's weights" in pissa.adapter_set_refusal()

@@ -68,6 +68,8 @@ def test_the_cycle_loader_restarts_a_shorter_loader_with_a_fresh_shuffle():
     rows = [sorted(b["s"].tolist()) for b in batches]
     assert sorted(rows[0] + rows[1]) == [0, 1, 2, 3] and set(rows[2]) <= {0, 1, 2, 3}  # then a new cycle
     assert sorted(x for b in batches for x in b["l"].tolist()) == list(long)
+    with pytest.raises(PeftLabError, match="the checkpoint's training data has the tasks \\['x'\\], this run \\['l', 's'\\]"):
+        loader.load_state_dict({"position": 1, "rng": None, "loaders": {"x": {}}})  # a task renamed since
     ddp = DistributedSampler(short, num_replicas=1, rank=0)
     CycleLoader({"s": ResumableLoader(short, sampler=ddp)}).sampler.set_epoch(3)  # Lightning calls this per epoch
     assert ddp.epoch == 3

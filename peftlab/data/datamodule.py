@@ -18,7 +18,7 @@ import torch
 
 from peftlab.backbones import DATA_TASKS, DataTask, is_decoder_only, load_tokenizer, model_task
 from peftlab.data import chat, formats, multitask, transforms
-from peftlab.data.loading import ResumableLoader, eval_generator, process_rank, training_sampler
+from peftlab.data.loading import ResumableLoader, epoch_length, eval_generator, process_rank, training_sampler
 from peftlab.data.sources import PACKAGED_LABELS, load_source
 from peftlab.errors import PeftLabError
 
@@ -552,8 +552,12 @@ class PeftDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         if self.task_data is not None:
-            return multitask.train_loader(self)
-        return self._loader("train", batch_size=self.batch_size, pad_left=self.pad_left)
+            loader = multitask.train_loader(self)
+        else:
+            loader = self._loader("train", batch_size=self.batch_size, pad_left=self.pad_left)
+        if self.trainer is not None:  # where an epoch ends under limit_train_batches (exact resume there)
+            loader.epoch_length = epoch_length(len(loader), self.trainer.limit_train_batches)
+        return loader
 
     def val_dataloader(self):
         if self.task_data is not None:  # one loader per task, in task order (the model's dataloader_idx)

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from peftlab.errors import PeftLabError
+
 
 class EpochShuffleSampler(Sampler[int]):
     """``RandomSampler`` (same draws, same order) that remembers its epoch's seed and can replay it.
@@ -108,6 +110,9 @@ class ResumableLoader(DataLoader):
     _skip = 0
     _position = 0
     _resume: dict | None = None
+    #: batches Lightning takes per epoch (``trainer.limit_train_batches``; set by the data module): a state at that
+    #: position is a finished epoch
+    epoch_length: int | None = None
 
     @property
     def _index_sampler(self):
@@ -140,7 +145,7 @@ class ResumableLoader(DataLoader):
     def __iter__(self):
         state, self._resume = self._resume, None
         position = 0
-        if state is not None and state["position"] >= len(self) and state["rng"] is not None:
+        if state is not None and state["position"] >= (self.epoch_length or len(self)) and state["rng"] is not None:
             # the finished epoch's iterator, which Lightning draws from once when the checkpoint ended a run at an
             # epoch's last step: nothing is left in it, and the next epoch's starts from the restored RNG
             self._position = state["position"]
@@ -189,6 +194,7 @@ class CycleLoader:
         self.sampler = _EverySampler(loaders)
         self._position = 0
         self._resume: dict | None = None
+        self.epoch_length: int | None = None  # as ResumableLoader's
 
     def __len__(self) -> int:
         return max(len(loader) for loader in self.loaders.values())
@@ -198,11 +204,15 @@ class CycleLoader:
                 "loaders": {name: loader.progress() for name, loader in self.loaders.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = sorted(state.get("loaders") or {})
+        if saved != sorted(self.loaders):
+            raise PeftLabError(f"the checkpoint's training data has the tasks {saved or 'of an older peftlab'}, this "
+                               f"run {sorted(self.loaders)}: resume with the data.tasks it was trained with")
         self._resume = _this_rank(state)
 
     def __iter__(self):
         state, self._resume = self._resume, None
-        if state is not None and state["position"] >= len(self):  # the finished epoch's (see ResumableLoader)
+        if state is not None and state["position"] >= (self.epoch_length or len(self)):  # finished (ResumableLoader)
             self._position = state["position"]
             set_rng_state(state["rng"])
             return iter(())
@@ -250,6 +260,16 @@ class _EverySampler:
             set_epoch = getattr(loader.sampler, "set_epoch", None)
             if callable(set_epoch):
                 set_epoch(epoch)
+
+
+def epoch_length(length: int, limit: int | float | None) -> int:
+    """The batches Lightning takes per epoch from a training loader of ``length`` under ``limit_train_batches``
+    (an int caps them, a float is a fraction), as Lightning computes it."""
+    if limit is None:
+        return length
+    if isinstance(limit, int):
+        return min(length, limit)
+    return int(length * float(limit))
 
 
 def _this_rank(state: dict) -> dict:
