@@ -842,3 +842,18 @@ def test_fingerprints_of_a_shipped_study_stay_the_same():
     assert [(p.slug, m.slug, p.fingerprint(m)) for p in few_shot.parts[:2] for m in list(p.methods.values())[:2]] == [
         ("k=8", "prompt", "4b88e7ce71dfcc55"), ("k=8", "prefix", "2a08ff1526b8a65b"),
         ("k=16", "prompt", "6c92e35a97005853"), ("k=16", "prefix", "21a76b51954bd082")]
+
+
+def test_the_rate_ratio_in_the_lr_rule_notes_is_what_its_results_give():
+    """#35 item 3: the ratio table (per tuning, geometric mean and t-interval) in the notes printed on the page is
+    experiments/instruction/rate_ratio.py's output for the committed results."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rate_ratio", ROOT / "experiments/instruction/rate_ratio.py")
+    rate_ratio = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rate_ratio)
+    results = json.loads((ROOT / "experiments/instruction/lr_rule.results.json").read_text())
+    assert len(rate_ratio.ratios(results)) == len(results["parts"])  # every tuning chose a rate for both methods
+    assert rate_ratio.table(results) in (ROOT / "experiments/instruction/lr_rule_notes.md").read_text()
+    mean, low, high = rate_ratio.interval([2.0, 8.0])  # geometric mean 4; log-t interval with 1 degree of freedom
+    assert mean == pytest.approx(4.0) and low == pytest.approx(4.0 / 2.0 ** 12.7062, rel=1e-3)
