@@ -216,12 +216,11 @@ class CycleLoader:
             self._position = state["position"]
             set_rng_state(state["rng"])
             return iter(())
-        if state is not None and state["position"] == 0:
+        if state is None or state["position"] == 0:
             iterators = {name: iter(loader) for name, loader in self.loaders.items()}
-            set_rng_state(state["rng"])
+            if state is not None:  # after creating the iterators, as ResumableLoader does
+                set_rng_state(state["rng"])
             return self._batches(iterators, 0, None)
-        if state is None:
-            return self._batches({name: iter(loader) for name, loader in self.loaders.items()}, 0, None)
         iterators = {}
         for name, loader in self.loaders.items():
             progress = state["loaders"][name]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from peftlab.backbones import HEAD_NAMES
+from peftlab.data.loading import epoch_length
 
 
 class Optimization:
@@ -63,9 +64,7 @@ class Optimization:
         datamodule = trainer.datamodule
         if trainer.max_epochs in (None, -1) or datamodule is None or trainer.train_dataloader is not None:
             return trainer.estimated_stepping_batches
-        batches = len(datamodule.train_dataloader())
-        limit = trainer.limit_train_batches
-        batches = min(batches, int(limit)) if isinstance(limit, int) else int(batches * float(limit))
+        batches = epoch_length(len(datamodule.train_dataloader()), trainer.limit_train_batches)
         steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
         return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
 
