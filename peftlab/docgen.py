@@ -114,7 +114,8 @@ def render() -> str:
         if not isinstance(cls, type) or cls is methods.PeftModule:  # METHODS (the registry) is not a class
             continue
         own = [r for r in parameter_rows(cls) if r[0] not in base_names or _overrides(cls, r[0])]
-        out += [f"### `peftlab.methods.{name}`", "", _roles(_first_paragraph(cls)), ""]
+        family = [f"Family: {cls.family}.", ""] if cls.family else []
+        out += [f"### `peftlab.methods.{name}`", "", *family, _roles(_first_paragraph(cls)), ""]
         parents = [b.__name__ for b in cls.__mro__[1:] if b.__name__ in methods.__all__ and b is not methods.PeftModule]
         out += (_table(own, "model.init_args.") if own else ["No arguments of its own."]) + [""]
         if parents:

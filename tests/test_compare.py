@@ -47,6 +47,8 @@ from peftlab.errors import PeftLabError
     ({"generation": {"max_new_tokens": 4, "during_validation": "yes"}},
      "generation.during_validation: must be true or false (got 'yes')"),
     ({"methods": {"lora": {"title": 3}}}, "methods.lora.title: must be a string (got 3)"),
+    # null only where the key has a meaning for it (pruner: none); elsewhere it is refused, not read as the default
+    ({"bootstrap": {"reps": None}}, "bootstrap.reps: must be an integer (got None)"),
 ])
 def test_study_file_errors_are_one_line_before_any_run(tmp_path, tiny_bert, sentiment_csv, capsys, change, expected):
     study = tiny_study(tmp_path, tiny_bert, sentiment_csv, **change)

@@ -181,6 +181,23 @@ def test_an_installed_plugin_registers_through_its_entry_point(new_method, monke
     assert "scale_tuning" in method_names()
 
 
+def test_methods_are_listed_by_their_class_family_then_in_definition_order(new_method):
+    """The listing order comes from each class's ``family``: every shipped method declares one of FAMILIES, the
+    families appear in FAMILIES' order, a method of no family (the user's ScaleTuning) comes last."""
+    import scale_method  # noqa: F401 - registers ScaleTuning, family None
+
+    from peftlab.methods.registry import FAMILIES, METHODS, method_names
+
+    names = method_names()
+    assert names[0] == "full" and names[-1] == "scale_tuning"
+    shipped = [n for n in names if METHODS[n].__module__.startswith("peftlab.methods.")]
+    assert all(METHODS[n].family in FAMILIES for n in shipped), {n: METHODS[n].family for n in shipped}
+    ranks = [FAMILIES.index(METHODS[n].family) for n in shipped]
+    assert ranks == sorted(ranks)
+    assert names.index("lora") < names.index("dora") < names.index("prompt_tuning") < names.index("adapters")
+    assert {METHODS[n].family for n in ("vera", "qlora", "adalora")} == {"low-rank"}
+
+
 def test_estimate_memory_all_skips_a_registered_method_that_does_not_apply(tiny_llama, capsys, monkeypatch):
     """`--method all` with a method that cannot build on this backbone (BitFit on a Llama, which has no biases):
     that method is named and skipped on stderr, the others are estimated; asked for alone, it is the error."""

@@ -9,7 +9,7 @@ import importlib as _importlib
 import pkgutil as _pkgutil
 
 from peftlab.methods.base import PeftModule
-from peftlab.methods.registry import DISPLAY_ORDER, METHODS
+from peftlab.methods.registry import METHODS, display_order
 
 for _info in sorted(_pkgutil.iter_modules(__path__), key=lambda m: m.name):
     _module = _importlib.import_module(f"{__name__}.{_info.name}")
@@ -21,6 +21,6 @@ for _info in sorted(_pkgutil.iter_modules(__path__), key=lambda m: m.name):
 # display order without load_plugins(): a plugin that imports peftlab.methods must not run inside this import
 __all__ = ["METHODS", "PeftModule"] + [
     METHODS[n].__name__
-    for n in sorted(METHODS, key=lambda n: DISPLAY_ORDER.index(n) if n in DISPLAY_ORDER else len(DISPLAY_ORDER))
+    for n in display_order(METHODS)
     if METHODS[n].__module__.startswith(f"{__name__}.")
 ]

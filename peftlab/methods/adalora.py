@@ -58,6 +58,7 @@ class AdaLoRA(PeftBackedMethod):
     """
 
     name = "adalora"
+    family = "low-rank"
     peft_type = "ADALORA"
     mergeable = True
     adapts_targets = True

@@ -97,6 +97,7 @@ class BottleneckAdapter(PeftModule):
     """
 
     name = "adapters"
+    family = "adapter"
     scaled_knobs = ("bottleneck",)
     stack_role = "additive"
     advice = ("a larger bottleneck (128-256)", "a smaller bottleneck (16-32); dropout 0.1; fewer epochs")

@@ -115,6 +115,9 @@ class PeftModule(TokenWeightedLoss, Optimization, AdapterCheckpoints, L.Lightnin
     # ------------------------------------------------------------------ what a method declares about itself
     #: short name: the key of :data:`METHODS` and of ``--method`` in estimate-memory; None = not registered
     name: ClassVar[str | None] = None
+    #: the family it is listed with (:data:`~peftlab.methods.registry.FAMILIES`: ``baseline``, ``low-rank``,
+    #: ``soft prompt``, ``adapter``, ``composition``); listings show families in that order
+    family: ClassVar[str | None] = None
     #: the preset config (a YAML with a ``model:`` section); default ``configs/methods/<name>.yaml``
     preset: ClassVar[str | None] = None
     #: the trained update folds into the backbone's weights (``peftlab merge``): the class provides

@@ -10,6 +10,7 @@ class FullFineTuning(PeftModule):
     """Train every backbone parameter (nothing frozen). Use a smaller learning rate than for adapters (e.g. 2e-5)."""
 
     name = "full"
+    family = "baseline"
     preset = str(PRESETS_DIR.parent / "full_finetune.yaml")
     trainable_dtype = "precision"
     advice = ("a higher learning rate (5e-5) or more epochs", "a lower learning rate; weight decay; fewer epochs; "

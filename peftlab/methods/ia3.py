@@ -28,6 +28,7 @@ class IA3(PeftBackedMethod):
     """
 
     name = "ia3"
+    family = "adapter"
     peft_type = "IA3"
     mergeable = True
     advice = ("a higher learning rate (IA3 trains few parameters; 1e-2); more steps; more target modules",

@@ -62,6 +62,7 @@ class LoRA(PeftBackedMethod):
     """
 
     name = "lora"
+    family = "low-rank"
     peft_type = "LORA"
     mergeable = True
     composable = True

@@ -28,6 +28,7 @@ class PTuning(PeftBackedMethod):
     """
 
     name = "p_tuning"
+    family = "soft prompt"
     scaled_knobs = ("num_virtual_tokens",)
     supports_packing = False  # virtual tokens per row
     pads_exactly = False  # virtual positions ahead of the padding

@@ -161,6 +161,7 @@ class PTuningV2(PeftBackedMethod):
     """
 
     name = "p_tuning_v2"
+    family = "soft prompt"
     scaled_knobs = ("num_virtual_tokens",)
     stack_role = "prompt"
     supports_packing = False  # virtual tokens per row

@@ -35,6 +35,7 @@ class PrefixTuning(PeftBackedMethod):
     """
 
     name = "prefix_tuning"
+    family = "soft prompt"
     scaled_knobs = ("num_virtual_tokens",)
     stack_role = "prompt"
     supports_packing = False  # virtual tokens per row

@@ -32,6 +32,7 @@ class PromptTuning(PeftBackedMethod):
     """
 
     name = "prompt_tuning"
+    family = "soft prompt"
     scaled_knobs = ("num_virtual_tokens",)
     stack_role = "prompt"
     supports_packing = False  # virtual tokens per row

@@ -25,9 +25,11 @@ _CLASSES: weakref.WeakSet = weakref.WeakSet()
 #: configs/methods/ of the repository: the preset (the one source of hyperparameters) of each shipped method
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "methods"
 
-#: the baseline first, then by family; other registered methods after, as imported
-DISPLAY_ORDER = ("full", "lora", "qlora", "dora", "rslora", "pissa", "lora_plus", "adalora", "prompt_tuning",
-                 "p_tuning", "prefix_tuning", "p_tuning_v2", "adapters", "lora_prompt", "stack")
+#: the families a method class declares (``PeftModule.family``), in display order: the baseline first; a method
+#: of no listed family (a plugin's) comes after them
+FAMILIES = ("baseline", "low-rank", "soft prompt", "adapter", "composition")
+#: definition order of the registered classes: the order inside a family
+_DEFINED: dict[str, int] = {}
 
 
 def register(cls: type) -> None:
@@ -36,6 +38,15 @@ def register(cls: type) -> None:
     _CLASSES.add(cls)
     if cls.__dict__.get("name"):
         METHODS[cls.name] = cls
+        _DEFINED.setdefault(cls.name, len(_DEFINED))
+
+
+def display_order(names) -> list[str]:
+    """Registered method ``names`` by family (:data:`FAMILIES`), then in the order their classes were defined."""
+    def key(name: str) -> tuple[int, int]:
+        family = METHODS[name].family
+        return (FAMILIES.index(family) if family in FAMILIES else len(FAMILIES), _DEFINED[name])
+    return sorted(names, key=key)
 
 
 def preset_path(cls: type) -> Path | None:
@@ -80,7 +91,7 @@ def method_names() -> list[str]:
     """Every registered method (``PeftModule`` subclasses with a ``name``: the shipped ones, plugins and any
     imported), in display order."""
     load_plugins()
-    return sorted(METHODS, key=lambda n: DISPLAY_ORDER.index(n) if n in DISPLAY_ORDER else len(DISPLAY_ORDER))
+    return display_order(METHODS)
 
 
 def method_class(name: str) -> type:

@@ -124,6 +124,7 @@ class StackedMethod(PeftModule):
     """The machinery of :class:`Stack` and its presets: a subclass records its parts in ``self._parts`` (``{"additive":
     spec or None, "prompt": spec or None}``, each checked by :func:`parse_part`) after ``super().__init__``."""
 
+    family = "composition"
     supports_packing = False  # a prompt part adds virtual tokens per row
     pads_exactly = False  # virtual positions ahead of the padding
     mergeable = True  # when its additive part is (merge_refusal)

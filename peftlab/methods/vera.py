@@ -30,6 +30,7 @@ class VeRA(PeftBackedMethod):
     """
 
     name = "vera"
+    family = "low-rank"
     peft_type = "VERA"
     mergeable = True
     scaled_knobs = ("r",)
