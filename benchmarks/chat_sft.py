@@ -2,7 +2,7 @@
 
     python benchmarks/chat_sft.py            # batch 4, 1 + 6 steps, 2 repeats (about 30 min on a loaded 2-core CPU)
     python benchmarks/chat_sft.py --batch_size 2 --steps 3 --repeats 2   # what docs/benchmarks.md records (~10 min)
-    python benchmarks/chat_sft.py --smoke    # two steps each (CI: tests/test_benchmarks.py, skipped without trl)
+    python benchmarks/chat_sft.py --smoke    # two steps each (CI: tests/integration/test_benchmarks.py, skipped without trl)
 
 LoRA (r 8, alpha 16, dropout 0, all-linear, lr 3e-4, linear decay, no warm-up) on packaged:SmolLM2-135M-Instruct,
 trained on packaged:rotten_tomatoes_chat with the loss on the assistant turns only, three ways in ONE process,

@@ -3,7 +3,7 @@
     python benchmarks/defaults.py                 # everything (about 30 min on 2 idle CPU cores)
     python benchmarks/defaults.py --only packing  # one part
     python benchmarks/defaults.py --only packing --packing_max_length 256  # packing at another length (packing_256)
-    python benchmarks/defaults.py --smoke         # a few steps each (CI: tests/test_benchmarks.py)
+    python benchmarks/defaults.py --smoke         # a few steps each (CI: tests/integration/test_benchmarks.py)
 
 1. ``defaults``: the quickstart (MiniLM, LoRA, batch 32) with peftlab's defaults (length-grouped batches) against
    what a user writes first, a hand-written loop over random batches of the same size, and against the HF
@@ -172,7 +172,7 @@ def bench_packing(smoke: bool, max_length: int = 128) -> dict:
             "runs": results,
             "note": "the same number of optimizer steps: packed steps carry more target tokens, so its validation "
                     "loss after them is lower or equal; equal quality per token is what the token-exact loss and "
-                    "tests/test_token_loss.py guarantee (packed loss and gradients = unpacked, 1e-5)"}
+                    "tests/unit/test_token_loss.py guarantee (packed loss and gradients = unpacked, 1e-5)"}
 
 
 # ---------------------------------------------------------------------------------------------- 3. compile

@@ -1,7 +1,7 @@
 """peftlab's lm-eval wrapper against lm-eval's own HFLM on the same merged LoRA SmolLM2 (issue #31: >= 0.9x).
 
     python benchmarks/eval_lm.py            # 120 multiple-choice + 32 generation examples, 3 interleaved repeats
-    python benchmarks/eval_lm.py --smoke    # a few examples (CI: tests/test_benchmarks.py)
+    python benchmarks/eval_lm.py --smoke    # a few examples (CI: tests/integration/test_benchmarks.py)
 
 A LoRA (r 8 on q_proj/v_proj, its B matrices drawn at random so the update is not zero: no training is needed to
 time scoring) on packaged:SmolLM2-135M-Instruct is merged into a plain transformers model once. That one model is

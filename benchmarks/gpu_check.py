@@ -18,7 +18,7 @@ Steps, each recorded as passed / failed with its numbers in DIR/gpu_check.json (
 4. peftlab's training throughput against the hand-written loop of ``benchmarks/throughput.py`` on the same batches,
    as a samples/s ratio (interleaved repeats).
 
-Nothing here is needed on a CPU; ``--smoke`` exists so that the script itself is tested (tests/test_benchmarks.py).
+Nothing here is needed on a CPU; ``--smoke`` exists so that the script itself is tested (tests/integration/test_benchmarks.py).
 """
 
 from __future__ import annotations

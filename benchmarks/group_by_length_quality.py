@@ -1,7 +1,7 @@
 """Does length-grouped batching change results? The quickstart on 3 seeds with and without it.
 
     python benchmarks/group_by_length_quality.py            # 6 full quickstart runs (about 40 min on 2 CPU cores)
-    python benchmarks/group_by_length_quality.py --smoke    # 2 short runs (CI: tests/test_benchmarks.py)
+    python benchmarks/group_by_length_quality.py --smoke    # 2 short runs (CI: tests/integration/test_benchmarks.py)
 
 Each run is the real ``peftlab fit --config configs/quickstart.yaml`` with ``--seed_everything S`` (model
 initialisation, dropout and shuffling change with the seed; the data split stays ``split_seed: 42``) and

@@ -88,7 +88,7 @@ def render(results: dict) -> str:
         "repeats interleaved (peftlab, reference, peftlab, reference, ...) so that load from other processes "
         "hits both alike. Tables show the median over repeats and the spread: (min-max) of the per-repeat "
         "ratios, or ± half the range as a percentage of the median. Benchmarks are not tests: the test suite "
-        "runs them in smoke mode only (`tests/test_benchmarks.py`) and asserts no timing.",
+        "runs them in smoke mode only (`tests/integration/test_benchmarks.py`) and asserts no timing.",
         "",
         "```bash",
         "python benchmarks/run.py                 # everything, default budget (writes benchmarks/results.json and this page)",

@@ -25,7 +25,7 @@ Mixed batches (rows naming different adapters, or ``None`` for the plain backbon
   bottleneck adapters, stacks) and for classification adapters whose label count is not the backbone's: each
   adapter's rows run through its own module tree as one sub-batch.
 
-Either way the results come back in row order and equal each row run alone (tests/test_adapter_set.py).
+Either way the results come back in row order and equal each row run alone (tests/integration/test_adapter_set_runs.py).
 :meth:`AdapterSet.routing` says which adapter is routed how.
 """
 

@@ -76,7 +76,7 @@ def hide_bitsandbytes_during_meta_builds() -> None:
     import, the LoRA dispatch at injection), and bitsandbytes probes its native backends at import, about 0.8 s of
     the ~5 s such a command takes (docs/benchmarks.md, section 6). Nothing built on the meta device is quantized (a
     QLoRA backbone counts its 4-bit weights analytically, :meth:`QLoRA.quantized_weights`), so the counts are the
-    same (``tests/test_analysis.py`` compares both ways). Not for a process that goes on to train: peft and
+    same (``tests/integration/test_analysis_runs.py`` compares both ways). Not for a process that goes on to train: peft and
     transformers cache "bitsandbytes is not installed" for the rest of the process, so ``main()`` enables this only
     for the console script's meta-only commands, never for in-process calls."""
     _META["hide_bitsandbytes"] = True

@@ -13,7 +13,7 @@ that line:
   ``estimate-memory`` parse their ``--config`` with ``peftlab fit``'s parser).
 
 jsonargparse words its errors for people reading the whole report (every Union branch it tried, the usage);
-the patterns below depend on that wording, so ``tests/test_cli_errors.py`` builds its inputs by running real
+the patterns below depend on that wording, so ``tests/unit/test_cli_errors.py`` builds its inputs by running real
 jsonargparse parsers: an upgrade that rewords an error fails those tests instead of degrading the messages.
 """
 

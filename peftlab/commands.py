@@ -37,7 +37,7 @@ from peftlab.errors import PeftLabError
 
 class Command(NamedTuple):
     """One row of the command table: where the function is, and the line ``peftlab --help`` shows for it
-    (the first line of the function's docstring; ``tests/test_cli.py`` checks that they agree)."""
+    (the first line of the function's docstring; ``tests/unit/test_cli.py`` checks that they agree)."""
 
     target: str  # "module:function"
     summary: str

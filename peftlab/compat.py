@@ -2,7 +2,7 @@
 
 Every workaround here is applied only when the installed libraries show the behaviour it works around
 (checked on the objects, not on version numbers), so it does nothing on versions that do not need it.
-``tests/test_compat.py`` checks each against an independent computation on the versions installed, and
+``tests/unit/test_compat.py`` checks each against an independent computation on the versions installed, and
 ``KNOWN_BAD`` lists combinations no workaround can save, which ``peftlab fit`` refuses up front.
 
 The KV-cache argument rename (transformers 5.24.0, peft <= 0.21.2)

@@ -21,7 +21,7 @@ of every task (``data.tasks``, :mod:`peftlab.data.multitask`); each task's rows 
 each task's loss is its own mean over its own target tokens. So a row's gradient reaches only its task's adapter,
 each adapter's gradient is exactly that of a run of its task alone on the same rows, and AdamW (per parameter)
 and per-task gradient clipping keep it so: K adapters trained together equal K runs of one task each
-(``tests/test_multitask.py``). The optimizer, its schedule and weight decay are the run's; the learning rate may
+(``tests/unit/test_multitask.py``). The optimizer, its schedule and weight decay are the run's; the learning rate may
 differ per task.
 
 Validation and test report every metric per task (``val/<task>/loss``, ...) and ``val/loss``, the mean of the

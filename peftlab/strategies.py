@@ -23,7 +23,7 @@ FSDP1 (Lightning's ``FSDPStrategy``) and DeepSpeed configs were retired in favou
 says why. QLoRA's packed 4-bit weights are sharded like any tensor (with a mixed-precision policy they must be stored
 in its dtype: ``model.quant_storage``); its backbone loads in full (then shards), the sharded start does not
 apply to quantized loading.
-Tested on CPU with 2 processes over gloo (tests/test_fsdp2.py); see docs/distributed.md for what ran on GPUs.
+Tested on CPU with 2 processes over gloo (tests/integration/test_fsdp2_runs.py); see docs/distributed.md for what ran on GPUs.
 """
 
 from __future__ import annotations

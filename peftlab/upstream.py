@@ -2,13 +2,13 @@
 uses.
 
 Each one is here because no public API does the job (where one does, peftlab uses it instead). An upgrade may
-change any of them without notice, so ``tests/test_upstream.py`` checks every entry against the installed
+change any of them without notice, so ``tests/unit/test_upstream.py`` checks every entry against the installed
 libraries: that it still exists, with the expected parameters, and still behaves as peftlab relies on; that
 the file named in ``where`` still uses it (so this list does not go stale); and that peftlab's code uses no
 private name of another library that is missing from this list. A failure names the entry and what changed.
 
 jsonargparse's *error wording* is not an API, but peftlab's one-line errors depend on it as well: those
-patterns live in :mod:`peftlab.cli_errors`, tested by ``tests/test_cli_errors.py`` against real jsonargparse
+patterns live in :mod:`peftlab.cli_errors`, tested by ``tests/unit/test_cli_errors.py`` against real jsonargparse
 parsers.
 """
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A throwaway local PostgreSQL server for the tests of `peftlab compare --storage postgresql://...`
-# (tests/test_compare_postgres.py). scripts/test.sh starts one before pytest and stops it afterwards.
+# (tests/integration/test_compare_postgres_runs.py). scripts/test.sh starts one before pytest and stops it afterwards.
 #
 #   bash scripts/postgres.sh start DIR   # prints the server's URL (postgresql://peftlab@127.0.0.1:PORT/peftlab)
 #   bash scripts/postgres.sh stop DIR    # stops it and deletes DIR

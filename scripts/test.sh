@@ -7,7 +7,7 @@
 #       in .venv-latest/peftlab-latest-passed.txt, which `bash scripts/lock.sh --upgrade` requires.
 #
 # A throwaway PostgreSQL server (scripts/postgres.sh) runs for the duration of the tests, its URL in
-# PEFTLAB_TEST_POSTGRES, for tests/test_compare_postgres.py (skipped with the printed reason where none can start).
+# PEFTLAB_TEST_POSTGRES, for tests/integration/test_compare_postgres_runs.py (skipped with the printed reason where none can start).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -18,7 +18,7 @@ start_postgres() {
     PEFTLAB_TEST_POSTGRES="$(bash "$root/scripts/postgres.sh" start "$pgdir")"
     export PEFTLAB_TEST_POSTGRES
     [ -n "$PEFTLAB_TEST_POSTGRES" ] && echo "[test] PostgreSQL for the tests: $PEFTLAB_TEST_POSTGRES"
-    # none started: tests/test_compare_postgres.py is skipped, giving the reason printed above
+    # none started: tests/integration/test_compare_postgres_runs.py is skipped, giving the reason printed above
     [ -n "$PEFTLAB_TEST_POSTGRES" ] || export PEFTLAB_TEST_POSTGRES=none
 }
 if [ "${1:-}" = "--latest" ]; then

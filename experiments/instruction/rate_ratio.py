@@ -4,7 +4,7 @@ ratio: rates are searched log-uniformly).
 
     python experiments/instruction/rate_ratio.py            # reads experiments/instruction/lr_rule.results.json
 
-Its output is the table in experiments/instruction/lr_rule_notes.md (tests/test_compare.py checks they agree).
+Its output is the table in experiments/instruction/lr_rule_notes.md (tests/unit/test_compare.py checks they agree).
 """
 
 from __future__ import annotations

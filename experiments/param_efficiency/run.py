@@ -98,7 +98,7 @@ def main() -> None:
         "",
         f"Total parameters of the shape: {total:,} (embeddings 131,072,000 and LM head 131,072,000 untied).",
         "",
-        "## Formulas (checked by tests/test_analysis.py)",
+        "## Formulas (checked by tests/unit/test_analysis.py)",
         "",
         "- prompt tuning: `N x hidden` = 20 x 4096 = 81,920",
         "- prefix tuning (no MLP): `layers x 2 (K and V) x N x kv_heads x head_dim` = 32 x 2 x 10 x 4096 = 2,621,440",

@@ -70,7 +70,7 @@ def open_storage(url: str, *, heartbeat: bool = True):
                     return optuna.storages.RDBStorage(url, **kwargs)
             except IntegrityError:
                 # machines starting at once race to create Optuna's tables (PostgreSQL: "duplicate key value ...
-                # pg_type_typname_nsp_index", seen in tests/test_compare_postgres.py): the loser's retry finds them
+                # pg_type_typname_nsp_index", seen in tests/integration/test_compare_postgres_runs.py): the loser's retry finds them
                 if attempt == 4:
                     raise
                 time.sleep(1.0 + attempt)

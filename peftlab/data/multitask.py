@@ -2,7 +2,7 @@
 training batches that hold rows of every task (``{task: sub-batch}``, :class:`~peftlab.data.loading.CycleLoader`).
 
 Each task's rows are its own data module's batches at its share of the batch size: with ``shuffle: false`` exactly
-the batches a run of that task alone at that batch size sees (``tests/test_multitask.py`` relies on it); shuffled,
+the batches a run of that task alone at that batch size sees (``tests/unit/test_multitask.py`` relies on it); shuffled,
 each task's order is drawn from the run's random state after the tasks before it drew theirs.
 """
 

@@ -40,7 +40,7 @@ class LoRAPromptTuning(StackedMethod):
     """
 
     name = "lora_prompt"
-    # not mergeable (tests/test_registry.py): the same parts as a Stack merge
+    # not mergeable (tests/unit/test_registry.py): the same parts as a Stack merge
     mergeable = False
     merged_model = PeftModule.merged_model
     scaled_knobs = ("r", "num_virtual_tokens")

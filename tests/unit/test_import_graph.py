@@ -12,7 +12,11 @@ import ast
 import functools
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "peftlab"
+import pytest
+
+from conftest import ROOT
+
+PACKAGE = ROOT / "peftlab"
 #: function-local imports of peftlab/ (any module): 222 before issue #29, 208 after its refactor, 263 once the
 #: chat, evaluation, serving and tracker work was merged; lower it when you remove some
 LOCAL_IMPORTS_MAX = 249
@@ -143,3 +147,19 @@ def test_function_local_imports_do_not_grow():
     _, _, count = import_graph()
     assert count <= LOCAL_IMPORTS_MAX, (f"{count} function-local imports in peftlab/ (at most {LOCAL_IMPORTS_MAX}); "
                                         "import at module level unless the import is heavy or optional")
+
+
+def test_the_unit_boundary_fails_a_test_that_starts_a_process_or_loads_a_packaged_model():
+    """tests/unit/conftest.py's guard: what would make a unit test an integration test fails it, naming the fix."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModel
+
+    from peftlab import assets
+
+    with pytest.raises(AssertionError, match="belongs in tests/integration/"):
+        subprocess.run([sys.executable, "-c", "pass"])
+    with pytest.raises(AssertionError, match="belongs in tests/integration/"):
+        AutoModel.from_pretrained(assets.resolve_model("packaged:all-MiniLM-L6-v2"))
+    assert subprocess.run(["git", "--version"], capture_output=True).returncode == 0  # a fact a run record names

@@ -163,7 +163,6 @@ def example(run: str, /, *, mode: Literal["exact", "linear"] = "exact",
         force: whether
     """
 
-
 @pytest.fixture
 def example_parser(monkeypatch):
     from peftlab import commands

@@ -150,7 +150,7 @@ def matrix(column: str) -> list:
 
 def spec_of(name, kwargs):
     if kwargs is None:
-        pytest.fail(f"method {name!r} is registered but has no row in tests/test_methods.py SPECS and no EXCLUDED "
+        pytest.fail(f"method {name!r} is registered but has no row in tests/unit/test_methods.py SPECS and no EXCLUDED "
                     "reason: add its arguments and exact counts")
     return kwargs
 

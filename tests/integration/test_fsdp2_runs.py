@@ -1,6 +1,9 @@
 """FSDP2 (``peftlab.strategies.FSDP2Strategy``) on 2 CPU processes over gloo: every method trains the same adapter
 as 1 process with the same global batch, checkpoints hold only the trainable parameters and optimizer state,
-exports gather only the trainable parameters and load with plain peft, and a SIGKILLed run resumes exactly."""
+exports gather only the trainable parameters and load with plain peft, and a SIGKILLed run resumes exactly.
+
+This file holds the tests that start processes or load a packaged model; the in-process ones are in
+tests/unit/test_fsdp2.py."""
 
 from __future__ import annotations
 
@@ -29,9 +32,14 @@ METHODS = {
     "qlora": ("QLoRA", {"r": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "compute_dtype": "float32",
                         "optimizer": "adamw", "quant_storage": "bfloat16"}),
 }
+
+
 STEPS = 3
+
+
 # trained as well with the whole backbone loaded on each process before sharding (sharded_start: false)
 FULL_START = "lora_full_start"
+
 
 SCRIPT = '''
 import json, sys
@@ -245,27 +253,6 @@ def test_a_qlora_adapter_trained_under_fsdp2_loads_and_merges(fsdp2_runs):
     ids = torch.randint(5, 500, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, module(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
-
-
-def test_packed_weights_a_mixed_precision_policy_would_cast_are_refused_in_one_line():
-    """QLoRA's 4-bit values stored as uint8 (or any dtype but the policy's) would be cast by mixed_precision: bf16."""
-    from peftlab.errors import PeftLabError
-    from peftlab.strategies import FSDP2Strategy
-
-    class Packed:
-        model = torch.nn.Linear(2, 2).requires_grad_(False)
-
-        def quantized_weights(self):
-            return {id(self.model.weight): 2}
-
-    Packed.model.weight.data = Packed.model.weight.data.to(torch.uint8)
-    FSDP2Strategy().check_packed_weights(Packed(), Packed.model)  # no policy: the bytes are moved as they are
-    with pytest.raises(PeftLabError, match=r"Packed's quantized weights are stored as torch.uint8 and mixed_precision: "
-                                           r"bf16 would cast .* \(model.quant_storage: bfloat16\) or set the strategy's "
-                                           r"mixed_precision: null"):
-        FSDP2Strategy(mixed_precision="bf16").check_packed_weights(Packed(), Packed.model)
-    Packed.model.weight.data = Packed.model.weight.data.to(torch.bfloat16)
-    FSDP2Strategy(mixed_precision="bf16").check_packed_weights(Packed(), Packed.model)  # stored in the policy's dtype
 
 
 MEMORY_SCRIPT = '''

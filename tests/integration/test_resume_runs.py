@@ -5,6 +5,9 @@ Each case: the uninterrupted reference (in this process), the same run in a real
 with SIGKILL right after a checkpoint (every rank, at the same step), then the resume (``--ckpt_path last`` or
 the explicit path of ``last.ckpt``). LoRA dropout and a warm-up schedule are on, so the RNG, the loader position
 and the scheduler must all be restored.
+
+This file holds the tests that start processes or load a packaged model; the in-process ones are in
+tests/unit/test_resume.py.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PEFTLAB, run_main, write_config
+from conftest import PEFTLAB, resumed_run_dir, run_main, write_config
 
 KILLER = '''
 import os
@@ -37,6 +40,7 @@ class KillAt(Callback):
         if self.step and trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
 '''
+
 
 # 120 rows - 10% validation - 10% test = 96 training rows, batch 8: 12 batches per epoch
 CASES = {
@@ -83,11 +87,6 @@ def _subprocess(args, tmp_path):
     return subprocess.run([PEFTLAB, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _run_dir(tmp_path, name) -> Path:
-    (run,) = sorted((tmp_path / name / "r").glob("version_*"))  # the resume continued in the killed run's directory
-    return run
-
-
 def _checkpoint_names(run: Path) -> set[str]:
     return {p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith(".")}
 
@@ -107,7 +106,7 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(case, tmp_path, tin
         _in_process(["fit", "--config", reference, *common], capsys, tmp_path)
     result = _subprocess(["fit", "--config", killed, *common], tmp_path)
     assert result.returncode == -9, result.stdout[-2000:] + result.stderr[-2000:]  # SIGKILL, not a clean exit
-    run = _run_dir(tmp_path, "killed")
+    run = resumed_run_dir(tmp_path, "killed")
     ckpt = run / "checkpoints/last.ckpt"
     assert torch.load(ckpt, weights_only=True)["global_step"] == expected_step
 
@@ -120,8 +119,8 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(case, tmp_path, tin
     else:
         output = _in_process(resume, capsys, tmp_path)
     assert f"resuming from {ckpt}" in output
-    run = _run_dir(tmp_path, "killed")  # still one run directory: the resume continued it
-    ref_run = _run_dir(tmp_path, "reference")
+    run = resumed_run_dir(tmp_path, "killed")  # still one run directory: the resume continued it
+    ref_run = resumed_run_dir(tmp_path, "reference")
     for which in ("last", "best"):
         expected_file = ref_run / f"adapter/{which}/adapter_model.safetensors"
         if not expected_file.exists():
@@ -146,55 +145,8 @@ def test_last_checkpoint_is_the_newest_state_even_without_improvement(tmp_path, 
                    {"class_path": "killer.KillAt", "init_args": {"step": 8}}])
     result = _subprocess(["fit", "--config", config, "--test_after_fit", "false"], tmp_path)
     assert result.returncode == -9
-    run = _run_dir(tmp_path, "flat")
+    run = resumed_run_dir(tmp_path, "flat")
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 6  # the last validation
     (best,) = [p for p in (run / "checkpoints").glob("epoch=*.ckpt")]
     assert torch.load(best, weights_only=True)["global_step"] == 3  # no improvement after the first validation
     assert "ModelCheckpoint(save_last) is turned off" in result.stdout
-
-
-def test_a_checkpoint_of_another_run_starts_a_new_run(tmp_path, tiny_bert, sentiment_csv, capsys):
-    """An explicit --ckpt_path outside this config's runs is a starting point, not a run to continue."""
-    first = write_config(tmp_path, tiny_bert, sentiment_csv, runs="a", name="a.yaml", trainer={"max_steps": 2})
-    assert run_main(["fit", "--config", first, "--test_after_fit", "false"], capsys)[0] == 0
-    ckpt = tmp_path / "a/r/version_0/checkpoints/last.ckpt"
-    second = write_config(tmp_path, tiny_bert, sentiment_csv, runs="b", name="b.yaml", trainer={"max_steps": 4})
-    code, out, err = run_main(["fit", "--config", second, "--test_after_fit", "false", "--ckpt_path", str(ckpt)], capsys)
-    assert code == 0, err
-    assert "resuming from" not in out
-    assert torch.load(tmp_path / "b/r/version_0/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
-
-
-# (trainer settings, steps of the first part, steps in all): an epoch of 12 batches; one of 5 (limit_train_batches)
-EPOCH_ENDS = {"epoch_of_12": ({"val_check_interval": 5}, 12, 14),
-              "limit_train_batches": ({"limit_train_batches": 5, "val_check_interval": 2}, 5, 7)}
-
-
-@pytest.mark.parametrize("case", list(EPOCH_ENDS))
-def test_a_run_stopped_by_max_steps_at_an_epoch_end_continues_exactly(case, tmp_path, tiny_bert, sentiment_csv,
-                                                                     capsys):
-    """A run whose max_steps ends an epoch and is continued equals the longer run: on resume Lightning draws once
-    from the finished epoch's iterator, which must be empty and leave the RNG as it was saved (also where
-    limit_train_batches ends the epoch early). A constant rate: the first part's schedule would otherwise differ;
-    no validation at its last step."""
-    settings, first, steps = EPOCH_ENDS[case]
-
-    def config(name, steps):
-        return write_config(tmp_path, tiny_bert, sentiment_csv, runs=name, name=f"{name}.yaml",
-                            model={"dropout": 0.1, "scheduler": "constant"},
-                            trainer={"max_steps": steps, "limit_val_batches": 1, **settings})
-
-    assert run_main(["fit", "--config", config("reference", steps), "--test_after_fit", "false"], capsys)[0] == 0
-    part = config("part", first)
-    assert run_main(["fit", "--config", part, "--test_after_fit", "false"], capsys)[0] == 0
-    code, _, err = run_main(["fit", "--config", part, "--test_after_fit", "false", "--trainer.max_steps", str(steps),
-                             "--ckpt_path", "last"], capsys)
-    assert code == 0, err
-    ref_ckpt = torch.load(_run_dir(tmp_path, "reference") / "checkpoints/last.ckpt", weights_only=True)
-    got_ckpt = torch.load(_run_dir(tmp_path, "part") / "checkpoints/last.ckpt", weights_only=True)
-    assert (got_ckpt["epoch"], got_ckpt["global_step"]) == (ref_ckpt["epoch"], ref_ckpt["global_step"])
-    expected = load_file(str(_run_dir(tmp_path, "reference") / "adapter/last/adapter_model.safetensors"))
-    got = load_file(str(_run_dir(tmp_path, "part") / "adapter/last/adapter_model.safetensors"))
-    assert got.keys() == expected.keys()
-    for name in expected:
-        assert torch.equal(got[name], expected[name]), name

@@ -1,5 +1,8 @@
 """peftlab evaluate: the lm-eval LM wrapper (exact log-likelihoods for every kind of method), the shipped tasks,
-the standard-task path on a local copy of a standard task's YAML, results on disk, and the one-line refusals."""
+the standard-task path on a local copy of a standard task's YAML, results on disk, and the one-line refusals.
+
+This file holds the in-process tests; those that start processes or load a packaged model are in
+tests/integration/test_evaluate_runs.py."""
 
 from __future__ import annotations
 
@@ -9,35 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import exported_perturbed
 from peftlab.errors import PeftLabError
 
 pytest.importorskip("lm_eval")
 
-DATA = Path(__file__).parent / "data" / "eval"
+
 REVIEWS = [("A warm, funny and wise film.", "fresh"), ("Dull, long and pointless.", "rotten"),
            ("The cast is wonderful and the script sings.", "fresh"), ("A mess from start to finish.", "rotten"),
            ("Beautifully shot, deeply moving.", "fresh"), ("I wanted my two hours back.", "rotten")]
-
-
-def _perturbed(module, seed=0):
-    """``module`` with its trainable parameters moved off their initial values (a LoRA B of zeros would make
-    the adapter a no-op and every comparison trivially true)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return module.eval()
-
-
-def _run(tmp_path, backbone, method, **kw):
-    """An exported (untrained, perturbed) run of ``method`` on the tiny Llama, loaded back with load_run."""
-    from peftlab.api import load_run
-    from peftlab.export import export_adapter
-
-    module = _perturbed(method(backbone=backbone, task="causal_lm", **kw).build())
-    export_adapter(module, tmp_path / "adapter")
-    return load_run(str(tmp_path / "adapter")), tmp_path / "adapter"
 
 
 class _Request:
@@ -82,7 +65,7 @@ def test_loglikelihoods_equal_a_direct_computation_through_the_module(tmp_path, 
     from peftlab.eval_lm import PeftLabLM
 
     cls, kw = METHODS[name]
-    run, _ = _run(tmp_path, tiny_llama, getattr(methods, cls), **kw)
+    run, _ = exported_perturbed(tmp_path, tiny_llama, getattr(methods, cls), **kw)
     lm = PeftLabLM.from_run(run, batch_size=5)
     requests = _pairs()
     got = [score for score, _ in lm.loglikelihood(requests)]
@@ -95,7 +78,7 @@ def test_merged_and_unmerged_lora_score_the_same(tmp_path, tiny_llama):
     from peftlab.eval_lm import PeftLabLM
     from peftlab.methods import LoRA
 
-    run, _ = _run(tmp_path, tiny_llama, LoRA, r=4, target_modules=["q_proj", "v_proj"])
+    run, _ = exported_perturbed(tmp_path, tiny_llama, LoRA, r=4, target_modules=["q_proj", "v_proj"])
     tok = run.module.tokenizer
     unmerged = PeftLabLM.from_run(run, batch_size=4)
     merged = PeftLabLM(run.module.merged_model(), tok, batch_size=4)
@@ -140,7 +123,7 @@ def test_generate_until_stops_at_the_stop_string_and_matches_unbatched(tmp_path,
     from peftlab.eval_lm import PeftLabLM
     from peftlab.methods import PromptTuning
 
-    run, _ = _run(tmp_path, tiny_llama, PromptTuning, num_virtual_tokens=4)
+    run, _ = exported_perturbed(tmp_path, tiny_llama, PromptTuning, num_virtual_tokens=4)
     requests = [_Request(f"Movie review: {t}\nAnswer:", {"until": ["e"], "max_gen_toks": 6}) for t, _ in REVIEWS]
     batched = PeftLabLM.from_run(run, batch_size=4).generate_until(requests)
     single = PeftLabLM.from_run(run, batch_size=1).generate_until(requests)
@@ -149,41 +132,6 @@ def test_generate_until_stops_at_the_stop_string_and_matches_unbatched(tmp_path,
     free = PeftLabLM.from_run(run, batch_size=4).generate_until(
         [_Request(r.args[0], {"until": [], "max_gen_toks": 6}) for r in requests])
     assert any("e" in g for g in free)  # the stop string does cut something
-
-
-# ---------------------------------------------------------------------------------------------- the command
-def test_evaluate_a_p_tuning_v2_run_writes_results_and_samples(tmp_path, tiny_llama, capsys):
-    from peftlab.evaluate import evaluate_command
-    from peftlab.methods import PTuningV2
-
-    _, run_dir = _run(tmp_path, tiny_llama, PTuningV2, num_virtual_tokens=3, prefix_hidden_size=8)
-    out = evaluate_command(str(run_dir), tasks=["peftlab_rotten_tomatoes_mc", "peftlab_rotten_tomatoes_gen"],
-                           limit=4, batch_size=3, log_samples=True)
-    directory = Path(out["directory"])
-    assert directory.parent == run_dir / "eval"
-    record = json.loads((directory / "results.json").read_text())
-    mc, gen = record["results"]["peftlab_rotten_tomatoes_mc"], record["results"]["peftlab_rotten_tomatoes_gen"]
-    assert 0 <= mc["acc,none"] <= 1 and "acc_stderr,none" in mc
-    assert "exact_match,extract" in gen and "exact_match_stderr,extract" in gen
-    assert record["n-samples"]["peftlab_rotten_tomatoes_mc"]["effective"] == 4
-    assert record["versions_of_libraries"]["lm_eval"] and record["arguments"]["limit"] == 4
-    samples = [json.loads(line) for line in (directory / "samples_peftlab_rotten_tomatoes_mc.jsonl").read_text().splitlines()]
-    assert len(samples) == 4 and {"doc", "resps", "acc"} <= set(samples[0])
-    table = capsys.readouterr().out.splitlines()
-    assert "| Task | Filter | n-shot | Metric | Value | Stderr | Docs |" in table  # (lm-eval's own prints A, B, C)
-    assert f"| peftlab_rotten_tomatoes_mc | none | 0 | acc | {mc['acc,none']:.4f} | " \
-           f"{mc['acc_stderr,none']:.4f} | 4 |" in table
-
-
-def test_a_local_copy_of_a_standard_task_reads_its_own_format(tmp_path, tiny_llama, tokenizer_dir):
-    """arc_easy's YAML from lm-eval, unchanged except that it reads a tiny local file in ARC's own format."""
-    from peftlab.evaluate import evaluate_command
-
-    out = evaluate_command(backbone=tiny_llama, tasks=[str(DATA / "arc_easy_local.yaml")], batch_size=4,
-                           output_dir=str(tmp_path / "out"))
-    result = out["results"]["arc_easy_local"]
-    assert result["acc,none"] in (0.0, 1 / 3, 2 / 3, 1.0)  # three questions
-    assert {"acc_norm,none", "acc_stderr,none"} <= set(result)
 
 
 def test_shipped_tasks_load_and_point_at_packaged_data():
@@ -197,26 +145,6 @@ def test_shipped_tasks_load_and_point_at_packaged_data():
         assert Path(data).is_file() and Path(data).is_absolute()
         rows = [json.loads(line) for line in Path(data).read_text().splitlines()]
         assert len(rows) == 400 and {r["label"] for r in rows} == {"fresh", "rotten"}
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    # an unknown name is looked up in lm-eval's index of ~15,000 tasks, which takes 15-35 s to build here
-    pytest.param({"tasks": ["peftlab_rotten_tomatoes_mcq"]}, "unknown task 'peftlab_rotten_tomatoes_mcq'. Did you "
-                 "mean 'peftlab_rotten_tomatoes_mc'", marks=pytest.mark.slow),
-    pytest.param({"tasks": ["helaswag"]}, "Did you mean 'hellaswag'", marks=pytest.mark.slow),
-    ({"tasks": ["peftlab_rotten_tomatoes_mc"], "limit": 0}, "--limit must be positive"),
-    ({"tasks": ["peftlab_rotten_tomatoes_mc"], "limit": 2.5}, "whole number"),
-    ({"tasks": []}, "name at least one task"),
-    ({"tasks": ["peftlab_rotten_tomatoes_mc"], "backbone": None}, "name a run"),
-])
-def test_bad_requests_fail_in_one_line_before_loading(kwargs, message, monkeypatch):
-    from peftlab import evaluate
-
-    monkeypatch.setattr("peftlab.backbones.load_backbone", lambda *a, **k: pytest.fail("loaded a model"))
-    kwargs = {"backbone": "packaged:SmolLM2-135M-Instruct", **kwargs}
-    with pytest.raises(PeftLabError, match=None) as err:
-        evaluate.evaluate_command(**kwargs)
-    assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_bad_task_files_and_runs_fail_in_one_line(tmp_path, tiny_bert, tiny_llama):
@@ -262,30 +190,6 @@ def test_chat_template_hook_uses_the_tokenizer_template(tiny_llama, tokenizer_di
     assert lm.chat_template(True) == tok.chat_template and lm.chat_template(False) is None
 
 
-@pytest.mark.slow  # two loads of SmolLM2 (~45 s on a shared CPU)
-def test_cli_evaluates_a_smollm2_lora_run_offline(tmp_path, capsys):
-    """The issue's smoke run: `peftlab evaluate RUN --tasks <shipped> --limit` on a packaged SmolLM2 LoRA run (the
-    base-model row, --backbone alone, is the same path with the tiny Llama in the arc_easy test)."""
-    from peftlab.cli import main
-    from peftlab.export import export_adapter
-    from peftlab.methods import LoRA
-
-    module = _perturbed(LoRA(backbone="packaged:SmolLM2-135M-Instruct", task="causal_lm", r=2, target_modules=["q_proj"])
-                        .build())
-    export_adapter(module, tmp_path / "run" / "adapter" / "best")
-    tasks = ["--tasks", "peftlab_rotten_tomatoes_mc", "peftlab_rotten_tomatoes_gen", "--limit", "3"]
-    main(["evaluate", str(tmp_path / "run"), *tasks, "--batch_size", "3", "--log_samples"])
-    out = capsys.readouterr().out
-    assert "peftlab_rotten_tomatoes_mc" in out and "exact_match" in out
-    (run_dir,) = (tmp_path / "run" / "eval").iterdir()
-    tuned = json.loads((run_dir / "results.json").read_text())
-    assert tuned["arguments"]["run"] == str(tmp_path / "run") and tuned["arguments"]["limit"] == 3
-    rows = [json.loads(line) for line in (run_dir / "samples_peftlab_rotten_tomatoes_gen.jsonl").read_text()
-            .splitlines()]
-    assert len(rows) == 3 and all(r["target"] in ("fresh", "rotten") for r in rows)
-    assert 0 <= tuned["results"]["peftlab_rotten_tomatoes_gen"]["exact_match,extract"] <= 1
-
-
 def test_evaluate_help_is_generated_from_the_signature(capsys):
     from peftlab.cli import main
 
@@ -293,35 +197,3 @@ def test_evaluate_help_is_generated_from_the_signature(capsys):
         main(["evaluate", "--help"])
     out = capsys.readouterr().out
     assert "--tasks" in out and "--num_fewshot" in out and "RUN" in out and "--backbone" in out
-
-
-def test_a_chat_run_is_evaluated_in_its_recorded_chat_template(tmp_path, tiny_llama):
-    """A run whose peftlab_meta.json records a chat prompt format gets lm-eval's chat path by default, with the
-    template it was trained with (not the tokenizer's, which the tiny tokenizer does not even have)."""
-    from peftlab.adapters import rewrite_meta
-    from peftlab.api import load_run
-    from peftlab.eval_lm import PeftLabLM
-    from peftlab.evaluate import evaluate_command
-    from peftlab.methods import LoRA
-
-    _, run_dir = _run(tmp_path, tiny_llama, LoRA, r=2, target_modules=["q_proj"])
-    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}" \
-               "{% if add_generation_prompt %}[assistant]{% endif %}"
-    rewrite_meta(run_dir, prompt_format={"kind": "chat", "chat_template": template})
-    lm = PeftLabLM.from_run(load_run(str(run_dir)))
-    assert lm.chat and lm.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user] hi\n[assistant]"
-    out = evaluate_command(str(run_dir), tasks=["peftlab_rotten_tomatoes_mc"], limit=2, log_samples=True)
-    record = json.loads((Path(out["directory"]) / "results.json").read_text())
-    assert record["arguments"]["apply_chat_template"] is True
-    (sample, _) = [json.loads(line) for line in
-                   (Path(out["directory"]) / "samples_peftlab_rotten_tomatoes_mc.jsonl").read_text().splitlines()]
-    assert sample["arguments"][0][0].startswith("[user] Movie review:")  # (context, continuation) pairs
-    # the run's training system prompt leads every prompt (unless the task's history brings its own)
-    rewrite_meta(run_dir, prompt_format={"kind": "chat", "chat_template": template, "system_prompt": "Be brief."})
-    lm = PeftLabLM.from_run(load_run(str(run_dir)))
-    assert lm.apply_chat_template([{"role": "user", "content": "hi"}]) == "[system] Be brief.\n[user] hi\n[assistant]"
-    assert lm.apply_chat_template([{"role": "system", "content": "Task."}, {"role": "user", "content": "hi"}]) \
-        == "[system] Task.\n[user] hi\n[assistant]"
-    plain = evaluate_command(str(run_dir), tasks=["peftlab_rotten_tomatoes_mc"], limit=2, apply_chat_template=False)
-    assert json.loads((Path(plain["directory"]) / "results.json").read_text())["arguments"]["apply_chat_template"] \
-        is False

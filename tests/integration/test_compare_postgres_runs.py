@@ -5,7 +5,10 @@ written on either side holds every method with its intervals. A missing driver i
 
 The server is scripts/postgres.sh's throwaway one: scripts/test.sh starts it (PEFTLAB_TEST_POSTGRES holds its
 URL); run alone, this module starts and stops its own; where none can start, the tests that need it are skipped
-with the script's reason."""
+with the script's reason.
+
+This file holds the tests that start processes or load a packaged model; the in-process ones are in
+tests/unit/test_compare_postgres.py."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_main, runs_log, tiny_study
+from conftest import ROOT, runs_log, tiny_study
 
 
 @pytest.fixture(scope="session")
@@ -80,18 +83,6 @@ def check_report(study_dir: Path, methods: set[str], trials: int, seeds: int) ->
             iv = m["test"][metric]
             assert iv["low"] <= iv["mean"] <= iv["high"] and len(iv["per_seed"]) == seeds, (m["name"], metric)
     assert (study_dir / "report.md").is_file()
-
-
-def test_a_missing_driver_is_one_line_naming_the_package_and_extra(tmp_path, tiny_bert, sentiment_csv, capsys,
-                                                                  monkeypatch):
-    """SQLAlchemy 2.1 maps postgresql:// to psycopg 3: without it, the error says what to install."""
-    monkeypatch.setitem(sys.modules, "psycopg", None)  # `import psycopg` now fails, as where it is not installed
-    study = tiny_study(tmp_path, tiny_bert, sentiment_csv)
-    url = "postgresql://someone@127.0.0.1:1/peftlab"
-    code, _, err = run_main(["compare", "--config", str(study), "--check", "--storage", url], capsys)
-    assert code == 2 and err.count("\n") == 1, err
-    assert f"storage {url!r} needs the database driver 'psycopg', which is not installed" in err
-    assert "pip install 'peftlab[postgres]' (it installs psycopg[binary])" in err
 
 
 @pytest.mark.slow  # two compare processes on one PostgreSQL: minutes on 2 cores

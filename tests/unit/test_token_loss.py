@@ -1,34 +1,18 @@
 """One loss whatever the batching: causal-LM / seq2seq training is normalized by the target tokens of the whole
-optimizer step (every accumulated micro-batch, every rank), and packed rows train exactly like unpacked ones."""
+optimizer step (every accumulated micro-batch, every rank), and packed rows train exactly like unpacked ones.
+
+This file holds the in-process tests; those that start processes or load a packaged model are in
+tests/integration/test_token_loss_runs.py."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import PEFTLAB, make_data, tiny_trainer, write_config
-
-
-@pytest.fixture(scope="module")
-def uneven_jsonl(tmp_path_factory):
-    """Prompt/response pairs whose responses range from 1 to ~40 tokens, so micro-batches hold very different
-    numbers of target tokens."""
-    from conftest import rotten_rows
-
-    path = tmp_path_factory.mktemp("uneven") / "uneven.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for i, row in enumerate(rotten_rows(64)):
-            words = row["text"].split()
-            response = " ".join(words[: 1 + 39 * (i % 2)])  # 1 or up to 40 words
-            f.write(json.dumps({"prompt": f"Review {i}:", "response": " " + response}) + "\n")
-    return str(path)
+from conftest import make_data, tiny_trainer, write_config
 
 
 class Grads(L.Callback):
@@ -139,31 +123,6 @@ def test_seq2seq_accumulation_weights_every_token_equally(t5_without_dropout, un
     big, small = step(8, 1), step(2, 4)
     for name in big:
         torch.testing.assert_close(small[name], big[name], rtol=1e-5, atol=1e-8)
-
-
-def test_two_processes_train_the_same_causal_lm_adapter_as_one(tmp_path, tiny_llama, uneven_jsonl):
-    """DDP on 2 CPU processes (batch 2 each, accumulate 2) == 1 process at batch 8: every token of the global
-    batch weighs the same on both (before, each rank's micro-batch mean was averaged)."""
-    def run(name, devices, batch_size, accumulate):
-        cfg = write_config(tmp_path, tiny_llama, uneven_jsonl, runs=name, name=f"{name}.yaml",
-                           model={"dropout": 0.0, "learning_rate": 0.01, "target_modules": ["q_proj", "v_proj"]},
-                           data={"task": "causal_lm", "batch_size": batch_size, "shuffle": False,
-                                 "group_by_length": False, "max_length": 64},
-                           trainer={"max_steps": 3, "limit_val_batches": 0, "limit_test_batches": 0,
-                                    "devices": devices, "accumulate_grad_batches": accumulate,
-                                    **({"strategy": "ddp"} if devices > 1 else {})})
-        result = subprocess.run([PEFTLAB, "fit", "--config", cfg, "--test_after_fit", "false"], cwd=tmp_path,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
-                                timeout=600)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        (run_dir,) = sorted((tmp_path / name / "r").glob("version_*"))
-        return load_file(str(run_dir / "adapter/last/adapter_model.safetensors"))
-
-    one = run("one", 1, 8, 1)
-    two = run("two", 2, 2, 2)
-    assert one.keys() == two.keys()
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ packing

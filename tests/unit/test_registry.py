@@ -1,6 +1,9 @@
 """Methods own their capabilities: a new method is one .py file plus one YAML, and every peftlab tool lists,
 counts and treats it correctly without an edit in peftlab/. Building happens in configure_model, never at
-construction."""
+construction.
+
+This file holds the in-process tests; those that start processes or load a packaged model are in
+tests/integration/test_registry_runs.py."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import textwrap
 
 import pytest
 
-from conftest import run_main
+from conftest import ROOT, run_main
 
 METHOD_FILE = '''
 """Scale-only tuning: a trainable scale per hidden unit after each feed-forward output (written outside peftlab)."""
@@ -51,6 +54,7 @@ class ScaleTuning(PeftModule):
                 setattr(backbone.get_submodule(parent), child, Scale(module, module.out_features))
         return backbone
 '''
+
 
 PRESET = """
 model:
@@ -203,7 +207,7 @@ def test_estimate_memory_all_skips_a_registered_method_that_does_not_apply(tiny_
     that method is named and skipped on stderr, the others are estimated; asked for alone, it is the error."""
     from peftlab.methods import METHODS
 
-    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    monkeypatch.syspath_prepend(str(ROOT))
     # registered for this test only (undone after it): later tests that count method_names() see the shipped ones
     monkeypatch.setitem(METHODS, "bitfit", None)
     import examples.bitfit
@@ -224,26 +228,3 @@ def test_estimate_memory_all_skips_a_registered_method_that_does_not_apply(tiny_
 def test_estimate_memory_all_still_fails_on_an_option_every_method_rejects(capsys):
     code, _, err = run_main(["estimate-memory", "--size", "7b", "--batch_size", "0"], capsys)
     assert code == 2 and err.count("\n") == 1 and "skipped" not in err, err
-
-
-def test_every_shipped_method_class_is_importable_from_the_package():
-    """Every class in peftlab/methods/*.py that registers a name (found by reading the files, not through the
-    package) is importable as ``from peftlab import X`` in a fresh interpreter, and listed in ``peftlab.__all__``;
-    ``import peftlab`` alone stays light (no torch)."""
-    import ast
-    import subprocess
-    from pathlib import Path
-
-    methods_dir = Path(__file__).resolve().parents[1] / "peftlab" / "methods"
-    named = sorted(
-        node.name for f in methods_dir.glob("*.py") for node in ast.walk(ast.parse(f.read_text()))
-        if isinstance(node, ast.ClassDef) and any(
-            isinstance(stmt, ast.Assign) and any(getattr(t, "id", None) == "name" for t in stmt.targets)
-            for stmt in node.body))
-    assert {"IA3", "VeRA", "LoRA", "PTuningV2"} <= set(named)
-    probe = ("import sys, peftlab; light = 'torch' not in sys.modules; "
-             f"from peftlab import {', '.join(named)}; "
-             f"print(light, all(n in peftlab.__all__ for n in {named!r}))")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["True", "True"]

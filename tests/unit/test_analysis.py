@@ -2,6 +2,9 @@
 
 Counts are checked against formulas written out here from the architectures (not from the code under
 test); the shipped backbone shapes also against their published parameter counts.
+
+This file holds the in-process tests; those that start processes or load a packaged model are in
+tests/integration/test_analysis_runs.py.
 """
 
 from __future__ import annotations
@@ -16,22 +19,18 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, run_main
+from conftest import ROOT, lora_params, run_main
 from peftlab.analysis import memory, recommend
 from peftlab.analysis.params import MethodSpec, build_meta
 
 PE = ROOT / "experiments" / "param_efficiency"
+
+
 QS = str(ROOT / "configs" / "quickstart.yaml")
 
 
 def meta(class_name: str, backbone: str, task: str, **kw):
     return build_meta(MethodSpec(f"peftlab.methods.{class_name}", {"backbone": backbone, "task": task, **kw}))
-
-
-# ------------------------------------------------------------------------------------------ formulas
-def lora(layers_targets: list[tuple[int, int]], r: int) -> int:
-    """LoRA adds r * (d_in + d_out) per adapted linear layer."""
-    return sum(r * (d_in + d_out) for d_in, d_out in layers_targets)
 
 
 def adapter(d: int, b: int) -> int:
@@ -68,21 +67,23 @@ def gpt2_total(V: int, h: int, L: int, positions: int) -> int:
 
 # ------------------------------------------------------------------------------------------ params: tiny models
 LLAMA = dict(V=600, h=64, L=2, heads=4, kv_heads=2, f=128)  # conftest.tiny_llama
+
+
 CASES = [
     # (fixture, task, method, kwargs, expected trainable)
     ("tiny_llama", "causal_lm", "LoRA", {"r": 4, "target_modules": ["q_proj", "v_proj"]},
-     lora([(64, 64), (64, 32)] * 2, 4)),
+     lora_params([(64, 64), (64, 32)] * 2, 4)),
     ("tiny_llama", "causal_lm", "PromptTuning", {"num_virtual_tokens": 5}, 5 * 64),
     ("tiny_llama", "causal_lm", "PrefixTuning", {"num_virtual_tokens": 5}, 2 * 2 * 5 * 32),  # L x (K,V) x N x kv dim
     ("tiny_llama", "causal_lm", "BottleneckAdapter", {"bottleneck": 4}, 2 * 2 * adapter(64, 4)),  # 2 per layer
     ("tiny_llama", "causal_lm", "FullFineTuning", {}, llama_total(**LLAMA)),
     ("tiny_bert", "classification", "LoRA", {"r": 4, "target_modules": ["query", "value"]},
-     lora([(32, 32)] * 4, 4) + 32 * 2 + 2),  # + the 2-way head
+     lora_params([(32, 32)] * 4, 4) + 32 * 2 + 2),  # + the 2-way head
     ("tiny_bert", "classification", "PrefixTuning", {"num_virtual_tokens": 5}, 2 * 2 * 5 * 32 + 66),
     ("tiny_bert", "classification", "FullFineTuning", {},
      bert_total(V=600, h=32, L=2, f=64, pos=128, types=2, pooler=True) + 66),
     # T5: q/v in 2 encoder self-attentions, 2 decoder self- and 2 cross-attentions
-    ("tiny_t5", "seq2seq", "LoRA", {"r": 4, "target_modules": ["q", "v"]}, lora([(64, 64)] * 12, 4)),
+    ("tiny_t5", "seq2seq", "LoRA", {"r": 4, "target_modules": ["q", "v"]}, lora_params([(64, 64)] * 12, 4)),
     ("tiny_t5", "seq2seq", "PromptTuning", {"num_virtual_tokens": 5}, 2 * 5 * 64),  # encoder + decoder prompt
     ("tiny_t5", "seq2seq", "BottleneckAdapter", {"bottleneck": 4}, (2 * 2 + 2 * 3) * adapter(64, 4)),
     ("tiny_t5", "seq2seq", "FullFineTuning", {}, t5_total(V=600, d=64, inner=64, ff=128, L=2, heads=2)),
@@ -103,7 +104,7 @@ def test_meta_counts_equal_the_real_build(tiny_llama):
     real = LoRA(backbone=tiny_llama, task="causal_lm", r=4, target_modules=["q_proj", "v_proj"]).build()
     fake = meta("LoRA", tiny_llama, "causal_lm", r=4, target_modules=["q_proj", "v_proj"])
     assert (fake.trainable_count, fake.total_count) == (real.trainable_count, real.total_count)
-    assert real.total_count == llama_total(**LLAMA) + lora([(64, 64), (64, 32)] * 2, 4)
+    assert real.total_count == llama_total(**LLAMA) + lora_params([(64, 64), (64, 32)] * 2, 4)
 
 
 # ------------------------------------------------------------------------------------------ shipped shapes
@@ -131,16 +132,16 @@ def test_roberta_shapes(shape, large):
     assert base == (355_359_744 if large else 124_645_632)  # published RobertaModel sizes
     head = (h * h + h) + (h * 2 + 2)  # RobertaClassificationHead: dense + out_proj; no pooler
     m = meta("LoRA", shape, "classification", r=8, target_modules=["query", "value"])
-    assert m.trainable_count == lora([(h, h)] * 2 * L, 8) + head  # LoRA paper: 0.3M (base) / 0.8M (large) + head
+    assert m.trainable_count == lora_params([(h, h)] * 2 * L, 8) + head  # LoRA paper: 0.3M (base) / 0.8M (large) + head
     # peft keeps the original head and trains a copy (modules_to_save): both count in the total
-    assert m.total_count == base - (h * h + h) + 2 * head + lora([(h, h)] * 2 * L, 8)
+    assert m.total_count == base - (h * h + h) + 2 * head + lora_params([(h, h)] * 2 * L, 8)
 
 
 def test_lora_on_shipped_shapes():
     assert meta("LoRA", "gpt2-medium", "causal_lm", r=8, target_modules=["c_attn"]).trainable_count == \
-        lora([(1024, 3 * 1024)] * 24, 8)
+        lora_params([(1024, 3 * 1024)] * 24, 8)
     assert meta("LoRA", "t5-small", "seq2seq", r=8, target_modules=["q", "v"]).trainable_count == \
-        lora([(512, 512)] * (6 * 2 + 6 * 4), 8)
+        lora_params([(512, 512)] * (6 * 2 + 6 * 4), 8)
 
 
 def test_70b_builds_in_seconds_without_memory():
@@ -153,53 +154,17 @@ def test_70b_builds_in_seconds_without_memory():
     m = meta("LoRA", "llama-2-70b", "causal_lm", r=8, target_modules=["q_proj", "v_proj"])
     assert time.time() - started < 20
     assert psutil.Process().memory_info().rss - rss < 300 * 2**20  # 70B parameters would be 138 GB in bf16
-    assert m.trainable_count == lora([(8192, 8192), (8192, 1024)] * 80, 8) == 16_384_000
+    assert m.trainable_count == lora_params([(8192, 8192), (8192, 1024)] * 80, 8) == 16_384_000
     assert m.total_count == 68_976_648_192 + 16_384_000
     assert {p.device.type for p in m.parameters()} == {"meta"}
     assert {b.device.type for b in m.model.buffers()} <= {"meta"}
-
-
-
-CONSOLE = """import sys
-from peftlab.cli import main
-try:
-    main()
-finally:
-    import gc
-    print("BITSANDBYTES", "bitsandbytes" in sys.modules, "FROZEN", gc.get_freeze_count() > 0, file=sys.stderr)
-"""
-
-
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_console_meta_commands_skip_bitsandbytes_with_the_same_counts(method, tmp_path, capsys):
-    """Run from the console, `peftlab params` builds without importing bitsandbytes (0.8 s of its ~5 s), QLoRA
-    included, and prints exactly what the in-process command (bitsandbytes imported, as in training) prints; it
-    leaves its objects out of the interpreter's last garbage collection (another ~1 s)."""
-    import subprocess
-    import sys
-
-    args = ["params", "--config", str(ROOT / "configs/causal_lm_lora.yaml"), "--config",
-            str(ROOT / f"configs/methods/{method}.yaml"), "--backbone", "llama-2-7b",
-            "--model.init_args.target_modules", "[q_proj,v_proj]", "--json"]
-    proc = subprocess.run([sys.executable, "-c", CONSOLE, *args], capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "BITSANDBYTES False FROZEN True" in proc.stderr
-    code, out, err = run_main(args, capsys)
-    assert code == 0, err
-    in_process = json.loads(out.strip().splitlines()[-1])
-    import gc
-
-    assert sys.modules.get("bitsandbytes") is not None  # in-process (the module imported peft): untouched
-    assert gc.get_freeze_count() == 0  # and the caller's objects stay collectable
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == in_process
-    assert in_process["trainable"] == lora([(4096, 4096)] * 64, 8)
 
 
 # ------------------------------------------------------------------------------------------ params: the 7B table
 NOTES_7B = [
     ("prompt_tuning_20.yaml", 20 * 4096),
     ("prefix_tuning_10.yaml", 32 * 2 * 10 * 4096),
-    ("lora_r8_qv.yaml", lora([(4096, 4096)] * 64, 8)),
+    ("lora_r8_qv.yaml", lora_params([(4096, 4096)] * 64, 8)),
     ("adapters_64.yaml", 64 * adapter(4096, 64)),
     ("full_finetuning.yaml", 6_738_415_616),
 ]
@@ -231,7 +196,7 @@ def test_params_cli_text_and_layered_configs(capsys):
     assert "trainable    8,388,608" in out and "file bf16    16,777,216 bytes (16 MiB)" in out
     # classification: head from --num_labels (data is not read)
     code, out, _ = run_main(["params", "--config", QS, "--num_labels", "5", "--json"], capsys)
-    assert json.loads(out)["trainable"] == lora([(384, 384)] * 12, 8) + 384 * 5 + 5
+    assert json.loads(out)["trainable"] == lora_params([(384, 384)] * 12, 8) + 384 * 5 + 5
 
 
 def test_params_cli_backbone_forms(tmp_path, tiny_llama, capsys):
@@ -245,7 +210,7 @@ def test_params_cli_backbone_forms(tmp_path, tiny_llama, capsys):
                                   capsys)
         assert code == 0, err
         results.add(json.loads(out)["trainable"])
-    assert results == {lora([(2048, 2048), (2048, 256)] * 22, 8) + 2048 * 2}
+    assert results == {lora_params([(2048, 2048), (2048, 256)] * 22, 8) + 2048 * 2}
 
 
 def test_params_cli_ptuning_v2_parts(capsys):
@@ -286,7 +251,7 @@ def test_bad_input_exits_2_with_one_line(args, message, capsys):
 # ------------------------------------------------------------------------------------------ memory
 def test_parameter_memory_formulas(tiny_llama):
     N = llama_total(**LLAMA)
-    t = lora([(64, 64), (64, 32)] * 2, 4)
+    t = lora_params([(64, 64), (64, 32)] * 2, 4)
     m = meta("LoRA", tiny_llama, "causal_lm", r=4, target_modules=["q_proj", "v_proj"])
     assert memory.parameter_memory(m, "fp32", "adamw")[:3] == (4 * (N + t), 4 * t, 8 * t)
     assert memory.parameter_memory(m, "bf16", "adamw")[:3] == (2 * N + 4 * t, 4 * t, 8 * t)
@@ -405,6 +370,8 @@ def test_full_finetuning_needs_16_bytes_per_parameter():
 
 # ------------------------------------------------------------------------------------------ recommend
 A = recommend.Answers
+
+
 TABLE = [
     # (answers, rule, method, rank, target scope) -- every branch of both notes' tables
     # notes 000: scenario table
@@ -521,24 +488,6 @@ def test_recommend_asks_missing_answers_on_a_terminal(monkeypatch, tmp_path, tin
     assert code == 0, err
     assert len(asked) == 8 and not any("compute" in q for q in asked)
     assert "recommended  LoRA r=4, alpha=8" in out and "latency" in out
-
-
-@pytest.mark.slow
-def test_estimate_matches_measured_cpu_peak():
-    """experiments/memory/run.py's first case (~40 s): LoRA on all-MiniLM-L6-v2, batch 32 x 128 tokens."""
-    import os
-    import subprocess
-    import sys
-
-    script = ROOT / "experiments" / "memory" / "run.py"
-    case = {"method": "lora", "backbone": "packaged:all-MiniLM-L6-v2", "task": "classification", "batch": 32,
-            "seq": 128, "attention": "eager", "checkpointing": False}
-    out = subprocess.run([sys.executable, str(script), "--one", json.dumps(case)], capture_output=True, text=True,
-                         check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}, cwd=ROOT)
-    measured = json.loads(out.stdout.strip().splitlines()[-1])["total"]
-    est = memory.estimate(memory.preset_spec("lora", case["backbone"], "classification"), batch_size=32, seq_len=128,
-                          precision="fp32", attention="eager", num_labels=2).total
-    assert abs(est - measured) / measured < 0.10
 
 
 def test_recommended_ptuning_v2_rates_are_the_shipped_configs():

@@ -1,7 +1,7 @@
 """Every experiment runner in its smoke mode (a few steps), so the studies never rot.
 
 The studies' real results (docs/results/) come from their default runs; see each runner's docstring. Studies that
-are `peftlab compare` study files (experiments/*/study*.yaml) are tested in tests/test_compare.py.
+are `peftlab compare` study files (experiments/*/study*.yaml) are tested in tests/unit/test_compare.py and tests/integration/test_compare_runs.py.
 """
 
 from __future__ import annotations
