@@ -22,7 +22,8 @@ answers 503, a request not answered within ``timeout_s`` 504; a bad request (unk
 longer than the context, an option peftlab does not implement) answers 4xx with one line, and the server keeps
 serving. ``stream: true`` streams the answer token by token as server-sent events (OpenAI's chunks, then
 ``[DONE]``); a streamed request is generated on its own by the same worker (not batched with others), so the
-streamed text is the text the request gets unstreamed.
+streamed text is the text the request gets unstreamed. A streamed generation stops at the next token when its
+client goes away or one of its ``stop`` strings has arrived, so the worker moves on to the queue.
 """
 
 from __future__ import annotations
@@ -114,13 +115,16 @@ class _Pieces(BaseStreamer):
     a SentencePiece word's leading space, and each decode stays short), and an incomplete character (a trailing
     U+FFFD) waits for its next bytes."""
 
-    def __init__(self, tokenizer, push):
-        self.tokenizer, self.push = tokenizer, push
+    def __init__(self, tokenizer, push, cancelled: threading.Event | None = None):
+        self.tokenizer, self.push, self.cancelled = tokenizer, push, cancelled
         self.ids: list[int] = []
         self.prefix = self.read = 0  # ids[prefix:read] is the context already sent
         self.prompt_seen = False
+        self.text = ""  # everything pushed so far
 
     def put(self, value) -> None:
+        if self.cancelled is not None and self.cancelled.is_set():
+            raise _Cancelled  # ends generate(): nobody reads the rest
         if not self.prompt_seen:  # generate() puts the prompt (or the decoder's start) first
             self.prompt_seen = True
             return
@@ -134,8 +138,22 @@ class _Pieces(BaseStreamer):
         sent = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
         text = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
         if (final or not text.endswith("\ufffd")) and len(text) > len(sent):
+            self.text += text[len(sent):]
             self.push(text[len(sent):])
             self.prefix, self.read = self.read, len(self.ids)
+
+
+class _Cancelled(Exception):
+    """Raised inside ``generate`` by a cancelled stream's streamer."""
+
+
+class _Stream:
+    """One streamed answer: the queue its pieces arrive in (then None), and ``cancelled``, set when its client has
+    gone away or a stop string ended it (its generation stops at the next token)."""
+
+    def __init__(self):
+        self.pieces: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
 
 
 class Batcher:
@@ -146,13 +164,14 @@ class Batcher:
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=max_queue)
         self.batches: list[int] = []  # sizes of the batches run (the tests and the benchmark read them)
+        self.streamed: list[int] = []  # tokens generated for each streamed request (the tests read them)
 
     def submit(self, adapter: str, text, max_new_tokens: int | None, raw: bool = True,
                add_special_tokens: bool | None = None, settings: dict | None = None,
-               stream: asyncio.Queue | None = None) -> asyncio.Future:
+               stream: _Stream | None = None) -> asyncio.Future:
         """Queue one prompt (``raw``: as given; else in the adapter's training prompt format, a chat run's messages;
         ``add_special_tokens`` False for a text a chat template rendered, None for the run's default; ``settings``:
-        sampling settings; ``stream``: a queue that receives the answer's pieces as they are generated, then None)."""
+        sampling settings; ``stream``: receives the answer's pieces as they are generated, then None)."""
         future = asyncio.get_running_loop().create_future()
         key = (max_new_tokens, raw, add_special_tokens, tuple(sorted((settings or {}).items())))
         try:
@@ -195,7 +214,7 @@ class Batcher:
                         if not job[3].done():
                             job[3].set_exception(err)
                         if job[4] is not None:
-                            job[4].put_nowait(None)
+                            job[4].pieces.put_nowait(None)
                     continue
                 for job, result in zip(group, results):
                     if not job[3].done():
@@ -203,13 +222,16 @@ class Batcher:
 
     def _stream(self, job, loop) -> dict:
         """Generate one request alone, pushing its pieces into its stream queue as they are decoded."""
-        name, text, (max_new_tokens, raw, special, settings), _, queue = job
-        push = lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece)  # noqa: E731
+        name, text, (max_new_tokens, raw, special, settings), _, stream = job
+        push = lambda piece: loop.call_soon_threadsafe(stream.pieces.put_nowait, piece)  # noqa: E731
+        streamer = _Pieces(self.adapters.run(name).module.tokenizer, push, stream.cancelled)
         try:
             return self.adapters.predict([text], adapter=name, max_new_tokens=max_new_tokens, raw=raw,
-                                         add_special_tokens=special, **dict(settings),
-                                         streamer=_Pieces(self.adapters.run(name).module.tokenizer, push))[0]
+                                         add_special_tokens=special, **dict(settings), streamer=streamer)[0]
+        except _Cancelled:
+            return {"generated": streamer.text}
         finally:
+            self.streamed.append(len(streamer.ids))
             push(None)
 
 
@@ -295,13 +317,18 @@ def create_app(adapters, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, 
                        stop, tok, chunk) -> StreamingResponse:
         """Stream one answer: ``chunk(piece, finish_reason)`` is the event for a piece of text (or the end). The
         first piece is awaited before the response starts, so a queue that is full or too slow is still a 503 / 504."""
-        pieces: asyncio.Queue = asyncio.Queue()
-        future = state["batcher"].submit(name, text, max_new_tokens, raw, special, settings, stream=pieces)
+        stream = _Stream()
+        pieces = stream.pieces
+        future = state["batcher"].submit(name, text, max_new_tokens, raw, special, settings, stream=stream)
         try:
             first = await asyncio.wait_for(pieces.get(), timeout_s)
         except asyncio.TimeoutError:
+            stream.cancelled.set()
             raise BadRequest(504, f"no answer within {timeout_s} s; the server is overloaded, retry later",
                              "timeout") from None
+        except BaseException:  # the client went away before the first piece
+            stream.cancelled.set()
+            raise
         if first is None:  # nothing was generated: the request failed (or the answer is empty)
             await asyncio.wait_for(future, timeout_s)  # a failure raises here, before the stream starts
         stops = [stop] if isinstance(stop, str) else [x for x in (stop or []) if x]
@@ -312,10 +339,19 @@ def create_app(adapters, *, max_batch_size: int = 16, max_wait_ms: float = 5.0, 
                        default=0)
 
         async def events():
+            try:
+                async for event in answered():
+                    yield event
+            finally:  # finished, or the client went away (the generator is closed): generation stops
+                stream.cancelled.set()
+
+        async def answered():
             sent, text, piece, stopped = "", "", first, False
             while piece is not None:
                 if not stopped:
                     text, stopped = cut(text + piece, stop)
+                    if stopped:  # the rest would be cut: stop generating
+                        stream.cancelled.set()
                     ready = text if stopped else text[:len(text) - held(text)]
                     if len(ready) > len(sent):
                         yield f"data: {json.dumps(chunk(ready[len(sent):], None))}\n\n"

@@ -108,8 +108,10 @@ class InputTokensModel(nn.Module):
         return self.peft_model(**self._with_prompt(input_ids, attention_mask, labels, token_type_ids), **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, pad_token_id=None, **_):
-        """Greedy decoding, recomputing the sequence each step (no KV cache).
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, pad_token_id=None, streamer=None,
+                 **_):
+        """Greedy decoding, recomputing the sequence each step (no KV cache); a ``streamer`` gets the prompt, each
+        new token and the end, as from ``transformers``' ``generate``.
 
         Written here because peft's ``generate`` with prefixes does not accept ``inputs_embeds``, which
         the input tokens need. Returns prompt + new tokens (causal LM) or the decoder tokens (seq2seq),
@@ -127,6 +129,8 @@ class InputTokensModel(nn.Module):
             start = config.decoder_start_token_id if config.decoder_start_token_id is not None else pad
             seq = input_ids.new_full((batch, 1), start)
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        if streamer is not None:
+            streamer.put(seq.cpu())
         for _ in range(max_new_tokens):
             if self.task == "causal_lm":
                 logits = self(input_ids=seq, attention_mask=mask).logits
@@ -135,11 +139,15 @@ class InputTokensModel(nn.Module):
             nxt = logits[:, -1].argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             seq = torch.cat([seq, nxt[:, None]], dim=1)
+            if streamer is not None:
+                streamer.put(nxt.cpu())
             if self.task == "causal_lm":
                 mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
             done |= nxt == eos if eos is not None else torch.zeros_like(done)
             if done.all():
                 break
+        if streamer is not None:
+            streamer.end()
         return seq
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -96,7 +97,7 @@ def test_chat_uses_the_chat_template_and_streams(served):
 
 def test_streams_arrive_token_by_token_and_equal_the_unstreamed_answer(served):
     paths, _, client = served
-    for name in ("sentiment", "prefix"):
+    for name in ("sentiment", "ptv2", "prefix"):  # ptv2: P-tuning v2's own decoding loop feeds the streamer too
         whole = client.completions.create(model=name, prompt=PROMPTS[2], max_tokens=12).choices[0]
         chunks = list(client.completions.create(model=name, prompt=PROMPTS[2], max_tokens=12, stream=True))
         pieces = [c.choices[0].text for c in chunks if c.choices[0].text]
@@ -217,6 +218,45 @@ def test_a_chat_trained_run_is_served_in_its_own_chat_template(tmp_path, tiny_ch
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         reply = client.chat.completions.create(model="chat", messages=messages, max_tokens=6)
     assert reply.choices[0].message.content == expected
+
+
+def test_a_stream_stops_generating_when_its_client_goes_away_or_its_stop_string_arrives(served):
+    """The worker is not held for a stream nobody reads: the streamer ends generate() at the next token."""
+    from peftlab.serve import _Stream
+
+    paths, server, client = served
+    batcher = server.server.config.app.state.batcher
+    whole = client.completions.create(model="sentiment", prompt=PROMPTS[2], max_tokens=200).choices[0]
+    assert whole.finish_reason == "length"  # no end-of-text token: generating to the end takes all 200 tokens
+
+    class Immediately:  # the worker's loop.call_soon_threadsafe, run at once, so the test needs no timing
+        def call_soon_threadsafe(self, f, *args):
+            f(*args)
+
+    stream = _Stream()
+    pushed = []
+    stream.pieces.put_nowait = lambda piece: (pushed.append(piece), stream.cancelled.set())  # gone after one piece
+    result = batcher._stream(("sentiment", PROMPTS[2], (200, True, None, ()), None, stream), Immediately())
+    first = pushed[0]
+    assert pushed == [first, None] and result == {"generated": first} and whole.text.startswith(first)
+    assert batcher.streamed[-1] < 5  # the tokens up to the first piece, not 200
+
+    # through HTTP: a stop string that arrives early, then a client that reads one event and disconnects
+    stop = whole.text[2:5]
+    before = len(batcher.streamed)
+    chunks = list(client.completions.create(model="sentiment", prompt=PROMPTS[2], max_tokens=200, stream=True,
+                                            stop=[stop]))
+    assert "".join(c.choices[0].text for c in chunks) == whole.text[:whole.text.index(stop)]
+    with httpx.stream("POST", server.url + "/v1/completions", json={"model": "sentiment", "prompt": PROMPTS[2],
+                                                                     "max_tokens": 200, "stream": True}) as response:
+        next(response.iter_lines())
+    for _ in range(500):  # the worker records a generation when it has ended
+        if len(batcher.streamed) == before + 2:
+            break
+        time.sleep(0.01)
+    stopped, gone = batcher.streamed[before:]
+    assert stopped < 200 and gone < 200, (stopped, gone)
+    assert client.completions.create(model="sentiment", prompt=PROMPTS[2], max_tokens=200).choices[0].text == whole.text
 
 
 @pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
