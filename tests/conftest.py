@@ -89,6 +89,18 @@ def _unit_boundary(request, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _method_registry_restored():
+    """A method a test registers (a class defined in a test, examples/bitfit.py imported by a config) is gone after
+    it: a later test that lists the registered methods sees the shipped ones, whatever order the tests run in."""
+    from peftlab.methods.registry import METHODS
+
+    saved = dict(METHODS)
+    yield
+    METHODS.clear()
+    METHODS.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """Tests that call a benchmark's main() in-process set torch's thread count; a later test comparing an
     in-process run with a subprocess run (tests/integration/test_resume_runs.py) must not inherit it: a different number of threads
