@@ -193,7 +193,8 @@ class Batcher:
                     jobs.append(await asyncio.wait_for(self.queue.get(), left))
                 except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                     break
-            jobs = [j for j in jobs if not j[3].done()]  # a client that timed out or went away
+            # a client that timed out or went away: its future is done, or its stream cancelled
+            jobs = [j for j in jobs if not j[3].done() and not (j[4] is not None and j[4].cancelled.is_set())]
             groups: dict[tuple, list] = {}
             for i, job in enumerate(jobs):
                 # streamed and seeded requests run alone: their answer must not depend on who else is in the batch

@@ -28,7 +28,8 @@ PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "methods"
 #: the families a method class declares (``PeftModule.family``), in display order: the baseline first; a method
 #: of no listed family (a plugin's) comes after them
 FAMILIES = ("baseline", "low-rank", "soft prompt", "adapter", "composition")
-#: definition order of the registered classes: the order inside a family
+#: definition order of the registered classes, the order inside a family (the shipped ones: peftlab.methods imports
+#: its modules alphabetically, each module's own imports first)
 _DEFINED: dict[str, int] = {}
 
 

@@ -13,8 +13,6 @@ import pytest
 
 from conftest import ROOT, python_blocks
 
-DOCS = ROOT / "docs"
-
 
 def test_site_builds_strictly(tmp_path):
     """mkdocs --strict fails on links to missing pages or anchors and on pages left out of the nav."""

@@ -12,9 +12,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 from conftest import PEFTLAB, run_main, write_config
@@ -100,6 +102,23 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, tiny_b
 
 
 # ---------------------------------------------------------------------------------------------- long run
+
+
+# ---------------------------------------------------------------------------------------------- long run
+
+
+class MemoryProbe(Callback):
+    """Records the process's resident memory every ``every`` steps into ``path`` (json)."""
+
+    def __init__(self, path: str, every: int = 100):
+        self.path, self.every, self.samples = path, every, {}
+
+    def on_train_batch_end(self, trainer, *args, **kwargs):
+        import psutil
+
+        if trainer.global_step % self.every == 0:
+            self.samples[trainer.global_step] = psutil.Process().memory_info().rss
+            Path(self.path).write_text(json.dumps(self.samples))
 
 
 @pytest.mark.slow

@@ -150,7 +150,7 @@ def test_function_local_imports_do_not_grow():
 
 
 def test_the_unit_boundary_fails_a_test_that_starts_a_process_or_loads_a_packaged_model():
-    """tests/unit/conftest.py's guard: what would make a unit test an integration test fails it, naming the fix."""
+    """The unit guard (tests/conftest.py's _unit_boundary): what would make a unit test an integration test fails it, naming the fix."""
     import subprocess
     import sys
 

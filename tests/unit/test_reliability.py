@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -406,21 +405,3 @@ def test_resumable_loader_replays_the_epoch_and_eval_loaders_leave_the_rng_alone
     for loader in (data.val_dataloader(), data.test_dataloader()):
         next(iter(loader))
     assert torch.equal(torch.get_rng_state(), before)
-
-
-# ---------------------------------------------------------------------------------------------- long run
-from lightning.pytorch.callbacks import Callback  # noqa: E402
-
-
-class MemoryProbe(Callback):
-    """Records the process's resident memory every ``every`` steps into ``path`` (json)."""
-
-    def __init__(self, path: str, every: int = 100):
-        self.path, self.every, self.samples = path, every, {}
-
-    def on_train_batch_end(self, trainer, *args, **kwargs):
-        import psutil
-
-        if trainer.global_step % self.every == 0:
-            self.samples[trainer.global_step] = psutil.Process().memory_info().rss
-            Path(self.path).write_text(json.dumps(self.samples))

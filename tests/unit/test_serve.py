@@ -247,6 +247,7 @@ def test_a_stream_stops_generating_when_its_client_goes_away_or_its_stop_string_
     chunks = list(client.completions.create(model="sentiment", prompt=PROMPTS[2], max_tokens=200, stream=True,
                                             stop=[stop]))
     assert "".join(c.choices[0].text for c in chunks) == whole.text[:whole.text.index(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
     with httpx.stream("POST", server.url + "/v1/completions", json={"model": "sentiment", "prompt": PROMPTS[2],
                                                                      "max_tokens": 200, "stream": True}) as response:
         next(response.iter_lines())
@@ -255,7 +256,7 @@ def test_a_stream_stops_generating_when_its_client_goes_away_or_its_stop_string_
             break
         time.sleep(0.01)
     stopped, gone = batcher.streamed[before:]
-    assert stopped < 200 and gone < 200, (stopped, gone)
+    assert stopped < 200 and gone < 200, (stopped, gone)  # measured: 3 and 1; how soon depends on the threads
     assert client.completions.create(model="sentiment", prompt=PROMPTS[2], max_tokens=200).choices[0].text == whole.text
 
 
