@@ -28,9 +28,6 @@ PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "methods"
 #: the families a method class declares (``PeftModule.family``), in display order: the baseline first; a method
 #: of no listed family (a plugin's) comes after them
 FAMILIES = ("baseline", "low-rank", "soft prompt", "adapter", "composition")
-#: definition order of the registered classes, the order inside a family (the shipped ones: peftlab.methods imports
-#: its modules alphabetically, each module's own imports first)
-_DEFINED: dict[str, int] = {}
 
 
 def register(cls: type) -> None:
@@ -39,14 +36,17 @@ def register(cls: type) -> None:
     _CLASSES.add(cls)
     if cls.__dict__.get("name"):
         METHODS[cls.name] = cls
-        _DEFINED.setdefault(cls.name, len(_DEFINED))
 
 
 def display_order(names) -> list[str]:
-    """Registered method ``names`` by family (:data:`FAMILIES`), then in the order their classes were defined."""
+    """Registered method ``names`` by family (:data:`FAMILIES`), then in the order their classes were registered
+    (:data:`METHODS`' order; the shipped ones: peftlab.methods imports its modules alphabetically, each module's
+    own imports first)."""
+    registered = {name: i for i, name in enumerate(METHODS)}
+
     def key(name: str) -> tuple[int, int]:
         family = METHODS[name].family
-        return (FAMILIES.index(family) if family in FAMILIES else len(FAMILIES), _DEFINED[name])
+        return (FAMILIES.index(family) if family in FAMILIES else len(FAMILIES), registered[name])
     return sorted(names, key=key)
 
 
